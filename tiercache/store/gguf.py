@@ -1,0 +1,285 @@
+"""Read a GGUF file (llama.cpp's format) as an HF config, HF-named float32 tensors and tokenizer files.
+
+GGUF stores matrices with ggml's reversed dims; the `gguf` reader already gives numpy arrays in
+HF order ([out, in]). llama.cpp's converter permutes the q/k rows of Llama-architecture models
+(interleaved rotary halves), which `weights()` undoes so the tensors equal the HF checkpoint's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import TiercacheError, UnsupportedModel
+
+# general.architecture -> (HF model_type, HF architecture, q/k rows permuted by llama.cpp)
+ARCHS = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "mistral": ("mistral", "MistralForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+}
+
+# GGUF tensor names -> HF names; per-layer ones are under blk.{i}. / model.layers.{i}.
+TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+             "output": "lm_head"}
+PER_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",
+}
+# stacked expert tensors [n_expert, ...] -> Mixtral's per-expert HF names
+EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+class GGUFSource:
+    """A GGUF file seen as an HF checkpoint: `config`, `weights()`, `tokenizer_files()`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.reader = _open_reader(self.path)
+        self.arch = self._str("general.architecture")
+        if self.arch not in ARCHS:
+            raise UnsupportedModel(
+                f"{self.path.name}: unsupported GGUF architecture '{self.arch}' "
+                f"(tiercache reads: {', '.join(sorted(ARCHS))})")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.config = self._build_config()
+
+    # -- metadata -----------------------------------------------------------------------------
+    def meta(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else _field_value(field)
+
+    def _str(self, key: str) -> str | None:
+        v = self.meta(key)
+        return v if isinstance(v, str) else None
+
+    def _arch(self, key: str, default=None):
+        return self.meta(f"{self.arch}.{key}", default)
+
+    def _build_config(self) -> dict:
+        model_type, hf_arch, _ = ARCHS[self.arch]
+        hidden, heads = self._arch("embedding_length"), self._arch("attention.head_count")
+        if hidden is None or heads is None or "token_embd.weight" not in self.tensors:
+            raise UnsupportedModel(f"{self.path.name}: GGUF lacks the {self.arch} dimensions")
+        head_dim = self._arch("attention.key_length", hidden // heads)
+        if self._arch("rope.dimension_count", head_dim) != head_dim:
+            raise UnsupportedModel(f"{self.path.name}: partial rotary embeddings are not supported")
+        n_experts = self._arch("expert_count", 0) or 0
+        cfg = {
+            "model_type": "mixtral" if n_experts else model_type,
+            "architectures": ["MixtralForCausalLM" if n_experts else hf_arch],
+            "hidden_size": hidden,
+            "num_hidden_layers": self._arch("block_count"),
+            "intermediate_size": self._arch("expert_feed_forward_length")
+            or self._arch("feed_forward_length"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self._arch("attention.head_count_kv", heads),
+            "head_dim": head_dim,
+            "vocab_size": int(self.tensors["token_embd.weight"].shape[-1]),  # ggml: [d, vocab]
+            "rms_norm_eps": self._arch("attention.layer_norm_rms_epsilon", 1e-6),
+            "rope_theta": float(self._arch("rope.freq_base", 10000.0)),
+            "max_position_embeddings": self._arch("context_length", 4096),
+            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "hidden_act": "silu",
+            "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.meta("tokenizer.ggml.eos_token_id"),
+        }
+        if n_experts:
+            cfg["num_local_experts"] = n_experts
+            cfg["num_experts_per_tok"] = self._arch("expert_used_count")
+        scaling = self._rope_scaling(head_dim, cfg["rope_theta"])
+        if scaling:
+            cfg["rope_scaling"] = scaling
+        return cfg
+
+    def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
+        if "rope_freqs.weight" in self.tensors:  # Llama 3.1+: per-frequency divisors as a tensor
+            freqs = _dequant(self.tensors["rope_freqs.weight"]).reshape(-1)
+            return _llama3_scaling(freqs, head_dim, theta, self.path.name)
+        kind = self._arch("rope.scaling.type")
+        if kind in (None, "none"):
+            return None
+        factor = float(self._arch("rope.scaling.factor", 1.0))
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": factor}
+        if kind == "yarn":
+            return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings":
+                    self._arch("rope.scaling.original_context_length")}
+        raise UnsupportedModel(f"{self.path.name}: unsupported rope scaling '{kind}'")
+
+    # -- weights ------------------------------------------------------------------------------
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor in HF shape), one tensor at a time in file order."""
+        for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue  # folded into config["rope_scaling"]
+            for name, w in self._to_hf(t.name, _dequant(t)):
+                yield name, torch.from_numpy(w)
+
+    def _to_hf(self, gguf_name: str, w: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        stem, _, kind = gguf_name.rpartition(".")
+        if stem in TOP_LEVEL and kind in ("weight", "bias"):
+            yield f"{TOP_LEVEL[stem]}.{kind}", w
+            return
+        m = LAYER_RE.match(gguf_name)
+        if m is None or (m[2] not in PER_LAYER and m[2] not in EXPERTS):
+            raise UnsupportedModel(f"{self.path.name}: unknown tensor '{gguf_name}'")
+        layer, part, kind = int(m[1]), m[2], m[3]
+        prefix = f"model.layers.{layer}."
+        if part in EXPERTS:
+            for e in range(w.shape[0]):
+                yield f"{prefix}block_sparse_moe.experts.{e}.{EXPERTS[part]}.{kind}", w[e]
+            return
+        yield f"{prefix}{PER_LAYER[part]}.{kind}", self._unpermute(part, w)
+
+    def _unpermute(self, part: str, w: np.ndarray) -> np.ndarray:
+        if not ARCHS[self.arch][2] or part not in ("attn_q", "attn_k"):
+            return w
+        heads = self.config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
+        return unpermute_qk(w, heads)
+
+    # -- tokenizer ----------------------------------------------------------------------------
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """tokenizer.json, tokenizer_config.json (with chat_template), special_tokens_map.json,
+        generation_config.json, built from the GGUF vocabulary by transformers' converter."""
+        saved = self._transformers_tokenizer_files()
+        tok_cfg = json.loads(saved.get("tokenizer_config.json", b"{}"))
+        tok_cfg.update(self._special_tokens())
+        template = self._str("tokenizer.chat_template")
+        if template:
+            tok_cfg["chat_template"] = template
+        tok_cfg.pop("gguf_file", None)  # the store carries tokenizer.json, not the GGUF
+        files = {"tokenizer.json": saved["tokenizer.json"],
+                 "tokenizer_config.json": _json(tok_cfg),
+                 "generation_config.json": _json(self._generation_config())}
+        if "special_tokens_map.json" in saved:
+            files["special_tokens_map.json"] = saved["special_tokens_map.json"]
+        return files
+
+    def _transformers_tokenizer_files(self) -> dict[str, bytes]:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UnsupportedModel(f"{self.path.name}: cannot build its tokenizer ({msg})") from None
+        with tempfile.TemporaryDirectory(prefix="tiercache-tok-") as tmp:
+            tok.save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+    def _token(self, key: str) -> str | None:
+        i = self.meta(key)
+        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+        if i is None or tokens is None or i >= len(tokens.data):
+            return None
+        return bytes(tokens.parts[tokens.data[i]]).decode("utf-8", errors="replace")
+
+    def _special_tokens(self) -> dict:
+        out = {}
+        for role in ("bos", "eos", "unk", "pad"):
+            tok = self._token(f"tokenizer.ggml.{role}_token_id")
+            if tok is not None:
+                out[f"{role}_token"] = tok
+        for flag in ("add_bos_token", "add_eos_token"):
+            v = self.meta(f"tokenizer.ggml.{flag}")
+            if v is not None:
+                out[flag] = bool(v)
+        return out
+
+    def _generation_config(self) -> dict:
+        gen = {"bos_token_id": self.config["bos_token_id"],
+               "eos_token_id": self.config["eos_token_id"]}
+        pad = self.meta("tokenizer.ggml.padding_token_id")
+        if pad is not None:
+            gen["pad_token_id"] = pad
+        return {k: v for k, v in gen.items() if v is not None}
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert convert_hf_to_gguf's permute: rows (head, half, i) were stored as (head, i, half)."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permute (for building test files): interleave the two rotary halves."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _open_reader(path: Path):
+    if not path.is_file():
+        raise TiercacheError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise TiercacheError(f"{path}: not a GGUF file (magic {magic!r})")
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path, "r")
+    except (ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TiercacheError(f"{path}: corrupt GGUF file ({msg})") from None
+
+
+def _field_value(field):
+    """A metadata value as a Python str/int/float/bool or list of them."""
+    from gguf import GGUFValueType
+
+    def scalar(part, vtype):
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        return part[0].item()
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [scalar(field.parts[i], field.types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], field.types[0])
+
+
+def _dequant(t) -> np.ndarray:
+    """float32 array in HF order (ggml's dims reversed), owned and writable for torch."""
+    from gguf.quants import dequantize
+
+    w = dequantize(t.data, t.tensor_type)
+    shape = tuple(int(d) for d in reversed(t.shape))
+    w = np.asarray(w, dtype=np.float32).reshape(shape)
+    return w if w.flags.writeable and w.flags.c_contiguous else np.array(w)  # memmap -> copy
+
+
+def _llama3_scaling(freqs: np.ndarray, head_dim: int, theta: float, name: str) -> dict:
+    """Recover Llama 3.1's rope_scaling from llama.cpp's rope_freqs tensor (it stores the
+    per-frequency divisors), checking the standard low/high factors and original context."""
+    factor = float(freqs.max())
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if freqs.shape != inv.shape or not np.allclose(_llama3_divisors(inv, scaling), freqs,
+                                                   rtol=1e-3):
+        raise UnsupportedModel(f"{name}: rope_freqs does not match Llama 3 rope scaling")
+    return scaling
+
+
+def _llama3_divisors(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    old = s["original_max_position_embeddings"]
+    lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = np.clip((old / wavelen - lo) / (hi - lo), 0.0, 1.0)
+    return 1.0 / ((1 - smooth) / s["factor"] + smooth)
+
+
+def _json(d: dict) -> bytes:
+    return (json.dumps(d, indent=2, ensure_ascii=False) + "\n").encode()
