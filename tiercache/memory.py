@@ -1,0 +1,36 @@
+"""Memory as the device feels it: the process's cgroup (RSS + page cache) when it has a limit,
+else peak RSS."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def own_memory_cgroup() -> Path | None:
+    """The cgroup-v1 memory group this process is in, if it is not the root group."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrl, path = line.split(":", 2)
+            if "memory" in ctrl.split(",") and path not in ("/", ""):
+                p = CGROUP_V1 / path.lstrip("/")
+                return p if (p / "memory.max_usage_in_bytes").exists() else None
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory() -> tuple[int, str]:
+    """-> (bytes, how it was measured)."""
+    cg = own_memory_cgroup()
+    if cg is not None:
+        return int((cg / "memory.max_usage_in_bytes").read_text()), "cgroup-v1 max_usage (RSS + page cache)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
