@@ -37,10 +37,6 @@ class ModelArgs:
     architectures: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED:
-            raise UnsupportedModel(
-                f"unsupported architecture '{self.model_type}' "
-                f"(tiercache runs: {', '.join(sorted(SUPPORTED))})")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -72,13 +68,22 @@ class ModelArgs:
     def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
         if "model_type" not in d:
             raise UnsupportedModel("config has no model_type")
+        if d["model_type"] not in SUPPORTED:
+            raise UnsupportedModel(f"unsupported architecture '{d['model_type']}' "
+                                   f"(tiercache runs: {', '.join(sorted(SUPPORTED))})")
         d = dict(d)
         rope = d.pop("rope_parameters", None)  # transformers 5 folds theta and scaling together
         if isinstance(rope, dict):
             d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rope)
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        absent = [k for k in required if d.get(k) is None]
+        if absent:
+            raise UnsupportedModel(f"config lacks {', '.join(absent)}")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,13 +9,15 @@ CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 
 def own_memory_cgroup() -> Path | None:
-    """The cgroup-v1 memory group this process is in, if it is not the root group."""
+    """The cgroup-v1 memory group this process is in, when that group has a limit (an emulated
+    device); an unlimited group is usually shared with other processes, so it says nothing."""
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, ctrl, path = line.split(":", 2)
             if "memory" in ctrl.split(",") and path not in ("/", ""):
                 p = CGROUP_V1 / path.lstrip("/")
-                return p if (p / "memory.max_usage_in_bytes").exists() else None
+                limit = p / "memory.limit_in_bytes"
+                return p if limit.exists() and int(limit.read_text()) < 1 << 62 else None
     except OSError:
         return None
     return None

@@ -33,6 +33,7 @@ class HFSource:
             self.config = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise TiercacheError(f"{cfg}: invalid JSON ({e})") from None
+        ModelArgs.from_dict(self.config)  # name an unsupported architecture before anything else
         self.files = self._shards()
 
     def _shards(self) -> list[Path]:

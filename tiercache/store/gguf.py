@@ -1,4 +1,4 @@
-"""Read a GGUF file (llama.cpp's format) as an HF config, HF-named float32 tensors and tokenizer files.
+"""Read a GGUF file (llama.cpp's format) as an HF config, HF-named float32 tensors, tokenizer files.
 
 GGUF stores matrices with ggml's reversed dims; the `gguf` reader already gives numpy arrays in
 HF order ([out, in]). llama.cpp's converter permutes the q/k rows of Llama-architecture models
@@ -40,7 +40,8 @@ EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
 LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # tokenizer.ggml.pre values for which llama.cpp splits off every digit ("\p{N}") before GPT-2's
 # regex, as the original HF tokenizers do (Digits(individual_digits)); transformers 5.x does not.
-DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                   "minerva-7b"}
 
 
 class GGUFSource:
@@ -55,6 +56,10 @@ class GGUFSource:
                 f"{self.path.name}: unsupported GGUF architecture '{self.arch}' "
                 f"(tiercache reads: {', '.join(sorted(ARCHS))})")
         self.tensors = {t.name: t for t in self.reader.tensors}
+        unknown = [n for n in self.tensors if n != "rope_freqs.weight" and _split_name(n) is None]
+        if unknown:  # fail before a conversion starts, not halfway through it
+            raise UnsupportedModel(f"{self.path.name}: unknown tensors {', '.join(unknown[:3])}"
+                                   + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
         self.config = self._build_config()
 
     # -- metadata -----------------------------------------------------------------------------
@@ -95,7 +100,7 @@ class GGUFSource:
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "hidden_act": "silu",
             "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self.meta("tokenizer.ggml.eos_token_id"),
+            "eos_token_id": self._stop_ids(),
         }
         if n_experts:
             cfg["num_local_experts"] = n_experts
@@ -104,6 +109,12 @@ class GGUFSource:
         if scaling:
             cfg["rope_scaling"] = scaling
         return cfg
+
+    def _stop_ids(self) -> int | list[int] | None:
+        """eos plus end-of-turn/-message ids (Llama 3 chat ends turns with eot, not eos)."""
+        ids = [self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        ids = list(dict.fromkeys(i for i in ids if i is not None))
+        return ids[0] if len(ids) == 1 else (ids or None)
 
     def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
         if "rope_freqs.weight" in self.tensors:  # Llama 3.1+: per-frequency divisors as a tensor
@@ -129,21 +140,20 @@ class GGUFSource:
             for name, w in self._to_hf(t.name, _dequant(t)):
                 yield name, torch.from_numpy(w)
 
+    def count(self) -> int:
+        """How many tensors weights() yields (a progress bar's total)."""
+        return sum(int(t.shape[-1]) if _split_name(t.name)[1] in EXPERTS else 1
+                   for t in self.reader.tensors if t.name != "rope_freqs.weight")
+
     def _to_hf(self, gguf_name: str, w: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-        stem, _, kind = gguf_name.rpartition(".")
-        if stem in TOP_LEVEL and kind in ("weight", "bias"):
-            yield f"{TOP_LEVEL[stem]}.{kind}", w
-            return
-        m = LAYER_RE.match(gguf_name)
-        if m is None or (m[2] not in PER_LAYER and m[2] not in EXPERTS):
-            raise UnsupportedModel(f"{self.path.name}: unknown tensor '{gguf_name}'")
-        layer, part, kind = int(m[1]), m[2], m[3]
-        prefix = f"model.layers.{layer}."
-        if part in EXPERTS:
+        prefix, part, kind = _split_name(gguf_name)
+        if part in TOP_LEVEL:
+            yield f"{TOP_LEVEL[part]}.{kind}", w
+        elif part in EXPERTS:  # [n_expert, out, in] -> one HF tensor per expert
             for e in range(w.shape[0]):
                 yield f"{prefix}block_sparse_moe.experts.{e}.{EXPERTS[part]}.{kind}", w[e]
-            return
-        yield f"{prefix}{PER_LAYER[part]}.{kind}", self._unpermute(part, w)
+        else:
+            yield f"{prefix}{PER_LAYER[part]}.{kind}", self._unpermute(part, w)
 
     def _unpermute(self, part: str, w: np.ndarray) -> np.ndarray:
         if not ARCHS[self.arch][2] or part not in ("attn_q", "attn_k"):
@@ -180,7 +190,8 @@ class GGUFSource:
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UnsupportedModel(f"{self.path.name}: cannot build its tokenizer ({msg})") from None
+            raise UnsupportedModel(
+                f"{self.path.name}: cannot build its tokenizer ({msg})") from None
         with tempfile.TemporaryDirectory(prefix="tiercache-tok-") as tmp:
             tok.save_pretrained(tmp)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
@@ -222,6 +233,17 @@ class GGUFSource:
         if pad is not None:
             gen["pad_token_id"] = pad
         return {k: v for k, v in gen.items() if v is not None}
+
+
+def _split_name(gguf_name: str) -> tuple[str, str, str] | None:
+    """"blk.3.attn_q.weight" -> ("model.layers.3.", "attn_q", "weight"); None if unknown."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in TOP_LEVEL and kind in ("weight", "bias"):
+        return "", stem, kind
+    m = LAYER_RE.match(gguf_name)
+    if m is None or (m[2] not in PER_LAYER and m[2] not in EXPERTS):
+        return None
+    return f"model.layers.{int(m[1])}.", m[2], m[3]
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
