@@ -8,7 +8,8 @@ Records (keys sort so that a layer's clusters are contiguous and in order):
     t:{name}                          a whole tensor (attention, norms, embeddings, router)
     f:{layer:04d}:{expert:03d}:{c:05d} one FFN cluster: `cluster_size` neuron bundles, laid out as
                                       encode(gate rows [n, d]) | encode(up rows [n, d])
-                                      | encode(down columns, transposed to [n, d])
+                                      | encode(down columns [d, n]); q8/q4 group the down
+                                      part along n, as llama.cpp does, so n is a multiple of 32
     meta:store_id                     the uuid in the manifest; a mismatch means a foreign store
 
 Every record's crc32 is in manifest["records"][key] = [nbytes, crc32] and is checked on read.
@@ -100,20 +101,25 @@ class Store:
     def cluster_bytes(self, layer: int, expert: int, cluster: int) -> bytes:
         return self._get(cluster_key(layer, expert, cluster))
 
-    def decode_cluster(self, buf, cluster: int, out_dtype=torch.float32):
-        """-> (gate [n, d], up [n, d], down_t [n, d]) for one cluster record."""
+    def cluster_parts(self, cluster: int):
+        """[(shape, byte offset, nbytes)] of gate, up and down inside a cluster record."""
         n, d = self.cluster_rows(cluster), self.args.hidden_size
-        step = quant.nbytes((n, d), self.ffn_dtype)
+        shapes = ((n, d), (n, d), (d, n))
+        sizes = [quant.nbytes(s, self.ffn_dtype) for s in shapes]
+        return [(s, sum(sizes[:i]), sizes[i]) for i, s in enumerate(shapes)]
+
+    def decode_cluster(self, buf, cluster: int, out_dtype=torch.float32):
+        """-> (gate [n, d], up [n, d], down [d, n]) for one cluster record."""
         mv = memoryview(buf)
-        return tuple(quant.decode(mv[i * step:(i + 1) * step], (n, d), self.ffn_dtype, out_dtype)
-                     for i in range(3))
+        return tuple(quant.decode(mv[o:o + nb], s, self.ffn_dtype, out_dtype)
+                     for s, o, nb in self.cluster_parts(cluster))
 
     def ffn_weights(self, layer: int, expert: int = 0, out_dtype=torch.float32):
         """Whole FFN of one layer/expert in HF shapes: gate [F, d], up [F, d], down [d, F]."""
         parts = [self.decode_cluster(self.cluster_bytes(layer, expert, c), c, out_dtype)
                  for c in range(self.n_clusters)]
-        gate, up, down_t = (torch.cat(p) for p in zip(*parts))
-        return gate, up, down_t.t().contiguous()
+        gate, up, down = zip(*parts)
+        return torch.cat(gate), torch.cat(up), torch.cat(down, dim=1)
 
     def weights(self, out_dtype=torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight as (HF name, tensor): what a model's `load_weights` consumes."""
@@ -185,15 +191,18 @@ class StoreWriter:
 
     def put_ffn(self, layer: int, expert: int, gate, up, down):
         """gate/up [F, d], down [d, F] in HF shapes -> clusters of neuron bundles."""
-        down_t = down.t()
         for c, lo in enumerate(range(0, gate.shape[0], self.cluster_size)):
             hi = lo + self.cluster_size
-            blob = b"".join(quant.encode(p[lo:hi], self.ffn_dtype) for p in (gate, up, down_t))
-            self._put(cluster_key(layer, expert, c), blob)
+            parts = (gate[lo:hi], up[lo:hi], down[:, lo:hi])
+            self._put(cluster_key(layer, expert, c),
+                      b"".join(quant.encode(p, self.ffn_dtype) for p in parts))
 
     @property
     def ffn_dtype(self) -> str:
-        ok = self.args.hidden_size % quant.GROUP == 0
+        """q8/q4 need groups of 32 along d (gate, up) and along each cluster (down)."""
+        a = self.args
+        ok = (a.hidden_size % quant.GROUP == 0 and self.cluster_size % quant.GROUP == 0
+              and a.intermediate_size % quant.GROUP == 0)
         return self.dtype if ok or self.dtype not in ("q8", "q4") else "f16"
 
     def commit(self, extra: dict, files: dict[str, bytes], force: bool = False) -> Path:

@@ -1,0 +1,370 @@
+"""The cost model: peak memory, store bytes per token, decode and prefill tok/s of a config.
+
+Decode, per token: the fixed region (attention, gate, lm_head) is streamed through matvecs; FFN
+clusters are active with probability pi_c = route * (1 - prod(1 - f_i)) over their neurons;
+hot clusters (the top pi, pinned) always hit; the cold LRU's hits follow a stack-distance model
+of the cyclic layer-by-layer access (a cluster re-used after k tokens hits iff fewer than the
+LRU's capacity of distinct clusters were touched in between, with a normal approximation for
+that count), which reproduces DESIGN.md's thrash: an LRU smaller than the per-token active set
+hits almost nothing. Misses are read at the cluster's size with `io_threads` in flight on the
+device's flash curve; prefetch overlaps the reads it predicts (PREFETCH_RECALL) with compute.
+
+Prefill: every layer whole; the non-hot part of each layer's FFN is read sequentially in
+`prefill_block` reads into one of two alternating buffers while the other computes.
+
+Also `predict_mmap`: llama.cpp-style inference with every weight mmapped under a memory cap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .profiles import PAGE, DeviceProfile
+from .sizes import ModelSizes
+
+PREFETCH_RECALL = 0.8  # share of next layer's misses a lookahead predicts (and its precision)
+OPS_PER_LAYER = 36  # torch operator calls per layer in a decode step (norms, rope, sdpa, ...)
+OPS_PER_TOKEN = 12  # embedding, final norm, lm_head, sampling
+OPS_PER_CLUSTER = 3  # an active cluster is computed in place: up matvec, act * up, down matvec
+CLUSTER_OBJ_BYTES = 512  # Python/torch bookkeeping per cached cluster tensor
+DEQUANT_CHUNK = 8 << 20  # a held-quantized matrix is expanded to f32 at most this much at once
+DECODE_POSITION = 256  # typical KV length a decode step attends over (capped by the context)
+MIN_HEADROOM = 4 << 20  # page cache / allocator slack the budget keeps for buffered reads
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the search space (what plan["engine"] records)."""
+    decode_cluster: int  # neurons per decode read / cache unit (a multiple of the store's)
+    hot_clusters: int  # clusters pinned, chosen by activation frequency across layers
+    cold_clusters: int  # capacity of the cold LRU, in clusters
+    io_threads: int = 1
+    prefetch_layers: int = 1
+    prefill_block: int = 1 << 20
+    hold_fixed: str | None = None  # dtype the fixed region is held in; None: as stored
+    hold_ffn: str | None = None
+    place_fixed: str = "ram"  # "ram" or "vram"
+    place_hot: str = "ram"
+    decode_backend: str = "torch"
+    prefill_backend: str = "torch"
+    io_mode: str = "direct"  # "direct" (O_DIRECT, no page cache) or "buffered"
+    context: int = 2048
+    prompt_tokens: int = 128
+
+
+@dataclass
+class Prediction:
+    memory: dict  # region -> bytes (RAM), plus "vram"
+    peak_memory_bytes: int
+    peak_vram_bytes: int
+    decode_tok_s: float
+    prefill_tok_s: float
+    store_bytes_per_token: float
+    reads_per_token: float
+    hit_rate: float
+    bottleneck: str
+    decode_s: dict  # seconds per token by component
+    prefill_s: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- FFN activity -------------------------------------------------------------------------------
+class Activity:
+    """Per-cluster access probabilities of a model at one decode cluster size, sorted hot first."""
+
+    def __init__(self, sizes: ModelSizes, cluster: int):
+        self.cluster = cluster
+        pis = [_cluster_pi(f, cluster) * sizes.route_prob for f in sizes.freq]
+        self.pi = np.sort(np.concatenate(pis))[::-1]  # frequency-pinned: the top ones go hot
+        self.n = len(self.pi)
+        self.per_unit = self.n / max(1, len(pis))
+        self._cum = np.concatenate([[0.0], np.cumsum(self.pi)])
+
+    def active_clusters(self) -> float:
+        return float(self._cum[-1])
+
+    def hot_hits(self, hot: int) -> float:
+        return float(self._cum[min(hot, self.n)])
+
+    def cold_misses(self, hot: int, cold: int) -> float:
+        """Expected cold-region misses per token with `cold` clusters of LRU after `hot` pinned."""
+        return _lru_misses(self.pi[min(hot, self.n):], cold)
+
+
+def _cluster_pi(freq: np.ndarray, cluster: int) -> np.ndarray:
+    """P(at least one neuron of a cluster is active), neurons taken as independent."""
+    starts = np.arange(0, len(freq), cluster)
+    with np.errstate(divide="ignore"):
+        logq = np.log1p(-np.clip(freq, 0, 1))
+    return 1.0 - np.exp(np.add.reduceat(logq, starts))
+
+
+def _lru_misses(tail: np.ndarray, capacity: int, bins: int = 256) -> float:
+    """Expected misses per token of an LRU of `capacity` clusters over clusters with access
+    probabilities `tail` (sorted); clusters of similar probability are taken together."""
+    if len(tail) == 0 or capacity <= 0:
+        return float(tail.sum())
+    if capacity >= len(tail):
+        return 0.0  # the whole tail fits: misses only while warming up
+    starts = np.linspace(0, len(tail), min(bins, len(tail)) + 1).astype(int)[:-1]
+    count = np.diff(np.append(starts, len(tail)))
+    pi = np.add.reduceat(tail, starts) / count
+    return _lru_binned(pi.tobytes(), count.tobytes(), int(capacity))
+
+
+@lru_cache(maxsize=8192)
+def _lru_binned(pi_b: bytes, count_b: bytes, capacity: int) -> float:
+    pi, count = np.frombuffer(pi_b), np.frombuffer(count_b, dtype=np.int64)
+    k = np.arange(1, 129)[:, None]  # re-use distance in tokens (longer ones miss)
+    seen = 1.0 - (1.0 - pi[None, :]) ** k  # P(a cluster is touched within k tokens)
+    distinct = (seen * count).sum(1)  # distinct clusters touched between two uses k apart
+    sd = np.sqrt(np.maximum((seen * (1 - seen) * count).sum(1), 1e-9))
+    fits = 0.5 * (1 + _erf_np((capacity - distinct) / (sd * math.sqrt(2))))  # [K]
+    gap = pi[None, :] * (1 - pi[None, :]) ** (k - 1)  # P(the next use is k tokens later)
+    hit = (gap * fits[:, None]).sum(0)
+    return float((count * pi * (1 - hit)).sum())
+
+
+def _erf_np(x: np.ndarray) -> np.ndarray:
+    # Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7): numpy has no erf of its own
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1 / (1 + 0.3275911 * a)
+    y = 1 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496735) * t
+             + 0.254829592) * t * np.exp(-a * a)
+    return s * y
+
+
+# -- the model -----------------------------------------------------------------------------------
+class CostModel:
+    """Predictions for one model on one device; caches what does not depend on the config."""
+
+    def __init__(self, sizes: ModelSizes, device: DeviceProfile):
+        self.m, self.dev = sizes, device
+        self._act: dict[int, Activity] = {}
+
+    def activity(self, cluster: int) -> Activity:
+        if cluster not in self._act:
+            self._act[cluster] = Activity(self.m, cluster)
+        return self._act[cluster]
+
+    # -- bytes per cluster --------------------------------------------------------------------
+    def record_bytes(self, cluster: int) -> float:
+        """Bytes one decode read fetches: whole records, as stored."""
+        return cluster * self.m.neuron_bytes()
+
+    def cached_bytes(self, cluster: int, hold: str | None) -> float:
+        """Bytes a cached cluster takes: up|down only where the gate is pinned."""
+        parts = 2 if self.m.gate_pinned else 3
+        return cluster * self.m.neuron_bytes(hold, parts) + CLUSTER_OBJ_BYTES
+
+    def hold_dtype(self, hold: str | None, ffn: bool) -> str:
+        return hold or (self.m.ffn_dtype if ffn else self.m.dtype)
+
+    # -- memory -------------------------------------------------------------------------------
+    def memory(self, c: Config, misses_per_layer: float = 1.0) -> dict:
+        m, dev = self.m, self.dev
+        cb = self.cached_bytes(c.decode_cluster, c.hold_ffn)
+        fixed = m.fixed_bytes(c.hold_fixed)
+        kv = c.context * m.kv_bytes_per_token()
+        gpu = "vram" in (c.place_fixed, c.place_hot)
+        ram = {"runtime": dev.runtime_overhead_bytes
+               + (dev.gpu_runtime_overhead_bytes if gpu else 0),
+               "fixed": fixed if c.place_fixed == "ram" else 0,
+               "hot": c.hot_clusters * cb if c.place_hot == "ram" else 0,
+               "cold": c.cold_clusters * cb,
+               "kv": kv if c.place_fixed == "ram" else 0,
+               "buffers": self._buffers(c, misses_per_layer),
+               "activations": self._activations(c)}
+        vram = (fixed + kv if c.place_fixed == "vram" else 0) \
+            + (c.hot_clusters * cb if c.place_hot == "vram" else 0)
+        if dev.unified_memory:
+            ram["gpu"], vram = vram, 0  # one pool: what the GPU holds is RAM too
+        ram["page_cache"] = self._page_cache(c)
+        return {"ram": ram, "vram": int(vram)}
+
+    def predict_memory_only(self, c: Config, misses_per_layer: float = 1.0) -> dict:
+        mem = self.memory(c, misses_per_layer)
+        return {"ram": mem["ram"], "ram_total": sum(mem["ram"].values()), "vram": mem["vram"]}
+
+    def _buffers(self, c: Config, misses_per_layer: float) -> float:
+        m = self.m
+        rec = self.record_bytes(c.decode_cluster)
+        decode = max(1.0, misses_per_layer) * (c.prefetch_layers + 1) * rec
+        unit_ffn = m.F * m.neuron_bytes()
+        prefill = 2 * unit_ffn * m.experts_per_tok  # two alternating layer buffers, as stored
+        if m.ffn_dtype != "f32":
+            prefill += m.F * m.d * 4  # one matrix expanded to f32 for the matmul
+        expand = 0.0
+        if self.hold_dtype(c.hold_fixed, False) in ("q8", "q4"):
+            head = m.args.vocab_size * m.d * 4
+            expand = min(head, DEQUANT_CHUNK)
+        return decode + prefill + expand
+
+    def _activations(self, c: Config) -> float:
+        a, T = self.m.args, c.prompt_tokens
+        per_tok = 4 * a.hidden_size + 3 * a.intermediate_size \
+            + (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim
+        scores = a.num_attention_heads * T * min(T, c.context)
+        return 4 * (T * per_tok + scores + 2 * a.vocab_size)
+
+    def _page_cache(self, c: Config) -> float:
+        return MIN_HEADROOM if c.io_mode == "buffered" else 0.0
+
+    # -- decode -------------------------------------------------------------------------------
+    def predict(self, c: Config, prefill: bool = True) -> Prediction:
+        """Everything about `c`; prefill=False leaves prefill out (the search's inner loop)."""
+        act = self.activity(c.decode_cluster)
+        active = act.active_clusters()
+        misses = act.cold_misses(c.hot_clusters, c.cold_clusters)
+        misses_layer = misses / max(1, self.m.layers)
+        mem = self.memory(c, misses_layer)
+        t_dec, io_b, reads = self._decode_time(c, act, active, misses)
+        t_pre = self._prefill_time(c, act) if prefill else {"total": float("inf")}
+        total_dec = t_dec["total"]
+        ram = mem["ram"]
+        return Prediction(
+            memory={**{k: int(v) for k, v in ram.items()}, "vram": mem["vram"]},
+            peak_memory_bytes=int(sum(ram.values())), peak_vram_bytes=mem["vram"],
+            decode_tok_s=1.0 / total_dec, prefill_tok_s=c.prompt_tokens / t_pre["total"],
+            store_bytes_per_token=io_b, reads_per_token=reads,
+            hit_rate=1.0 - misses / active if active else 1.0,
+            bottleneck=_bottleneck(t_dec), decode_s=t_dec, prefill_s=t_pre)
+
+    def _decode_time(self, c: Config, act: Activity, active: float, misses: float):
+        m, dev = self.m, self.dev
+        rec = self.record_bytes(c.decode_cluster)
+        recall = PREFETCH_RECALL * 0.9 ** max(0, c.prefetch_layers - 1) if c.prefetch_layers \
+            else 0.0
+        extra = misses * recall * (1 / PREFETCH_RECALL - 1) if c.prefetch_layers else 0.0
+        reads = misses + extra
+        per_layer = reads / max(1, m.layers)
+        inflight = min(c.io_threads, max(1.0, per_layer * (c.prefetch_layers + 1)))
+        t_io = dev.read_time(reads * rec, rec, inflight)
+        comp = self._decode_compute(c, act, active, misses)
+        overlap = t_io * recall
+        exposed = t_io - overlap
+        busy = sum(v for k, v in comp.items())
+        total = exposed + max(busy, overlap)
+        return ({**comp, "io_overlapped": overlap, "io_exposed": exposed, "total": total},
+                reads * rec, reads)
+
+    def _decode_compute(self, c: Config, act: Activity, active: float, misses: float) -> dict:
+        m, dev = self.m, self.dev
+        cpu = "torch"
+        fixed_be = c.decode_backend if c.place_fixed == "vram" else cpu
+        hot_be = c.decode_backend if c.place_hot == "vram" else cpu
+        dt_fixed, dt_ffn = self.hold_dtype(c.hold_fixed, False), self.hold_dtype(c.hold_ffn, True)
+        parts = 2 if m.gate_pinned else 3
+        per_cluster = c.decode_cluster * m.neuron_bytes(c.hold_ffn, parts)
+        hot_active = act.hot_hits(c.hot_clusters)
+        cold_active = active - hot_active
+        kv = m.layers * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
+            * m.args.head_dim * 4
+        out = {
+            "fixed_matvec": m.dense_bytes_per_token(c.hold_fixed) / dev.matvec(fixed_be, dt_fixed),
+            "ffn_matvec": hot_active * per_cluster / dev.matvec(hot_be, dt_ffn)
+            + cold_active * per_cluster / dev.matvec(cpu, dt_ffn),
+            "cluster_ops": active * OPS_PER_CLUSTER * dev.dispatch(cpu),
+            "dequant": 0.0,
+            "attention_kv": kv / dev.memory_bw,
+            "dispatch": (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(fixed_be),
+        }
+        if c.hold_ffn and c.hold_ffn != m.ffn_dtype:  # misses arrive as stored, cached expanded
+            out["dequant"] = misses * self.record_bytes(c.decode_cluster) \
+                / dev.dequant(cpu, m.ffn_dtype)
+        if "vram" in (c.place_fixed, c.place_hot) and not dev.unified_memory:
+            out["dispatch"] += 2 * m.layers * dev.h2d_latency_s  # hidden state to CPU and back
+        return out
+
+    # -- prefill ------------------------------------------------------------------------------
+    def _prefill_time(self, c: Config, act: Activity) -> dict:
+        m, dev, T = self.m, self.dev, c.prompt_tokens
+        be = c.prefill_backend
+        hot_share = min(1.0, c.hot_clusters / act.n) if act.n else 0.0
+        ffn_stream = m.ffn_bytes() * (1 - hot_share)  # hot clusters are pinned, not re-read
+        attn_flops = 2 * m.layers * m.args.num_attention_heads * m.args.head_dim * T * T
+        fixed_flops = 2 * T * (m.active_params() - _head_params(m) - _ffn_params(m)) \
+            + 2 * _head_params(m) + attn_flops
+        ffn_flops = 2 * T * _ffn_params(m)
+        dt_fixed, dt_ffn = self.hold_dtype(c.hold_fixed, False), self.hold_dtype(c.hold_ffn, True)
+        t_mm = fixed_flops / self._matmul(be, dt_fixed, T) \
+            + ffn_flops * hot_share / self._matmul(be, dt_ffn, T) \
+            + ffn_flops * (1 - hot_share) / self._matmul(be, m.ffn_dtype, T)  # read as stored
+        t_io = dev.read_time(ffn_stream, c.prefill_block, c.io_threads)
+        t_disp = (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(be)
+        busy = t_mm + t_disp
+        first = t_io / max(1, m.layers)  # the first layer's read is not overlapped
+        return {"matmul": t_mm, "dispatch": t_disp, "io": t_io,
+                "total": first + max(busy, t_io - first)}
+
+    def _matmul(self, be: str, dtype: str, tokens: int) -> float:
+        """FLOP/s for weights held in `dtype`. A backend without that dtype multiplies in f32
+        after torch dequantizes each weight once per prompt (2 * tokens FLOPs per weight)."""
+        dev = self.dev
+        table = dev.compute[be].get("matmul", {})
+        if dtype in table:
+            return float(table[dtype])
+        f32 = float(table.get("f32") or dev.matmul("torch", "f32"))
+        deq_per_flop = _bytes_per_weight(dtype) / dev.dequant("torch", dtype) / (2 * tokens)
+        return 1 / (1 / f32 + deq_per_flop)
+
+
+def _ffn_params(m: ModelSizes) -> int:
+    return m.layers * m.experts_per_tok * 3 * m.F * m.d
+
+
+def _bytes_per_weight(dtype: str) -> float:
+    return {"f32": 4, "f16": 2, "bf16": 2, "q8": 1 + 2 / 32, "q4": 0.5 + 4 / 32}[dtype]
+
+
+def _head_params(m: ModelSizes) -> int:
+    head = m.parts["lm_head"] if m.parts["lm_head"].stored else m.parts["embed"]
+    return head.elements
+
+
+def _bottleneck(t: dict) -> str:
+    io = t["io_exposed"] + t["io_overlapped"]
+    memory = t["fixed_matvec"] + t["ffn_matvec"] + t["attention_kv"]
+    compute = t["dequant"] + t["dispatch"] + t["cluster_ops"]
+    if io >= max(memory, compute):
+        return "io"
+    return "memory" if memory >= compute else "compute"
+
+
+# -- llama.cpp-style mmap -----------------------------------------------------------------------
+def predict_mmap(weight_bytes: float, device: DeviceProfile, cap_bytes: float,
+                 footprint_bytes: float, uncapped_tok_s: float | None = None,
+                 prompt_tokens: int = 128, uncapped_prefill_tok_s: float | None = None,
+                 readahead_bytes: int | None = None) -> dict:
+    """Every weight mmapped, the process capped at `cap_bytes` (anonymous + page cache).
+
+    Each token touches all `weight_bytes` in file order. The page cache left under the cap
+    (P = cap - footprint) keeps a stable part of them (the kernel's active list protects pages
+    used on every token), so a token re-reads the other W - P bytes through page faults. A fault
+    reads its page plus read-ahead, but under pressure read-ahead pages are evicted before they
+    are used: the useful read per fault falls from the read-ahead window R (nothing evicted) to
+    one page (nothing resident), geometrically in the resident share: 4 KiB * (R/4 KiB)^(P/W).
+    Faults are synchronous: one read in flight (qd 1).
+    """
+    W = float(weight_bytes)
+    P = max(0.0, cap_bytes - footprint_bytes)
+    R = readahead_bytes or device.readahead_bytes
+    compute = 1 / uncapped_tok_s if uncapped_tok_s else W / device.memory_bw
+    share = min(1.0, P / W) if W else 1.0
+    miss = max(0.0, W - P)
+    block = PAGE * (R / PAGE) ** share
+    t_io = device.read_time(miss, block, 1) if miss else 0.0
+    pre_compute = prompt_tokens / uncapped_prefill_tok_s if uncapped_prefill_tok_s \
+        else prompt_tokens * compute / 4
+    return {"cap_bytes": int(cap_bytes), "page_cache_bytes": int(P), "resident_share": share,
+            "miss_bytes_per_token": miss, "read_block_bytes": block,
+            "read_bw": device.flash_bw(block, 1), "io_s_per_token": t_io,
+            "compute_s_per_token": compute, "decode_tok_s": 1 / (compute + t_io),
+            "prefill_tok_s": prompt_tokens / (pre_compute + t_io),
+            "bottleneck": "io" if t_io > compute else "memory"}

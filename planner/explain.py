@@ -1,0 +1,115 @@
+"""Why a plan is what it is: the budget, what binds, what streams, and the assumptions made."""
+from __future__ import annotations
+
+from . import cost
+from .units import mb
+
+
+def explain(plan: dict, best, budget) -> list[str]:
+    e, p, m = plan["engine"], plan["predicted"], best.cost.m
+    mem = p["memory"]
+    return [line for line in (
+        _budget_line(plan, budget, mem),
+        _activity_line(m),
+        _ffn_line(e, p, best),
+        _binding_line(plan, best, budget),
+        _hold_line(e, m),
+        _decode_line(p),
+        _prefill_line(e, p),
+        _io_line(e, best),
+        _assumptions(m),
+        f"Searched {plan['search']['evaluated']} configs, {plan['search']['feasible']} fit.",
+    ) if line]
+
+
+def _budget_line(plan, budget, mem) -> str:
+    return (f"RAM budget {mb(budget.ram):.0f} MB ({budget.ram_source}); predicted peak "
+            f"{mb(plan['predicted']['peak_memory_bytes']):.0f} MB = runtime "
+            f"{mb(mem['runtime']):.0f} + fixed {mb(mem['fixed']):.0f} + hot {mb(mem['hot']):.0f}"
+            f" + cold {mb(mem['cold']):.0f} + KV {mb(mem['kv']):.0f} "
+            f"({plan['limits']['context']} tokens) + buffers "
+            f"{mb(mem['buffers'] + mem['activations'] + mem['page_cache']):.0f}"
+            + (f"; VRAM {mb(plan['predicted']['peak_vram_bytes']):.0f} of "
+               f"{mb(budget.vram):.0f} MB" if budget.vram else "") + ".")
+
+
+def _activity_line(m) -> str:
+    if m.assumed_activity:
+        return (f"No activation profile in the model: assumed {m.mean_active():.0%} of FFN "
+                f"neurons active per token with Zipf-like skew (f_i = min(1, c/(i+1)^0.5)); "
+                "run `tiercache profile` for measured frequencies.")
+    return (f"Activation profile: {m.profile_tokens} tokens, mean active fraction "
+            f"{m.mean_active():.1%}.")
+
+
+def _ffn_line(e, p, best) -> str:
+    act = best.cost.activity(e["decode_cluster_size"])
+    share = act.hot_hits(e["hot_clusters"]) / max(act.active_clusters(), 1e-9)
+    return (f"FFN: {e['hot_clusters']} of {act.n} clusters of {e['decode_cluster_size']} "
+            f"neurons pinned hot ({mb(e['hot_bytes']):.1f} MB, {share:.0%} of accesses), cold "
+            f"LRU of {e['cold_clusters']} clusters ({mb(e['cold_bytes']):.1f} MB); expected hit "
+            f"rate {p['hit_rate']:.1%}, {p['reads_per_token']:.0f} reads of "
+            f"{e['read_cluster_bytes'] / 1024:.1f} KiB = "
+            f"{mb(p['store_bytes_per_token']):.2f} MB from the store per token.")
+
+
+def _binding_line(plan, best, budget) -> str:
+    e, m = plan["engine"], best.cost.m
+    act = best.cost.activity(e["decode_cluster_size"])
+    if e["hot_clusters"] + e["cold_clusters"] >= act.n:
+        return "RAM does not bind: every FFN cluster is resident; more RAM would not help."
+    more = _faster_with_more(best, budget)
+    tail = f" (at {mb(budget.ram * 1.5):.0f} MB: {more:.1f} tok/s predicted)" if more else ""
+    return (f"RAM binds: {act.n - e['hot_clusters'] - e['cold_clusters']} FFN clusters stay "
+            f"on flash{tail}.")
+
+
+def _faster_with_more(best, budget):
+    import dataclasses
+    from .search import search
+    b = dataclasses.replace(budget, ram=int(budget.ram * 1.5))
+    c = best.config
+    ch = search(best.cost, b, c.context, c.prompt_tokens, c.io_mode)
+    return ch.pred.decode_tok_s if ch else None
+
+
+def _hold_line(e, m) -> str:
+    h = e["hold"]
+    if m.dtype == "f32":
+        return f"Weights are f32 in the store and held as such (quantization: {m.dtype})."
+    return (f"Store is {m.dtype}; fixed region held as {h['fixed']}, FFN clusters as "
+            f"{h['ffn']} (expanded weights multiply faster in torch, {m.dtype} holds more "
+            "per byte; the search weighed both).")
+
+
+def _decode_line(p) -> str:
+    ms = p["decode_ms"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in ms.items() if k != "total" and v >= 0.005)
+    return (f"Decode {p['decode_tok_s']:.1f} tok/s, bottleneck {p['bottleneck']} "
+            f"(ms per token: {parts}).")
+
+
+def _prefill_line(e, p) -> str:
+    ms = p["prefill_ms"]
+    return (f"Prefill {p['prefill_tok_s']:.0f} tok/s on {e['prefill_backend']} for a "
+            f"{p['prompt_tokens']}-token prompt (matmul {ms['matmul']:.1f} ms, reads "
+            f"{ms['io']:.1f} ms in {e['prefill_cluster_bytes'] / 1024:.0f} KiB blocks, "
+            "overlapped with two alternating layer buffers).")
+
+
+def _io_line(e, best) -> str:
+    dev = best.cost.dev
+    rec = e["read_cluster_bytes"]
+    bw = dev.flash_bw(rec, e["io_threads"])
+    return (f"I/O: {e['io_mode']} reads on {e['io_threads']} thread(s), lookahead "
+            f"{e['prefetch_layers']} layer(s); the flash curve gives {mb(bw):.0f} MB/s at "
+            f"{rec / 1024:.1f} KiB (vs {mb(dev.flash_bw(1 << 20, e['io_threads'])):.0f} MB/s "
+            "at 1 MiB).")
+
+
+def _assumptions(m) -> str:
+    return (f"Assumed: neurons activate independently within a cluster; lookahead predicts "
+            f"{cost.PREFETCH_RECALL:.0%} of next-layer misses; {cost.OPS_PER_LAYER} torch ops "
+            "per layer; KV cache in f32; the gate is "
+            + ("pinned (SiLU: CATS threshold on the whole gate)." if m.gate_pinned
+               else "read with its cluster."))

@@ -1,0 +1,358 @@
+"""Measure this machine into a DeviceProfile in under a minute (`quick=True`: a few seconds).
+
+Flash: cold reads of a temporary file at several block sizes and thread counts, with O_DIRECT
+(page-aligned mmap buffers) or, where the filesystem refuses it, plain reads after
+posix_fadvise(DONTNEED). Memory: streaming read and copy bandwidth. Compute: torch matvec and
+matmul at one thread per dtype on FFN-shaped matrices that together overflow the caches, with
+q8/q4 as "dequantize then multiply" on the store's group-32 layout. Runtime: RSS of a fresh
+python after `import torch` (a subprocess, so this process's state does not count).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .profiles import DeviceProfile
+
+BLOCKS = (4096, 16384, 65536, 262144, 1 << 20)
+THREADS = (1, 2, 4)
+ROWS, COLS = 1536, 576  # SmolLM2-135M's FFN matrix: realistic op sizes for the default model
+GROUP = 32
+
+
+def home() -> Path:
+    return Path(os.environ.get("TIERCACHE_HOME") or Path.home() / ".cache" / "tiercache")
+
+
+def this_machine(refresh: bool = False) -> DeviceProfile:
+    """The probed profile of this machine, cached at $TIERCACHE_HOME/device.json."""
+    path = home() / "device.json"
+    if path.is_file() and not refresh:
+        prof = DeviceProfile.from_json(path)
+        if prof.host in ("", socket.gethostname()):
+            return prof
+    prof = probe(path=home())
+    prof.to_json(path)
+    return prof
+
+
+def probe(quick: bool = False, path=None) -> DeviceProfile:
+    """Measure this machine. `path`: a directory on the disk the stores live on."""
+    where = Path(path) if path else home()
+    where.mkdir(parents=True, exist_ok=True)
+    flash, direct = measure_flash(where, size=(16 if quick else 256) << 20,
+                                  seconds=0.03 if quick else 0.4)
+    # working sets past the last-level cache (300 MiB on the reference VM), as a decode step's
+    # weights are: otherwise matvec looks faster than it is on a real model
+    mem_bw, copy_bw = measure_memory((16 if quick else 512) << 20)
+    compute = {"torch": measure_torch(n_mats=4 if quick else 100, reps=1 if quick else 3)}
+    ort = measure_ort(quick)
+    if ort:
+        compute["ort:CPUExecutionProvider"] = ort
+    how = "O_DIRECT" if direct else "buffered reads after posix_fadvise(DONTNEED), no O_DIRECT"
+    size = "16 MiB" if quick else "256 MiB"
+    src = f"probe on {socket.gethostname()} ({time.strftime('%Y-%m-%d')})"
+    return DeviceProfile(
+        name="this", description=f"{platform.node()}: {_cpu_name()}, {os.cpu_count()} cores",
+        ram_bytes=ram_bytes(), flash=flash, memory_bw=mem_bw, copy_bw=copy_bw, compute=compute,
+        runtime_overhead_bytes=runtime_overhead(), direct_io=direct,
+        readahead_bytes=readahead_bytes(where), threads=1, measured=True,
+        host=socket.gethostname(),
+        sources={
+            "ram_bytes": f"{src}: min(MemTotal, cgroup memory limit)",
+            "flash": f"{src}: random {how} reads of a {size} file in {where}",
+            "memory_bw": f"{src}: torch sum over a large f32 tensor, 1 thread",
+            "copy_bw": f"{src}: torch copy_ of a large tensor, 1 thread",
+            "compute": f"{src}: torch {_torch_version()} (and onnxruntime where installed) "
+                       f"on [{ROWS}, {COLS}] matrices, 1 thread",
+            "runtime_overhead_bytes": f"{src}: VmRSS of a fresh python after import torch",
+            "readahead_bytes": f"{src}: /sys/block/*/queue/read_ahead_kb",
+        },
+        notes=[f"quick probe: {quick}"])
+
+
+# -- flash ---------------------------------------------------------------------------------------
+def measure_flash(where: Path, size: int, seconds: float,
+                  blocks=BLOCKS, threads=THREADS) -> tuple[list[list[float]], bool]:
+    """-> ([[block, threads, bytes/s], ...], whether O_DIRECT was used)."""
+    fd_w, name = tempfile.mkstemp(prefix=".probe-", dir=where)
+    try:
+        _write_random(fd_w, size)
+        os.close(fd_w)
+        fd, direct = _open_cold(name)
+        try:
+            table = [[b, t, _read_rate(fd, size, b, t, seconds, direct)]
+                     for b in blocks for t in threads]
+        finally:
+            os.close(fd)
+        return table, direct
+    finally:
+        os.unlink(name)
+
+
+def _write_random(fd: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    chunk = 4 << 20
+    for _ in range(0, size, chunk):
+        os.write(fd, rng.bytes(chunk))  # incompressible, so no layer below can shortcut it
+    os.fsync(fd)
+
+
+def _open_cold(name: str) -> tuple[int, bool]:
+    try:
+        return os.open(name, os.O_RDONLY | getattr(os, "O_DIRECT")), True
+    except (AttributeError, OSError):
+        fd = os.open(name, os.O_RDONLY)
+        _drop_cache(fd)
+        return fd, False
+
+
+def _drop_cache(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
+def _read_rate(fd: int, size: int, block: int, n_threads: int, seconds: float,
+               direct: bool) -> float:
+    if not direct:
+        _drop_cache(fd)
+    done = [0] * n_threads
+    deadline = time.perf_counter() + seconds
+    workers = [threading.Thread(target=_reader, args=(fd, size, block, deadline, done, i))
+               for i in range(n_threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - t0)
+
+
+def _reader(fd, size, block, deadline, done, i):
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    rng = np.random.default_rng(1000 + i)
+    slots = max(1, size // block)
+    try:
+        while time.perf_counter() < deadline:
+            for off in rng.integers(0, slots, 64) * block:
+                done[i] += os.preadv(fd, [buf], int(off))
+            # 64 reads between clock checks keeps the loop's own cost out of the figure
+    finally:
+        buf.close()
+
+
+# -- memory, compute -----------------------------------------------------------------------------
+def _one_thread(fn):
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _best(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_memory(nbytes: int) -> tuple[float, float]:
+    """-> (streaming read bytes/s, copy bytes/s), one thread."""
+    import torch
+
+    def run():
+        x = torch.ones(nbytes // 4)
+        y = torch.empty_like(x)
+        y.copy_(x)
+        t_read = _best(lambda: x.sum(), 3)
+        t_copy = _best(lambda: y.copy_(x), 3)
+        return nbytes / t_read, nbytes / t_copy
+    return _one_thread(run)
+
+
+def measure_torch(n_mats: int = 24, reps: int = 3) -> dict:
+    """matvec (weight bytes/s), matmul (FLOP/s), dequant (encoded bytes/s), dispatch (s/op)."""
+    return _one_thread(lambda: _measure_torch(n_mats, reps))
+
+
+def _measure_torch(n_mats: int, reps: int) -> dict:
+    import torch
+    torch.manual_seed(0)
+    ws = [torch.randn(ROWS, COLS) for _ in range(n_mats)]
+    held = {"f32": ws, "f16": [w.half() for w in ws], "bf16": [w.bfloat16() for w in ws],
+            "q8": [_q8(w) for w in ws], "q4": [_q4(w) for w in ws]}
+    x = torch.randn(COLS)
+    X = torch.randn(128, COLS)
+    out = {"device": "cpu", "matvec": {}, "matmul": {}, "dequant": {}}
+    for dt, mats in held.items():
+        nb = sum(_nbytes(m) for m in mats)
+        mv = _best(lambda: [_mul(m, x, dt) for m in mats], reps)
+        mm = _best(lambda: [_mul(m, X, dt) for m in mats[:4]], reps)
+        out["matvec"][dt] = nb / mv
+        out["matmul"][dt] = 2 * 128 * ROWS * COLS * 4 / mm
+        if dt in ("q8", "q4", "f16", "bf16"):
+            out["dequant"][dt] = nb / _best(lambda: [_deq(m, dt) for m in mats], reps)
+    out["dispatch_s"] = _dispatch()
+    return out
+
+
+def _q8(w):
+    import torch
+    g = w.view(ROWS, -1, GROUP)
+    s = (g.abs().amax(-1) / 127).half()
+    q = torch.round(g / s.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return (q.view(ROWS, COLS), s)
+
+
+def _q4(w):
+    import torch
+    g = w.view(ROWS, -1, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s, m = ((hi - lo) / 15).half(), lo.half()
+    q = torch.round((g - m.float().unsqueeze(-1)) / s.float().unsqueeze(-1)).clamp(0, 15)
+    q = q.to(torch.uint8).view(ROWS, COLS // 2, 2)
+    return (q[..., 0] | (q[..., 1] << 4), s, m)
+
+
+def _nbytes(m) -> int:
+    parts = m if isinstance(m, tuple) else (m,)
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+def _deq(m, dt):
+    import torch
+    if dt == "q8":
+        q, s = m
+        return (q.view(ROWS, -1, GROUP).float() * s.float().unsqueeze(-1)).view(ROWS, COLS)
+    if dt == "q4":
+        p, s, mn = m
+        q = torch.stack([p & 0xF, p >> 4], -1).view(ROWS, -1, GROUP).float()
+        return (q * s.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).view(ROWS, COLS)
+    return m.float()
+
+
+def _mul(m, x, dt):
+    w = _deq(m, dt) if dt in ("q8", "q4") else m
+    x = x.to(w.dtype)
+    return w @ x if x.dim() == 1 else x @ w.T  # [ROWS] or [T, ROWS]
+
+
+def _dispatch() -> float:
+    import torch
+    a, b = torch.randn(COLS), torch.randn(COLS)
+    n = 2000
+    t = _best(lambda: [torch.add(a, b) for _ in range(n)], 3)
+    return t / n
+
+
+def measure_ort(quick: bool) -> dict | None:
+    """matmul throughput of onnxruntime's CPU provider at one thread, if it is installed."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    w = np.random.default_rng(0).standard_normal((COLS, ROWS)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, COLS])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, ROWS])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10  # DESIGN.md: ORT rejects newer IR versions
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    X = np.random.default_rng(1).standard_normal((128, COLS)).astype(np.float32)
+    n = 2 if quick else 10
+    t = _best(lambda: [sess.run(None, {"x": X}) for _ in range(n)], 3) / n
+    x1 = X[:1]
+    t1 = _best(lambda: [sess.run(None, {"x": x1}) for _ in range(n)], 3) / n
+    return {"device": "cpu", "matmul": {"f32": 2 * 128 * ROWS * COLS / t},
+            # one cached matrix: an upper bound for matvec, kept for completeness only
+            "matvec": {"f32": ROWS * COLS * 4 / t1}, "dispatch_s": t1 / 2}
+
+
+# -- system facts --------------------------------------------------------------------------------
+def runtime_overhead() -> int:
+    """VmRSS (bytes) of a fresh interpreter after importing the engine's runtime."""
+    code = ("import torch, numpy\n"
+            "try:\n import lmdb\nexcept ImportError:\n pass\n"
+            "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, check=True)
+        return int(res.stdout.strip()) * 1024
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return 220_000_000  # DESIGN.md's figure, where /proc is absent
+
+
+def ram_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = _cgroup_limit()
+    return min(total, limit) if limit else total
+
+
+def _cgroup_limit() -> int | None:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrl, rel = line.split(":", 2)
+        cands = ([f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes"] if "memory" in ctrl
+                 else [f"/sys/fs/cgroup{rel}/memory.max"] if ctrl == "" else [])
+        for c in cands:
+            try:
+                v = Path(c).read_text().strip()
+            except OSError:
+                continue
+            if v.isdigit() and int(v) < 1 << 60:
+                return int(v)
+    return None
+
+
+def readahead_bytes(where: Path) -> int:
+    try:
+        dev = os.stat(where).st_dev
+        q = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        for cand in (q / "queue/read_ahead_kb", q / "../queue/read_ahead_kb"):
+            if cand.exists():
+                return int(cand.read_text()) * 1024
+    except (OSError, ValueError):
+        pass
+    return 128 * 1024
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_version() -> str:
+    import torch
+    return torch.__version__

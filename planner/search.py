@@ -1,0 +1,401 @@
+"""The policy search: enumerate engine configs with pruning, keep the fastest that fits.
+
+For each held dtype and placement the memory that is not negotiable (runtime, fixed region, KV
+cache, buffers) is fixed first; configs where it does not fit are pruned. What is left goes to
+FFN clusters, split between the frequency-pinned hot region and the cold LRU on a grid; decode
+cluster sizes, I/O threads and prefetch depth are enumerated on top, and prefill's read size and
+backend are chosen for the winner. The objective is predicted decode tok/s, then prefill tok/s,
+then less memory. Since a larger budget only adds configs, and each config's prediction does not
+get worse with more cache, more RAM never predicts slower decode.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tiercache.errors import BudgetError, TiercacheError
+
+from .cost import Config, CostModel, Prediction, _bytes_per_weight
+from .estimate import estimate_from_source, load_model, restate
+from .profiles import DeviceProfile, resolve_device
+from .sizes import ModelSizes
+from .units import mb, parse_size
+
+PLAN_VERSION = 1
+RAM_SHARE = 0.75  # default budget: the OS and other apps keep the rest
+VRAM_SHARE = 0.9
+HOT_GRID = 10  # hot/cold split points between all-LRU and all-pinned
+PREFILL_BLOCKS = (256 << 10, 1 << 20, 4 << 20)
+# approximate relative perplexity cost (stated assumptions, see explanation)
+DTYPE_COST = {"f32": 0.0, "bf16": 0.002, "f16": 0.001, "q8": 0.005, "q4": 0.05}
+SKIP_COST = ((0.0, 0.0), (0.3, 0.05), (0.5, 0.35), (0.7, 1.5))  # DESIGN.md, SmolLM2-135M
+
+
+@dataclasses.dataclass
+class Choice:
+    config: Config
+    pred: Prediction
+    cost: CostModel
+
+
+def make_plan(manifest_or_estimate, device="this", ram=None, vram=None,
+              min_tok_s: float | None = None, quality: float | None = None,
+              context: int = 2048, prompt_tokens: int = 128, io_mode: str | None = None) -> dict:
+    """The plan JSON (see module doc) for a store manifest, an estimate, or a model path."""
+    dev = resolve_device(device)
+    manifest = load_model(manifest_or_estimate)
+    budget = Budget.of(dev, ram, vram)
+    io_mode = io_mode or ("direct" if dev.direct_io else "buffered")
+    models = _candidate_models(manifest, quality)
+    best, stats = None, {"evaluated": 0, "feasible": 0}
+    for sizes in models:
+        cm = CostModel(sizes, dev)
+        found = search(cm, budget, context, prompt_tokens, io_mode, stats)
+        if found and (best is None or _key(found) > _key(best)):
+            best = found
+    if best is None:
+        raise BudgetError(_refusal(models, dev, budget, context, prompt_tokens, io_mode))
+    if min_tok_s and best.pred.decode_tok_s < min_tok_s:
+        raise BudgetError(_too_slow(best, dev, budget, min_tok_s, context, prompt_tokens, io_mode))
+    return _plan_dict(best, dev, budget, manifest, min_tok_s, quality, stats)
+
+
+# -- budget --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Budget:
+    ram: int
+    vram: int
+    ram_source: str
+
+    @classmethod
+    def of(cls, dev: DeviceProfile, ram, vram) -> "Budget":
+        r = parse_size(ram) if ram is not None else int(dev.ram_bytes * RAM_SHARE)
+        v = parse_size(vram) if vram is not None else int(dev.vram_bytes * VRAM_SHARE)
+        src = "--ram" if ram is not None else f"{RAM_SHARE:.0%} of the device's RAM"
+        return cls(r, min(v, dev.vram_bytes) if not dev.unified_memory else 0, src)
+
+
+# -- the search ----------------------------------------------------------------------------------
+def search(cm: CostModel, budget: Budget, context: int, prompt_tokens: int, io_mode: str,
+           stats: dict | None = None) -> Choice | None:
+    """The fastest config of one model on one device that fits the budget, or None."""
+    stats = stats if stats is not None else {"evaluated": 0, "feasible": 0}
+    best, ties = 0.0, []
+    for base in _bases(cm, context, prompt_tokens, io_mode):
+        for cluster in _cluster_sizes(cm):
+            for c in _splits(cm, dataclasses.replace(base, decode_cluster=cluster), budget):
+                for cand in _io_options(cm, c):
+                    stats["evaluated"] += 1
+                    pred = cm.predict(cand, prefill=False)
+                    if not _fits(pred, budget):
+                        continue
+                    stats["feasible"] += 1
+                    if pred.decode_tok_s > best * (1 + 1e-9):
+                        best, ties = pred.decode_tok_s, [cand]
+                    elif pred.decode_tok_s >= best * (1 - 1e-9):
+                        ties.append(cand)
+    # equal decode (e.g. nothing left to read): prefill speed, then less memory, decides
+    choices = [ch for c in ties for ch in _prefill_options(cm, c, budget)]
+    return max(choices, key=_key) if choices else None
+
+
+def _io_options(cm: CostModel, c: Config):
+    """I/O threads x lookahead depth; with nothing to read in decode only the first matters
+    (prefill's threads are chosen with its read size)."""
+    first = True
+    for threads in _threads(cm.dev):
+        for depth in (0, 1, 2):
+            cand = dataclasses.replace(c, io_threads=threads, prefetch_layers=depth)
+            if first:
+                first = False
+                if cm.predict(cand, prefill=False).reads_per_token == 0:
+                    yield cand
+                    return
+            yield cand
+
+
+def _key(ch: Choice) -> tuple:
+    return (ch.pred.decode_tok_s, ch.pred.prefill_tok_s, -ch.pred.peak_memory_bytes)
+
+
+def _fits(pred: Prediction, budget: Budget) -> bool:
+    return pred.peak_memory_bytes <= budget.ram and pred.peak_vram_bytes <= budget.vram
+
+
+def _bases(cm: CostModel, context, prompt_tokens, io_mode):
+    m, dev = cm.m, cm.dev
+    holds = _holds(cm)
+    places = [("ram", "ram")]
+    if dev.has_gpu:
+        places += [("vram", "ram"), ("vram", "vram")]
+    gpu_be = next(iter(dev.backends("gpu")), None)
+    for hf in holds:
+        for hh in holds:
+            for pf, ph in places:
+                dec = gpu_be if "vram" in (pf, ph) else "torch"
+                yield Config(decode_cluster=m.cluster_size, hot_clusters=0, cold_clusters=0,
+                             hold_fixed=hf, hold_ffn=hh, place_fixed=pf, place_hot=ph,
+                             decode_backend=dec, prefill_backend=dec, io_mode=io_mode,
+                             context=context, prompt_tokens=prompt_tokens)
+
+
+def _holds(cm: CostModel) -> list[str | None]:
+    """Dtypes to hold a quantized store's weights in: as stored, or expanded (bf16/f16 halve
+    f32's bytes, f32 multiplies fastest), less those another beats on both size and speed."""
+    m, dev = cm.m, cm.dev
+    if m.dtype == "f32":
+        return [None]
+    opts = {None: (_bytes_per_weight(m.dtype), dev.matvec("torch", m.dtype))}
+    for dt in ("bf16", "f16", "f32"):
+        if dt in dev.compute["torch"]["matvec"]:
+            opts[dt] = (_bytes_per_weight(dt), dev.matvec("torch", dt))
+
+    def beaten(a):
+        return any(b != a and opts[b][0] <= opts[a][0] and opts[b][1] >= opts[a][1]
+                   and opts[b] != opts[a] for b in opts)
+    return [h for h in opts if not beaten(h)]
+
+
+def _cluster_sizes(cm: CostModel) -> list[int]:
+    """Multiples of the store's cluster size whose reads sit on the useful part of the curve."""
+    m = cm.m
+    out, k = [], m.cluster_size
+    while k <= m.F:
+        rec = cm.record_bytes(k)
+        if rec <= 4 << 20 and (rec >= 2048 or 2 * k > m.F):
+            out.append(k)
+        k *= 2
+    return out or [m.cluster_size]
+
+
+def _threads(dev: DeviceProfile) -> list[int]:
+    return sorted({int(p) for _, p, _ in dev.flash})
+
+
+def _splits(cm: CostModel, c: Config, budget: Budget):
+    """Hot/cold splits of what the budget leaves once the fixed costs are paid."""
+    act = cm.activity(c.decode_cluster)
+    per_layer = act.active_clusters() / max(1, cm.m.layers)  # upper bound on misses
+    empty = cm.predict_memory_only(c, per_layer)
+    cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
+    room_ram = budget.ram - empty["ram_total"]
+    room_vram = budget.vram - empty["vram"]
+    if room_ram < 0 or room_vram < 0:
+        return
+    room_hot = room_vram if c.place_hot == "vram" else room_ram
+    max_hot = min(act.n, int(room_hot // cb))
+    if max_hot == act.n:  # everything can be pinned: nothing to split
+        yield dataclasses.replace(c, hot_clusters=act.n, cold_clusters=0)
+        return
+    # absolute grid points (so a larger budget only adds splits) plus the most that fits
+    hots = sorted({round(act.n * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {max_hot})
+    for hot in (h for h in hots if h <= max_hot):
+        left = room_ram - (0 if c.place_hot == "vram" else hot * cb)
+        cold = max(0, min(act.n - hot, int(left // cb)))
+        yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=cold)
+
+
+def _prefill_options(cm: CostModel, c: Config, budget: Budget) -> list[Choice]:
+    backends = cm.dev.backends("gpu") if c.place_fixed == "vram" else cm.dev.backends("cpu")
+    threads = _threads(cm.dev) if cm.predict(c, prefill=False).reads_per_token == 0 \
+        else [c.io_threads]  # decode does not read: threads are prefill's to choose
+    out = []
+    for be in backends:
+        for blk in PREFILL_BLOCKS:
+            for t in threads:
+                cand = dataclasses.replace(c, prefill_backend=be, prefill_block=blk,
+                                           io_threads=t)
+                pred = cm.predict(cand)
+                if _fits(pred, budget):
+                    out.append(Choice(cand, pred, cm))
+    return out
+
+
+# -- models to consider --------------------------------------------------------------------------
+def _candidate_models(manifest: dict, quality: float | None) -> list[ModelSizes]:
+    """A store is planned as it is; an estimate also in smaller dtypes (within `quality`)."""
+    manifests = [manifest]
+    if manifest.get("estimate"):
+        src = manifest["dtype"]
+        dtypes = [d for d in ("f32", "bf16", "q8", "q4") if _bits(d) <= _bits(src)
+                  and (quality is None or DTYPE_COST[d] <= quality)]
+        manifests = [restate(manifest, d) for d in dtypes] or manifests
+    out = []
+    for m in manifests:
+        sizes = ModelSizes.from_manifest(m, name=manifest.get("name", ""))
+        if quality is not None and sizes.assumed_activity:
+            sizes = _with_quality_sparsity(sizes, quality - DTYPE_COST.get(sizes.dtype, 0))
+        out.append(sizes)
+    return out
+
+
+def _bits(dtype: str) -> int:
+    return {"f32": 32, "f16": 16, "bf16": 16, "q8": 8, "q4": 4}[dtype]
+
+
+def _with_quality_sparsity(sizes: ModelSizes, room: float) -> ModelSizes:
+    """Without a profile, skip only as many neurons as the quality budget allows."""
+    from .sizes import default_freq
+    skip = 0.0
+    for (s0, c0), (s1, c1) in zip(SKIP_COST, SKIP_COST[1:]):
+        if room >= c1:
+            skip = s1
+        elif room > c0:
+            skip = s0 + (s1 - s0) * (room - c0) / (c1 - c0)
+            break
+    active = 1.0 - min(skip, 0.5)
+    f = default_freq(sizes.F, active)
+    return dataclasses.replace(sizes, freq=[f] * sizes.ffn_units)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str) -> dict:
+    """The smallest RAM any config of this model needs: no FFN cache at all."""
+    best = None
+    for base in _bases(cm, context, prompt_tokens, io_mode):
+        if base.place_fixed != "ram" or base.place_hot != "ram":
+            continue
+        for cluster in _cluster_sizes(cm):
+            c = dataclasses.replace(base, decode_cluster=cluster, prefetch_layers=0)
+            mem = cm.predict_memory_only(c, 1.0)
+            if best is None or mem["ram_total"] < best["ram_total"]:
+                best = mem
+    return best
+
+
+def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
+    cm = CostModel(models[-1], dev)  # the smallest dtype considered
+    need = minimum_memory(cm, context, prompt_tokens, io_mode)
+    r = need["ram"]
+    msg = (f"{cm.m.name or 'the model'} needs at least {mb(need['ram_total']):.0f} MB "
+           f"(runtime {mb(r['runtime']):.0f} + fixed {mb(r['fixed']):.0f} + "
+           f"KV cache {mb(r['kv']):.0f} for {context} tokens + buffers "
+           f"{mb(r['buffers'] + r['activations'] + r['page_cache']):.0f}), "
+           f"budget is {mb(budget.ram):.0f} MB")
+    per_tok = cm.m.kv_bytes_per_token()
+    spare = budget.ram - (need["ram_total"] - r["kv"])
+    if r["kv"] > 0 and spare >= 64 * per_tok:
+        msg += f"; a context of {int(spare // per_tok)} tokens would fit"
+    return msg
+
+
+def _too_slow(best: Choice, dev, budget, want, context, prompt_tokens, io_mode) -> str:
+    got = best.pred.decode_tok_s
+    lo, hi = budget.ram, budget.ram * 64
+    fast = _best_at(best.cost, dev, hi, budget, context, prompt_tokens, io_mode)
+    if fast is None or fast.pred.decode_tok_s < want:
+        top = fast.pred.decode_tok_s if fast else got
+        return (f"predicted decode is {got:.1f} tok/s at {mb(budget.ram):.0f} MB, below the "
+                f"{want:g} tok/s asked; this device reaches at most {top:.1f} tok/s")
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        ch = _best_at(best.cost, dev, mid, budget, context, prompt_tokens, io_mode)
+        lo, hi = (lo, mid) if ch and ch.pred.decode_tok_s >= want else (mid, hi)
+    return (f"predicted decode is {got:.1f} tok/s at {mb(budget.ram):.0f} MB, below the "
+            f"{want:g} tok/s asked; that needs about {mb(hi):.0f} MB")
+
+
+def _best_at(cm, dev, ram, budget, context, prompt_tokens, io_mode):
+    b = dataclasses.replace(budget, ram=int(ram))
+    return search(cm, b, context, prompt_tokens, io_mode)
+
+
+# -- the plan ------------------------------------------------------------------------------------
+def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -> dict:
+    from .explain import explain
+    c, p, cm = best.config, best.pred, best.cost
+    m = cm.m
+    place = {"embeddings": c.place_fixed, "attention": c.place_fixed, "norms": c.place_fixed,
+             "ffn_gate": c.place_fixed if m.gate_pinned else "flash",
+             "ffn_hot": c.place_hot, "ffn_cold_cache": "ram", "ffn_cold": "flash"}
+    if m.args.is_moe:
+        place["router"] = c.place_fixed
+    cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
+    engine = {
+        "fixed_bytes": int(m.fixed_bytes(c.hold_fixed)), "hot_bytes": int(c.hot_clusters * cb),
+        "cold_bytes": int(c.cold_clusters * cb), "kv_bytes": int(p.memory.get("kv", 0)
+                                                                 or c.context
+                                                                 * m.kv_bytes_per_token()),
+        "io_threads": c.io_threads, "prefetch_layers": c.prefetch_layers,
+        "decode_cluster_size": c.decode_cluster,
+        "prefill_cluster_bytes": int(min(c.prefill_block, m.F * m.neuron_bytes())),
+        "prefill_backend": c.prefill_backend, "decode_backend": c.decode_backend,
+        "placement": place, "quantization": m.dtype,
+        "hold": {"fixed": cm.hold_dtype(c.hold_fixed, False),
+                 "ffn": cm.hold_dtype(c.hold_ffn, True)},
+        "io_mode": c.io_mode, "gate_pinned": m.gate_pinned,
+        "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,
+        "cached_cluster_bytes": int(cb), "read_cluster_bytes": int(cm.record_bytes(c.decode_cluster)),
+        "store_cluster_size": m.cluster_size, "context": c.context,
+        "buffers_bytes": int(p.memory["buffers"] + p.memory["activations"]),
+        "threads": dev.threads,
+    }
+    predicted = {
+        "peak_memory_bytes": p.peak_memory_bytes, "peak_vram_bytes": p.peak_vram_bytes,
+        "decode_tok_s": round(p.decode_tok_s, 3), "prefill_tok_s": round(p.prefill_tok_s, 3),
+        "store_bytes_per_token": round(p.store_bytes_per_token, 1),
+        "reads_per_token": round(p.reads_per_token, 2), "bottleneck": p.bottleneck,
+        "hit_rate": round(p.hit_rate, 4), "memory": p.memory,
+        "decode_ms": {k: round(v * 1e3, 3) for k, v in p.decode_s.items()},
+        "prefill_ms": {k: round(v * 1e3, 3) for k, v in p.prefill_s.items()},
+        "prompt_tokens": c.prompt_tokens,
+    }
+    plan = {
+        "plan_version": PLAN_VERSION, "model": {**m.summary(), **_source(manifest)},
+        "device": dev.name,
+        "limits": {"ram_bytes": budget.ram, "vram_bytes": budget.vram, "min_tok_s": min_tok_s,
+                   "quality": quality, "context": c.context},
+        "engine": engine, "predicted": predicted, "search": stats,
+    }
+    plan["explanation"] = explain(plan, best, budget)
+    return plan
+
+
+def _source(manifest: dict) -> dict:
+    est = manifest.get("estimate")
+    if est:
+        return {"source": est.get("path"), "estimate_only": True}
+    return {"store_id": manifest.get("store_id"), "estimate_only": False}
+
+
+def load_plan(path) -> dict:
+    """Read a plan JSON written by `tiercache plan --out`, checking its version."""
+    import json
+    try:
+        plan = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TiercacheError(f"{path}: no such plan") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TiercacheError(f"{path}: not a plan ({e})") from None
+    if not isinstance(plan, dict) or plan.get("plan_version") != PLAN_VERSION:
+        raise TiercacheError(f"{path}: not a tiercache plan of version {PLAN_VERSION}")
+    return plan
+
+
+
+
+def sweep(manifest_or_estimate, device="this", budgets=None, vram=None, context: int = 2048,
+          prompt_tokens: int = 128, io_mode: str | None = None, points: int = 24) -> list[dict]:
+    """Predicted decode/prefill tok/s over RAM budgets (default: from the least that fits to
+    everything resident): [{"ram_bytes", "decode_tok_s", "prefill_tok_s", "bottleneck"}]."""
+    dev = resolve_device(device)
+    manifest = load_model(manifest_or_estimate)
+    io_mode = io_mode or ("direct" if dev.direct_io else "buffered")
+    cm = CostModel(_candidate_models(manifest, None)[0], dev)
+    if budgets is None:
+        lo = minimum_memory(cm, context, prompt_tokens, io_mode)["ram_total"]
+        hi = lo + cm.m.ffn_bytes("f32") * 1.1 + cm.m.fixed_bytes("f32")
+        budgets = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
+    out = []
+    for b in budgets:
+        budget = Budget.of(dev, int(b), vram)
+        ch = search(cm, budget, context, prompt_tokens, io_mode)
+        out.append({"ram_bytes": int(b),
+                    "decode_tok_s": ch.pred.decode_tok_s if ch else None,
+                    "prefill_tok_s": ch.pred.prefill_tok_s if ch else None,
+                    "bottleneck": ch.pred.bottleneck if ch else None})
+    return out
+
+
+__all__ = ["make_plan", "search", "sweep", "load_plan", "estimate_from_source",
+           "minimum_memory", "Budget", "PLAN_VERSION"]

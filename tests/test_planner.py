@@ -1,0 +1,437 @@
+"""The planner: units, device profiles, the probe, estimates, the cost model, the search, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from planner import cost, probe as probe_mod
+from planner.cli import device_rows, format_plan, plan as plan_cmd
+from planner.estimate import estimate_from_source, safetensors_header
+from planner.profiles import DeviceProfile, list_presets, preset, resolve_device
+from planner.search import load_plan, make_plan, sweep
+from planner.sizes import ModelSizes
+from planner.units import parse_size
+from tiercache.errors import BudgetError, TiercacheError
+from tiercache.store import quant
+
+PRESETS = ("phone-12gb-ufs4", "phone-8gb-ufs31", "laptop-8gb-nvme", "laptop-16gb-rtx4060-8gb",
+           "desktop-rtx4090-24gb", "rpi5-8gb")
+
+
+# -- a small model, described the way a store's manifest describes it ---------------------------
+def tiny_manifest(d=128, F=512, layers=4, vocab=512, dtype="q4", cluster=16, heads=4, kv=2,
+                  profile=None) -> dict:
+    tensors = {"model.embed_tokens.weight": [vocab, d], "model.norm.weight": [d],
+               "lm_head.weight": [vocab, d]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": [d],
+                        p + "post_attention_layernorm.weight": [d],
+                        p + "self_attn.q_proj.weight": [d, d],
+                        p + "self_attn.k_proj.weight": [d // heads * kv, d],
+                        p + "self_attn.v_proj.weight": [d // heads * kv, d],
+                        p + "self_attn.o_proj.weight": [d, d]})
+    meta = {n: {"shape": s, "dtype": dtype if len(s) == 2 else "f32"} for n, s in tensors.items()}
+    ffn = layers * F * 3 * quant.nbytes((1, d), dtype)
+    m = {"format": "tiercache-store", "format_version": 1, "store_id": "x" * 32, "name": "tiny",
+         "config": {"model_type": "llama", "hidden_size": d, "num_hidden_layers": layers,
+                    "intermediate_size": F, "num_attention_heads": heads,
+                    "num_key_value_heads": kv, "vocab_size": vocab},
+         "dtype": dtype,
+         "ffn": {"cluster_size": cluster, "n_clusters": F // cluster, "dtype": dtype,
+                 "layers": layers, "experts": 1, "intermediate_size": F, "hidden_size": d},
+         "tensors": meta, "records": {},
+         "weight_bytes": ffn + sum(quant.nbytes(tuple(s), meta[n]["dtype"])
+                                   for n, s in tensors.items())}
+    if profile:
+        m["profile"] = profile
+    return m
+
+
+def profiled(m: dict, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    F, layers = m["ffn"]["intermediate_size"], m["ffn"]["layers"]
+    lays = [{"freq": sorted(rng.beta(0.6, 0.8, F).tolist(), reverse=True), "threshold": 0.1,
+             "active_fraction": 0.4} for _ in range(layers)]
+    return {**m, "profile": {"layers": lays, "tokens": 1000}}
+
+
+def small_manifest(**kw) -> dict:
+    """Big enough that RAM binds between 232 and 262 MB on a laptop (runtime: 220 MB)."""
+    return tiny_manifest(d=256, F=1024, layers=8, vocab=2048, cluster=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def laptop():
+    return preset("laptop-8gb-nvme")
+
+
+# -- units ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,want", [("512M", 512_000_000), ("1.5G", 1_500_000_000),
+                                       ("800MB", 800_000_000), ("2GiB", 2 * 2**30),
+                                       ("64Mi", 64 * 2**20), ("4096", 4096), (4096, 4096),
+                                       (" 10 kb ", 10_000)])
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "12XB", "-5M", "1.2.3G", "Mi"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(TiercacheError, match="size"):
+        parse_size(bad)
+
+
+# -- device profiles -----------------------------------------------------------------------------
+def test_every_preset_loads_validates_and_round_trips(tmp_path):
+    assert tuple(list_presets()) == PRESETS
+    for name in PRESETS:
+        p = preset(name)
+        assert p.name == name and p.ram_bytes > 0 and p.validate() is p
+        for key in ("ram_bytes", "flash", "memory_bw", "compute", "runtime_overhead_bytes"):
+            assert len(p.sources[key]) > 10, (name, key)
+        if p.vram_bytes:
+            assert p.has_gpu and p.sources["vram_bw"] and p.h2d_bw > 0
+        bws = [p.flash_bw(b, 1) for b in (4096, 65536, 1 << 20)]
+        assert bws == sorted(bws) and bws[0] > 0, (name, bws)  # bigger reads are never slower
+        back = DeviceProfile.from_json(p.to_json(tmp_path / f"{name}.json"))
+        assert back.to_dict() == p.to_dict()
+        assert resolve_device(str(tmp_path / f"{name}.json")).name == name
+
+
+def test_phone_preset_follows_powerinfer2_curve():
+    p = preset("phone-12gb-ufs4")
+    assert p.flash_bw(4096) == pytest.approx(450e6, rel=0.01)
+    assert p.flash_bw(512 * 1024) == pytest.approx(4.0e9, rel=0.01)
+
+
+def test_profile_validation_names_what_is_wrong(laptop, tmp_path):
+    d = laptop.to_dict()
+    d["sources"].pop("flash")
+    with pytest.raises(TiercacheError, match="no source for flash"):
+        DeviceProfile.from_dict(d).validate()
+    d = laptop.to_dict()
+    d["ram_bytes"] = -1
+    with pytest.raises(TiercacheError, match="ram_bytes"):
+        DeviceProfile.from_dict(d).validate()
+    d = laptop.to_dict()
+    del d["flash"]
+    with pytest.raises(TiercacheError, match="lacks flash"):
+        DeviceProfile.from_dict(d)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TiercacheError, match="not a device profile"):
+        DeviceProfile.from_json(tmp_path / "bad.json")
+    with pytest.raises(TiercacheError, match="unknown device"):
+        resolve_device("no-such-device")
+
+
+def test_flash_curve_interpolates_in_log_block_size(laptop):
+    p = DeviceProfile.from_dict({**laptop.to_dict(), "flash": [[4096, 1, 64e6],
+                                                               [1 << 20, 1, 1.1e9],
+                                                               [4096, 4, 200e6],
+                                                               [1 << 20, 4, 1.6e9]]})
+    mid = p.flash_bw(65536, 1)  # halfway in log(block): the geometric mean
+    assert mid == pytest.approx(math.sqrt(64e6 * 1.1e9), rel=1e-6)
+    assert p.flash_bw(2048, 1) == pytest.approx(32e6)  # below the table: same time per read
+    assert p.flash_bw(8 << 20, 1) == pytest.approx(1.1e9)  # above it: flat
+    assert p.flash_bw(4096, 2) == pytest.approx(math.sqrt(64e6 * 200e6), rel=1e-6)
+    assert p.flash_bw(4096, 16) == pytest.approx(200e6)
+    assert p.read_time(1.1e9, 1 << 20, 1) == pytest.approx(1.0)
+
+
+# -- the probe -----------------------------------------------------------------------------------
+def test_quick_probe_measures_a_complete_profile(tmp_path):
+    p = probe_mod.probe(quick=True, path=tmp_path)
+    p.validate()
+    assert p.measured and p.threads == 1
+    grid = {(int(b), int(t)) for b, t, _ in p.flash}
+    assert grid == {(b, t) for b in probe_mod.BLOCKS for t in probe_mod.THREADS}
+    assert all(bw > 1e6 for _, _, bw in p.flash)
+    torch_c = p.compute["torch"]
+    for op in ("matvec", "matmul"):
+        assert set(torch_c[op]) == {"f32", "f16", "bf16", "q8", "q4"}
+    assert set(torch_c["dequant"]) == {"f16", "bf16", "q8", "q4"}
+    assert 0 < torch_c["dispatch_s"] < 1e-3
+    assert 50e6 < p.runtime_overhead_bytes < 2e9  # python + torch
+    assert p.memory_bw > 1e8 and p.copy_bw > 1e8 and p.readahead_bytes >= 4096
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".probe-")]  # cleaned up
+
+
+def test_this_machine_probes_once_then_reads_the_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_probe(quick=False, path=None):
+        calls.append(path)
+        return preset("laptop-8gb-nvme")
+    monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(probe_mod, "probe", fake_probe)
+    first = probe_mod.this_machine()
+    again = probe_mod.this_machine()
+    assert len(calls) == 1 and (tmp_path / "device.json").is_file()
+    assert again.to_dict() == first.to_dict()
+    probe_mod.this_machine(refresh=True)
+    assert len(calls) == 2
+
+
+# -- estimates from unconverted models -----------------------------------------------------------
+def _tiny_hf(path, tied=False):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                   tie_word_embeddings=tied)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_estimate_from_hf_dir_equals_the_safetensors(tmp_path, tied):
+    from safetensors.torch import load_file
+    path = _tiny_hf(tmp_path / "hf", tied)
+    real = {}
+    for f in path.glob("*.safetensors"):
+        real.update(load_file(f))
+    real_bytes = {n: t.numel() * t.element_size() for n, t in real.items()}
+    est = estimate_from_source(path)
+    assert est["dtype"] == "f32" and est["estimate"]["kind"] == "hf"
+    assert est["estimate"]["source_bytes"] == sum(real_bytes.values())
+    assert est["weight_bytes"] == sum(real_bytes.values())  # f32 store = f32 source
+    sizes = ModelSizes.from_manifest(est)
+    by = lambda key: sum(b for n, b in real_bytes.items() if key in n)  # noqa: E731
+    assert sizes.parts["embed"].stored == by("embed_tokens")
+    assert sizes.parts["lm_head"].stored == (0 if tied else by("lm_head"))
+    assert sizes.parts["attn"].stored == by("self_attn")
+    assert sizes.parts["norm"].stored == by("norm")
+    assert sizes.ffn_bytes() == by(".mlp.")
+    assert sizes.args.tie_word_embeddings == tied
+    hdr = safetensors_header(next(path.glob("*.safetensors")))
+    assert {n: v["shape"] for n, v in hdr.items()} == {n: list(t.shape) for n, t in real.items()}
+
+
+def test_estimate_in_q4_matches_the_encoder(tmp_path):
+    from safetensors.torch import load_file
+    path = _tiny_hf(tmp_path / "hf")
+    est = estimate_from_source(path, dtype="q4", cluster_size=32)
+    real = load_file(next(path.glob("*.safetensors")))
+    want = 0
+    for name, t in real.items():  # what StoreWriter encodes: FFN and matrices in q4, norms f32
+        dt = "q4" if t.ndim == 2 and quant.can_quantize(t.shape) else "f32"
+        want += len(quant.encode(t, dt))
+    assert est["weight_bytes"] == want
+    assert est["ffn"] == {"cluster_size": 32, "n_clusters": 5, "dtype": "q4", "layers": 2,
+                          "experts": 1, "intermediate_size": 160, "hidden_size": 64}
+
+
+def test_estimate_from_gguf(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    d, F, vocab = 64, 96, 128
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(F)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_token_list([f"t{i}".encode() for i in range(vocab)])
+    rng = np.random.default_rng(0)
+    arrays = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,),
+              "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
+              "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (32, d),
+              "blk.0.attn_v.weight": (32, d), "blk.0.attn_output.weight": (d, d),
+              "blk.0.ffn_gate.weight": (F, d), "blk.0.ffn_up.weight": (F, d),
+              "blk.0.ffn_down.weight": (d, F)}
+    total = 0
+    for name, shape in arrays.items():
+        a = rng.standard_normal(shape).astype(np.float16 if len(shape) == 2 else np.float32)
+        w.add_tensor(name, a)
+        total += a.nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    est = estimate_from_source(path)
+    assert est["estimate"]["kind"] == "gguf" and est["estimate"]["source_bytes"] == total
+    assert est["dtype"] == "f16" and est["config"]["tie_word_embeddings"] is True
+    assert est["config"]["vocab_size"] == vocab and est["config"]["num_key_value_heads"] == 2
+    assert est["tensors"]["model.layers.0.self_attn.k_proj.weight"]["shape"] == [32, d]
+    sizes = ModelSizes.from_manifest(est)
+    assert sizes.ffn_bytes() == 3 * F * d * 2
+    with pytest.raises(TiercacheError):
+        estimate_from_source(tmp_path / "missing.gguf")
+
+
+# -- the cost model ------------------------------------------------------------------------------
+def test_lru_smaller_than_the_active_set_thrashes():
+    pi = np.full(30 * 1536, 0.5)
+    hit = lambda frac: 1 - cost._lru_misses(pi, int(frac * len(pi))) / pi.sum()  # noqa: E731
+    hits = [hit(f) for f in (0.0, 0.25, 0.45, 0.5, 0.75, 1.0)]
+    assert hits == sorted(hits)  # a bigger LRU never hits less
+    assert hits[1] < 0.01 and hits[2] < 0.05  # below the per-token active set: ~nothing
+    assert 0.05 < hits[3] < 0.35  # DESIGN.md: 50% of neurons at ~50% activation hits ~15%
+    assert hits[-1] == 1.0
+
+
+def test_pinning_beats_lru_of_the_same_size(laptop):
+    cm = cost.CostModel(ModelSizes.from_manifest(tiny_manifest()), laptop)
+    n = cm.activity(16).n
+    pinned = cm.predict(cost.Config(decode_cluster=16, hot_clusters=n // 2, cold_clusters=0))
+    lru = cm.predict(cost.Config(decode_cluster=16, hot_clusters=0, cold_clusters=n // 2))
+    assert pinned.store_bytes_per_token < lru.store_bytes_per_token
+    assert pinned.hit_rate > lru.hit_rate
+
+
+def test_memory_adds_up(laptop):
+    m = tiny_manifest()
+    cm = cost.CostModel(ModelSizes.from_manifest(m), laptop)
+    c = cost.Config(decode_cluster=16, hot_clusters=40, cold_clusters=10, context=1000)
+    pred = cm.predict(c)
+    mem = pred.memory
+    assert mem["runtime"] == laptop.runtime_overhead_bytes
+    assert mem["kv"] == 1000 * 2 * 4 * 2 * 32 * 4  # K and V, 4 layers, 2 kv heads, head_dim 32
+    nb = cm.cached_bytes(16, None)
+    assert mem["hot"] == int(40 * nb) and mem["cold"] == int(10 * nb)
+    assert pred.peak_memory_bytes == sum(v for k, v in mem.items() if k != "vram")
+
+
+def test_mmap_model_explains_the_thrash(laptop):
+    dev = DeviceProfile.from_dict({**laptop.to_dict(), "readahead_bytes": 128 * 1024})
+    W, foot = 97e6, 93e6
+    speeds = [cost.predict_mmap(W, dev, cap, foot, uncapped_tok_s=66)["decode_tok_s"]
+              for cap in (400e6, 175e6, 150e6, 120e6)]
+    assert speeds[0] == pytest.approx(66)  # everything fits: uncapped speed
+    assert speeds == sorted(speeds, reverse=True) and speeds[-1] < speeds[0] / 5
+
+
+# -- the search ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_profile", [False, True])
+def test_more_ram_never_predicts_slower_decode(laptop, with_profile):
+    m = profiled(small_manifest()) if with_profile else small_manifest()
+    need = None
+    speeds = []
+    for ram in np.linspace(228e6, 262e6, 12):
+        try:
+            speeds.append(make_plan(m, laptop, ram=int(ram), context=256)
+                          ["predicted"]["decode_tok_s"])
+        except BudgetError:
+            need = ram
+            assert not speeds  # once it fits, more RAM fits too
+    assert len(speeds) >= 5 and need is not None
+    assert all(b >= a for a, b in zip(speeds, speeds[1:])), speeds
+    assert speeds[-1] > speeds[0]  # and it helps somewhere in this range
+
+
+def test_faster_flash_never_predicts_slower(laptop):
+    m = small_manifest()
+    for ram in (236e6, 240e6, 250e6):
+        slow = make_plan(m, laptop.scaled(flash=0.5), ram=int(ram), context=256)["predicted"]
+        base = make_plan(m, laptop, ram=int(ram), context=256)["predicted"]
+        fast = make_plan(m, laptop.scaled(flash=4), ram=int(ram), context=256)["predicted"]
+        assert slow["decode_tok_s"] <= base["decode_tok_s"] <= fast["decode_tok_s"]
+        assert slow["prefill_tok_s"] <= base["prefill_tok_s"] * 1.000001
+        assert base["prefill_tok_s"] <= fast["prefill_tok_s"] * 1.000001
+    # and with reads in the way the disk is what decides
+    tight = make_plan(m, laptop, ram=int(236e6), context=256)["predicted"]
+    assert tight["store_bytes_per_token"] > 0
+    slow = make_plan(m, laptop.scaled(flash=0.1), ram=int(236e6), context=256)["predicted"]
+    assert slow["decode_tok_s"] < tight["decode_tok_s"]
+
+
+def test_refusal_carries_the_numbers(laptop):
+    m = tiny_manifest()
+    with pytest.raises(BudgetError) as e:
+        make_plan(m, laptop, ram="100MB", context=256)
+    msg = str(e.value)
+    assert "needs at least" in msg and "budget is 100 MB" in msg
+    assert f"runtime {laptop.runtime_overhead_bytes / 1e6:.0f}" in msg
+    need = float(msg.split("needs at least ")[1].split(" MB")[0])
+    assert need > 220  # the runtime alone is 220 MB
+    with pytest.raises(BudgetError, match="context of"):  # the KV cache is what does not fit
+        make_plan(m, laptop, ram=int(need * 1e6) + 1_000_000, context=200_000)
+    with pytest.raises(BudgetError, match=r"tok/s"):
+        make_plan(m, laptop, ram="1G", min_tok_s=1e9)
+
+
+def test_plan_json_round_trip_and_fields(laptop, tmp_path):
+    p = make_plan(profiled(small_manifest()), laptop, ram="240MB", context=512)
+    again = json.loads(json.dumps(p))
+    assert again == p
+    (tmp_path / "plan.json").write_text(json.dumps(p))
+    assert load_plan(tmp_path / "plan.json") == p
+    assert p["plan_version"] == 1 and p["device"] == "laptop-8gb-nvme"
+    assert p["limits"]["ram_bytes"] == 240_000_000 and p["limits"]["context"] == 512
+    e, pr = p["engine"], p["predicted"]
+    for key in ("fixed_bytes", "hot_bytes", "cold_bytes", "kv_bytes", "io_threads",
+                "prefetch_layers", "decode_cluster_size", "prefill_cluster_bytes",
+                "prefill_backend", "decode_backend", "placement", "quantization"):
+        assert key in e, key
+    assert e["decode_cluster_size"] % 16 == 0 and e["placement"]["ffn_cold"] == "flash"
+    for key in ("peak_memory_bytes", "decode_tok_s", "prefill_tok_s", "store_bytes_per_token",
+                "bottleneck", "hit_rate"):
+        assert key in pr, key
+    assert pr["bottleneck"] in ("io", "memory", "compute")
+    assert 0 < pr["peak_memory_bytes"] <= p["limits"]["ram_bytes"]
+    assert pr["decode_tok_s"] > 0 and pr["prefill_tok_s"] > 0 and 0 <= pr["hit_rate"] <= 1
+    assert p["model"]["activity"].startswith("profiled")
+    assert any("Activation profile" in line for line in p["explanation"])
+    (tmp_path / "junk.json").write_text('{"plan_version": 99}')
+    with pytest.raises(TiercacheError, match="version"):
+        load_plan(tmp_path / "junk.json")
+
+
+def test_unprofiled_plan_says_it_assumed_sparsity(laptop):
+    p = make_plan(tiny_manifest(), laptop, ram="1G")
+    assert p["model"]["activity"] == "assumed"
+    assert any("assumed 50%" in line for line in p["explanation"])
+    assert p["predicted"]["store_bytes_per_token"] == 0  # everything fits in 1 GB
+    assert any("RAM does not bind" in line for line in p["explanation"])
+
+
+def test_gpu_preset_places_weights_in_vram():
+    big = tiny_manifest(d=1024, F=4096, layers=16, vocab=32000, cluster=32)
+    p = make_plan(big, "desktop-rtx4090-24gb", ram="2G")
+    cpu_only = make_plan(big, "laptop-8gb-nvme", ram="2G")
+    assert p["predicted"]["decode_tok_s"] > cpu_only["predicted"]["decode_tok_s"]
+    assert p["engine"]["decode_backend"] == "torch:cuda"
+    assert p["engine"]["placement"]["attention"] == "vram"
+    assert p["predicted"]["peak_vram_bytes"] > 0
+
+
+def test_quality_budget_limits_dtype_for_estimates(tmp_path, laptop):
+    path = _tiny_hf(tmp_path / "hf")
+    strict = make_plan(path, laptop, ram="2G", quality=0.01)
+    loose = make_plan(path, laptop, ram="2G")
+    assert strict["engine"]["quantization"] in ("f32", "bf16", "q8")
+    assert loose["model"]["estimate_only"] is True
+
+
+# -- the CLI functions ---------------------------------------------------------------------------
+def test_cli_plan_table_json_and_plot(tmp_path, capsys, monkeypatch):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps(tiny_manifest()))
+    out, png = tmp_path / "plan.json", tmp_path / "curve.png"
+    res = plan_cmd(str(store), device="laptop-8gb-nvme", ram="240MB", out=out, plot=png,
+                   context=256)
+    table = capsys.readouterr().out
+    assert "decode" in table and "bottleneck" in table and "peak" in table
+    assert json.loads(out.read_text()) == res
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    plan_cmd(str(store), device="laptop-8gb-nvme", ram="240MB", json_out=True, context=256)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["predicted"]["decode_tok_s"] == res["predicted"]["decode_tok_s"]
+    assert format_plan(res).splitlines()[0].startswith("plan for tiny")
+    with pytest.raises(TiercacheError, match="no such"):
+        plan_cmd(str(tmp_path / "nothing"), device="laptop-8gb-nvme")
+
+
+def test_device_rows_and_sweep(laptop):
+    rows = device_rows()
+    assert [r["name"] for r in rows] == list(PRESETS)
+    pts = sweep(tiny_manifest(), laptop, budgets=[100e6, 236e6, 1e9], context=256)
+    assert pts[0]["decode_tok_s"] is None
+    assert pts[1]["decode_tok_s"] <= pts[2]["decode_tok_s"]
