@@ -12,8 +12,11 @@ initializers swapped in by name. Files are cached next to the store:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -69,7 +72,8 @@ def _register_schemas():
 
     def p(name, t, optional=False):
         opt = OpSchema.FormalParameterOption
-        return OpSchema.FormalParameter(name, t, "", param_option=opt.Optional if optional else opt.Single)
+        option = opt.Optional if optional else opt.Single
+        return OpSchema.FormalParameter(name, t, "", param_option=option)
 
     def ints(*names):
         return [OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in names]
@@ -136,7 +140,8 @@ class Block(nn.Module):
 
     def norm(self, x, w):
         x32 = x.float()
-        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.args.rms_norm_eps)).to(x.dtype)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.args.rms_norm_eps)
+        return w * x32.to(x.dtype)
 
     def lin(self, name, x):
         if hasattr(self, name + "_B"):
@@ -158,7 +163,8 @@ def layer_weights(model, store, i: int, kind: str, ffn: bool) -> dict[str, torch
     w = {"input_layernorm": _f32(layer.input_layernorm.weight)}
     for p in ATTN:
         mod = getattr(layer.self_attn, p)
-        w.update(_linear(p, mod.weight, _store_tensor(store, f"model.layers.{i}.self_attn.{p}.weight", kind)))
+        packed = _store_tensor(store, f"model.layers.{i}.self_attn.{p}.weight", kind)
+        w.update(_linear(p, mod.weight, packed))
         if mod.bias is not None:
             w[p + "_bias"] = _f32(mod.bias)
     w.update(_pack_qkv(w))
@@ -230,17 +236,32 @@ def export_template(args, like: dict[str, torch.Tensor], ffn: bool, static: tupl
     example = (torch.zeros(1, T, args.hidden_size), torch.zeros(1, kv, M, hd),
                torch.zeros(1, kv, M, hd), torch.tensor([T - 1], dtype=torch.int32),
                torch.tensor(T, dtype=torch.int32), torch.zeros(M, hd // 2), torch.zeros(M, hd // 2))
-    prog = torch.onnx.export(Block(args, noise, ffn).eval(), example, dynamo=True,
-                             dynamic_shapes=None if static else _dynamic_shapes(),
-                             custom_translation_table=_translations(), input_names=INPUTS,
-                             output_names=OUTPUTS, opset_version=OPSET, optimize=True,
-                             verbose=False)
+    with _quiet():
+        prog = torch.onnx.export(Block(args, noise, ffn).eval(), example, dynamo=True,
+                                 dynamic_shapes=None if static else _dynamic_shapes(),
+                                 custom_translation_table=_translations(), input_names=INPUTS,
+                                 output_names=OUTPUTS, opset_version=OPSET, optimize=True,
+                                 verbose=False)
     proto = prog.model_proto
     proto.ir_version = IR_VERSION
     missing = set(like) - {t.name for t in proto.graph.initializer}
     if missing:
         raise RuntimeError(f"export renamed initializers {sorted(missing)}; cannot swap weights")
     return proto
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter warns about torchvision and axis names on every export: not ours to act on."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _noise(t, gen):

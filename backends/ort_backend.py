@@ -127,7 +127,8 @@ class OrtBackend(Backend):
             from .onnx_export import LayerGraphs
             static = (self.bucket, self.max_len) if self.bucket else None
             g = self.graphs[ffn] = LayerGraphs(self.model, self.store, self.kind, ffn, static)
-            self._layers[ffn] = [self.session(g.load(i)) for i in range(self.model.args.num_hidden_layers)]
+            n = self.model.args.num_hidden_layers
+            self._layers[ffn] = [self.session(g.load(i)) for i in range(n)]
         return self._layers[ffn]
 
     @torch.no_grad()
@@ -174,8 +175,8 @@ class OrtBackend(Backend):
         lens = torch.tensor([total - 1], dtype=torch.int32, device=self.device)
         tot = torch.tensor(total, dtype=torch.int32)  # a shape scalar: host memory everywhere
         io = sess.io_binding()
-        for name, t in (("x", x), ("past_key", cache.k), ("past_value", cache.v),
-                        ("seqlens_k", lens), ("total_len", tot), ("cos", tables[0]), ("sin", tables[1])):
+        for name, t in (("x", x), ("past_key", cache.k), ("past_value", cache.v), ("seqlens_k", lens),
+                        ("total_len", tot), ("cos", tables[0]), ("sin", tables[1])):
             _bind(io.bind_input, name, t)
         for name, t in (("h", out), ("present_key", cache.k), ("present_value", cache.v)):
             _bind(io.bind_output, name, t)
@@ -190,7 +191,8 @@ class OrtBackend(Backend):
             cap = self.max_len
         else:
             cap = -(-need // cache.step) * cache.step
-        if cache.k is not None and (cache.k.shape[2] == cap if self.bucket else cache.k.shape[2] >= need):
+        have = None if cache.k is None else cache.k.shape[2]
+        if have is not None and (have == cap if self.bucket else have >= need):
             return
         b, hkv, _, d = cache.shape
         k = torch.zeros(b, hkv, cap, d, dtype=cache.dtype, device=self.device)
@@ -289,11 +291,13 @@ def _model(graph):
 def _act_nodes(act: str, x: str, y: str) -> list:
     from onnx import helper
     if act == "silu":
-        return [helper.make_node("Sigmoid", [x], [y + "_s"]), helper.make_node("Mul", [x, y + "_s"], [y])]
+        return [helper.make_node("Sigmoid", [x], [y + "_s"]),
+                helper.make_node("Mul", [x, y + "_s"], [y])]
     if act == "relu":
         return [helper.make_node("Relu", [x], [y])]
     if act == "relu2":
-        return [helper.make_node("Relu", [x], [y + "_r"]), helper.make_node("Mul", [y + "_r", y + "_r"], [y])]
+        return [helper.make_node("Relu", [x], [y + "_r"]),
+                helper.make_node("Mul", [y + "_r", y + "_r"], [y])]
     # gelu: erf form, or tanh form for gelu_pytorch_tanh (com.microsoft FastGelu)
     if act == "gelu":
         return [helper.make_node("Gelu", [x], [y], domain="com.microsoft")]
@@ -310,7 +314,8 @@ def _ffn_graph(act: str):
              helper.make_node("MatMul", ["m", "down_t"], ["y"])]
     ins = [helper.make_tensor_value_info("x", TP.FLOAT, ["N", "d"])] + [
         helper.make_tensor_value_info(n, TP.FLOAT, ["n", "d"]) for n in ("gate", "up", "down_t")]
-    return helper.make_graph(nodes, "sparse_ffn", ins, [helper.make_tensor_value_info("y", TP.FLOAT, ["N", "d"])])
+    out = helper.make_tensor_value_info("y", TP.FLOAT, ["N", "d"])
+    return helper.make_graph(nodes, "sparse_ffn", ins, [out])
 
 
 def _nbits_graph(n: int, k: int, bits: int, has_zp: bool):
@@ -324,4 +329,5 @@ def _nbits_graph(n: int, k: int, bits: int, has_zp: bool):
            helper.make_tensor_value_info("scales", TP.FLOAT, [n * nb])]
     if has_zp:
         ins.append(helper.make_tensor_value_info("zp", TP.FLOAT, [n * nb]))
-    return helper.make_graph([node], "qmatmul", ins, [helper.make_tensor_value_info("y", TP.FLOAT, ["M", n])])
+    out = helper.make_tensor_value_info("y", TP.FLOAT, ["M", n])
+    return helper.make_graph([node], "qmatmul", ins, [out])

@@ -5,11 +5,14 @@
   install(engine, spec, threads)      -> prefill through `spec`, decode on torch; returns the report
   phase_report(engine)                -> {"prefill": {...}, "decode": {...}} for `generate --json`
 
-`auto` (rule measured on this VM with tools/bench_prefill.py, 1 thread, 512-token prompt):
-prefill through ONNX Runtime's CPU provider when onnxruntime imports (fused layer graphs were
-faster than torch for f32 and q4 stores), prompts shorter than AUTO_MIN_TOKENS stay on torch
-(a per-layer call costs more than it saves there); with a CUDA GPU, torch:cuda for both phases
-(no GPU was available to measure ORT CUDA against it); decode is always torch.
+`auto` is a rule measured on this VM with tools/bench_prefill.py (1 thread, 512-token prompt,
+SmolLM2-135M shape): prefill through ONNX Runtime's CPU provider when onnxruntime imports and
+the store holds float weights (ORT ~5% less CPU time than torch, equal or better wall time);
+torch for q8/q4 stores (MatMulNBits prefill ran at ~0.65x of torch on dequantized weights:
+it keeps 4-bit weights, but computes in f32 after dequantizing each call); prompts shorter than
+AUTO_MIN_TOKENS stay on torch (the per-layer graph calls cost more than they save there); with a
+CUDA GPU, torch:cuda for both phases (no GPU was available to measure ORT CUDA against it).
+Decode is always torch.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def get_backend(spec: str = "auto", threads: int = 1, **ort_options) -> Backend:
     """A backend by name; `ort_options` (bucket, max_len, spinning, ...) go to OrtBackend."""
     kind, _, arg = spec.partition(":")
     if kind == "auto":
-        return get_backend(auto_spec("prefill"), threads, **ort_options)
+        return get_backend(auto_spec("prefill", arg or None), threads, **ort_options)
     if kind == "torch":
         return TorchBackend(arg or "cpu", threads)
     if kind == "ort":
@@ -39,10 +42,12 @@ def get_backend(spec: str = "auto", threads: int = 1, **ort_options) -> Backend:
     raise TiercacheError(f"unknown backend '{spec}' (choose from {SPECS})")
 
 
-def auto_spec(phase: str) -> str:
+def auto_spec(phase: str, weights: str | None = None) -> str:
+    """What `auto` means for `phase` ("prefill" | "decode") on a store of `weights` dtype."""
     if torch.cuda.is_available():
         return "torch:cuda"
-    if phase == "prefill" and importlib.util.find_spec("onnxruntime") is not None:
+    ort = importlib.util.find_spec("onnxruntime") is not None
+    if phase == "prefill" and ort and weights not in ("q8", "q4"):
         return "ort:CPUExecutionProvider"
     return "torch"
 
@@ -81,40 +86,47 @@ class Phase:
 
 def make_prefill(engine, spec: str = "auto", threads: int = 1, **ort_options) -> Phase:
     """Prefill of `engine`'s model through `spec`, writing the session's KV caches."""
+    if spec == "auto":
+        spec = "auto:" + engine.store.manifest.get("dtype", "f32")  # the rule depends on weights
     backend = get_backend(spec, threads, **ort_options).bind(engine.model, engine.store)
     short = None
-    if spec == "auto" and backend.name == "ort":
+    if spec.startswith("auto") and backend.name == "ort":
         short = TorchBackend(str(backend.device), threads).bind(engine.model, engine.store)
     return Phase(engine.model, backend, spec, short, AUTO_MIN_TOKENS if short else 0)
 
 
-def make_decode(engine, spec: str = "auto", threads: int = 1) -> Phase:
-    """Decode on torch (the device follows `spec`: torch:cuda keeps the model on the GPU)."""
-    device = "cuda" if (spec == "torch:cuda" or (spec == "auto" and torch.cuda.is_available())) else "cpu"
+def make_decode(engine, device: str = "cpu", threads: int = 1) -> Phase:
+    """Decode on torch, on the device where prefill left the model and the KV caches."""
     backend = TorchBackend(device, threads).bind(engine.model, engine.store)
     return Phase(engine.model, backend, f"torch:{device}")
 
 
-def install(engine, backend: str = "auto", threads: int = 1, **ort_options) -> dict:
-    """Route `engine.prefill` through `backend` and keep decode on torch; -> the phase report.
+def install(engine, backend: str = "auto", threads: int = 1, decode: bool = True,
+            **ort_options) -> dict:
+    """Route `engine.prefill` through `backend`; -> the phase report.
 
-    Only the instance's attributes change; the engine's class and other engines are untouched.
+    decode=True also pins `engine.decode` to torch (the dense Engine's decode goes through
+    self.prefill, which would otherwise send single tokens to ORT); pass False for an engine
+    whose decode has its own path (the tiered sparse decode). Only instance attributes change.
     """
     prefill = make_prefill(engine, backend, threads, **ort_options)
-    decode = make_decode(engine, backend, threads)
     engine.prefill = prefill
-    engine.decode = lambda session, token: decode(session, [token])
-    engine.phases = {"prefill": prefill, "decode": decode}
+    engine.phases = {"prefill": prefill}
+    if decode:
+        device = prefill.backend.device.type
+        dec = engine.phases["decode"] = make_decode(engine, device, threads)
+        engine.decode = lambda session, token: dec(session, [token])
     return phase_report(engine)
+
+
+_TORCH_CPU = {"spec": "torch", "backend": "torch", "provider": "torch:cpu", "device": "cpu"}
 
 
 def phase_report(engine) -> dict:
     """Backend and provider of each phase (what `generate --json` reports)."""
-    phases = getattr(engine, "phases", None)
-    if not phases:
-        torch_cpu = {"spec": "torch", "backend": "torch", "provider": "torch:cpu", "device": "cpu"}
-        return {"prefill": torch_cpu, "decode": dict(torch_cpu)}
-    report = {name: p.describe() for name, p in phases.items()}
-    last = phases["prefill"].last
-    report["prefill"]["last_run"] = last.describe()["provider"]
+    phases = getattr(engine, "phases", {})
+    report = {name: dict(_TORCH_CPU) for name in ("prefill", "decode")}
+    report.update({name: p.describe() for name, p in phases.items()})
+    if "prefill" in phases:
+        report["prefill"]["last_run"] = phases["prefill"].last.describe()["provider"]
     return report

@@ -1,5 +1,11 @@
 """The cost model: peak memory, store bytes per token, decode and prefill tok/s of a config.
 
+It models tiercache's tiered engine (tiercache/engine/tiered.py): weights held either as stored
+q4 (torch's int4 kernel) or expanded to f32, one compute format for all; the gate pinned whole;
+a slot per cached cluster holding its up rows and down columns; active slots gathered into one
+matrix per layer; misses read whole records with O_DIRECT on I/O threads and prepared there
+(repacked or dequantized); the next layer's clusters active at the previous token prefetched.
+
 Decode, per token: the fixed region (attention, gate, lm_head) is streamed through matvecs; FFN
 clusters are active with probability pi_c = route * (1 - prod(1 - f_i)) over their neurons;
 hot clusters (the top pi, pinned) always hit; the cold LRU's hits follow a stack-distance model
@@ -7,7 +13,8 @@ of the cyclic layer-by-layer access (a cluster re-used after k tokens hits iff f
 LRU's capacity of distinct clusters were touched in between, with a normal approximation for
 that count), which reproduces DESIGN.md's thrash: an LRU smaller than the per-token active set
 hits almost nothing. Misses are read at the cluster's size with `io_threads` in flight on the
-device's flash curve; prefetch overlaps the reads it predicts (PREFETCH_RECALL) with compute.
+device's flash curve; the lookahead overlaps the reads it predicts with compute (a cluster active
+at the previous token is active again with probability pi, so recall = sum pi^2 / sum pi).
 
 Prefill: every layer whole; the non-hot part of each layer's FFN is read sequentially in
 `prefill_block` reads into one of two alternating buffers while the other computes.
@@ -25,11 +32,15 @@ import numpy as np
 from .profiles import PAGE, DeviceProfile
 from .sizes import ModelSizes
 
-PREFETCH_RECALL = 0.8  # share of next layer's misses a lookahead predicts (and its precision)
-OPS_PER_LAYER = 36  # torch operator calls per layer in a decode step (norms, rope, sdpa, ...)
+# eager torch ops in one decode layer: 7 matvecs, 2 RMSNorms, RoPE on q and k, KV writes, SDPA,
+# residuals, activation and threshold; the probe times this mix (a SmolLM-shaped layer with tiny
+# dims ran 260 us/layer on the reference VM: ~55 ops at ~5 us)
+LAYER_OPS = {"matvec": 7, "add": 6, "mul": 10, "reduce": 2, "unary": 4, "cat": 2, "view": 16,
+             "copy": 2, "sdpa": 1, "select": 2}
+OPS_PER_LAYER = sum(LAYER_OPS.values())
 OPS_PER_TOKEN = 12  # embedding, final norm, lm_head, sampling
-OPS_PER_CLUSTER = 3  # an active cluster is computed in place: up matvec, act * up, down matvec
-CLUSTER_OBJ_BYTES = 512  # Python/torch bookkeeping per cached cluster tensor
+OPS_PER_CLUSTER = 1  # per active cluster: Python bookkeeping (cache lookup, slot index)
+CLUSTER_OBJ_BYTES = 128  # cache entry per cached cluster (slots live in preallocated pools)
 DEQUANT_CHUNK = 8 << 20  # a held-quantized matrix is expanded to f32 at most this much at once
 DECODE_POSITION = 256  # typical KV length a decode step attends over (capped by the context)
 MIN_HEADROOM = 4 << 20  # page cache / allocator slack the budget keeps for buffered reads
@@ -42,10 +53,10 @@ class Config:
     hot_clusters: int  # clusters pinned, chosen by activation frequency across layers
     cold_clusters: int  # capacity of the cold LRU, in clusters
     io_threads: int = 1
-    prefetch_layers: int = 1
+    prefetch_layers: int = 1  # the engine looks one layer ahead (0: off)
     prefill_block: int = 1 << 20
-    hold_fixed: str | None = None  # dtype the fixed region is held in; None: as stored
-    hold_ffn: str | None = None
+    hold_fixed: str | None = None  # dtype the fixed region is held in; None: as stored (q4 int4)
+    hold_ffn: str | None = None  # the engine has one compute format: equal to hold_fixed
     place_fixed: str = "ram"  # "ram" or "vram"
     place_hot: str = "ram"
     decode_backend: str = "torch"
@@ -79,17 +90,23 @@ class Activity:
 
     def __init__(self, sizes: ModelSizes, cluster: int):
         self.cluster = cluster
-        pis = [_cluster_pi(f, cluster) * sizes.route_prob for f in sizes.freq]
-        self.pi = np.sort(np.concatenate(pis))[::-1]  # frequency-pinned: the top ones go hot
+        pis = np.concatenate([_cluster_pi(f, cluster) for f in sizes.freq]) * sizes.route_prob
+        self.pi = np.sort(pis)[::-1]  # frequency-pinned: the top ones go hot
         self.n = len(self.pi)
-        self.per_unit = self.n / max(1, len(pis))
         self._cum = np.concatenate([[0.0], np.cumsum(self.pi)])
+        self._cum2 = np.concatenate([[0.0], np.cumsum(self.pi ** 2)])
 
     def active_clusters(self) -> float:
         return float(self._cum[-1])
 
     def hot_hits(self, hot: int) -> float:
         return float(self._cum[min(hot, self.n)])
+
+    def recall(self, hot: int) -> float:
+        """Share of the cold clusters' uses that were also used at the previous token."""
+        h = min(hot, self.n)
+        used = self._cum[-1] - self._cum[h]
+        return float((self._cum2[-1] - self._cum2[h]) / used) if used > 0 else 1.0
 
     def cold_misses(self, hot: int, cold: int) -> float:
         """Expected cold-region misses per token with `cold` clusters of LRU after `hot` pinned."""
@@ -239,48 +256,52 @@ class CostModel:
     def _decode_time(self, c: Config, act: Activity, active: float, misses: float):
         m, dev = self.m, self.dev
         rec = self.record_bytes(c.decode_cluster)
-        recall = PREFETCH_RECALL * 0.9 ** max(0, c.prefetch_layers - 1) if c.prefetch_layers \
-            else 0.0
-        extra = misses * recall * (1 / PREFETCH_RECALL - 1) if c.prefetch_layers else 0.0
-        reads = misses + extra
+        # lookahead: last token's active clusters of the next layer, read while this one runs
+        recall = act.recall(c.hot_clusters) if c.prefetch_layers else 0.0
+        # of the clusters prefetched (used at the last token), a share 1 - recall goes unused
+        wasted = misses * (1 - recall) if c.prefetch_layers else 0.0
+        reads = misses + wasted
         per_layer = reads / max(1, m.layers)
         inflight = min(c.io_threads, max(1.0, per_layer * (c.prefetch_layers + 1)))
-        t_io = dev.read_time(reads * rec, rec, inflight)
-        comp = self._decode_compute(c, act, active, misses)
+        t_io = dev.read_time(reads * rec, rec, inflight) + reads * rec / self.prepare_rate(c)
+        comp = self._decode_compute(c, act, active)
         overlap = t_io * recall
         exposed = t_io - overlap
-        busy = sum(v for k, v in comp.items())
+        busy = sum(comp.values())
         total = exposed + max(busy, overlap)
         return ({**comp, "io_overlapped": overlap, "io_exposed": exposed, "total": total},
                 reads * rec, reads)
 
-    def _decode_compute(self, c: Config, act: Activity, active: float, misses: float) -> dict:
+    def prepare_rate(self, c: Config) -> float:
+        """Stored bytes/s an I/O thread turns into slot format (int4 repack or f32)."""
+        dev, dt = self.dev, self.m.ffn_dtype
+        if c.hold_ffn is None and dt == "q4":
+            return float(dev.compute["torch"].get("repack", {}).get("q4") or dev.copy_bw)
+        return dev.dequant("torch", dt) if dt != "f32" else dev.copy_bw
+
+    def _decode_compute(self, c: Config, act: Activity, active: float) -> dict:
         m, dev = self.m, self.dev
         cpu = "torch"
         fixed_be = c.decode_backend if c.place_fixed == "vram" else cpu
         hot_be = c.decode_backend if c.place_hot == "vram" else cpu
         dt_fixed, dt_ffn = self.hold_dtype(c.hold_fixed, False), self.hold_dtype(c.hold_ffn, True)
-        parts = 2 if m.gate_pinned else 3
-        per_cluster = c.decode_cluster * m.neuron_bytes(c.hold_ffn, parts)
+        slot = self.cached_bytes(c.decode_cluster, c.hold_ffn) - CLUSTER_OBJ_BYTES
         hot_active = act.hot_hits(c.hot_clusters)
         cold_active = active - hot_active
         kv = m.layers * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
             * m.args.head_dim * 4
-        out = {
+        return {
             "fixed_matvec": m.dense_bytes_per_token(c.hold_fixed) / dev.matvec(fixed_be, dt_fixed),
-            "ffn_matvec": hot_active * per_cluster / dev.matvec(hot_be, dt_ffn)
-            + cold_active * per_cluster / dev.matvec(cpu, dt_ffn),
+            # active clusters' slots are gathered (copied) into one matrix, then multiplied
+            "ffn_matvec": hot_active * slot / dev.matvec(hot_be, dt_ffn)
+            + cold_active * slot / dev.matvec(cpu, dt_ffn),
+            "gather": active * slot / dev.copy_bw,
             "cluster_ops": active * OPS_PER_CLUSTER * dev.dispatch(cpu),
-            "dequant": 0.0,
             "attention_kv": kv / dev.memory_bw,
-            "dispatch": (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(fixed_be),
+            "dispatch": (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(fixed_be)
+            + (2 * m.layers * dev.h2d_latency_s  # hidden state to the CPU and back
+               if "vram" in (c.place_fixed, c.place_hot) and not dev.unified_memory else 0.0),
         }
-        if c.hold_ffn and c.hold_ffn != m.ffn_dtype:  # misses arrive as stored, cached expanded
-            out["dequant"] = misses * self.record_bytes(c.decode_cluster) \
-                / dev.dequant(cpu, m.ffn_dtype)
-        if "vram" in (c.place_fixed, c.place_hot) and not dev.unified_memory:
-            out["dispatch"] += 2 * m.layers * dev.h2d_latency_s  # hidden state to CPU and back
-        return out
 
     # -- prefill ------------------------------------------------------------------------------
     def _prefill_time(self, c: Config, act: Activity) -> dict:
@@ -330,8 +351,8 @@ def _head_params(m: ModelSizes) -> int:
 
 def _bottleneck(t: dict) -> str:
     io = t["io_exposed"] + t["io_overlapped"]
-    memory = t["fixed_matvec"] + t["ffn_matvec"] + t["attention_kv"]
-    compute = t["dequant"] + t["dispatch"] + t["cluster_ops"]
+    memory = t["fixed_matvec"] + t["ffn_matvec"] + t["attention_kv"] + t["gather"]
+    compute = t["dispatch"] + t["cluster_ops"]
     if io >= max(memory, compute):
         return "io"
     return "memory" if memory >= compute else "compute"
@@ -350,11 +371,14 @@ def predict_mmap(weight_bytes: float, device: DeviceProfile, cap_bytes: float,
     reads its page plus read-ahead, but under pressure read-ahead pages are evicted before they
     are used: the useful read per fault falls from the read-ahead window R (nothing evicted) to
     one page (nothing resident), geometrically in the resident share: 4 KiB * (R/4 KiB)^(P/W).
-    Faults are synchronous: one read in flight (qd 1).
+    Faults are synchronous: one read in flight (qd 1). R is the kernel's read-ahead window,
+    taken as at most 128 KiB (Linux's default): a bigger read-around window under a cap evicts
+    its own pages before they are used (and the kernel turns mmap read-around off once faults
+    mostly miss), so it buys nothing there.
     """
     W = float(weight_bytes)
     P = max(0.0, cap_bytes - footprint_bytes)
-    R = readahead_bytes or device.readahead_bytes
+    R = readahead_bytes or min(device.readahead_bytes, 128 * 1024)
     compute = 1 / uncapped_tok_s if uncapped_tok_s else W / device.memory_bw
     share = min(1.0, P / W) if W else 1.0
     miss = max(0.0, W - P)

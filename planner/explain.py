@@ -13,7 +13,7 @@ def explain(plan: dict, best, budget) -> list[str]:
         _activity_line(m),
         _ffn_line(e, p, best),
         _binding_line(plan, best, budget),
-        _hold_line(e, m),
+        _hold_line(e, m, best.cost.dev),
         _decode_line(p),
         _prefill_line(e, p),
         _io_line(e, best),
@@ -54,7 +54,7 @@ def _ffn_line(e, p, best) -> str:
 
 
 def _binding_line(plan, best, budget) -> str:
-    e, m = plan["engine"], best.cost.m
+    e = plan["engine"]
     act = best.cost.activity(e["decode_cluster_size"])
     if e["hot_clusters"] + e["cold_clusters"] >= act.n:
         return "RAM does not bind: every FFN cluster is resident; more RAM would not help."
@@ -73,13 +73,15 @@ def _faster_with_more(best, budget):
     return ch.pred.decode_tok_s if ch else None
 
 
-def _hold_line(e, m) -> str:
+def _hold_line(e, m, dev) -> str:
     h = e["hold"]
     if m.dtype == "f32":
         return f"Weights are f32 in the store and held as such (quantization: {m.dtype})."
+    rates = ", ".join(f"{dt} {dev.matvec('torch', dt) / 1e9:.2f}"
+                      for dt in dict.fromkeys((m.dtype, h["fixed"], h["ffn"], "f32")))
     return (f"Store is {m.dtype}; fixed region held as {h['fixed']}, FFN clusters as "
-            f"{h['ffn']} (expanded weights multiply faster in torch, {m.dtype} holds more "
-            "per byte; the search weighed both).")
+            f"{h['ffn']}: held expanded, weights take more RAM but multiply faster (torch "
+            f"matvec GB/s: {rates}); held as {m.dtype}, they are dequantized on every use.")
 
 
 def _decode_line(p) -> str:
@@ -108,8 +110,8 @@ def _io_line(e, best) -> str:
 
 
 def _assumptions(m) -> str:
-    return (f"Assumed: neurons activate independently within a cluster; lookahead predicts "
-            f"{cost.PREFETCH_RECALL:.0%} of next-layer misses; {cost.OPS_PER_LAYER} torch ops "
-            "per layer; KV cache in f32; the gate is "
+    return ("Assumed: neurons and tokens activate independently (a cluster's activity is "
+            "1 - prod(1 - f_i); the lookahead's recall is sum pi^2 / sum pi); "
+            f"{cost.OPS_PER_LAYER} torch ops per layer; KV cache in f32; the gate is "
             + ("pinned (SiLU: CATS threshold on the whole gate)." if m.gate_pinned
                else "read with its cluster."))

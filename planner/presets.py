@@ -22,9 +22,11 @@ RUNTIME_SRC = "DESIGN.md: `import torch` ~220 MB RSS (reference VM); assumed the
 # torch CPU kernels relative to an f32 matvec (bandwidth-bound) / f32 matmul; measured by
 # planner/probe.py on the reference VM (Xeon, torch 2.13, 1 thread). bf16 matmul is not
 # carried over: its 2x+ came from AMX, which these CPUs lack.
-TORCH_RATIO = {"matvec": {"f32": 1.0, "f16": 0.28, "bf16": 0.5, "q8": 0.07, "q4": 0.012},
-               "matmul": {"f32": 1.0, "f16": 0.9, "bf16": 1.0, "q8": 0.6, "q4": 0.45},
-               "dequant": {"f16": 0.09, "bf16": 0.09, "q8": 0.03, "q4": 0.015}}
+# q4 is torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`), as the engine runs it.
+TORCH_RATIO = {"matvec": {"f32": 1.0, "f16": 0.25, "bf16": 0.5, "q8": 0.05, "q4": 0.42},
+               "matmul": {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8": 0.7, "q4": 0.28},
+               "dequant": {"f16": 0.15, "bf16": 0.3, "q8": 0.1, "q4": 0.011},
+               "repack": {"q4": 0.023}}
 RATIO_SRC = ("dtype ratios to f32 measured by planner/probe.py (torch 2.13, 1 thread) on the "
              "reference VM")
 CUDA_DISPATCH = 10e-6  # a torch eager CUDA op: launch + Python, ~10 us (assumption)
@@ -48,6 +50,7 @@ def _cpu(core_bw: float, core_flops: float, dispatch: float = CPU_DISPATCH) -> d
             "matvec": {k: core_bw * r for k, r in TORCH_RATIO["matvec"].items()},
             "matmul": {k: core_flops * r for k, r in TORCH_RATIO["matmul"].items()},
             "dequant": {k: core_bw * r for k, r in TORCH_RATIO["dequant"].items()},
+            "repack": {k: core_bw * r for k, r in TORCH_RATIO["repack"].items()},
             "dispatch_s": dispatch}
 
 

@@ -3,8 +3,10 @@
 Flash: cold reads of a temporary file at several block sizes and thread counts, with O_DIRECT
 (page-aligned mmap buffers) or, where the filesystem refuses it, plain reads after
 posix_fadvise(DONTNEED). Memory: streaming read and copy bandwidth. Compute: torch matvec and
-matmul at one thread per dtype on FFN-shaped matrices that together overflow the caches, with
-q8/q4 as "dequantize then multiply" on the store's group-32 layout. Runtime: RSS of a fresh
+matmul at one thread per dtype on FFN-shaped matrices that together overflow the caches: q4 as
+the engine runs it (torch's int4 CPU kernel, bf16 activations; else dequantize then multiply),
+q8 as dequantize then multiply; plus what a miss costs to prepare (dequantize to f32, or repack
+into the int4 kernel's layout). Runtime: RSS of a fresh
 python after `import torch` (a subprocess, so this process's state does not count).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cost import LAYER_OPS
 from .profiles import DeviceProfile
 
 BLOCKS = (4096, 16384, 65536, 262144, 1 << 20)
@@ -50,22 +53,23 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
     """Measure this machine. `path`: a directory on the disk the stores live on."""
     where = Path(path) if path else home()
     where.mkdir(parents=True, exist_ok=True)
-    flash, direct = measure_flash(where, size=(16 if quick else 256) << 20,
-                                  seconds=0.03 if quick else 0.4)
+    flash, direct = measure_flash(where, size=(16 if quick else 1024) << 20,
+                                  seconds=0.03 if quick else 0.5)
     # working sets past the last-level cache (300 MiB on the reference VM), as a decode step's
     # weights are: otherwise matvec looks faster than it is on a real model
     mem_bw, copy_bw = measure_memory((16 if quick else 512) << 20)
-    compute = {"torch": measure_torch(n_mats=4 if quick else 100, reps=1 if quick else 3)}
+    compute = {"torch": measure_torch(n_mats=4 if quick else 100, reps=1 if quick else 5)}
     ort = measure_ort(quick)
+    before, after = runtime_footprint()
     if ort:
         compute["ort:CPUExecutionProvider"] = ort
     how = "O_DIRECT" if direct else "buffered reads after posix_fadvise(DONTNEED), no O_DIRECT"
-    size = "16 MiB" if quick else "256 MiB"
+    size = "16 MiB" if quick else "1 GiB"
     src = f"probe on {socket.gethostname()} ({time.strftime('%Y-%m-%d')})"
     return DeviceProfile(
         name="this", description=f"{platform.node()}: {_cpu_name()}, {os.cpu_count()} cores",
         ram_bytes=ram_bytes(), flash=flash, memory_bw=mem_bw, copy_bw=copy_bw, compute=compute,
-        runtime_overhead_bytes=runtime_overhead(), direct_io=direct,
+        runtime_overhead_bytes=after, direct_io=direct,
         readahead_bytes=readahead_bytes(where), threads=1, measured=True,
         host=socket.gethostname(),
         sources={
@@ -75,7 +79,9 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
             "copy_bw": f"{src}: torch copy_ of a large tensor, 1 thread",
             "compute": f"{src}: torch {_torch_version()} (and onnxruntime where installed) "
                        f"on [{ROWS}, {COLS}] matrices, 1 thread",
-            "runtime_overhead_bytes": f"{src}: VmRSS of a fresh python after import torch",
+            "runtime_overhead_bytes": f"{src}: VmRSS of a fresh python after importing torch, "
+                                      f"numpy, lmdb, tokenizers, safetensors and a first op "
+                                      f"({before / 1e6:.0f} MB before)",
             "readahead_bytes": f"{src}: /sys/block/*/queue/read_ahead_kb",
         },
         notes=[f"quick probe: {quick}"])
@@ -84,15 +90,21 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
 # -- flash ---------------------------------------------------------------------------------------
 def measure_flash(where: Path, size: int, seconds: float,
                   blocks=BLOCKS, threads=THREADS) -> tuple[list[list[float]], bool]:
-    """-> ([[block, threads, bytes/s], ...], whether O_DIRECT was used)."""
+    """-> ([[block, threads, bytes/s], ...], whether O_DIRECT was used).
+
+    Each point reads its own region of the file, each block once, in random order: a block
+    read twice may come from a cache below the filesystem (the VM host's) and flatter the disk.
+    """
     fd_w, name = tempfile.mkstemp(prefix=".probe-", dir=where)
     try:
         _write_random(fd_w, size)
         os.close(fd_w)
         fd, direct = _open_cold(name)
+        points = [(b, t) for b in blocks for t in threads]
+        region = size // len(points) // max(blocks) * max(blocks)
         try:
-            table = [[b, t, _read_rate(fd, size, b, t, seconds, direct)]
-                     for b in blocks for t in threads]
+            table = [[b, t, _read_rate(fd, (i * region, region), b, t, seconds, direct)]
+                     for i, (b, t) in enumerate(points)]
         finally:
             os.close(fd)
         return table, direct
@@ -123,13 +135,17 @@ def _drop_cache(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 
 
-def _read_rate(fd: int, size: int, block: int, n_threads: int, seconds: float,
+def _read_rate(fd: int, region: tuple[int, int], block: int, n_threads: int, seconds: float,
                direct: bool) -> float:
     if not direct:
         _drop_cache(fd)
+    start, length = region
+    offsets = start + np.random.default_rng(block + n_threads).permutation(
+        max(1, length // block)) * block
+    shares = np.array_split(offsets, n_threads)
     done = [0] * n_threads
     deadline = time.perf_counter() + seconds
-    workers = [threading.Thread(target=_reader, args=(fd, size, block, deadline, done, i))
+    workers = [threading.Thread(target=_reader, args=(fd, shares[i], block, deadline, done, i))
                for i in range(n_threads)]
     t0 = time.perf_counter()
     for w in workers:
@@ -139,15 +155,14 @@ def _read_rate(fd: int, size: int, block: int, n_threads: int, seconds: float,
     return sum(done) / (time.perf_counter() - t0)
 
 
-def _reader(fd, size, block, deadline, done, i):
+def _reader(fd, offsets, block, deadline, done, i):
     buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-    rng = np.random.default_rng(1000 + i)
-    slots = max(1, size // block)
     try:
-        while time.perf_counter() < deadline:
-            for off in rng.integers(0, slots, 64) * block:
+        for j in range(0, len(offsets), 16):
+            for off in offsets[j:j + 16]:
                 done[i] += os.preadv(fd, [buf], int(off))
-            # 64 reads between clock checks keeps the loop's own cost out of the figure
+            if time.perf_counter() > deadline:  # checked every 16 reads, off the clock's path
+                break
     finally:
         buf.close()
 
@@ -195,8 +210,11 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
     import torch
     torch.manual_seed(0)
     ws = [torch.randn(ROWS, COLS) for _ in range(n_mats)]
+    few = ws[:max(2, n_mats // 8)]  # dequantizing is compute-bound: no need to overflow caches
     held = {"f32": ws, "f16": [w.half() for w in ws], "bf16": [w.bfloat16() for w in ws],
-            "q8": [_q8(w) for w in ws], "q4": [_q4(w) for w in ws]}
+            "q8": [_q8(w) for w in few], "q4": [_q4(w) for w in few]}
+    if _HAVE_INT4():  # q4 held the way the engine holds it: torch's int4 CPU kernel
+        held["q4"] = [_int4(w) for w in ws]
     x = torch.randn(COLS)
     X = torch.randn(128, COLS)
     out = {"device": "cpu", "matvec": {}, "matmul": {}, "dequant": {}}
@@ -206,10 +224,38 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
         mm = _best(lambda: [_mul(m, X, dt) for m in mats[:4]], reps)
         out["matvec"][dt] = nb / mv
         out["matmul"][dt] = 2 * 128 * ROWS * COLS * 4 / mm
-        if dt in ("q8", "q4", "f16", "bf16"):
-            out["dequant"][dt] = nb / _best(lambda: [_deq(m, dt) for m in mats], reps)
+    for dt in ("f16", "bf16", "q8", "q4"):  # a miss read into an f32 cache
+        enc = held[dt] if dt != "q4" else [_q4(w) for w in few]
+        out["dequant"][dt] = sum(map(_nbytes, enc)) / _best(lambda: [_deq(m, dt) for m in enc],
+                                                            reps)
+    if _HAVE_INT4():  # a miss read into the int4 kernel's layout (unpack + repack)
+        enc = [_q4(w) for w in few]
+        out["repack"] = {"q4": sum(map(_nbytes, enc)) / _best(
+            lambda: [_repack(m) for m in enc], reps)}
     out["dispatch_s"] = _dispatch()
     return out
+
+
+def _HAVE_INT4() -> bool:
+    import torch
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def _int4(w):
+    """(packed uint8 [N/64, K, 32], scale-and-zero bf16 [K/32, N, 2]): the engine's layout
+    (tiercache/engine/kernels.py) for torch's `_weight_int4pack_mm_for_cpu`."""
+    return _repack(_q4(w))
+
+
+def _repack(m):
+    import torch
+    p, s, mn = m
+    q = torch.stack([p & 0xF, p >> 4], -1).view(ROWS, COLS)
+    q = q.view(ROWS // 64, 2, 32, COLS)
+    packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
+    s, mn = s.float(), mn.float()
+    sz = torch.stack([s, mn + 8 * s], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return packed, sz
 
 
 def _q8(w):
@@ -248,23 +294,38 @@ def _deq(m, dt):
 
 
 def _mul(m, x, dt):
+    import torch
+    if dt == "q4" and len(m) == 2:  # int4 kernel: bf16 activations, [T, K] x [N, K]^T
+        packed, sz = m
+        x2 = x.view(-1, COLS).to(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, packed.view(ROWS, COLS // 2), GROUP, sz).float()
     w = _deq(m, dt) if dt in ("q8", "q4") else m
     x = x.to(w.dtype)
     return w @ x if x.dim() == 1 else x @ w.T  # [ROWS] or [T, ROWS]
 
 
 def _dispatch() -> float:
+    """Mean cost of an eager op in a decode layer's mix (cost.LAYER_OPS), on tiny tensors."""
     import torch
-    a, b = torch.randn(COLS), torch.randn(COLS)
-    n = 2000
-    t = _best(lambda: [torch.add(a, b) for _ in range(n)], 3)
-    return t / n
+    import torch.nn.functional as F
+    w, x = torch.randn(16, 64), torch.randn(64)
+    q, kc = torch.randn(2, 1, 8), torch.randn(1, 2, 32, 8)
+    ops = {"matvec": lambda: w @ x, "add": lambda: x + x, "mul": lambda: x * x,
+           "reduce": lambda: x.pow(2).mean(-1), "unary": lambda: torch.rsqrt(x),
+           "cat": lambda: torch.cat([x, x]), "view": lambda: x.view(8, 8)[:4],
+           "copy": lambda: kc[0, :, 3].copy_(q[:, 0]),
+           "sdpa": lambda: F.scaled_dot_product_attention(q.unsqueeze(0), kc, kc),
+           "select": lambda: (x > 0).nonzero()}
+    n = 100
+    total = sum(LAYER_OPS[k] * _best(lambda: [op() for _ in range(n)], 3) / n
+                for k, op in ops.items())
+    return total / sum(LAYER_OPS.values())
 
 
 def measure_ort(quick: bool) -> dict | None:
     """matmul throughput of onnxruntime's CPU provider at one thread, if it is installed."""
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
@@ -295,15 +356,29 @@ def measure_ort(quick: bool) -> dict | None:
 # -- system facts --------------------------------------------------------------------------------
 def runtime_overhead() -> int:
     """VmRSS (bytes) of a fresh interpreter after importing the engine's runtime."""
-    code = ("import torch, numpy\n"
-            "try:\n import lmdb\nexcept ImportError:\n pass\n"
-            "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n")
+    return runtime_footprint()[1]
+
+
+def runtime_footprint() -> tuple[int, int]:
+    """(VmRSS before, after) a fresh interpreter imports the engine's libraries and runs its
+    first ops (torch allocates thread pools and kernel caches lazily), in bytes."""
+    code = ("def rss():\n"
+            " return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+            "before = rss()\n"
+            "import torch, numpy\n"
+            "for name in ('lmdb', 'tokenizers', 'safetensors'):\n"
+            " try:\n  __import__(name)\n except ImportError:\n  pass\n"
+            "torch.set_num_threads(1)\n"
+            "x = torch.ones(64, 64); q = torch.ones(1, 2, 4, 8)\n"
+            "x @ x; torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
+            "print(before, rss())\n")
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=120, check=True)
-        return int(res.stdout.strip()) * 1024
-    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
-        return 220_000_000  # DESIGN.md's figure, where /proc is absent
+        before, after = (int(v) * 1024 for v in res.stdout.split())
+        return before, after
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return 0, 220_000_000  # DESIGN.md's figure, where /proc is absent
 
 
 def ram_bytes() -> int:

@@ -8,6 +8,7 @@ Compute is per backend ("torch", "torch:cuda", "ort:CPUExecutionProvider", ...):
   matvec[dtype]   weight bytes per second streamed through y = W x, W held in that dtype
   matmul[dtype]   FLOP/s of Y = X W^T for a prompt-sized X, W held in that dtype
   dequant[dtype]  encoded bytes per second turned into f32 (a miss read into an f32 cache)
+  repack[dtype]   encoded bytes per second turned into the int4 kernel's layout (q4 misses)
   dispatch_s      seconds of fixed cost per operator call (framework overhead)
 Figures are for `threads` compute threads.
 """
@@ -157,7 +158,7 @@ class DeviceProfile:
         fl = [[b, p, bw * flash] for b, p, bw in self.flash]
         comp = json.loads(json.dumps(self.compute))
         for c in comp.values():
-            for op in ("matvec", "matmul", "dequant"):
+            for op in ("matvec", "matmul", "dequant", "repack"):
                 c[op] = {k: v * compute for k, v in c.get(op, {}).items()}
             c["dispatch_s"] = c.get("dispatch_s", 0.0) / compute
         return dataclasses.replace(self, flash=fl, compute=comp, name=f"{self.name}*")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tiercache.errors import BudgetError, TiercacheError
 
-from .cost import Config, CostModel, Prediction, _bytes_per_weight
+from .cost import Config, CostModel, Prediction
 from .estimate import estimate_from_source, load_model, restate
 from .profiles import DeviceProfile, resolve_device
 from .sizes import ModelSizes
@@ -41,7 +41,12 @@ class Choice:
 def make_plan(manifest_or_estimate, device="this", ram=None, vram=None,
               min_tok_s: float | None = None, quality: float | None = None,
               context: int = 2048, prompt_tokens: int = 128, io_mode: str | None = None) -> dict:
-    """The plan JSON (see module doc) for a store manifest, an estimate, or a model path."""
+    """The plan for a store manifest, an estimate, or a model path (store, HF dir, GGUF).
+
+    Returns {"plan_version", "model", "device", "limits", "engine", "predicted", "search",
+    "explanation"}: `engine` holds the knobs (region bytes, cluster sizes, I/O threads,
+    prefetch depth, backends, placement, held dtypes), `predicted` the cost model's figures
+    for them. Raises BudgetError, with the numbers, when nothing fits or is fast enough."""
     dev = resolve_device(device)
     manifest = load_model(manifest_or_estimate)
     budget = Budget.of(dev, ram, vram)
@@ -82,18 +87,17 @@ def search(cm: CostModel, budget: Budget, context: int, prompt_tokens: int, io_m
     stats = stats if stats is not None else {"evaluated": 0, "feasible": 0}
     best, ties = 0.0, []
     for base in _bases(cm, context, prompt_tokens, io_mode):
-        for cluster in _cluster_sizes(cm):
-            for c in _splits(cm, dataclasses.replace(base, decode_cluster=cluster), budget):
-                for cand in _io_options(cm, c):
-                    stats["evaluated"] += 1
-                    pred = cm.predict(cand, prefill=False)
-                    if not _fits(pred, budget):
-                        continue
-                    stats["feasible"] += 1
-                    if pred.decode_tok_s > best * (1 + 1e-9):
-                        best, ties = pred.decode_tok_s, [cand]
-                    elif pred.decode_tok_s >= best * (1 - 1e-9):
-                        ties.append(cand)
+        for c in _splits(cm, base, budget):
+            for cand in _io_options(cm, c):
+                stats["evaluated"] += 1
+                pred = cm.predict(cand, prefill=False)
+                if not _fits(pred, budget):
+                    continue
+                stats["feasible"] += 1
+                if pred.decode_tok_s > best * (1 + 1e-9):
+                    best, ties = pred.decode_tok_s, [cand]
+                elif pred.decode_tok_s >= best * (1 - 1e-9):
+                    ties.append(cand)
     # equal decode (e.g. nothing left to read): prefill speed, then less memory, decides
     choices = [ch for c in ties for ch in _prefill_options(cm, c, budget)]
     return max(choices, key=_key) if choices else None
@@ -104,7 +108,7 @@ def _io_options(cm: CostModel, c: Config):
     (prefill's threads are chosen with its read size)."""
     first = True
     for threads in _threads(cm.dev):
-        for depth in (0, 1, 2):
+        for depth in (0, 1):  # the engine looks one layer ahead, or not at all
             cand = dataclasses.replace(c, io_threads=threads, prefetch_layers=depth)
             if first:
                 first = False
@@ -123,46 +127,40 @@ def _fits(pred: Prediction, budget: Budget) -> bool:
 
 
 def _bases(cm: CostModel, context, prompt_tokens, io_mode):
-    m, dev = cm.m, cm.dev
-    holds = _holds(cm)
+    dev = cm.dev
     places = [("ram", "ram")]
     if dev.has_gpu:
         places += [("vram", "ram"), ("vram", "vram")]
     gpu_be = next(iter(dev.backends("gpu")), None)
-    for hf in holds:
-        for hh in holds:
+    for cluster in _cluster_sizes(cm):
+        for hold in _holds(cm, cluster):
             for pf, ph in places:
                 dec = gpu_be if "vram" in (pf, ph) else "torch"
-                yield Config(decode_cluster=m.cluster_size, hot_clusters=0, cold_clusters=0,
-                             hold_fixed=hf, hold_ffn=hh, place_fixed=pf, place_hot=ph,
+                yield Config(decode_cluster=cluster, hot_clusters=0, cold_clusters=0,
+                             hold_fixed=hold, hold_ffn=hold, place_fixed=pf, place_hot=ph,
                              decode_backend=dec, prefill_backend=dec, io_mode=io_mode,
                              context=context, prompt_tokens=prompt_tokens)
 
 
-def _holds(cm: CostModel) -> list[str | None]:
-    """Dtypes to hold a quantized store's weights in: as stored, or expanded (bf16/f16 halve
-    f32's bytes, f32 multiplies fastest), less those another beats on both size and speed."""
+def _holds(cm: CostModel, cluster: int) -> list[str | None]:
+    """Compute formats the engine offers: a q4 store runs as stored on torch's int4 kernel
+    (clusters of 64k neurons, d % 64 == 0) or expanded to f32; any other store runs in f32."""
     m, dev = cm.m, cm.dev
-    if m.dtype == "f32":
-        return [None]
-    opts = {None: (_bytes_per_weight(m.dtype), dev.matvec("torch", m.dtype))}
-    for dt in ("bf16", "f16", "f32"):
-        if dt in dev.compute["torch"]["matvec"]:
-            opts[dt] = (_bytes_per_weight(dt), dev.matvec("torch", dt))
-
-    def beaten(a):
-        return any(b != a and opts[b][0] <= opts[a][0] and opts[b][1] >= opts[a][1]
-                   and opts[b] != opts[a] for b in opts)
-    return [h for h in opts if not beaten(h)]
+    int4 = (m.ffn_dtype == "q4" and cluster % 64 == 0 and m.d % 64 == 0 and m.F % cluster == 0
+            and "q4" in dev.compute["torch"]["matvec"])
+    return [None, "f32"] if int4 else ["f32"]
 
 
 def _cluster_sizes(cm: CostModel) -> list[int]:
-    """Multiples of the store's cluster size whose reads sit on the useful part of the curve."""
+    """A store is read in its own records; for a model not converted yet, cluster sizes whose
+    records sit on the useful part of the flash curve (a recommendation for `convert`)."""
     m = cm.m
-    out, k = [], m.cluster_size
+    if m.kind == "store":
+        return [m.cluster_size]
+    out, k = [], 32
     while k <= m.F:
         rec = cm.record_bytes(k)
-        if rec <= 4 << 20 and (rec >= 2048 or 2 * k > m.F):
+        if rec <= 4 << 20 and (rec >= 2048 or 2 * k > m.F) and m.F % k == 0:
             out.append(k)
         k *= 2
     return out or [m.cluster_size]
@@ -175,8 +173,7 @@ def _threads(dev: DeviceProfile) -> list[int]:
 def _splits(cm: CostModel, c: Config, budget: Budget):
     """Hot/cold splits of what the budget leaves once the fixed costs are paid."""
     act = cm.activity(c.decode_cluster)
-    per_layer = act.active_clusters() / max(1, cm.m.layers)  # upper bound on misses
-    empty = cm.predict_memory_only(c, per_layer)
+    empty = _base_memory(cm, c)
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
     room_ram = budget.ram - empty["ram_total"]
     room_vram = budget.vram - empty["vram"]
@@ -189,10 +186,20 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
         return
     # absolute grid points (so a larger budget only adds splits) plus the most that fits
     hots = sorted({round(act.n * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {max_hot})
+    per_layer = -(-cm.m.F // c.decode_cluster)  # the engine's cold region holds a layer at least
     for hot in (h for h in hots if h <= max_hot):
         left = room_ram - (0 if c.place_hot == "vram" else hot * cb)
         cold = max(0, min(act.n - hot, int(left // cb)))
-        yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=cold)
+        if cold >= per_layer:
+            yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=cold)
+
+
+def _base_memory(cm: CostModel, c: Config) -> dict:
+    """Memory before any FFN cluster is cached, read buffers sized for every active cluster
+    missing (an upper bound), without lookahead (its buffers are checked per config)."""
+    act = cm.activity(c.decode_cluster)
+    per_layer = act.active_clusters() / max(1, cm.m.layers)
+    return cm.predict_memory_only(dataclasses.replace(c, prefetch_layers=0), per_layer)
 
 
 def _prefill_options(cm: CostModel, c: Config, budget: Budget) -> list[Choice]:
@@ -250,16 +257,19 @@ def _with_quality_sparsity(sizes: ModelSizes, room: float) -> ModelSizes:
 
 # -- refusals ------------------------------------------------------------------------------------
 def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str) -> dict:
-    """The smallest RAM any config of this model needs: no FFN cache at all."""
+    """The smallest RAM any config of this model needs: one layer of cold clusters (or every
+    cluster pinned, if that is less)."""
     best = None
     for base in _bases(cm, context, prompt_tokens, io_mode):
         if base.place_fixed != "ram" or base.place_hot != "ram":
             continue
-        for cluster in _cluster_sizes(cm):
-            c = dataclasses.replace(base, decode_cluster=cluster, prefetch_layers=0)
-            mem = cm.predict_memory_only(c, 1.0)
-            if best is None or mem["ram_total"] < best["ram_total"]:
-                best = mem
+        mem = _base_memory(cm, base)
+        cb = cm.cached_bytes(base.decode_cluster, base.hold_ffn)
+        n = cm.activity(base.decode_cluster).n
+        mem["ram"]["cold"] = min(n, -(-cm.m.F // base.decode_cluster)) * cb
+        mem["ram_total"] += mem["ram"]["cold"]
+        if best is None or mem["ram_total"] < best["ram_total"]:
+            best = mem
     return best
 
 
@@ -269,7 +279,8 @@ def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
     r = need["ram"]
     msg = (f"{cm.m.name or 'the model'} needs at least {mb(need['ram_total']):.0f} MB "
            f"(runtime {mb(r['runtime']):.0f} + fixed {mb(r['fixed']):.0f} + "
-           f"KV cache {mb(r['kv']):.0f} for {context} tokens + buffers "
+           f"KV cache {mb(r['kv']):.0f} for {context} tokens + one layer of FFN clusters "
+           f"{mb(r['cold']):.0f} + buffers "
            f"{mb(r['buffers'] + r['activations'] + r['page_cache']):.0f}), "
            f"budget is {mb(budget.ram):.0f} MB")
     per_tok = cm.m.kv_bytes_per_token()
@@ -313,9 +324,8 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
     engine = {
         "fixed_bytes": int(m.fixed_bytes(c.hold_fixed)), "hot_bytes": int(c.hot_clusters * cb),
-        "cold_bytes": int(c.cold_clusters * cb), "kv_bytes": int(p.memory.get("kv", 0)
-                                                                 or c.context
-                                                                 * m.kv_bytes_per_token()),
+        "cold_bytes": int(c.cold_clusters * cb),
+        "kv_bytes": int(c.context * m.kv_bytes_per_token()),
         "io_threads": c.io_threads, "prefetch_layers": c.prefetch_layers,
         "decode_cluster_size": c.decode_cluster,
         "prefill_cluster_bytes": int(min(c.prefill_block, m.F * m.neuron_bytes())),
@@ -325,13 +335,19 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
                  "ffn": cm.hold_dtype(c.hold_ffn, True)},
         "io_mode": c.io_mode, "gate_pinned": m.gate_pinned,
         "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,
-        "cached_cluster_bytes": int(cb), "read_cluster_bytes": int(cm.record_bytes(c.decode_cluster)),
+        "cached_cluster_bytes": int(cb),
+        "read_cluster_bytes": int(cm.record_bytes(c.decode_cluster)),
         "store_cluster_size": m.cluster_size, "context": c.context,
         "buffers_bytes": int(p.memory["buffers"] + p.memory["activations"]),
         "threads": dev.threads,
     }
+    peak = p.peak_memory_bytes
+    if c.io_mode == "buffered":  # read pages stay in the page cache, which the cgroup counts
+        unread = m.ffn_bytes() - c.hot_clusters * cm.record_bytes(c.decode_cluster)
+        peak = int(min(budget.ram, peak + max(0.0, unread)))
     predicted = {
-        "peak_memory_bytes": p.peak_memory_bytes, "peak_vram_bytes": p.peak_vram_bytes,
+        "peak_memory_bytes": peak, "anon_memory_bytes": p.peak_memory_bytes,
+        "peak_vram_bytes": p.peak_vram_bytes,
         "decode_tok_s": round(p.decode_tok_s, 3), "prefill_tok_s": round(p.prefill_tok_s, 3),
         "store_bytes_per_token": round(p.store_bytes_per_token, 1),
         "reads_per_token": round(p.reads_per_token, 2), "bottleneck": p.bottleneck,
@@ -372,8 +388,6 @@ def load_plan(path) -> dict:
     return plan
 
 
-
-
 def sweep(manifest_or_estimate, device="this", budgets=None, vram=None, context: int = 2048,
           prompt_tokens: int = 128, io_mode: str | None = None, points: int = 24) -> list[dict]:
     """Predicted decode/prefill tok/s over RAM budgets (default: from the least that fits to
@@ -381,15 +395,17 @@ def sweep(manifest_or_estimate, device="this", budgets=None, vram=None, context:
     dev = resolve_device(device)
     manifest = load_model(manifest_or_estimate)
     io_mode = io_mode or ("direct" if dev.direct_io else "buffered")
-    cm = CostModel(_candidate_models(manifest, None)[0], dev)
+    cms = [CostModel(sizes, dev) for sizes in _candidate_models(manifest, None)]
     if budgets is None:
-        lo = minimum_memory(cm, context, prompt_tokens, io_mode)["ram_total"]
-        hi = lo + cm.m.ffn_bytes("f32") * 1.1 + cm.m.fixed_bytes("f32")
+        lo = min(minimum_memory(cm, context, prompt_tokens, io_mode)["ram_total"] for cm in cms)
+        m = cms[0].m
+        hi = lo + (m.ffn_bytes("f32") + m.fixed_bytes("f32")) * 1.1
         budgets = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
     out = []
     for b in budgets:
         budget = Budget.of(dev, int(b), vram)
-        ch = search(cm, budget, context, prompt_tokens, io_mode)
+        found = [ch for cm in cms if (ch := search(cm, budget, context, prompt_tokens, io_mode))]
+        ch = max(found, key=_key) if found else None
         out.append({"ram_bytes": int(b),
                     "decode_tok_s": ch.pred.decode_tok_s if ch else None,
                     "prefill_tok_s": ch.pred.prefill_tok_s if ch else None,

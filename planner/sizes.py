@@ -18,7 +18,6 @@ from tiercache.config import ModelArgs
 from tiercache.store import quant
 
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
-SILU_LIKE = ("silu", "gelu", "gelu_pytorch_tanh")  # gate needed whole to pick active neurons
 DEFAULT_ACTIVE = 0.5  # DESIGN.md: SmolLM2-135M at ~50% activation
 ZIPF_S = 0.5  # skew of the assumed per-neuron frequencies (capped at 1)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -113,8 +112,9 @@ class ModelSizes:
 
     @property
     def gate_pinned(self) -> bool:
-        """SiLU-family dense models pick active neurons from the whole gate (CATS): pin it."""
-        return self.args.hidden_act in SILU_LIKE and not self.args.is_moe
+        """The engine picks active neurons by a threshold on act(gate x) (CATS), so it pins
+        every gate whole, experts' too, whatever the activation."""
+        return True
 
     # -- bytes ----------------------------------------------------------------------------------
     def neuron_bytes(self, dtype: str | None = None, parts: int = 3) -> float:
@@ -173,7 +173,8 @@ class ModelSizes:
                 "cluster_size": self.cluster_size, "weight_bytes": int(self.weight_bytes),
                 "activity": "assumed" if self.assumed_activity else
                             f"profiled ({self.profile_tokens} tokens)",
-                "mean_active_fraction": round(self.mean_active(), 4)}
+                "experts_per_token": self.experts_per_tok,
+                "mean_active_fraction": round(self.mean_active() * self.route_prob, 4)}
 
     # -- from a manifest ------------------------------------------------------------------------
     @classmethod

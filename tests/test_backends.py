@@ -54,6 +54,16 @@ SPECS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """1 torch thread, as the backends run here: tiny ops on a busy 2-core VM otherwise wait
+    on OpenMP barriers (MoE's index_add_ took ~60 ms a call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """name-dtype -> open Store (LMDB allows one open environment per path and process)."""
@@ -61,8 +71,9 @@ def stores(tmp_path_factory):
     for name, make in CONFIGS.items():
         torch.manual_seed(0)
         cfg = make()
-        getattr(T, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg).save_pretrained(root / name)
-        for dtype in ("f32", "q4"):
+        hf = getattr(T, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg)
+        hf.save_pretrained(root / name)
+        for dtype in ("f32", "q4") if name != "qwen2" else ("f32",):
             out[f"{name}-{dtype}"] = Store(convert(root / name, root / f"{name}-{dtype}", dtype=dtype,
                                                    progress=False))
     return out
@@ -162,7 +173,7 @@ def test_attention_step_matches_torch(stores, spec):
 @pytest.mark.parametrize("act", ["silu", "relu", "gelu_pytorch_tanh"])
 def test_sparse_ffn_matches_reference(spec, act):
     g = torch.Generator().manual_seed(3)
-    x, gate, up, down_t = (torch.randn(*s, generator=g) for s in ((7, 64), (40, 64), (40, 64), (40, 64)))
+    x, gate, up, down_t = (torch.randn(n, 64, generator=g) for n in (7, 40, 40, 40))
     got = backends.get_backend(spec).sparse_ffn(x, gate, up, down_t, act)
     _close(got, reference_sparse_ffn(x, gate, up, down_t, act), atol=1e-3, what=f"{spec} {act}")
 
@@ -191,7 +202,8 @@ def test_q4_repack_is_exact():
 # -- selection, errors, reports -------------------------------------------------------------------
 def test_missing_onnxruntime_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
-    with pytest.raises(TiercacheError, match=r"ONNX Runtime is not installed: pip install 'tiercache\[cpu\]'"):
+    msg = r"ONNX Runtime is not installed: pip install 'tiercache\[cpu\]' \(or \[gpu\]\)"
+    with pytest.raises(TiercacheError, match=msg):
         backends.get_backend("ort")
     assert backends.auto_spec("prefill") in ("torch", "torch:cuda")
 
@@ -241,3 +253,15 @@ def test_phase_report_names_what_ran(stores):
     assert report["prefill"]["last_run"] == "CPUExecutionProvider"
     assert report["decode"]["provider"].startswith("torch:")
     assert backends.phase_report(load_dense(stores["qwen2-f32"]))["prefill"]["backend"] == "torch"
+
+
+@needs_ort
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks torch:cuda with a GPU")
+def test_auto_rule(stores):
+    """ORT for float stores, torch for q4 (MatMulNBits prefill measured slower), short prompts
+    on torch."""
+    f32 = backends.make_prefill(load_dense(stores["llama-f32"]), "auto")
+    assert f32.backend.name == "ort" and f32.short.name == "torch"
+    f32(load_dense(stores["llama-f32"]).new_session(), IDS[:3])
+    assert f32.last is f32.short
+    assert backends.make_prefill(load_dense(stores["llama-q4"]), "auto").backend.name == "torch"

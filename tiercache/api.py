@@ -27,6 +27,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: int            # bytes; see peak_memory_method
     peak_memory_method: str
+    stats: dict | None = None   # tiered engines: cache hit rate, store bytes read, regions
 
 
 def default_threads() -> int:
@@ -34,14 +35,25 @@ def default_threads() -> int:
     return 1 if n <= 2 else n // 2  # SMT siblings rarely help matvec-bound decode
 
 
-def load(model: str, threads: int | None = None, dtype: str = "f32",
-         backend: str = "torch") -> tuple[Engine, Tokenizer]:
-    """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer)."""
+def load(model: str, threads: int | None = None, dtype: str = "f32", ram: int | str | None = None,
+         engine: str = "tiered", context: int = 2048, io_threads: int = 2,
+         sparse: bool = True) -> tuple[Engine, Tokenizer]:
+    """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
+
+    engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
+    resident when ram is None); engine="dense" is the naive all-in-RAM float32 reference.
+    """
     from .hub import resolve_model
+    from .engine.tiered import TierConfig, load_tiered
+    from planner.units import parse_size
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
-    store = Store(path)
-    return load_dense(store), Tokenizer(path)
+    tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
+    if engine == "dense":
+        return load_dense(Store(path)), tok
+    cfg = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None, context=context,
+                     io_threads=io_threads, sparse=sparse)
+    return load_tiered(Store(path, readahead=False), cfg), tok
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat_template: bool = True) -> list[int]:
@@ -69,8 +81,9 @@ def stream_generate(engine: Engine, tokenizer: Tokenizer, prompt: Prompt, max_to
         done = "stop" if token in eos else ("length" if n == max_tokens else None)
         text = "" if token in eos else detok.add(token)
         mem, how = peak_memory()
+        tier = engine.stats() if done and hasattr(engine, "stats") else None
         yield GenerationResponse(text, token, done, len(ids), stats.prefill_tok_s, n,
-                                 stats.decode_tok_s, mem, how)
+                                 stats.decode_tok_s, mem, how, tier)
         if done:
             break
 

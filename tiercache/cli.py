@@ -14,6 +14,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run language models larger than memory from a tiered LMDB store.")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
+ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
+CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
+SPARSE = typer.Option(True, "--sparse/--no-sparse", help="skip FFN neurons under the profiled thresholds")
 
 
 @app.command()
@@ -42,11 +46,15 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: Optional[int] = None, threads: Optional[int] = None,
              dtype: str = typer.Option("f32", help="store dtype when MODEL needs converting"),
+             ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
+             sparse: bool = SPARSE,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template"),
              json_out: bool = typer.Option(False, "--json", help="last stdout line: a JSON report")):
     """Generate text for one prompt, streamed to stdout."""
     from . import api
-    engine, tok = api.load(model, threads=threads, dtype=dtype)
+    eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
+                        context=context, sparse=sparse)
+    engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
     tokens, text, last = [], [], None
     for r in api.stream_generate(engine, tok, ids, max_tokens=max_tokens, temp=temp,
@@ -71,7 +79,10 @@ def _report(engine, ids, tokens, text, last) -> dict:
     import torch
     from .memory import peak_memory
     mem, how = peak_memory()
-    return {"text": text, "prompt_tokens": ids, "tokens": tokens,
+    tier = (last.stats if last else None) or {}
+    extra = {k: tier[k] for k in ("cache_hit_rate", "store_bytes_read", "store_bytes_per_token",
+                                  "regions", "sparse", "compute") if k in tier}
+    return {**extra, "text": text, "prompt_tokens": ids, "tokens": tokens,
             "finish_reason": last.finish_reason if last else None,
             "prefill_tok_s": last.prompt_tps if last else 0.0,
             "decode_tok_s": last.generation_tps if last else 0.0,
@@ -84,12 +95,64 @@ def _report(engine, ids, tokens, text, last) -> dict:
 def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or model name"),
          max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
          temp: float = 0.7, top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
-         threads: Optional[int] = None, dtype: str = "f32",
+         threads: Optional[int] = None, dtype: str = "f32", ram: Optional[str] = RAM,
+         engine: str = ENGINE, context: int = CONTEXT, sparse: bool = SPARSE,
          system: Optional[str] = typer.Option(None, help="system prompt")):
     """Chat with a model in the terminal (/exit or Ctrl-D to leave)."""
     from .chat import run_chat
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
-             threads=threads, dtype=dtype, system=system)
+             threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
+             context=context, sparse=sparse)
+
+
+@app.command("eval")
+def eval_(model: str = typer.Argument(DEFAULT_MODEL),
+          text: Path = typer.Option(..., "--text", help="UTF-8 text file"),
+          max_tokens: int = typer.Option(4096, "--max-tokens", help="tokens of the text to score"),
+          chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
+          threads: Optional[int] = None, dtype: str = "f32", ram: Optional[str] = RAM,
+          engine: str = ENGINE, sparse: bool = SPARSE,
+          json_out: bool = typer.Option(False, "--json")):
+    """Perplexity of MODEL on a text, in exactly the configuration being run."""
+    from . import api
+    from .profile import perplexity
+    eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
+                        context=chunk, sparse=sparse)
+    ids = tok.encode(_read_text(text))[:max_tokens]
+    ppl = perplexity(eng, ids, chunk, progress=not json_out)
+    report = {"perplexity": ppl, "tokens": len(ids), "engine": engine, "ram": ram,
+              **({k: v for k, v in eng.stats().items() if k in ("cache_hit_rate", "sparse", "compute")}
+                 if hasattr(eng, "stats") else {})}
+    typer.echo(json.dumps(report) if json_out else f"perplexity {ppl:.3f} over {len(ids)} tokens")
+
+
+@app.command()
+def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (rewritten in place)"),
+            text: Path = typer.Option(..., "--text", help="calibration text"),
+            tokens: int = typer.Option(8192, help="calibration tokens to use"),
+            budget: float = typer.Option(0.05, help="allowed perplexity increase, e.g. 0.05 = +5%"),
+            threads: Optional[int] = None, dtype: str = "f32"):
+    """Record FFN activation statistics, pick sparsity thresholds, order neurons hot -> cold."""
+    import torch
+    from .api import default_threads
+    from .hub import resolve_model
+    from .profile import profile_store
+    from .tokenizer import Tokenizer
+    torch.set_num_threads(threads or default_threads())
+    path = resolve_model(model, dtype=dtype)
+    ids = Tokenizer(path).encode(_read_text(text))[:tokens]
+    p = profile_store(path, ids, budget=budget)
+    typer.echo(f"profiled {path}: {p['skip_fraction']:.0%} of FFN activations skipped, held-out "
+               f"perplexity {p['perplexity_dense']:.2f} -> {p['perplexity_sparse']:.2f}", err=True)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TiercacheError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise TiercacheError(f"{path}: not UTF-8 text") from None
 
 
 def main():

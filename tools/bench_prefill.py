@@ -1,6 +1,6 @@
 """Prefill tok/s: torch vs ONNX Runtime (CPU provider), f32 and q4 stores, llama.cpp beside them.
 
-    python tools/bench_prefill.py [--tokens 512] [--threads 1] [--repeat 3] [--random]
+    python tools/bench_prefill.py [--tokens 512] [--threads 1] [--repeat 5] [--random]
 
 Uses the real default model's stores when they exist under $TIERCACHE_HOME/stores
 (smollm2-135m-instruct-f32 / -q4, as `tiercache pull` writes them), else a random model of
@@ -11,9 +11,11 @@ Prints a markdown table: best and median of --repeat interleaved runs, each on a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,7 +62,7 @@ def tiercache_contenders(dtype, threads, random_only):
     ort = backends.make_prefill(engine, "ort:CPU", threads)
     setup = time.perf_counter() - t0
     return what, [
-        ("tiercache torch", "torch:cpu", f"{dtype} store (torch: dequantized f32)" if dtype != "f32" else dtype,
+        ("tiercache torch", "torch:cpu", dtype if dtype == "f32" else f"{dtype} store, dequantized f32",
          0.0, lambda ids: engine.prefill(engine.new_session(), ids)),
         ("tiercache ort:CPU", ort.describe()["provider"], _ort_weights(dtype), setup,
          lambda ids: ort(engine.new_session(), ids)),
@@ -71,14 +73,20 @@ def _ort_weights(dtype):
     return "q4 MatMulNBits (down_proj f32)" if dtype == "q4" else dtype
 
 
+PROBE = ("import llama_cpp, sys; m = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
+         "m.eval(list(range(100, 108)))")
+
+
 def llama_cpp_contender(n_tokens, threads):
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
+    """The peer, or a line saying why it was not measured."""
     gguf = tiercache_home() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        return None
+    if importlib.util.find_spec("llama_cpp") is None or not gguf.is_file():
+        return "llama_cpp not importable or GGUF missing"
+    # a build for other CPU features dies with SIGILL: probe it in a child process first
+    r = subprocess.run([sys.executable, "-c", PROBE, str(gguf)], capture_output=True)
+    if r.returncode != 0:
+        return f"the installed llama_cpp died on an 8-token eval (exit {r.returncode})"
+    import llama_cpp
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_tokens + 64, n_batch=n_tokens, n_ubatch=n_tokens,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
 
@@ -105,8 +113,8 @@ def measure(contenders, ids, repeat):
 def row(contender, times, n):
     name, provider, weights, setup, _ = contender
     wall, cpu = [w for w, _ in times], [c for _, c in times]
-    return (f"| {name} | {provider} | {weights} | {n / min(wall):.0f} | {n / statistics.median(wall):.0f} "
-            f"| {n / min(cpu):.0f} | {setup:.1f} |")
+    return (f"| {name} | {provider} | {weights} | {n / min(wall):.0f} "
+            f"| {n / statistics.median(wall):.0f} | {n / min(cpu):.0f} | {setup:.1f} |")
 
 
 def main(argv=None):
@@ -114,16 +122,18 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--random", action="store_true", help="random SmolLM2-shaped model even if the real store exists")
+    ap.add_argument("--random", action="store_true",
+                    help="random SmolLM2-shaped model even if the real store exists")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    ids = torch.randint(0, SMOLLM2["vocab_size"], (a.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (a.tokens,), generator=gen).tolist()
     contenders, what = [], ""
     for dtype in ("f32", "q4"):
         what, cs = tiercache_contenders(dtype, a.threads, a.random)
         contenders += cs
     llama = llama_cpp_contender(a.tokens, a.threads)
-    contenders += [llama] if llama else []
+    contenders += [llama] if isinstance(llama, tuple) else []
     load0 = os.getloadavg()[0]
     times = measure(contenders, ids, a.repeat)
     print(f"\nPrefill of a {a.tokens}-token prompt, {a.threads} thread(s), tiercache on a {what}; "
@@ -131,12 +141,13 @@ def main(argv=None):
           f"seconds (less sensitive to other processes on a shared VM); "
           f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime "
           f"{_ort_version()}; load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after.\n")
-    print("| engine | provider | weights | tok/s wall (best) | wall (median) | tok/s CPU (best) | setup s |")
+    print("| engine | provider | weights | tok/s wall (best) | wall (median) | tok/s CPU (best) "
+          "| setup s |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(row(c, t, a.tokens) for c, t in zip(contenders, times)))
-    if not llama:
-        print("| llama.cpp | — | Q4_1 GGUF | not measured: llama_cpp not importable or GGUF missing "
-              "(DESIGN.md: ~135 tok/s at 128 tokens) | | | |")
+    if isinstance(llama, str):
+        print(f"| llama.cpp | — | Q4_1 GGUF | not measured: {llama} (DESIGN.md: ~135 tok/s at "
+              "128 tokens) | | | |")
 
 
 def _ort_version():

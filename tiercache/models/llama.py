@@ -182,7 +182,7 @@ class Model(nn.Module):
 
     @property
     def dtype(self):
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def rope(self, offset: int, t: int, device):
         pos = torch.arange(offset, offset + t, device=device, dtype=torch.float32)
@@ -199,9 +199,9 @@ class Model(nn.Module):
 
     def logits(self, h):
         h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return F.linear(h, self.model.embed_tokens.weight)
-        return self.lm_head(h)
+        if "lm_head" in self._modules:  # untied, or an engine's own head over the tied bytes
+            return self.lm_head(h)
+        return F.linear(h, self.model.embed_tokens.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy (name, tensor) pairs into parameters; returns the names loaded."""

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -60,11 +61,7 @@ class Store:
         self.cluster_size, self.n_clusters = ffn["cluster_size"], ffn["n_clusters"]
         self.ffn_dtype = ffn["dtype"]
         self.records = self.manifest["records"]
-        try:
-            self.env = lmdb.open(str(self.path / "lmdb"), readonly=True, lock=False,
-                                 readahead=readahead, max_readers=256)
-        except lmdb.Error as e:
-            raise StoreError(f"{self.path}: cannot open the LMDB environment ({e})") from None
+        self.env = _open_env(self.path / "lmdb", readahead)
         sid = self._get(b"meta:store_id", check=False)
         if sid is None or sid.decode() != self.manifest["store_id"]:
             raise StoreError(f"{self.path}: manifest and LMDB data belong to different stores")
@@ -135,7 +132,43 @@ class Store:
         return self.manifest["weight_bytes"]
 
     def close(self):
-        self.env.close()
+        self.env = None  # shared environments close when their last Store lets go
+
+
+class _Env:
+    """One LMDB environment shared by every Store on the same files: LMDB refuses to open an
+    environment twice in one process. Closed when the last Store lets go of it."""
+
+    def __init__(self, env):
+        self._env = env
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def close(self):  # a Store done with reading; the environment closes when unreferenced
+        pass
+
+    def __del__(self):
+        self._env.close()
+
+
+_ENVS: "weakref.WeakValueDictionary[tuple, _Env]" = weakref.WeakValueDictionary()
+
+
+def _open_env(path: Path, readahead: bool) -> _Env:
+    try:
+        key = (str(path.resolve()), (path / "data.mdb").stat().st_ino, readahead)
+    except FileNotFoundError:
+        raise StoreError(f"{path.parent}: LMDB data is missing") from None
+    env = _ENVS.get(key)
+    if env is None:
+        try:
+            env = _Env(lmdb.open(str(path), readonly=True, lock=False, readahead=readahead,
+                                 max_readers=256))
+        except lmdb.Error as e:
+            raise StoreError(f"{path.parent}: cannot open the LMDB environment ({e})") from None
+        _ENVS[key] = env
+    return env
 
 
 def ffn_name(args: ModelArgs, layer: int, expert: int, part: str) -> str:
@@ -188,6 +221,11 @@ class StoreWriter:
             dtype = "f16" if w.ndim == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
         self._put(tensor_key(name), quant.encode(w, dtype))
         self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
+
+    def put_raw(self, name: str, blob: bytes, meta: dict):
+        """Copy an already encoded tensor record (no re-quantization)."""
+        self._put(tensor_key(name), blob)
+        self.tensors[name] = dict(meta)
 
     def put_ffn(self, layer: int, expert: int, gate, up, down):
         """gate/up [F, d], down [d, F] in HF shapes -> clusters of neuron bundles."""

@@ -1,0 +1,93 @@
+"""Compute formats for weights held in RAM.
+
+q4 stores run through torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`: bf16 activations,
+groups of 32, x = (q - 8) * scale + zero). Its packed layout, found by probing torch 2.13, is
+[N/64, K, 32] bytes where byte [b, k, j] holds row 64b+j (low nibble) and row 64b+j+32 (high):
+rows move in blocks of 64, and the K axis can be sliced freely in steps of 32.
+Everything else runs as float32 through F.linear: the exact path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..store import quant
+
+_HAVE_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def int4_ok(shape) -> bool:
+    return _HAVE_INT4 and len(shape) == 2 and shape[0] % 64 == 0 and shape[1] % 32 == 0
+
+
+def q4_unpack(buf, shape):
+    """Our q4 bytes -> (q uint8 [R, C], scale f32 [R, C/32], min f32 [R, C/32])."""
+    rows, cols = shape
+    raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+    ng = rows * (cols // quant.GROUP)
+    scale = raw[:2 * ng].view(torch.float16).float().view(rows, -1)
+    mn = raw[2 * ng:4 * ng].view(torch.float16).float().view(rows, -1)
+    p = raw[4 * ng:]
+    q = torch.stack([p & 0xF, p >> 4], dim=-1).view(rows, cols)
+    return q, scale, mn
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (N % 64 == 0) -> packed uint8 [N/64, K, 32]."""
+    n, k = q.shape
+    q = q.view(n // 64, 2, 32, k)
+    return (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
+
+
+def int4_scales(scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """[N, K/32] scale and min -> [K/32, N, 2] bf16 (scale, zero) with zero = min + 8 * scale."""
+    return torch.stack([scale, mn + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, N] (bf16) for packed [N/64, K, 32], sz [K/32, N, 2]."""
+    nb, k, _ = packed.shape
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16), packed.view(nb * 64, k // 2), quant.GROUP, sz)
+
+
+class QLinear(nn.Module):
+    """A q4 matrix [N, K] in the int4 kernel's layout; f32 in, f32 out."""
+
+    def __init__(self, buf, shape, bias: torch.Tensor | None = None):
+        super().__init__()
+        q, scale, mn = q4_unpack(buf, shape)
+        self.packed, self.sz = int4_pack(q), int4_scales(scale, mn)
+        self.bias = bias
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        shape = x.shape
+        y = int4_mm(x.reshape(-1, shape[-1]), self.packed, self.sz).float()
+        y = y.view(*shape[:-1], self.shape[0])
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows [len(ids), K] (an embedding lookup on the same bytes)."""
+        b, j = ids // 64, ids % 64
+        byte = self.packed[b, :, j % 32]                       # [n, K]
+        q = torch.where((j >= 32).unsqueeze(1), byte >> 4, byte & 0xF).float()
+        s = self.sz[:, ids].float().repeat_interleave(quant.GROUP, dim=0).transpose(0, 1)  # [n, K, 2]
+        return (q - 8) * s[..., 0] + s[..., 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.sz.numel() * 2
+
+
+class QEmbedding(nn.Module):
+    """Embedding lookup that shares the tied head's int4 bytes."""
+
+    def __init__(self, table: QLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids):
+        return self.table.rows(ids.reshape(-1)).view(*ids.shape, -1)
+

@@ -1,0 +1,335 @@
+"""The tiered engine: attention, norms, embeddings and FFN gates pinned in RAM; FFN up/down
+clusters in a segmented cache backed by the store, read on I/O threads ahead of use.
+
+Per layer and token: gate(x) -> active neurons (CATS threshold from the profile) -> active
+clusters -> cache hits plus reads of the misses -> up/down over the gathered slots. While a
+layer computes, the next layer's likely clusters (those active for it at the previous token;
+all of them in prefill) are already being read.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..cache.segmented import SegmentedCache
+from ..errors import BudgetError
+from ..memory import rss_bytes
+from ..models import Model
+from ..models.llama import ACTS, rope_inv_freq
+from ..store import quant
+from ..store.format import Store, cluster_key, tensor_key
+from ..store.reader import RecordReader
+from .dense import Engine
+from .kernels import QEmbedding, QLinear, int4_ok
+from .slots import Float32Slots, Int4Slots
+
+MB = 1 << 20
+SLACK = 32 * MB  # activations, logits, allocator slop
+
+
+@dataclass
+class TierConfig:
+    ram_bytes: int | None = None   # what the process may use in all; None: every cluster fits
+    hot_bytes: int | None = None   # region sizes from a plan (else derived from ram_bytes)
+    cold_bytes: int | None = None
+    io_threads: int = 2
+    prefetch: bool = True
+    sparse: bool = True            # apply the profile's thresholds when the store has them
+    context: int = 2048            # KV cache reserved in the budget
+    compute: str = "auto"          # auto | f32 | q4
+
+
+@dataclass
+class Budget:
+    runtime_and_fixed: int
+    gates: int
+    kv: int
+    slack: int
+    slot_bytes: int
+    hot_slots: int
+    cold_slots: int
+
+    def lines(self) -> dict:
+        return {"runtime_and_fixed": self.runtime_and_fixed, "gates": self.gates, "kv": self.kv,
+                "slack": self.slack, "hot": self.hot_slots * self.slot_bytes,
+                "cold": self.cold_slots * self.slot_bytes}
+
+
+class TieredMLP(nn.Module):
+    def __init__(self, engine: "TieredEngine", layer: int, expert: int):
+        super().__init__()
+        self.engine, self.layer, self.expert = engine, layer, expert
+
+    def forward(self, x):
+        shape = x.shape
+        return self.engine.ffn(self.layer, self.expert, x.reshape(-1, shape[-1])).view(shape)
+
+
+class TieredEngine(Engine):
+    backend = "torch (tiered)"
+
+    def __init__(self, store: Store, cfg: TierConfig):
+        self.cfg, self.store, self.args = cfg, store, store.args
+        a = store.args
+        self.n, self.d = store.cluster_size, a.hidden_size
+        self.n_clusters = store.n_clusters
+        fast = Int4Slots.supports(self.n, self.d, store.ffn_dtype, a.intermediate_size)
+        self.int4 = cfg.compute == "q4" or (cfg.compute == "auto" and fast)
+        self.slots_cls = Int4Slots if self.int4 else Float32Slots
+        self.act = ACTS[a.hidden_act]
+        self.reader = RecordReader(store, threads=cfg.io_threads)
+        store.env = None  # reads go through pread now; letting go unmaps LMDB's pages
+        self.model = self._build_model()
+        self.profile = store.manifest.get("profile")
+        self.thresholds = self._thresholds()
+        self.budget = self._plan_budget()
+        self.cache = SegmentedCache(self.budget.slot_bytes, self.budget.hot_slots,
+                                    self.budget.cold_slots)
+        self.pool = self.slots_cls(self.budget.hot_slots + self.budget.cold_slots, self.n, self.d,
+                                   store.ffn_dtype)
+        self.gates: dict[tuple[int, int], object] = {}
+        self._load_ffn()
+        self.inflight: dict[tuple, Future] = {}
+        self.last_active: dict[tuple[int, int], list[int]] = {}
+        self.tokens = 0
+        self.io_wait_s = 0.0
+
+    # -- loading --------------------------------------------------------------------------
+    def _read_tensor(self, name: str, out_dtype=torch.float32):
+        meta = self.store.manifest["tensors"][name]
+        return quant.decode(self.reader.read(tensor_key(name).decode()), meta["shape"],
+                            meta["dtype"], out_dtype)
+
+    def _q4_linear(self, name: str, bias=None):
+        meta = self.store.manifest["tensors"].get(name)
+        if self.int4 and meta and meta["dtype"] == "q4" and int4_ok(meta["shape"]):
+            return QLinear(self.reader.read(tensor_key(name).decode()), meta["shape"], bias)
+        return None
+
+    def _build_model(self) -> Model:
+        """Attention and embeddings pinned (int4 where the kernel applies), FFNs tiered."""
+        a = self.args
+        with torch.device("meta"):
+            model = Model(a)
+        self._swap_linears(model)
+        for l, layer in enumerate(model.model.layers):
+            if a.is_moe:
+                layer.block_sparse_moe.experts = nn.ModuleList(
+                    TieredMLP(self, l, e) for e in range(a.n_experts))
+            else:
+                layer.mlp = TieredMLP(self, l, 0)
+        model = model.to_empty(device="cpu")
+        params = dict(model.named_parameters())
+        for name in self.store.tensor_names:
+            if name in params:
+                with torch.no_grad():
+                    params[name].copy_(self._read_tensor(name))
+                del params[name]
+        if params:
+            raise BudgetError(f"store lacks {sorted(params)[0]}")
+        model.inv_freq = rope_inv_freq(a)
+        return model.eval()
+
+    def _swap_linears(self, model: Model) -> None:
+        """Replace nn.Linear / the embedding by int4 modules where the kernel applies."""
+        head = self._q4_linear("model.embed_tokens.weight")
+        if head is not None:
+            model.model.embed_tokens = QEmbedding(head)
+            if self.args.tie_word_embeddings:
+                model.lm_head = head
+        if not self.args.tie_word_embeddings:
+            q = self._q4_linear("lm_head.weight")
+            if q is not None:
+                model.lm_head = q
+        for l, layer in enumerate(model.model.layers):
+            att = layer.self_attn
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                base = f"model.layers.{l}.self_attn.{p}"
+                bias = (self._read_tensor(base + ".bias")
+                        if base + ".bias" in self.store.manifest["tensors"] else None)
+                q = self._q4_linear(base + ".weight", bias)
+                if q is not None:
+                    setattr(att, p, q)
+
+    def _thresholds(self) -> dict[tuple[int, int], float]:
+        if not (self.cfg.sparse and self.profile):
+            return {}
+        return {(l, e): ex["threshold"] for l, row in enumerate(self.profile["ffn"])
+                for e, ex in enumerate(row)}
+
+    def _plan_budget(self) -> Budget:
+        a = self.args
+        total = a.num_hidden_layers * a.n_experts * self.n_clusters
+        slot = self.slots_cls.slot_bytes(self.n, self.d)
+        gate_one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
+                    if self.int4 else a.intermediate_size * self.d * 4)
+        gates = gate_one * a.num_hidden_layers * a.n_experts
+        kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * self.cfg.context
+        _trim_malloc()
+        fixed = rss_bytes()
+        cfg = self.cfg
+        if cfg.hot_bytes is not None or cfg.cold_bytes is not None:
+            hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
+        elif cfg.ram_bytes is None:
+            hot, cold = total, 0
+        else:
+            room = cfg.ram_bytes - fixed - gates - kv - SLACK
+            hot, cold = _split_slots(max(0, room // slot), total, self.n_clusters,
+                                     have_profile=self.profile is not None)
+        b = Budget(fixed, gates, kv, SLACK, slot, min(hot, total), cold)
+        need_cold = 0 if b.hot_slots >= total else self.n_clusters
+        if b.cold_slots < need_cold:
+            least = fixed + gates + kv + SLACK + need_cold * slot
+            raise BudgetError(
+                f"RAM budget {_mb(cfg.ram_bytes)} is too small: it needs at least {_mb(least)} "
+                f"(runtime + pinned weights {_mb(fixed)}, FFN gates {_mb(gates)}, KV cache for "
+                f"{cfg.context} tokens {_mb(kv)}, working space {_mb(SLACK)}, one layer of "
+                f"clusters {_mb(need_cold * slot)})")
+        return b
+
+    def _load_ffn(self) -> None:
+        """Read every cluster once: keep its gate rows, and pin the hottest into hot slots."""
+        order = self._hotness_order()
+        pinned = sorted(order[:self.budget.hot_slots])  # key order: a layer's slots in one run
+        for key in pinned:
+            self.cache.pin(key)
+        a = self.args
+        for l in range(a.num_hidden_layers):
+            for e in range(a.n_experts):
+                rows = []
+                for c in range(self.n_clusters):
+                    buf = self.reader.read(cluster_key(l, e, c).decode())
+                    parts = self._parts(buf, c)
+                    rows.append(parts[0])
+                    slot = self.cache.hot.get((l, e, c))
+                    if slot is not None:
+                        self.pool.write(slot, self.pool.prepare(parts[1:]))
+                self.gates[(l, e)], _ = self.slots_cls.gate(rows, self.store.ffn_dtype)
+        self.reader.stats.__init__()  # count what decoding reads, not the load
+
+    def _parts(self, buf: bytes, c: int):
+        mv = memoryview(buf)
+        return [(s, mv[o:o + nb]) for s, o, nb in self.store.cluster_parts(c)]
+
+    def _hotness_order(self) -> list[tuple[int, int, int]]:
+        """All clusters, most frequently active first (profile order; else layer order)."""
+        a = self.args
+        keys = [(l, e, c) for l in range(a.num_hidden_layers) for e in range(a.n_experts)
+                for c in range(self.n_clusters)]
+        if not self.profile:
+            return keys
+        freq = {(l, e, c): f for l, row in enumerate(self.profile["ffn"])
+                for e, ex in enumerate(row) for c, f in enumerate(ex["cluster_freq"])}
+        return sorted(keys, key=lambda k: -freq[k])
+
+    # -- the FFN ----------------------------------------------------------------------------
+    def ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> [T, d] through the cached clusters of one layer (or expert)."""
+        n, c_all = self.n, self.n_clusters
+        a = self.act(self.gates[(layer, expert)](x))               # [T, F]
+        f = a.shape[1]
+        if c_all * n != f:
+            a = torch.nn.functional.pad(a, (0, c_all * n - f))
+        t = self.thresholds.get((layer, expert), 0.0)
+        if t > 0:
+            a = a * (a.abs() >= t)
+            active = a.view(-1, c_all, n).abs().amax(dim=(0, 2)).nonzero().flatten().tolist()
+        else:
+            active = list(range(c_all))
+        if not active:
+            return torch.zeros_like(x)
+        if x.shape[0] == 1:
+            self.last_active[(layer, expert)] = active
+        slots = self._fetch(layer, expert, active, prefill=x.shape[0] > 1)
+        idx = torch.tensor(slots)
+        a = a.view(-1, c_all, n).index_select(1, torch.tensor(active)).view(x.shape[0], -1)
+        h = a * self.pool.up(x, idx)
+        return self.pool.down(h, idx)
+
+    def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
+        keys = [(layer, expert, c) for c in clusters]
+        slots = [self.cache.lookup(k) for k in keys]
+        missing = [i for i, s in enumerate(slots) if s is None]
+        futures = {i: self._submit(keys[i]) for i in missing}
+        if self.cfg.prefetch and not self.args.is_moe:
+            self._prefetch(layer + 1, expert, prefill)
+        t0 = time.perf_counter()
+        for i, fut in futures.items():
+            prepared = fut.result()
+            self.inflight.pop(keys[i], None)
+            slot, _ = self.cache.admit(keys[i], in_use=keys)
+            if slot is None:
+                raise BudgetError("cold cache region smaller than one layer's active clusters")
+            self.pool.write(slot, prepared)
+            slots[i] = slot
+        self.io_wait_s += time.perf_counter() - t0
+        return slots
+
+    def _submit(self, key) -> Future:
+        fut = self.inflight.get(key)
+        if fut is None:
+            fut = self.reader.pool.submit(self._read_prepared, key)
+            self.inflight[key] = fut
+        return fut
+
+    def _read_prepared(self, key):
+        buf = self.reader.read(cluster_key(*key).decode())
+        return self.pool.prepare(self._parts(buf, key[2])[1:])
+
+    def _prefetch(self, layer: int, expert: int, prefill: bool) -> None:
+        if layer >= self.args.num_hidden_layers or self.cache.cold_slots == 0:
+            return
+        likely = range(self.n_clusters) if prefill else self.last_active.get((layer, expert), ())
+        for c in likely:
+            key = (layer, expert, c)
+            if key not in self.cache and key not in self.inflight:
+                self._submit(key)
+
+    # -- engine API ---------------------------------------------------------------------------
+    def decode(self, session, token: int) -> torch.Tensor:
+        self.tokens += 1
+        return self.prefill(session, [token])
+
+    def stats(self) -> dict:
+        s, io = self.cache.stats, self.reader.stats
+        return {"cache_hit_rate": s.hit_rate, "cache": vars(s).copy(),
+                "store_bytes_read": io.bytes, "store_reads": io.reads,
+                "store_read_sizes": io.sizes,
+                "store_bytes_per_token": io.bytes / self.tokens if self.tokens else 0.0,
+                "io_wait_s": self.io_wait_s, "regions": self.budget.lines(),
+                "sparse": bool(self.thresholds), "compute": "int4" if self.int4 else "f32"}
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.store.weight_bytes
+
+
+def _split_slots(slots: int, total: int, per_layer: int, have_profile: bool) -> tuple[int, int]:
+    """-> (hot, cold). Everything fits: all hot. Else keep two layers' worth of cold slots (one
+    in use, one being read ahead) and pin the rest by frequency; with no profile, a plain LRU."""
+    if slots >= total:
+        return total, 0
+    if not have_profile:
+        return 0, slots
+    cold = min(slots, max(2 * per_layer, slots // 8))
+    return slots - cold, cold
+
+
+def _trim_malloc() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _mb(n) -> str:
+    return "unlimited" if n is None else f"{n / MB:.0f} MiB"
+
+
+def load_tiered(store: Store, cfg: TierConfig | None = None) -> TieredEngine:
+    return TieredEngine(store, cfg or TierConfig())
