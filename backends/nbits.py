@@ -41,5 +41,14 @@ def bits(w: QuantWeight) -> int:
 
 
 def concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack repacked row blocks (e.g. one FFN cluster each) along N."""
+    """Stack repacked row blocks (e.g. gate rows of one FFN cluster each) along N."""
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def concat_k(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Join repacked column blocks (down [d, n] of one cluster each) along K."""
+    rows = parts[0]["B"].shape[0]
+    out = {"B": torch.cat([p["B"] for p in parts], dim=1)}  # [rows, K/32, blob]
+    for k in parts[0].keys() - {"B"}:  # scales / zp: [rows * blocks], row-major
+        out[k] = torch.cat([p[k].view(rows, -1) for p in parts], dim=1).reshape(-1)
+    return out

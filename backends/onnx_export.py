@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from tiercache.models.llama import ACTS
-from tiercache.store import quant
 from tiercache.store.format import tensor_key
 
 from . import nbits
 from .base import QuantWeight
 
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 IR_VERSION = 10  # ORT 1.31 rejects the exporter's IR version 14
 OPSET = 18
 INPUTS = ["x", "past_key", "past_value", "seqlens_k", "total_len", "cos", "sin"]
@@ -171,11 +170,10 @@ def layer_weights(model, store, i: int, kind: str, ffn: bool) -> dict[str, torch
     if ffn:
         mlp = layer.mlp
         w["post_attention_layernorm"] = _f32(layer.post_attention_layernorm.weight)
-        gate, up = _store_ffn(store, i, kind)
+        gate, up, down = _store_ffn(store, i, kind)
         w.update(_linear("gate_proj", mlp.gate_proj.weight, gate))
         w.update(_linear("up_proj", mlp.up_proj.weight, up))
-        # the store groups down's columns along d (the output), not along K: f32 MatMul for it
-        w["down_proj"] = _f32(mlp.down_proj.weight.t())
+        w.update(_linear("down_proj", mlp.down_proj.weight, down))
     return w
 
 
@@ -209,16 +207,16 @@ def _store_tensor(store, name, kind):
 
 
 def _store_ffn(store, i, kind):
-    """gate and up of layer i as repacked MatMulNBits inputs, from the store's cluster records."""
+    """gate, up, down of layer i as MatMulNBits inputs, repacked from the cluster records:
+    gate/up rows [n, d] stack along N; down columns [d, n] (grouped along n) join along K."""
     if kind not in ("q8", "q4") or store is None or store.ffn_dtype != kind:
-        return None, None
-    d, gates, ups = store.args.hidden_size, [], []
+        return None, None, None
+    parts = ([], [], [])
     for c in range(store.n_clusters):
-        n, buf = store.cluster_rows(c), memoryview(store.cluster_bytes(i, 0, c))
-        step = quant.nbytes((n, d), kind)
-        gates.append(nbits.repack(QuantWeight(bytes(buf[:step]), (n, d), kind)))
-        ups.append(nbits.repack(QuantWeight(bytes(buf[step:2 * step]), (n, d), kind)))
-    return nbits.concat(gates), nbits.concat(ups)
+        buf = memoryview(store.cluster_bytes(i, 0, c))
+        for out, (shape, off, nb) in zip(parts, store.cluster_parts(c)):
+            out.append(nbits.repack(QuantWeight(bytes(buf[off:off + nb]), tuple(shape), kind)))
+    return nbits.concat(parts[0]), nbits.concat(parts[1]), nbits.concat_k(parts[2])
 
 
 # -- export and the per-layer files ------------------------------------------------------------

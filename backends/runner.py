@@ -1,6 +1,6 @@
 """Choosing backends by name and running the engine's phases on them.
 
-  get_backend("auto" | "torch" | "torch:cuda" | "ort" | "ort:PROVIDER", threads)
+  get_backend("auto" | "torch" | "torch:cuda" | "ort" | "ort:PROVIDER[@BUCKET]", threads)
   make_prefill(engine, spec, threads) -> callable(session, ids) -> logits [V]
   install(engine, spec, threads)      -> prefill through `spec`, decode on torch; returns the report
   phase_report(engine)                -> {"prefill": {...}, "decode": {...}} for `generate --json`
@@ -26,7 +26,7 @@ from .base import Backend
 from .torch_backend import TorchBackend
 
 AUTO_MIN_TOKENS = 8
-SPECS = "auto, torch, torch:cuda, ort, ort:PROVIDER"
+SPECS = "auto, torch, torch:cuda, ort, ort:PROVIDER, ort:PROVIDER@BUCKET (static shapes)"
 
 
 def get_backend(spec: str = "auto", threads: int = 1, **ort_options) -> Backend:
@@ -38,7 +38,12 @@ def get_backend(spec: str = "auto", threads: int = 1, **ort_options) -> Backend:
         return TorchBackend(arg or "cpu", threads)
     if kind == "ort":
         from .ort_backend import OrtBackend
-        return OrtBackend(arg or "CPUExecutionProvider", threads, **ort_options)
+        provider, _, bucket = arg.partition("@")  # ort:QNN@128: T padded to 128-token buckets
+        if bucket:
+            if not bucket.isdigit() or int(bucket) < 1:
+                raise TiercacheError(f"bad bucket in backend '{spec}' (e.g. ort:QNN@128)")
+            ort_options["bucket"] = int(bucket)
+        return OrtBackend(provider or "CPUExecutionProvider", threads, **ort_options)
     raise TiercacheError(f"unknown backend '{spec}' (choose from {SPECS})")
 
 

@@ -77,7 +77,7 @@ def format_plan(plan: dict) -> str:
     rows = [("runtime", mem["runtime"], "python + torch"),
             ("fixed", mem["fixed"] or e["fixed_bytes"],
              f"{e['placement']['attention']}: embeddings, attention, norms"
-             + (", gate" if e["gate_pinned"] else "") + f" as {e['hold']['fixed']}"),
+             + (", gate" if e["gate_pinned"] else "") + f", compute {e['compute']}"),
             ("ffn hot", e["hot_bytes"], f"{e['placement']['ffn_hot']}: {e['hot_clusters']} "
                                         f"clusters pinned, as {e['hold']['ffn']}"),
             ("ffn cold LRU", e["cold_bytes"], f"ram: {e['cold_clusters']} clusters"),

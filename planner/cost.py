@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 
 from .profiles import PAGE, DeviceProfile
-from .sizes import ModelSizes
+from .sizes import ModelSizes, engine_dtype
 
 # eager torch ops in one decode layer: 7 matvecs, 2 RMSNorms, RoPE on q and k, KV writes, SDPA,
 # residuals, activation and threshold; the probe times this mix (a SmolLM-shaped layer with tiny
@@ -41,9 +41,9 @@ OPS_PER_LAYER = sum(LAYER_OPS.values())
 OPS_PER_TOKEN = 12  # embedding, final norm, lm_head, sampling
 OPS_PER_CLUSTER = 1  # per active cluster: Python bookkeeping (cache lookup, slot index)
 CLUSTER_OBJ_BYTES = 128  # cache entry per cached cluster (slots live in preallocated pools)
-DEQUANT_CHUNK = 8 << 20  # a held-quantized matrix is expanded to f32 at most this much at once
 DECODE_POSITION = 256  # typical KV length a decode step attends over (capped by the context)
 MIN_HEADROOM = 4 << 20  # page cache / allocator slack the budget keeps for buffered reads
+ENGINE_SLACK = 32 << 20  # the engine keeps this much for activations, logits, allocator slop
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,10 @@ class Activity:
 
     def __init__(self, sizes: ModelSizes, cluster: int):
         self.cluster = cluster
-        pis = np.concatenate([_cluster_pi(f, cluster) for f in sizes.freq]) * sizes.route_prob
-        self.pi = np.sort(pis)[::-1]  # frequency-pinned: the top ones go hot
+        units = [_cluster_pi(f, cluster) * sizes.route_prob for f in sizes.freq]
+        # P(every cluster of a layer active): then its slots are one run, gathered as a view
+        self.p_all = float(np.mean([np.prod(u) for u in units]))
+        self.pi = np.sort(np.concatenate(units))[::-1]  # frequency-pinned: the top ones go hot
         self.n = len(self.pi)
         self._cum = np.concatenate([[0.0], np.cumsum(self.pi)])
         self._cum2 = np.concatenate([[0.0], np.cumsum(self.pi ** 2)])
@@ -176,12 +178,14 @@ class CostModel:
         return cluster * self.m.neuron_bytes()
 
     def cached_bytes(self, cluster: int, hold: str | None) -> float:
-        """Bytes a cached cluster takes: up|down only where the gate is pinned."""
+        """Bytes a cached cluster's slot takes: up rows and down columns (the gate is pinned),
+        in the engine's format: int4 (q4 bytes) or f32."""
         parts = 2 if self.m.gate_pinned else 3
-        return cluster * self.m.neuron_bytes(hold, parts) + CLUSTER_OBJ_BYTES
+        return cluster * self.m.neuron_bytes(self.hold_dtype(hold), parts) + CLUSTER_OBJ_BYTES
 
-    def hold_dtype(self, hold: str | None, ffn: bool) -> str:
-        return hold or (self.m.ffn_dtype if ffn else self.m.dtype)
+    def hold_dtype(self, hold: str | None, ffn: bool = True) -> str:
+        """The FFN's compute dtype (or, for ffn=False, the stored model dtype's)."""
+        return engine_dtype(self.m.ffn_dtype if ffn else self.m.dtype, hold)
 
     # -- memory -------------------------------------------------------------------------------
     def memory(self, c: Config, misses_per_layer: float = 1.0) -> dict:
@@ -210,25 +214,21 @@ class CostModel:
         return {"ram": mem["ram"], "ram_total": sum(mem["ram"].values()), "vram": mem["vram"]}
 
     def _buffers(self, c: Config, misses_per_layer: float) -> float:
-        m = self.m
+        """Records in flight, and each layer's gathered slots (copied for the matmul)."""
         rec = self.record_bytes(c.decode_cluster)
-        decode = max(1.0, misses_per_layer) * (c.prefetch_layers + 1) * rec
-        unit_ffn = m.F * m.neuron_bytes()
-        prefill = 2 * unit_ffn * m.experts_per_tok  # two alternating layer buffers, as stored
-        if m.ffn_dtype != "f32":
-            prefill += m.F * m.d * 4  # one matrix expanded to f32 for the matmul
-        expand = 0.0
-        if self.hold_dtype(c.hold_fixed, False) in ("q8", "q4"):
-            head = m.args.vocab_size * m.d * 4
-            expand = min(head, DEQUANT_CHUNK)
-        return decode + prefill + expand
+        reads = max(1.0, misses_per_layer) * (c.prefetch_layers + 1) * max(1, c.io_threads) * rec
+        per_layer = -(-self.m.F // c.decode_cluster) * self.m.experts_per_tok
+        gathered = per_layer * (self.cached_bytes(c.decode_cluster, c.hold_ffn)
+                                - CLUSTER_OBJ_BYTES)
+        return reads + gathered
 
     def _activations(self, c: Config) -> float:
+        """A prompt's activations, logits and allocator slack: at least the engine's SLACK."""
         a, T = self.m.args, c.prompt_tokens
         per_tok = 4 * a.hidden_size + 3 * a.intermediate_size \
             + (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim
         scores = a.num_attention_heads * T * min(T, c.context)
-        return 4 * (T * per_tok + scores + 2 * a.vocab_size)
+        return max(ENGINE_SLACK, 4 * (T * per_tok + scores + 2 * a.vocab_size))
 
     def _page_cache(self, c: Config) -> float:
         return MIN_HEADROOM if c.io_mode == "buffered" else 0.0
@@ -284,18 +284,20 @@ class CostModel:
         cpu = "torch"
         fixed_be = c.decode_backend if c.place_fixed == "vram" else cpu
         hot_be = c.decode_backend if c.place_hot == "vram" else cpu
-        dt_fixed, dt_ffn = self.hold_dtype(c.hold_fixed, False), self.hold_dtype(c.hold_ffn, True)
+        dt_ffn = self.hold_dtype(c.hold_ffn)
         slot = self.cached_bytes(c.decode_cluster, c.hold_ffn) - CLUSTER_OBJ_BYTES
         hot_active = act.hot_hits(c.hot_clusters)
         cold_active = active - hot_active
         kv = m.layers * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
             * m.args.head_dim * 4
+        dense = m.dense_bytes_per_token(c.hold_fixed)
         return {
-            "fixed_matvec": m.dense_bytes_per_token(c.hold_fixed) / dev.matvec(fixed_be, dt_fixed),
-            # active clusters' slots are gathered (copied) into one matrix, then multiplied
+            "fixed_matvec": sum(nb / dev.matvec(fixed_be, dt) for dt, nb in dense.items()),
+            # active clusters' slots are gathered into one matrix, then multiplied; the up
+            # half is a view when a whole layer is active, the down half is always copied
             "ffn_matvec": hot_active * slot / dev.matvec(hot_be, dt_ffn)
             + cold_active * slot / dev.matvec(cpu, dt_ffn),
-            "gather": active * slot / dev.copy_bw,
+            "gather": active * slot * (1 - act.p_all / 2) / dev.copy_bw,
             "cluster_ops": active * OPS_PER_CLUSTER * dev.dispatch(cpu),
             "attention_kv": kv / dev.memory_bw,
             "dispatch": (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(fixed_be)
@@ -313,11 +315,13 @@ class CostModel:
         fixed_flops = 2 * T * (m.active_params() - _head_params(m) - _ffn_params(m)) \
             + 2 * _head_params(m) + attn_flops
         ffn_flops = 2 * T * _ffn_params(m)
-        dt_fixed, dt_ffn = self.hold_dtype(c.hold_fixed, False), self.hold_dtype(c.hold_ffn, True)
-        t_mm = fixed_flops / self._matmul(be, dt_fixed, T) \
-            + ffn_flops * hot_share / self._matmul(be, dt_ffn, T) \
-            + ffn_flops * (1 - hot_share) / self._matmul(be, m.ffn_dtype, T)  # read as stored
-        t_io = dev.read_time(ffn_stream, c.prefill_block, c.io_threads)
+        dense = m.dense_bytes_per_token(c.hold_fixed)  # FLOPs split as the bytes are held
+        elems = {dt: nb / _bytes_per_weight(dt) for dt, nb in dense.items()}
+        total = sum(elems.values()) or 1.0
+        t_mm = sum(fixed_flops * e / total / self._matmul(be, dt, T) for dt, e in elems.items()) \
+            + ffn_flops / self._matmul(be, self.hold_dtype(c.hold_ffn), T)
+        t_io = dev.read_time(ffn_stream, c.prefill_block, c.io_threads) \
+            + ffn_stream / self.prepare_rate(c)  # misses are prepared into slots, as in decode
         t_disp = (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(be)
         busy = t_mm + t_disp
         first = t_io / max(1, m.layers)  # the first layer's read is not overlapped
@@ -345,7 +349,7 @@ def _bytes_per_weight(dtype: str) -> float:
 
 
 def _head_params(m: ModelSizes) -> int:
-    head = m.parts["lm_head"] if m.parts["lm_head"].stored else m.parts["embed"]
+    head = m.parts["lm_head"] if m.parts["lm_head"].tensors else m.parts["embed"]
     return head.elements
 
 

@@ -74,14 +74,14 @@ def _faster_with_more(best, budget):
 
 
 def _hold_line(e, m, dev) -> str:
-    h = e["hold"]
-    if m.dtype == "f32":
-        return f"Weights are f32 in the store and held as such (quantization: {m.dtype})."
-    rates = ", ".join(f"{dt} {dev.matvec('torch', dt) / 1e9:.2f}"
-                      for dt in dict.fromkeys((m.dtype, h["fixed"], h["ffn"], "f32")))
-    return (f"Store is {m.dtype}; fixed region held as {h['fixed']}, FFN clusters as "
-            f"{h['ffn']}: held expanded, weights take more RAM but multiply faster (torch "
-            f"matvec GB/s: {rates}); held as {m.dtype}, they are dequantized on every use.")
+    if m.dtype != "q4":
+        return (f"Store is {m.dtype}: the engine computes in f32 (weights expanded in RAM).")
+    rates = f"q4 {dev.matvec('torch', 'q4') / 1e9:.2f}, f32 {dev.matvec('torch', 'f32') / 1e9:.2f}"
+    how = ("q4 on torch's int4 kernel (embeddings and other non-q4 tensors in f32)"
+           if e["compute"] == "q4" else "f32 (every weight expanded)")
+    return (f"Store is q4; compute {how}. Torch matvec GB/s of held weights: {rates}; "
+            f"int4 needs clusters of a multiple of 64 neurons (this store: "
+            f"{e['store_cluster_size']}).")
 
 
 def _decode_line(p) -> str:

@@ -18,7 +18,7 @@ from tiercache.errors import BudgetError, TiercacheError
 from .cost import Config, CostModel, Prediction
 from .estimate import estimate_from_source, load_model, restate
 from .profiles import DeviceProfile, resolve_device
-from .sizes import ModelSizes
+from .sizes import ModelSizes, default_freq
 from .units import mb, parse_size
 
 PLAN_VERSION = 1
@@ -40,18 +40,21 @@ class Choice:
 
 def make_plan(manifest_or_estimate, device="this", ram=None, vram=None,
               min_tok_s: float | None = None, quality: float | None = None,
-              context: int = 2048, prompt_tokens: int = 128, io_mode: str | None = None) -> dict:
+              context: int = 2048, prompt_tokens: int = 128, io_mode: str | None = None,
+              active: float | None = None) -> dict:
     """The plan for a store manifest, an estimate, or a model path (store, HF dir, GGUF).
 
     Returns {"plan_version", "model", "device", "limits", "engine", "predicted", "search",
     "explanation"}: `engine` holds the knobs (region bytes, cluster sizes, I/O threads,
     prefetch depth, backends, placement, held dtypes), `predicted` the cost model's figures
-    for them. Raises BudgetError, with the numbers, when nothing fits or is fast enough."""
+    for them. Raises BudgetError, with the numbers, when nothing fits or is fast enough.
+    `active`: the share of FFN neurons assumed active per token when the model has no
+    activation profile (default 0.5, Zipf-skewed; 1.0 plans a dense run)."""
     dev = resolve_device(device)
     manifest = load_model(manifest_or_estimate)
     budget = Budget.of(dev, ram, vram)
     io_mode = io_mode or ("direct" if dev.direct_io else "buffered")
-    models = _candidate_models(manifest, quality)
+    models = _candidate_models(manifest, quality, active)
     best, stats = None, {"evaluated": 0, "feasible": 0}
     for sizes in models:
         cm = CostModel(sizes, dev)
@@ -219,7 +222,8 @@ def _prefill_options(cm: CostModel, c: Config, budget: Budget) -> list[Choice]:
 
 
 # -- models to consider --------------------------------------------------------------------------
-def _candidate_models(manifest: dict, quality: float | None) -> list[ModelSizes]:
+def _candidate_models(manifest: dict, quality: float | None,
+                      active: float | None = None) -> list[ModelSizes]:
     """A store is planned as it is; an estimate also in smaller dtypes (within `quality`)."""
     manifests = [manifest]
     if manifest.get("estimate"):
@@ -230,7 +234,10 @@ def _candidate_models(manifest: dict, quality: float | None) -> list[ModelSizes]
     out = []
     for m in manifests:
         sizes = ModelSizes.from_manifest(m, name=manifest.get("name", ""))
-        if quality is not None and sizes.assumed_activity:
+        if active is not None and sizes.assumed_activity:
+            f = default_freq(sizes.F, 1.0 if sizes.args.is_moe else active)
+            sizes = dataclasses.replace(sizes, freq=[f] * sizes.ffn_units)
+        elif quality is not None and sizes.assumed_activity:
             sizes = _with_quality_sparsity(sizes, quality - DTYPE_COST.get(sizes.dtype, 0))
         out.append(sizes)
     return out
@@ -242,7 +249,6 @@ def _bits(dtype: str) -> int:
 
 def _with_quality_sparsity(sizes: ModelSizes, room: float) -> ModelSizes:
     """Without a profile, skip only as many neurons as the quality budget allows."""
-    from .sizes import default_freq
     skip = 0.0
     for (s0, c0), (s1, c1) in zip(SKIP_COST, SKIP_COST[1:]):
         if room >= c1:
@@ -331,8 +337,10 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "prefill_cluster_bytes": int(min(c.prefill_block, m.F * m.neuron_bytes())),
         "prefill_backend": c.prefill_backend, "decode_backend": c.decode_backend,
         "placement": place, "quantization": m.dtype,
-        "hold": {"fixed": cm.hold_dtype(c.hold_fixed, False),
-                 "ffn": cm.hold_dtype(c.hold_ffn, True)},
+        "compute": "q4" if cm.hold_dtype(c.hold_ffn) == "q4" else "f32",  # TierConfig.compute
+        "hold": {"fixed": "as stored (q4 on the int4 kernel, others f32)"
+                 if c.hold_fixed is None and m.dtype == "q4" else "f32",
+                 "ffn": cm.hold_dtype(c.hold_ffn)},
         "io_mode": c.io_mode, "gate_pinned": m.gate_pinned,
         "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,
         "cached_cluster_bytes": int(cb),
@@ -389,13 +397,14 @@ def load_plan(path) -> dict:
 
 
 def sweep(manifest_or_estimate, device="this", budgets=None, vram=None, context: int = 2048,
-          prompt_tokens: int = 128, io_mode: str | None = None, points: int = 24) -> list[dict]:
+          prompt_tokens: int = 128, io_mode: str | None = None, points: int = 24,
+          active: float | None = None) -> list[dict]:
     """Predicted decode/prefill tok/s over RAM budgets (default: from the least that fits to
     everything resident): [{"ram_bytes", "decode_tok_s", "prefill_tok_s", "bottleneck"}]."""
     dev = resolve_device(device)
     manifest = load_model(manifest_or_estimate)
     io_mode = io_mode or ("direct" if dev.direct_io else "buffered")
-    cms = [CostModel(sizes, dev) for sizes in _candidate_models(manifest, None)]
+    cms = [CostModel(sizes, dev) for sizes in _candidate_models(manifest, None, active)]
     if budgets is None:
         lo = min(minimum_memory(cm, context, prompt_tokens, io_mode)["ram_total"] for cm in cms)
         m = cms[0].m

@@ -47,31 +47,46 @@ def category(name: str) -> str:
     return "other"
 
 
+def engine_dtype(stored: str, hold: str | None) -> str:
+    """How the engine holds a tensor stored as `stored`: with hold None (its "auto" compute),
+    q4 stays q4 (torch's int4 kernel) and everything else is expanded to f32."""
+    if hold is not None:
+        return hold
+    return "q4" if stored == "q4" else "f32"
+
+
 @dataclass
 class Part:
-    """A weight type: its bytes as stored and its shapes (to re-cost it in another dtype)."""
-    stored: int = 0
-    shapes: list = field(default_factory=list)
-    _held: dict = field(default_factory=dict, repr=False)
+    """A weight type: its tensors' shapes and stored dtypes, to cost them however held."""
+    tensors: list = field(default_factory=list)  # [(shape, stored dtype)]
+    _memo: dict = field(default_factory=dict, repr=False)
 
-    def add(self, shape, nbytes: int):
-        self.stored += nbytes
-        self.shapes.append(tuple(shape))
-        self._held.clear()
+    def add(self, shape, dtype: str):
+        self.tensors.append((tuple(shape), dtype))
+        self._memo.clear()
 
-    def held(self, dtype: str | None) -> int:
-        """Bytes when held in RAM as `dtype` (None: as stored)."""
-        if dtype is None:
-            return self.stored
-        if dtype not in self._held:
-            self._held[dtype] = sum(nbytes_as(s, dtype) for s in self.shapes)
-        return self._held[dtype]
+    @property
+    def stored(self) -> int:
+        return self.by_dtype("stored").get("total", 0)
+
+    def held(self, hold: str | None) -> int:
+        """Bytes in RAM when held per `hold` (None: the engine's choice per tensor)."""
+        return sum(self.by_dtype(hold).values()) if self.tensors else 0
+
+    def by_dtype(self, hold: str | None) -> dict:
+        """{dtype: bytes} as held; hold "stored" gives {"total": stored bytes}."""
+        if hold not in self._memo:
+            out: dict = {}
+            for shape, dt in self.tensors:
+                key = "total" if hold == "stored" else engine_dtype(dt, hold)
+                nb = nbytes_as(shape, dt if hold == "stored" else key)
+                out[key] = out.get(key, 0) + nb
+            self._memo[hold] = out
+        return self._memo[hold]
 
     @property
     def elements(self) -> int:
-        if "elements" not in self._held:
-            self._held["elements"] = sum(math.prod(s) for s in self.shapes)
-        return self._held["elements"]
+        return sum(math.prod(s) for s, _ in self.tensors)
 
 
 @dataclass
@@ -128,19 +143,29 @@ class ModelSizes:
     def ffn_bytes(self, dtype: str | None = None) -> float:
         return self.ffn_units * self.F * self.neuron_bytes(dtype)
 
-    def gate_bytes(self, dtype: str | None = None) -> float:
-        return self.ffn_bytes(dtype) / 3 if self.gate_pinned else 0.0
+    def gate_bytes(self, hold: str | None = None) -> float:
+        """The pinned gates, held as the engine holds them (`hold` as in engine_dtype)."""
+        return self.ffn_bytes(engine_dtype(self.ffn_dtype, hold)) / 3 if self.gate_pinned \
+            else 0.0
 
-    def fixed_bytes(self, dtype: str | None = None) -> float:
-        """Fixed region: every non-FFN tensor plus the gate where the mode needs it."""
-        return sum(p.held(dtype) for p in self.parts.values()) + self.gate_bytes(dtype)
+    def fixed_bytes(self, hold: str | None = None) -> float:
+        """Fixed region: every non-FFN tensor plus the pinned gates."""
+        return sum(p.held(hold) for p in self.parts.values()) + self.gate_bytes(hold)
 
-    def dense_bytes_per_token(self, dtype: str | None = None) -> float:
-        """Fixed weights a decode step streams through matvecs (embedding rows are a lookup)."""
-        head = self.parts["lm_head"] if self.parts["lm_head"].stored else self.parts["embed"]
-        mats = ("attn", "router", "other")
-        return (sum(self.parts[k].held(dtype) for k in mats) + head.held(dtype)
-                + self.gate_bytes(dtype))
+    def stored_fixed_bytes(self) -> int:
+        return sum(p.stored for p in self.parts.values())
+
+    def dense_bytes_per_token(self, hold: str | None = None) -> dict:
+        """{dtype: bytes} of fixed weights a decode step streams through matvecs (lm_head or
+        the tied embedding, attention, router, gates; input embedding rows are a lookup)."""
+        head = self.parts["lm_head"] if self.parts["lm_head"].tensors else self.parts["embed"]
+        out: dict = {}
+        for part in (self.parts["attn"], self.parts["router"], self.parts["other"], head):
+            for dt, nb in part.by_dtype(hold).items():
+                out[dt] = out.get(dt, 0) + nb
+        gdt = engine_dtype(self.ffn_dtype, hold)
+        out[gdt] = out.get(gdt, 0) + self.gate_bytes(hold)
+        return out
 
     @property
     def params(self) -> int:
@@ -149,7 +174,7 @@ class ModelSizes:
 
     def active_params(self) -> float:
         """Parameters a dense decode step multiplies with (lm_head included, MoE routed)."""
-        head = self.parts["lm_head"] if self.parts["lm_head"].stored else self.parts["embed"]
+        head = self.parts["lm_head"] if self.parts["lm_head"].tensors else self.parts["embed"]
         dense = sum(self.parts[k].elements for k in ("attn", "router", "other")) + head.elements
         return dense + self.layers * self.experts_per_tok * 3 * self.F * self.d
 
@@ -185,7 +210,7 @@ class ModelSizes:
         for tname, meta in m["tensors"].items():
             cat = category(tname)
             if cat != "ffn":
-                parts[cat].add(meta["shape"], nbytes_as(meta["shape"], meta["dtype"]))
+                parts[cat].add(meta["shape"], meta["dtype"])
         freq, assumed, tokens = _activity(m, args)
         kind = m.get("estimate", {}).get("kind", "store")
         return cls(name=name or m.get("name", ""), kind=kind, args=args,
@@ -197,15 +222,18 @@ class ModelSizes:
 
 
 def _activity(m: dict, args: ModelArgs) -> tuple[list[np.ndarray], bool, int]:
+    """Per-neuron frequencies per FFN unit from the manifest's profile, in either layout:
+    {"ffn": [[{"freq": [...]}, ... per expert], ... per layer]} (what `tiercache profile`
+    writes) or {"layers": [{"freq": [...]}, ...]}; else the assumed default."""
     units = args.num_hidden_layers * args.n_experts
-    prof = m.get("profile")
-    if prof and prof.get("layers"):
-        freqs = [np.clip(np.asarray(lay["freq"], dtype=np.float64), 0, 1)
-                 for lay in prof["layers"]]
-        if len(freqs) == args.num_hidden_layers and units > len(freqs):
-            freqs = [f for f in freqs for _ in range(args.n_experts)]
-        if len(freqs) == units and all(len(f) == args.intermediate_size for f in freqs):
-            return freqs, False, int(prof.get("tokens", 0))
+    prof = m.get("profile") or {}
+    rows = prof.get("ffn") or [[lay] for lay in prof.get("layers") or []]
+    freqs = [np.clip(np.asarray(ex["freq"], dtype=np.float64), 0, 1)
+             for row in rows for ex in row if "freq" in ex]
+    if len(freqs) == args.num_hidden_layers and units > len(freqs):
+        freqs = [f for f in freqs for _ in range(args.n_experts)]
+    if freqs and len(freqs) == units and all(len(f) == args.intermediate_size for f in freqs):
+        return freqs, False, int(prof.get("tokens", 0))
     active = 1.0 if args.is_moe else DEFAULT_ACTIVE  # routed experts run dense
     f = default_freq(args.intermediate_size, active)
     return [f] * units, True, 0

@@ -122,7 +122,8 @@ def test_static_bucket_pads_and_chunks(stores):
     """Static shapes: 29 tokens run as two padded 16-token chunks into a 64-long KV buffer."""
     store = stores["llama-f32"]
     ref, eng = load_dense(store), load_dense(store)
-    prefill = backends.make_prefill(eng, "ort:CPU", bucket=16, max_len=64)
+    prefill = backends.make_prefill(eng, "ort:CPU@16", max_len=64)
+    assert prefill.describe()["shapes"] == "static 16/64"
     s_ref, s = ref.new_session(), eng.new_session()
     _close(prefill(s, IDS), ref.prefill(s_ref, IDS), what="static bucket logits")
     assert s.caches[0].k.shape[2] == 64 and s.caches[0].offset == len(IDS)
@@ -211,6 +212,8 @@ def test_missing_onnxruntime_is_a_clear_error(monkeypatch):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(TiercacheError, match="unknown backend 'tpu'"):
         backends.get_backend("tpu")
+    with pytest.raises(TiercacheError, match="bad bucket"):
+        backends.get_backend("ort:CPU@x")
 
 
 @needs_ort
@@ -265,3 +268,13 @@ def test_auto_rule(stores):
     f32(load_dense(stores["llama-f32"]).new_session(), IDS[:3])
     assert f32.last is f32.short
     assert backends.make_prefill(load_dense(stores["llama-q4"]), "auto").backend.name == "torch"
+
+
+@needs_ort
+def test_q4_graph_runs_every_projection_through_matmulnbits(stores):
+    """qkv, o, gate, up and down of a q4 store are MatMulNBits (down joined along K)."""
+    import onnx
+    backends.make_prefill(load_dense(stores["llama-q4"]), "ort")
+    path = next((stores["llama-q4"].path / "onnx").glob("llama-q4-layer-dyn-*/layer0.onnx"))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulNBits") == 5 and "MatMul" not in ops, ops

@@ -60,17 +60,21 @@ def tiercache_contenders(dtype, threads, random_only):
     engine = load_dense(Store(path))
     t0 = time.perf_counter()
     ort = backends.make_prefill(engine, "ort:CPU", threads)
-    setup = time.perf_counter() - t0
+    setup = f"{time.perf_counter() - t0:.1f} s, {_graph_mb(ort):.0f} MB of layer graphs"
+    torch_weights = dtype if dtype == "f32" else f"{dtype} store, dequantized to f32"
     return what, [
-        ("tiercache torch", "torch:cpu", dtype if dtype == "f32" else f"{dtype} store, dequantized f32",
-         0.0, lambda ids: engine.prefill(engine.new_session(), ids)),
-        ("tiercache ort:CPU", ort.describe()["provider"], _ort_weights(dtype), setup,
+        ("tiercache torch", "torch:cpu", torch_weights, "—",
+         lambda ids: engine.prefill(engine.new_session(), ids)),
+        ("tiercache ort:CPU", ort.describe()["provider"],
+         "q4 via MatMulNBits" if dtype == "q4" else dtype, setup,
          lambda ids: ort(engine.new_session(), ids)),
     ]
 
 
-def _ort_weights(dtype):
-    return "q4 MatMulNBits (down_proj f32)" if dtype == "q4" else dtype
+def _graph_mb(prefill) -> float:
+    """Bytes of the layer graphs (their weights): what the ORT sessions hold beside torch's."""
+    d = Path(prefill.describe()["graphs"])
+    return sum(p.stat().st_size for p in d.glob("layer*.onnx")) / 2**20
 
 
 PROBE = ("import llama_cpp, sys; m = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
@@ -94,7 +98,7 @@ def llama_cpp_contender(n_tokens, threads):
         llm.reset()
         llm.eval([t % llm.n_vocab() for t in ids])
     return (f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "ggml CPU",
-            "Q4_1 GGUF (real SmolLM2)", 0.0, run)
+            "Q4_1 GGUF (real SmolLM2)", "—", run)
 
 
 def measure(contenders, ids, repeat):
@@ -114,7 +118,7 @@ def row(contender, times, n):
     name, provider, weights, setup, _ = contender
     wall, cpu = [w for w, _ in times], [c for _, c in times]
     return (f"| {name} | {provider} | {weights} | {n / min(wall):.0f} "
-            f"| {n / statistics.median(wall):.0f} | {n / min(cpu):.0f} | {setup:.1f} |")
+            f"| {n / statistics.median(wall):.0f} | {n / min(cpu):.0f} | {setup} |")
 
 
 def main(argv=None):
@@ -142,7 +146,7 @@ def main(argv=None):
           f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime "
           f"{_ort_version()}; load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after.\n")
     print("| engine | provider | weights | tok/s wall (best) | wall (median) | tok/s CPU (best) "
-          "| setup s |")
+          "| setup (graphs, sessions) |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(row(c, t, a.tokens) for c, t in zip(contenders, times)))
     if isinstance(llama, str):

@@ -17,6 +17,9 @@ from ..store import quant
 _HAVE_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+_HAVE_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
 def int4_ok(shape) -> bool:
     return _HAVE_INT4 and len(shape) == 2 and shape[0] % 64 == 0 and shape[1] % 32 == 0
 
@@ -79,6 +82,49 @@ class QLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + self.sz.numel() * 2
+
+
+class Q8Linear(nn.Module):
+    """A q8 matrix as int8 rows with one scale per row, for torch's int8 CPU kernel
+    (`_weight_int8pack_mm`); the group-32 scales are folded into a per-row requantization."""
+
+    def __init__(self, buf, shape, bias: torch.Tensor | None = None):
+        super().__init__()
+        rows, cols = shape
+        self.q = torch.empty(rows, cols, dtype=torch.int8)
+        self.scale = torch.empty(rows, dtype=torch.bfloat16)
+        step, mv = 4096, memoryview(buf)
+        for lo in range(0, rows, step):  # in slices: a whole f32 copy would double the peak
+            n = min(step, rows - lo)
+            w = _q8_rows(mv, shape, lo, n)
+            scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
+            self.q[lo:lo + n] = torch.round(w / scale[:, None]).to(torch.int8)
+            self.scale[lo:lo + n] = scale.to(torch.bfloat16)
+        self.bias, self.shape = bias, tuple(shape)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale).float()
+        y = y.view(*shape[:-1], self.shape[0])
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q[ids].float() * self.scale[ids].float()[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 2
+
+
+def _q8_rows(mv, shape, lo: int, n: int) -> torch.Tensor:
+    """Rows lo..lo+n of a q8 record (f16 scales [R, C/32] | int8 [R, C]) as float32."""
+    rows, cols = shape
+    g = cols // quant.GROUP
+    sc = torch.frombuffer(bytearray(mv[2 * lo * g: 2 * (lo + n) * g]), dtype=torch.float16)
+    off = 2 * rows * g
+    q = torch.frombuffer(bytearray(mv[off + lo * cols: off + (lo + n) * cols]), dtype=torch.int8)
+    return (q.float().view(n, g, quant.GROUP) * sc.float().view(n, g, 1)).view(n, cols)
 
 
 class QEmbedding(nn.Module):

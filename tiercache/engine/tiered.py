@@ -25,7 +25,7 @@ from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key
 from ..store.reader import RecordReader
 from .dense import Engine
-from .kernels import QEmbedding, QLinear, int4_ok
+from .kernels import _HAVE_INT8, Q8Linear, QEmbedding, QLinear, int4_ok
 from .slots import Float32Slots, Int4Slots
 
 MB = 1 << 20
@@ -106,9 +106,14 @@ class TieredEngine(Engine):
                             meta["dtype"], out_dtype)
 
     def _q4_linear(self, name: str, bias=None):
+        """The tensor as an int4 (q4) or int8 (q8) kernel module, when it is stored so."""
         meta = self.store.manifest["tensors"].get(name)
-        if self.int4 and meta and meta["dtype"] == "q4" and int4_ok(meta["shape"]):
+        if not (self.int4 and meta):
+            return None
+        if meta["dtype"] == "q4" and int4_ok(meta["shape"]):
             return QLinear(self.reader.read(tensor_key(name).decode()), meta["shape"], bias)
+        if meta["dtype"] == "q8" and _HAVE_INT8:
+            return Q8Linear(self.reader.read(tensor_key(name).decode()), meta["shape"], bias)
         return None
 
     def _build_model(self) -> Model:

@@ -36,6 +36,7 @@ FORMAT = "tiercache-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
+HEAD_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def tensor_key(name: str) -> bytes:
@@ -217,6 +218,8 @@ class StoreWriter:
 
     def put_tensor(self, name: str, w: torch.Tensor, dtype: str | None = None):
         dtype = dtype or self.dtype
+        if dtype == "q4" and name in HEAD_TENSORS:
+            dtype = "q8"  # as llama.cpp's Q4 files do: 4-bit logits cost too much quality
         if dtype in ("q8", "q4") and not (quant.can_quantize(w.shape) and _is_matrix(name)):
             dtype = "f16" if w.ndim == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
         self._put(tensor_key(name), quant.encode(w, dtype))
