@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tiercache.models.llama import ACTS
-from tiercache.store.format import tensor_key
+from tiercache.store.format import FFN_PARTS, tensor_key
 
 from . import nbits
 from .base import QuantWeight
@@ -157,24 +157,44 @@ class Block(nn.Module):
 
 # -- weights of one layer --------------------------------------------------------------------
 def layer_weights(model, store, i: int, kind: str, ffn: bool) -> dict[str, torch.Tensor]:
-    """Layer i's initializers: f32 from the torch modules, q8/q4 repacked from the store's bytes."""
-    layer = model.model.layers[i]
-    w = {"input_layernorm": _f32(layer.input_layernorm.weight)}
+    """Layer i's initializers, read from the store (q8/q4 repacked from its bytes, the rest
+    decoded to f32); without a store, from the model's parameters (HF names either way). The
+    store is the source so that an engine whose modules hold no dense weights (tiered) works."""
+    pre = f"model.layers.{i}."
+    w = {"input_layernorm": _f32(_tensor(model, store, pre + "input_layernorm.weight"))}
     for p in ATTN:
-        mod = getattr(layer.self_attn, p)
-        packed = _store_tensor(store, f"model.layers.{i}.self_attn.{p}.weight", kind)
-        w.update(_linear(p, mod.weight, packed))
-        if mod.bias is not None:
-            w[p + "_bias"] = _f32(mod.bias)
+        name = f"{pre}self_attn.{p}"
+        w.update(_linear(p, lambda: _tensor(model, store, name + ".weight"),
+                         _store_tensor(store, name + ".weight", kind)))
+        if _has(model, store, name + ".bias"):
+            w[p + "_bias"] = _f32(_tensor(model, store, name + ".bias"))
     w.update(_pack_qkv(w))
     if ffn:
-        mlp = layer.mlp
-        w["post_attention_layernorm"] = _f32(layer.post_attention_layernorm.weight)
-        gate, up, down = _store_ffn(store, i, kind)
-        w.update(_linear("gate_proj", mlp.gate_proj.weight, gate))
-        w.update(_linear("up_proj", mlp.up_proj.weight, up))
-        w.update(_linear("down_proj", mlp.down_proj.weight, down))
+        w["post_attention_layernorm"] = _f32(_tensor(model, store, pre + "post_attention_layernorm.weight"))
+        packed = _store_ffn(store, i, kind)
+        dense = None if all(p is not None for p in packed) else _ffn_f32(model, store, i)
+        for j, p in enumerate(FFN_PARTS):
+            w.update(_linear(p, lambda: dense[j], packed[j]))
     return w
+
+
+def _tensor(model, store, name: str) -> torch.Tensor:
+    if store is not None and name in store.manifest["tensors"]:
+        return store.tensor(name)
+    return model.get_parameter(name)
+
+
+def _has(model, store, name: str) -> bool:
+    if store is not None:
+        return name in store.manifest["tensors"]
+    return name in dict(model.named_parameters())
+
+
+def _ffn_f32(model, store, i: int):
+    """gate [F, d], up [F, d], down [d, F] of layer i in f32."""
+    if store is not None:
+        return store.ffn_weights(i, 0)
+    return tuple(model.get_parameter(f"model.layers.{i}.mlp.{p}.weight") for p in FFN_PARTS)
 
 
 def _pack_qkv(w: dict) -> dict:
@@ -193,8 +213,9 @@ def _f32(t):
 
 
 def _linear(name, weight, packed):
+    """MatMulNBits inputs when packed, else the f32 matrix (weight() [N, K]) stored as [K, N]."""
     if packed is None:
-        return {name: _f32(weight.t())}
+        return {name: _f32(weight().t())}
     return {f"{name}_{k}": v for k, v in packed.items()}
 
 

@@ -95,8 +95,7 @@ def _as_manifest(path, kind, args, tensors, dtype, cluster_size) -> dict:
     dtype = dtype or _dominant(tensors)
     if dtype not in quant.DTYPES:
         raise TiercacheError(f"unknown dtype {dtype} (one of {', '.join(quant.DTYPES)})")
-    ffn_dtype = dtype if dtype not in ("q8", "q4") or args.hidden_size % quant.GROUP == 0 \
-        else "f16"
+    ffn_dtype = _ffn_dtype(args, dtype, cluster_size)
     stored = {n: {"shape": list(s), "dtype": _store_dtype(n, s, dtype)}
               for n, (s, _, _) in tensors.items() if category(n) != "ffn"}
     F, d, units = args.intermediate_size, args.hidden_size, args.num_hidden_layers * args.n_experts
@@ -122,8 +121,7 @@ def restate(manifest: dict, dtype: str) -> dict:
     """The same estimate for a store converted to another dtype (no file is read again)."""
     args = ModelArgs.from_dict(manifest["config"])
     ffn = dict(manifest["ffn"])
-    ffn["dtype"] = dtype if dtype not in ("q8", "q4") or args.hidden_size % quant.GROUP == 0 \
-        else "f16"
+    ffn["dtype"] = _ffn_dtype(args, dtype, ffn["cluster_size"])
     tensors = {n: {"shape": t["shape"], "dtype": _store_dtype(n, t["shape"], dtype)}
                for n, t in manifest["tensors"].items()}
     cs, F, d = ffn["cluster_size"], ffn["intermediate_size"], ffn["hidden_size"]
@@ -135,8 +133,18 @@ def restate(manifest: dict, dtype: str) -> dict:
             "weight_bytes": int(weight)}
 
 
+def _ffn_dtype(args: ModelArgs, dtype: str, cluster_size: int) -> str:
+    """StoreWriter.ffn_dtype: q8/q4 need groups of 32 along d and along each cluster."""
+    ok = all(v % quant.GROUP == 0 for v in (args.hidden_size, cluster_size,
+                                            args.intermediate_size))
+    return dtype if ok or dtype not in ("q8", "q4") else "f16"
+
+
 def _store_dtype(name: str, shape, dtype: str) -> str:
     """The dtype StoreWriter.put_tensor gives a non-FFN tensor."""
+    from tiercache.store import format as fmt
+    if dtype == "q4" and name in getattr(fmt, "HEAD_TENSORS", ()):
+        dtype = "q8"  # the store keeps embeddings and lm_head at 8 bits in q4 stores
     if dtype in ("q8", "q4"):
         is_matrix = name.endswith(".weight") and "norm" not in name
         if not (quant.can_quantize(shape) and is_matrix):

@@ -75,9 +75,11 @@ def _faster_with_more(best, budget):
 
 def _hold_line(e, m, dev) -> str:
     if m.dtype != "q4":
-        return (f"Store is {m.dtype}: the engine computes in f32 (weights expanded in RAM).")
+        return (f"Store is {m.dtype}: the engine computes in f32 (weights expanded in RAM)"
+                + (", q8 matrices outside the FFN on torch's int8 kernel." if m.dtype == "q8"
+                   else "."))
     rates = f"q4 {dev.matvec('torch', 'q4') / 1e9:.2f}, f32 {dev.matvec('torch', 'f32') / 1e9:.2f}"
-    how = ("q4 on torch's int4 kernel (embeddings and other non-q4 tensors in f32)"
+    how = ("q4 on torch's int4 kernel (q8 embeddings on the int8 kernel, the rest f32)"
            if e["compute"] == "q4" else "f32 (every weight expanded)")
     return (f"Store is q4; compute {how}. Torch matvec GB/s of held weights: {rates}; "
             f"int4 needs clusters of a multiple of 64 neurons (this store: "
@@ -106,12 +108,14 @@ def _io_line(e, best) -> str:
     return (f"I/O: {e['io_mode']} reads on {e['io_threads']} thread(s), lookahead "
             f"{e['prefetch_layers']} layer(s); the flash curve gives {mb(bw):.0f} MB/s at "
             f"{rec / 1024:.1f} KiB (vs {mb(dev.flash_bw(1 << 20, e['io_threads'])):.0f} MB/s "
-            "at 1 MiB).")
+            f"at 1 MiB); each miss also costs {dev.miss_overhead_s * 1e3:.2f} ms of software "
+            "(thread handoff, checksum, repack into its slot).")
 
 
 def _assumptions(m) -> str:
     return ("Assumed: neurons and tokens activate independently (a cluster's activity is "
             "1 - prod(1 - f_i); the lookahead's recall is sum pi^2 / sum pi); "
             f"{cost.OPS_PER_LAYER} torch ops per layer; KV cache in f32; the gate is "
-            + ("pinned (SiLU: CATS threshold on the whole gate)." if m.gate_pinned
-               else "read with its cluster."))
+            + ("pinned whole (sparse decode: a threshold on act(gate x) picks the clusters)."
+               if m.gate_pinned else "cached with its cluster (dense decode: every cluster "
+               "active)."))

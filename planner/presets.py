@@ -27,9 +27,12 @@ TORCH_RATIO = {"matvec": {"f32": 1.0, "f16": 0.25, "bf16": 0.5, "q8": 0.05, "q4"
                "matmul": {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8": 0.7, "q4": 0.28},
                "dequant": {"f16": 0.15, "bf16": 0.3, "q8": 0.1, "q4": 0.011},
                "repack": {"q4": 0.023}}
+MISS_SRC = "150 x the CPU op cost (ratio measured by planner/probe.py on the reference VM)"
 RATIO_SRC = ("dtype ratios to f32 measured by planner/probe.py (torch 2.13, 1 thread) on the "
              "reference VM")
 CUDA_DISPATCH = 10e-6  # a torch eager CUDA op: launch + Python, ~10 us (assumption)
+MISS_OPS = 150  # a cache miss's software cost in mean-op units: ~0.6-0.9 ms at ~4-6 us per op,
+# measured by planner/probe.py on the reference VM
 CPU_DISPATCH = 6e-6  # a torch eager CPU op, measured ~3-8 us on the reference VM
 
 
@@ -75,7 +78,7 @@ def phone_12gb_ufs4() -> DeviceProfile:
                     "UFS 4.0 (PowerInfer-2's OnePlus 12 class)",
         ram_bytes=12 * GiB, unified_memory=True, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_published_curve([(4096, 450e6), (524288, 4.0e9), (4 << 20, 4.2e9)]),
-        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME,
+        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         readahead_bytes=128 * 1024,
         sources={
             "ram_bytes": "12 GB LPDDR5X configuration (OnePlus 12 spec sheet)",
@@ -88,6 +91,7 @@ def phone_12gb_ufs4() -> DeviceProfile:
             "compute": "Cortex-X4: 4x128-bit FP/NEON pipes = 32 f32 FLOP/cycle at 3.3 GHz, 50% "
                        f"reached (assumption); {RATIO_SRC}",
             "runtime_overhead_bytes": RUNTIME_SRC,
+            "miss_overhead_s": MISS_SRC,
             "readahead_bytes": "Linux default read_ahead_kb = 128"})
 
 
@@ -100,7 +104,7 @@ def phone_8gb_ufs31() -> DeviceProfile:
                     "UFS 3.1",
         ram_bytes=8 * GiB, unified_memory=True, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_published_curve([(4096, 100_000 * 4096), (524288, 2.1e9)]),
-        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME,
+        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         readahead_bytes=128 * 1024,
         sources={
             "ram_bytes": "8 GB LPDDR5 configuration (Snapdragon 888 phones)",
@@ -113,6 +117,7 @@ def phone_8gb_ufs31() -> DeviceProfile:
             "compute": "Cortex-X1: 4x128-bit NEON = 32 f32 FLOP/cycle at 2.84 GHz, 50% reached "
                        f"(assumption); {RATIO_SRC}",
             "runtime_overhead_bytes": RUNTIME_SRC,
+            "miss_overhead_s": MISS_SRC,
             "readahead_bytes": "Linux default read_ahead_kb = 128"})
 
 
@@ -125,7 +130,7 @@ def laptop_8gb_nvme() -> DeviceProfile:
                     "NVMe (Samsung 980 class)",
         ram_bytes=8 * GiB, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_nvme_curve(qd1_iops=17_000, seq_bw=3.5e9, max_iops=500_000),
-        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME,
+        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         sources={
             "ram_bytes": "8 GB configuration",
             "flash": "Samsung 980 data sheet: 3,500 MB/s sequential read, 4 KB random read "
@@ -136,6 +141,7 @@ def laptop_8gb_nvme() -> DeviceProfile:
             "compute": "AVX2: 2 FMA x 8 f32 = 32 FLOP/cycle at 4.2 GHz, 50% reached "
                        f"(assumption); {RATIO_SRC}",
             "runtime_overhead_bytes": RUNTIME_SRC,
+            "miss_overhead_s": MISS_SRC,
             "readahead_bytes": "Linux default read_ahead_kb = 128"})
 
 
@@ -153,7 +159,7 @@ def laptop_16gb_rtx4060_8gb() -> DeviceProfile:
         flash=_nvme_curve(qd1_iops=17_000, seq_bw=7.0e9, max_iops=1_000_000),
         compute={"torch": _cpu(core_bw, core_flops),
                  "torch:cuda": _gpu(vram_bw, fp32=15.1e12, fp16=60e12)},
-        runtime_overhead_bytes=RUNTIME,
+        runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         sources={
             "ram_bytes": "16 GB configuration", "vram_bytes": "RTX 4060 Laptop: 8 GB GDDR6",
             "vram_bw": "RTX 4060 Laptop: 128-bit GDDR6 at 16 Gbps = 256 GB/s",
@@ -168,6 +174,7 @@ def laptop_16gb_rtx4060_8gb() -> DeviceProfile:
                        "TFLOPS f32, ~60 TFLOPS f16 tensor (dense, f32 accumulate), 70% reached "
                        "(assumption)",
             "runtime_overhead_bytes": RUNTIME_SRC,
+            "miss_overhead_s": MISS_SRC,
             "gpu_runtime_overhead_bytes": "CUDA context + cuBLAS host RSS, ~500 MB (assumption)",
             "readahead_bytes": "Linux default read_ahead_kb = 128"})
 
@@ -186,7 +193,7 @@ def desktop_rtx4090_24gb() -> DeviceProfile:
         flash=_nvme_curve(qd1_iops=22_000, seq_bw=7.45e9, max_iops=1_400_000),
         compute={"torch": _cpu(core_bw, core_flops),
                  "torch:cuda": _gpu(vram_bw, fp32=82.6e12, fp16=165.2e12)},
-        runtime_overhead_bytes=RUNTIME,
+        runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         sources={
             "ram_bytes": "64 GB configuration", "vram_bytes": "RTX 4090: 24 GB GDDR6X",
             "vram_bw": "RTX 4090: 384-bit GDDR6X at 21 Gbps = 1,008 GB/s (NVIDIA spec)",
@@ -200,6 +207,7 @@ def desktop_rtx4090_24gb() -> DeviceProfile:
                        "GPU: Ada whitepaper: 82.6 TFLOPS f32, 165.2 TFLOPS f16 tensor with f32 "
                        "accumulate (dense), 70% reached (assumption)",
             "runtime_overhead_bytes": RUNTIME_SRC,
+            "miss_overhead_s": MISS_SRC,
             "gpu_runtime_overhead_bytes": "CUDA context + cuBLAS host RSS, ~500 MB (assumption)",
             "readahead_bytes": "Linux default read_ahead_kb = 128"})
 
@@ -214,7 +222,7 @@ def rpi5_8gb() -> DeviceProfile:
         ram_bytes=8 * GiB, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_nvme_curve(qd1_iops=1_500, seq_bw=90e6, max_iops=4_000),
         compute={"torch": _cpu(core_bw, core_flops, dispatch=CPU_DISPATCH * 2)},
-        runtime_overhead_bytes=RUNTIME,
+        runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH * 2,
         sources={
             "ram_bytes": "Raspberry Pi 5 product brief: 8 GB LPDDR4X-4267",
             "flash": "SD Association performance classes: A1 >= 1,500 and A2 >= 4,000 random "
@@ -226,6 +234,7 @@ def rpi5_8gb() -> DeviceProfile:
             "compute": "Cortex-A76: 2x128-bit NEON = 16 f32 FLOP/cycle at 2.4 GHz, 50% "
                        f"(assumption); {RATIO_SRC}; dispatch 2x the reference VM's (slower core)",
             "runtime_overhead_bytes": RUNTIME_SRC,
+            "miss_overhead_s": MISS_SRC,
             "readahead_bytes": "Linux default read_ahead_kb = 128"})
 
 

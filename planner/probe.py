@@ -53,8 +53,9 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
     """Measure this machine. `path`: a directory on the disk the stores live on."""
     where = Path(path) if path else home()
     where.mkdir(parents=True, exist_ok=True)
-    flash, direct = measure_flash(where, size=(16 if quick else 1024) << 20,
-                                  seconds=0.03 if quick else 0.5)
+    flash, direct, miss_s = measure_flash(where, size=(16 if quick else 1024) << 20,
+                                          seconds=0.03 if quick else 0.5,
+                                          misses=20 if quick else 200)
     # working sets past the last-level cache (300 MiB on the reference VM), as a decode step's
     # weights are: otherwise matvec looks faster than it is on a real model
     mem_bw, copy_bw = measure_memory((16 if quick else 512) << 20)
@@ -69,7 +70,7 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
     return DeviceProfile(
         name="this", description=f"{platform.node()}: {_cpu_name()}, {os.cpu_count()} cores",
         ram_bytes=ram_bytes(), flash=flash, memory_bw=mem_bw, copy_bw=copy_bw, compute=compute,
-        runtime_overhead_bytes=after, direct_io=direct,
+        runtime_overhead_bytes=after, direct_io=direct, miss_overhead_s=miss_s,
         readahead_bytes=readahead_bytes(where), threads=1, measured=True,
         host=socket.gethostname(),
         sources={
@@ -83,14 +84,17 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
                                       f"numpy, lmdb, tokenizers, safetensors and a first op "
                                       f"({before / 1e6:.0f} MB before)",
             "readahead_bytes": f"{src}: /sys/block/*/queue/read_ahead_kb",
+            "miss_overhead_s": f"{src}: an engine-like miss (I/O thread, aligned buffer, "
+                               "checksum, int4 repack, slot copy) minus a plain 64 KiB read",
         },
         notes=[f"quick probe: {quick}"])
 
 
 # -- flash ---------------------------------------------------------------------------------------
-def measure_flash(where: Path, size: int, seconds: float,
-                  blocks=BLOCKS, threads=THREADS) -> tuple[list[list[float]], bool]:
-    """-> ([[block, threads, bytes/s], ...], whether O_DIRECT was used).
+def measure_flash(where: Path, size: int, seconds: float, blocks=BLOCKS, threads=THREADS,
+                  misses: int = 200) -> tuple[list[list[float]], bool, float]:
+    """-> ([[block, threads, bytes/s], ...], whether O_DIRECT was used, seconds of software
+    overhead per cache miss on top of its read).
 
     Each point reads its own region of the file, each block once, in random order: a block
     read twice may come from a cache below the filesystem (the VM host's) and flatter the disk.
@@ -101,15 +105,70 @@ def measure_flash(where: Path, size: int, seconds: float,
         os.close(fd_w)
         fd, direct = _open_cold(name)
         points = [(b, t) for b in blocks for t in threads]
-        region = size // len(points) // max(blocks) * max(blocks)
+        region = size // (len(points) + 1) // max(blocks) * max(blocks)
         try:
             table = [[b, t, _read_rate(fd, (i * region, region), b, t, seconds, direct)]
                      for i, (b, t) in enumerate(points)]
+            miss = _one_thread(lambda: _miss_overhead(fd, (len(points) * region, region),
+                                                      direct, misses))
         finally:
             os.close(fd)
-        return table, direct
+        return table, direct, miss
     finally:
         os.unlink(name)
+
+
+def _miss_overhead(fd: int, region: tuple[int, int], direct: bool, n: int) -> float:
+    """What a cache miss costs beyond its read, done the way the tiered engine does it: an I/O
+    thread reads into a fresh aligned buffer, copies out and checksums the record, repacks it
+    with small tensor ops (the int4 layout), and the main thread waits and copies it into a
+    slot. Measured on 64 KiB records against plain reads of the same size."""
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    block, (start, length) = 1 << 16, region
+    offs = start + np.random.default_rng(7).permutation(max(2, length // block))[:2 * n] * block
+    n = len(offs) // 2
+    raw = mmap.mmap(-1, block)
+    t0 = time.perf_counter()
+    for off in offs[:n]:
+        os.preadv(fd, [raw], int(off))
+    t_raw = (time.perf_counter() - t0) / max(1, len(offs[:n]))
+    raw.close()
+    slot = torch.zeros(16, 2 * block, dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for off in offs[:3]:  # the first ops in a new thread set up torch's state
+            pool.submit(_engine_like_miss, fd, int(off), block).result()
+        t0 = time.perf_counter()
+        for i, off in enumerate(offs[n:]):
+            out = pool.submit(_engine_like_miss, fd, int(off), block).result()
+            slot[i % 16, :out.numel()] = out
+        t_job = (time.perf_counter() - t0) / max(1, len(offs[n:]))
+    if not direct:
+        _drop_cache(fd)
+    return max(0.0, t_job - t_raw)
+
+
+def _engine_like_miss(fd: int, off: int, block: int):
+    import zlib
+    import torch
+    buf = mmap.mmap(-1, block)
+    try:
+        os.preadv(fd, [buf], off)
+        data = buf[:block]
+    finally:
+        buf.close()
+    zlib.crc32(data)
+    b = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    halves = []
+    for part in b.view(2, -1):  # up and down of 64 neurons x 512: nibbles, f16 scales and mins
+        p, sm = part[:16384], part[16384:20480]
+        q = torch.stack([p & 0xF, p >> 4], -1).view(64, -1)
+        q = q.view(1, 2, 32, -1)
+        packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
+        sc = sm.view(torch.float16).float().view(2, -1)
+        sz = torch.stack([sc[0], sc[1] + 8 * sc[0]], -1).to(torch.bfloat16).contiguous()
+        halves += [packed.view(-1), sz.view(torch.uint8).view(-1)]
+    return torch.cat(halves)
 
 
 def _write_random(fd: int, size: int) -> None:
@@ -215,6 +274,8 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
             "q8": [_q8(w) for w in few], "q4": [_q4(w) for w in few]}
     if _HAVE_INT4():  # q4 held the way the engine holds it: torch's int4 CPU kernel
         held["q4"] = [_int4(w) for w in ws]
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):  # q8: int8 rows, torch's int8 kernel
+        held["q8"] = [_int8(w) for w in ws]
     x = torch.randn(COLS)
     X = torch.randn(128, COLS)
     out = {"device": "cpu", "matvec": {}, "matmul": {}, "dequant": {}}
@@ -225,7 +286,8 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
         out["matvec"][dt] = nb / mv
         out["matmul"][dt] = 2 * 128 * ROWS * COLS * 4 / mm
     for dt in ("f16", "bf16", "q8", "q4"):  # a miss read into an f32 cache
-        enc = held[dt] if dt != "q4" else [_q4(w) for w in few]
+        enc = held[dt] if dt in ("f16", "bf16") else [(_q8 if dt == "q8" else _q4)(w)
+                                                      for w in few]
         out["dequant"][dt] = sum(map(_nbytes, enc)) / _best(lambda: [_deq(m, dt) for m in enc],
                                                             reps)
     if _HAVE_INT4():  # a miss read into the int4 kernel's layout (unpack + repack)
@@ -245,6 +307,14 @@ def _int4(w):
     """(packed uint8 [N/64, K, 32], scale-and-zero bf16 [K/32, N, 2]): the engine's layout
     (tiercache/engine/kernels.py) for torch's `_weight_int4pack_mm_for_cpu`."""
     return _repack(_q4(w))
+
+
+def _int8(w):
+    """("int8", q int8 [N, K], per-row scale bf16 [N]): the engine's q8 layout."""
+    import torch
+    scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    return ("int8", q, scale.to(torch.bfloat16))
 
 
 def _repack(m):
@@ -278,7 +348,7 @@ def _q4(w):
 
 def _nbytes(m) -> int:
     parts = m if isinstance(m, tuple) else (m,)
-    return sum(p.numel() * p.element_size() for p in parts)
+    return sum(p.numel() * p.element_size() for p in parts if not isinstance(p, str))
 
 
 def _deq(m, dt):
@@ -295,6 +365,9 @@ def _deq(m, dt):
 
 def _mul(m, x, dt):
     import torch
+    if isinstance(m, tuple) and m[0] == "int8":  # int8 kernel: bf16 activations
+        return torch.ops.aten._weight_int8pack_mm(x.view(-1, COLS).to(torch.bfloat16), m[1],
+                                                  m[2]).float()
     if dt == "q4" and len(m) == 2:  # int4 kernel: bf16 activations, [T, K] x [N, K]^T
         packed, sz = m
         x2 = x.view(-1, COLS).to(torch.bfloat16)

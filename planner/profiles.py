@@ -48,6 +48,7 @@ class DeviceProfile:
     gpu_runtime_overhead_bytes: int = 0  # host RSS the GPU runtime adds (CUDA context)
     direct_io: bool = True  # O_DIRECT reads work on the store's filesystem
     readahead_bytes: int = 128 * 1024  # kernel read-ahead window for buffered/mmap reads
+    miss_overhead_s: float = 600e-6  # software cost of one cache miss beyond its read
     threads: int = 1
     measured: bool = False
     host: str = ""  # hostname a probed profile was measured on

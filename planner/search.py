@@ -147,11 +147,14 @@ def _bases(cm: CostModel, context, prompt_tokens, io_mode):
 
 def _holds(cm: CostModel, cluster: int) -> list[str | None]:
     """Compute formats the engine offers: a q4 store runs as stored on torch's int4 kernel
-    (clusters of 64k neurons, d % 64 == 0) or expanded to f32; any other store runs in f32."""
+    (clusters of 64k neurons, d % 64 == 0) or expanded to f32; a q8 store's matrices run on
+    the int8 kernel (its FFN in f32); anything else runs in f32."""
     m, dev = cm.m, cm.dev
     int4 = (m.ffn_dtype == "q4" and cluster % 64 == 0 and m.d % 64 == 0 and m.F % cluster == 0
             and "q4" in dev.compute["torch"]["matvec"])
-    return [None, "f32"] if int4 else ["f32"]
+    if int4:
+        return [None, "f32"]
+    return [None] if m.dtype == "q8" else ["f32"]
 
 
 def _cluster_sizes(cm: CostModel) -> list[int]:
@@ -236,7 +239,8 @@ def _candidate_models(manifest: dict, quality: float | None,
         sizes = ModelSizes.from_manifest(m, name=manifest.get("name", ""))
         if active is not None and sizes.assumed_activity:
             f = default_freq(sizes.F, 1.0 if sizes.args.is_moe else active)
-            sizes = dataclasses.replace(sizes, freq=[f] * sizes.ffn_units)
+            sizes = dataclasses.replace(sizes, freq=[f] * sizes.ffn_units,
+                                        gate_pinned=f.mean() < 1)
         elif quality is not None and sizes.assumed_activity:
             sizes = _with_quality_sparsity(sizes, quality - DTYPE_COST.get(sizes.dtype, 0))
         out.append(sizes)
@@ -338,8 +342,8 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "prefill_backend": c.prefill_backend, "decode_backend": c.decode_backend,
         "placement": place, "quantization": m.dtype,
         "compute": "q4" if cm.hold_dtype(c.hold_ffn) == "q4" else "f32",  # TierConfig.compute
-        "hold": {"fixed": "as stored (q4 on the int4 kernel, others f32)"
-                 if c.hold_fixed is None and m.dtype == "q4" else "f32",
+        "hold": {"fixed": "as stored (q4/q8 on torch's int4/int8 kernels, others f32)"
+                 if c.hold_fixed is None and m.dtype in ("q4", "q8") else "f32",
                  "ffn": cm.hold_dtype(c.hold_ffn)},
         "io_mode": c.io_mode, "gate_pinned": m.gate_pinned,
         "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,

@@ -47,12 +47,15 @@ def category(name: str) -> str:
     return "other"
 
 
-def engine_dtype(stored: str, hold: str | None) -> str:
+def engine_dtype(stored: str, hold: str | None, ffn: bool = False) -> str:
     """How the engine holds a tensor stored as `stored`: with hold None (its "auto" compute),
-    q4 stays q4 (torch's int4 kernel) and everything else is expanded to f32."""
+    q4 stays q4 (torch's int4 kernel), a q8 matrix stays q8 (torch's int8 kernel; FFN slots
+    have no q8 form), and everything else is expanded to f32."""
     if hold is not None:
         return hold
-    return "q4" if stored == "q4" else "f32"
+    if stored == "q4" or (stored == "q8" and not ffn):
+        return stored
+    return "f32"
 
 
 @dataclass
@@ -101,6 +104,9 @@ class ModelSizes:
     freq: list[np.ndarray]  # per FFN unit (layer x expert), per neuron, stored hot->cold order
     assumed_activity: bool  # True when no profile: frequencies are the default model
     profile_tokens: int = 0
+    # sparse decode (thresholds from a profile, or an assumed sparsity) pins the gates and
+    # caches up|down per cluster; a dense run keeps gate|up|down in the cluster slots
+    gate_pinned: bool = True
     weight_bytes: int = 0
     source_bytes: int = 0
 
@@ -125,12 +131,6 @@ class ModelSizes:
     def F(self) -> int:
         return self.args.intermediate_size
 
-    @property
-    def gate_pinned(self) -> bool:
-        """The engine picks active neurons by a threshold on act(gate x) (CATS), so it pins
-        every gate whole, experts' too, whatever the activation."""
-        return True
-
     # -- bytes ----------------------------------------------------------------------------------
     def neuron_bytes(self, dtype: str | None = None, parts: int = 3) -> float:
         """One neuron bundle (gate row, up row, down column), or its last `parts` rows."""
@@ -145,8 +145,8 @@ class ModelSizes:
 
     def gate_bytes(self, hold: str | None = None) -> float:
         """The pinned gates, held as the engine holds them (`hold` as in engine_dtype)."""
-        return self.ffn_bytes(engine_dtype(self.ffn_dtype, hold)) / 3 if self.gate_pinned \
-            else 0.0
+        return self.ffn_bytes(engine_dtype(self.ffn_dtype, hold, ffn=True)) / 3 \
+            if self.gate_pinned else 0.0
 
     def fixed_bytes(self, hold: str | None = None) -> float:
         """Fixed region: every non-FFN tensor plus the pinned gates."""
@@ -163,7 +163,7 @@ class ModelSizes:
         for part in (self.parts["attn"], self.parts["router"], self.parts["other"], head):
             for dt, nb in part.by_dtype(hold).items():
                 out[dt] = out.get(dt, 0) + nb
-        gdt = engine_dtype(self.ffn_dtype, hold)
+        gdt = engine_dtype(self.ffn_dtype, hold, ffn=True)
         out[gdt] = out.get(gdt, 0) + self.gate_bytes(hold)
         return out
 
@@ -212,11 +212,14 @@ class ModelSizes:
             if cat != "ffn":
                 parts[cat].add(meta["shape"], meta["dtype"])
         freq, assumed, tokens = _activity(m, args)
+        sparse = any(ex.get("threshold", 0) > 0 for row in (m.get("profile") or {}).get("ffn", [])
+                     for ex in row) or bool((m.get("profile") or {}).get("layers")) \
+            or (assumed and float(np.mean(freq[0])) < 1)
         kind = m.get("estimate", {}).get("kind", "store")
         return cls(name=name or m.get("name", ""), kind=kind, args=args,
                    dtype=m.get("dtype", ffn["dtype"]), ffn_dtype=ffn["dtype"],
                    cluster_size=int(ffn["cluster_size"]), parts=parts, freq=freq,
-                   assumed_activity=assumed, profile_tokens=tokens,
+                   assumed_activity=assumed, profile_tokens=tokens, gate_pinned=sparse,
                    weight_bytes=int(m.get("weight_bytes", 0)),
                    source_bytes=int(m.get("estimate", {}).get("source_bytes", 0)))
 

@@ -157,6 +157,7 @@ def test_quick_probe_measures_a_complete_profile(tmp_path):
     assert 0 < torch_c["dispatch_s"] < 1e-3
     assert 50e6 < p.runtime_overhead_bytes < 2e9  # python + torch
     assert p.memory_bw > 1e8 and p.copy_bw > 1e8 and p.readahead_bytes >= 4096
+    assert 0 < p.miss_overhead_s < 0.1 and "q4" in torch_c.get("repack", {"q4": 1})
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".probe-")]  # cleaned up
 
 
@@ -212,18 +213,20 @@ def test_estimate_from_hf_dir_equals_the_safetensors(tmp_path, tied):
     assert {n: v["shape"] for n, v in hdr.items()} == {n: list(t.shape) for n, t in real.items()}
 
 
-def test_estimate_in_q4_matches_the_encoder(tmp_path):
-    from safetensors.torch import load_file
+@pytest.mark.parametrize("dtype,cluster", [("q4", 32), ("q8", 64), ("f16", 16)])
+def test_estimate_equals_the_store_convert_writes(tmp_path, dtype, cluster):
+    from tiercache.store.convert import convert
+    from planner.estimate import read_manifest
     path = _tiny_hf(tmp_path / "hf")
-    est = estimate_from_source(path, dtype="q4", cluster_size=32)
-    real = load_file(next(path.glob("*.safetensors")))
-    want = 0
-    for name, t in real.items():  # what StoreWriter encodes: FFN and matrices in q4, norms f32
-        dt = "q4" if t.ndim == 2 and quant.can_quantize(t.shape) else "f32"
-        want += len(quant.encode(t, dt))
-    assert est["weight_bytes"] == want
-    assert est["ffn"] == {"cluster_size": 32, "n_clusters": 5, "dtype": "q4", "layers": 2,
-                          "experts": 1, "intermediate_size": 160, "hidden_size": 64}
+    est = estimate_from_source(path, dtype=dtype, cluster_size=cluster)
+    convert(path, tmp_path / "store", dtype=dtype, cluster_size=cluster, progress=False)
+    real = read_manifest(tmp_path / "store")
+    assert est["weight_bytes"] == real["weight_bytes"]
+    assert est["ffn"] == real["ffn"]
+    assert {n: t["dtype"] for n, t in est["tensors"].items()} == \
+        {n: t["dtype"] for n, t in real["tensors"].items()}
+    assert ModelSizes.from_manifest(est).fixed_bytes() == \
+        ModelSizes.from_manifest(real).fixed_bytes()
 
 
 def test_estimate_from_gguf(tmp_path):

@@ -155,6 +155,16 @@ def _read_text(path: Path) -> str:
         raise TiercacheError(f"{path}: not UTF-8 text") from None
 
 
+def _register_planner() -> None:
+    """`tiercache plan` and `tiercache device ...` live in planner/ (which never imports us)."""
+    from planner.cli import device_app, plan
+    app.command("plan")(plan)
+    app.add_typer(device_app, name="device")
+
+
+_register_planner()
+
+
 def main():
     try:
         app()

@@ -31,8 +31,17 @@ def peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
 
 
-def rss_bytes() -> int:
+def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    return _status("VmRSS")
+
+
+def anon_bytes() -> int:
+    """Anonymous RSS: what the process holds that the kernel cannot drop (there is no swap)."""
+    return _status("RssAnon") or rss_bytes()

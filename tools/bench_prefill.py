@@ -1,9 +1,10 @@
 """Prefill tok/s: torch vs ONNX Runtime (CPU provider), f32 and q4 stores, llama.cpp beside them.
 
-    python tools/bench_prefill.py [--tokens 512] [--threads 1] [--repeat 5] [--random]
+    python tools/bench_prefill.py [--tokens 512] [--threads 1] [--repeat 5] [--dtypes f32,q4]
+                                  [--random]
 
 Uses the real default model's stores when they exist under $TIERCACHE_HOME/stores
-(smollm2-135m-instruct-f32 / -q4, as `tiercache pull` writes them), else a random model of
+(smollm2-135m-instruct-<dtype>, as `tiercache pull` writes them), else a random model of
 SmolLM2-135M's shape (30 layers, d=576, ffn=1536, GQA 9/3, vocab 49152) converted once into
 $TIERCACHE_HOME/bench. llama.cpp runs the GGUF at $TIERCACHE_HOME/gguf when llama_cpp imports.
 Prints a markdown table: best and median of --repeat interleaved runs, each on a fresh session.
@@ -66,7 +67,7 @@ def tiercache_contenders(dtype, threads, random_only):
         ("tiercache torch", "torch:cpu", torch_weights, "—",
          lambda ids: engine.prefill(engine.new_session(), ids)),
         ("tiercache ort:CPU", ort.describe()["provider"],
-         "q4 via MatMulNBits" if dtype == "q4" else dtype, setup,
+         f"{dtype} via MatMulNBits" if dtype in ("q4", "q8") else dtype, setup,
          lambda ids: ort(engine.new_session(), ids)),
     ]
 
@@ -126,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dtypes", default="f32,q4", help="store dtypes to run, e.g. f32,q4,q8")
     ap.add_argument("--random", action="store_true",
                     help="random SmolLM2-shaped model even if the real store exists")
     a = ap.parse_args(argv)
@@ -133,7 +135,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SMOLLM2["vocab_size"], (a.tokens,), generator=gen).tolist()
     contenders, what = [], ""
-    for dtype in ("f32", "q4"):
+    for dtype in a.dtypes.split(","):
         what, cs = tiercache_contenders(dtype, a.threads, a.random)
         contenders += cs
     llama = llama_cpp_contender(a.tokens, a.threads)

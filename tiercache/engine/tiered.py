@@ -18,7 +18,7 @@ from torch import nn
 
 from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError
-from ..memory import rss_bytes
+from ..memory import anon_bytes
 from ..models import Model
 from ..models.llama import ACTS, rope_inv_freq
 from ..store import quant
@@ -30,6 +30,9 @@ from .slots import Float32Slots, Int4Slots
 
 MB = 1 << 20
 SLACK = 32 * MB  # activations, logits, allocator slop
+# file-backed pages (library code, the tokenizer's files) the runtime keeps touching; the rest
+# of its mapped files the kernel may reclaim under a cap, so they are not counted whole
+FILE_RESERVE = 32 * MB
 
 
 @dataclass
@@ -87,11 +90,14 @@ class TieredEngine(Engine):
         self.model = self._build_model()
         self.profile = store.manifest.get("profile")
         self.thresholds = self._thresholds()
+        # with thresholds the gate is pinned to pick neurons; else it streams with up and down
+        self.pinned_gate = bool(self.thresholds)
+        self.row_parts = 1 if self.pinned_gate else 2
         self.budget = self._plan_budget()
         self.cache = SegmentedCache(self.budget.slot_bytes, self.budget.hot_slots,
                                     self.budget.cold_slots)
         self.pool = self.slots_cls(self.budget.hot_slots + self.budget.cold_slots, self.n, self.d,
-                                   store.ffn_dtype)
+                                   store.ffn_dtype, self.row_parts)
         self.gates: dict[tuple[int, int], object] = {}
         self._load_ffn()
         self.inflight: dict[tuple, Future] = {}
@@ -170,13 +176,13 @@ class TieredEngine(Engine):
     def _plan_budget(self) -> Budget:
         a = self.args
         total = a.num_hidden_layers * a.n_experts * self.n_clusters
-        slot = self.slots_cls.slot_bytes(self.n, self.d)
+        slot = self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
         gate_one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
                     if self.int4 else a.intermediate_size * self.d * 4)
-        gates = gate_one * a.num_hidden_layers * a.n_experts
+        gates = gate_one * a.num_hidden_layers * a.n_experts if self.pinned_gate else 0
         kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * self.cfg.context
         _trim_malloc()
-        fixed = rss_bytes()
+        fixed = anon_bytes() + FILE_RESERVE
         cfg = self.cfg
         if cfg.hot_bytes is not None or cfg.cold_bytes is not None:
             hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
@@ -206,20 +212,27 @@ class TieredEngine(Engine):
         a = self.args
         for l in range(a.num_hidden_layers):
             for e in range(a.n_experts):
+                keys = [(l, e, c) for c in range(self.n_clusters)]
+                if not self.pinned_gate:
+                    keys = [k for k in keys if k in self.cache.hot]
                 rows = []
-                for c in range(self.n_clusters):
-                    buf = self.reader.read(cluster_key(l, e, c).decode())
-                    parts = self._parts(buf, c)
+                for key, buf in zip(keys, self.reader.read_many([cluster_key(*k).decode() for k in keys])):
+                    parts = self._parts(buf, key[2])
                     rows.append(parts[0])
-                    slot = self.cache.hot.get((l, e, c))
+                    slot = self.cache.hot.get(key)
                     if slot is not None:
-                        self.pool.write(slot, self.pool.prepare(parts[1:]))
-                self.gates[(l, e)], _ = self.slots_cls.gate(rows, self.store.ffn_dtype)
+                        self.pool.write(slot, self.pool.prepare(self._slot_parts(parts)))
+                if self.pinned_gate:
+                    self.gates[(l, e)] = self.slots_cls.gate(rows, self.store.ffn_dtype)
         self.reader.stats.__init__()  # count what decoding reads, not the load
 
     def _parts(self, buf: bytes, c: int):
         mv = memoryview(buf)
         return [(s, mv[o:o + nb]) for s, o, nb in self.store.cluster_parts(c)]
+
+    def _slot_parts(self, parts):
+        """What a slot keeps of (gate, up, down): the gate too unless it is pinned."""
+        return parts[1:] if self.pinned_gate else parts
 
     def _hotness_order(self) -> list[tuple[int, int, int]]:
         """All clusters, most frequently active first (profile order; else layer order)."""
@@ -235,6 +248,8 @@ class TieredEngine(Engine):
     # -- the FFN ----------------------------------------------------------------------------
     def ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d] through the cached clusters of one layer (or expert)."""
+        if not self.pinned_gate:
+            return self._dense_ffn(layer, expert, x)
         n, c_all = self.n, self.n_clusters
         a = self.act(self.gates[(layer, expert)](x))               # [T, F]
         f = a.shape[1]
@@ -253,16 +268,25 @@ class TieredEngine(Engine):
         slots = self._fetch(layer, expert, active, prefill=x.shape[0] > 1)
         idx = torch.tensor(slots)
         a = a.view(-1, c_all, n).index_select(1, torch.tensor(active)).view(x.shape[0], -1)
-        h = a * self.pool.up(x, idx)
+        h = a * self.pool.rows(x, idx)
+        return self.pool.down(h, idx)
+
+    def _dense_ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Every cluster, gate included, through the cache (no thresholds to skip by)."""
+        idx = torch.tensor(self._fetch(layer, expert, list(range(self.n_clusters)), prefill=True))
+        h = self.act(self.pool.rows(x, idx, 0)) * self.pool.rows(x, idx, 1)
         return self.pool.down(h, idx)
 
     def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
         keys = [(layer, expert, c) for c in clusters]
         slots = [self.cache.lookup(k) for k in keys]
         missing = [i for i, s in enumerate(slots) if s is None]
-        futures = {i: self._submit(keys[i]) for i in missing}
+        self._submit([keys[i] for i in missing])
+        futures = {i: self.inflight[keys[i]] for i in missing}
         if self.cfg.prefetch and not self.args.is_moe:
             self._prefetch(layer + 1, expert, prefill)
+            if not self.pinned_gate and layer + 1 == self.args.num_hidden_layers:
+                self._prefetch(0, expert, True)  # the next token starts again at layer 0
         t0 = time.perf_counter()
         for i, fut in futures.items():
             prepared = fut.result()
@@ -275,25 +299,34 @@ class TieredEngine(Engine):
         self.io_wait_s += time.perf_counter() - t0
         return slots
 
-    def _submit(self, key) -> Future:
-        fut = self.inflight.get(key)
-        if fut is None:
-            fut = self.reader.pool.submit(self._read_prepared, key)
-            self.inflight[key] = fut
-        return fut
+    def _submit(self, keys) -> None:
+        """Read the keys not already in flight, as one job (coalesced reads) per call."""
+        new = [k for k in keys if k not in self.inflight]
+        if not new:
+            return
+        futs = [Future() for _ in new]
+        self.inflight.update(zip(new, futs))
+        self.reader.pool.submit(self._read_prepared, new, futs)
 
-    def _read_prepared(self, key):
-        buf = self.reader.read(cluster_key(*key).decode())
-        return self.pool.prepare(self._parts(buf, key[2])[1:])
+    def _read_prepared(self, keys, futs) -> None:
+        try:
+            bufs = self.reader.read_many([cluster_key(*k).decode() for k in keys])
+        except BaseException as e:  # the waiting layer re-raises it
+            for f in futs:
+                f.set_exception(e)
+            return
+        for key, buf, fut in zip(keys, bufs, futs):
+            try:
+                fut.set_result(self.pool.prepare(self._slot_parts(self._parts(buf, key[2]))))
+            except BaseException as e:
+                fut.set_exception(e)
 
     def _prefetch(self, layer: int, expert: int, prefill: bool) -> None:
         if layer >= self.args.num_hidden_layers or self.cache.cold_slots == 0:
             return
-        likely = range(self.n_clusters) if prefill else self.last_active.get((layer, expert), ())
-        for c in likely:
-            key = (layer, expert, c)
-            if key not in self.cache and key not in self.inflight:
-                self._submit(key)
+        dense = prefill or not self.pinned_gate
+        likely = range(self.n_clusters) if dense else self.last_active.get((layer, expert), ())
+        self._submit([(layer, expert, c) for c in likely if (layer, expert, c) not in self.cache])
 
     # -- engine API ---------------------------------------------------------------------------
     def decode(self, session, token: int) -> torch.Tensor:

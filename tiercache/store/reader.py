@@ -50,22 +50,42 @@ class RecordReader:
 
     def read(self, key: str) -> bytes:
         """One record, checked against its crc32."""
-        off, n = self.offsets[key]
-        lo = off // ALIGN * ALIGN
-        size = -(-(off + n - lo) // ALIGN) * ALIGN
+        return self.read_many([key])[0]
+
+    def read_many(self, keys: list[str], gap: int = 64 << 10, limit: int = 8 << 20) -> list[bytes]:
+        """Records in `keys` order; neighbours in the file are read together (fewer, larger
+        reads run faster: 1 MiB O_DIRECT reads are ~2x 64 KiB ones on this machine's disk)."""
+        spans = sorted((self.offsets[k] + (k,) for k in keys))
+        out, run = {}, []
+        for span in spans:
+            if run and (span[0] - (run[-1][0] + run[-1][1]) > gap
+                        or span[0] + span[1] - run[0][0] > limit):
+                out.update(self._read_run(run))
+                run = []
+            run.append(span)
+        if run:
+            out.update(self._read_run(run))
+        return [out[k] for k in keys]
+
+    def _read_run(self, run) -> dict[str, bytes]:
+        lo = run[0][0] // ALIGN * ALIGN
+        end = max(off + n for off, n, _ in run)
+        size = -(-(end - lo) // ALIGN) * ALIGN
         buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT wants
         try:
             got = os.preadv(self.fd, [buf], lo)
-            data = buf[off - lo: off - lo + n]
+            recs = {k: buf[off - lo: off - lo + n] for off, n, k in run}
         finally:
             buf.close()
         if not self.direct:  # keep the page cache out of the budget
             os.posix_fadvise(self.fd, lo, size, os.POSIX_FADV_DONTNEED)
         self.stats.add(size)
-        want = self.store.records[key]
-        if got < off - lo + n or len(data) != want[0] or zlib.crc32(data) != want[1]:
-            raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
-        return data
+        for off, n, key in run:
+            want = self.store.records[key]
+            data = recs[key]
+            if got < off - lo + n or len(data) != want[0] or zlib.crc32(data) != want[1]:
+                raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
+        return recs
 
     def submit(self, key: str) -> Future:
         return self.pool.submit(self.read, key)
