@@ -74,7 +74,7 @@ def format_plan(plan: dict) -> str:
              + (", estimate only" if m.get("estimate_only") else "")
              + f") on {plan['device']}, RAM budget {mb(plan['limits']['ram_bytes']):.0f} MB",
              "", f"{'region':<14}{'MB':>9}  where / what"]
-    rows = [("runtime", mem["runtime"], "python + torch"),
+    rows = [("runtime", mem["runtime"] + mem["tokenizer"], "python + torch + tokenizer"),
             ("fixed", mem["fixed"] or e["fixed_bytes"],
              f"{e['placement']['attention']}: embeddings, attention, norms"
              + (", gate" if e["gate_pinned"] else "") + f", compute {e['compute']}"),
@@ -83,7 +83,7 @@ def format_plan(plan: dict) -> str:
             ("ffn cold LRU", e["cold_bytes"], f"ram: {e['cold_clusters']} clusters"),
             ("kv cache", e["kv_bytes"], f"{plan['limits']['context']} tokens"),
             ("buffers", mem["buffers"] + mem["activations"] + mem["page_cache"],
-             "reads in flight, prefill layer buffers, activations"),
+             "reads in flight, gathered slots, activations (>= 32 MB)"),
             ("peak", p["peak_memory_bytes"], "predicted, as a cgroup counts it")]
     lines += [f"{name:<14}{mb(v):>9.1f}  {what}" for name, v, what in rows]
     lines += ["", f"streams from flash: {mb(p['store_bytes_per_token']):.2f} MB/token in "
@@ -99,14 +99,14 @@ def format_plan(plan: dict) -> str:
 
 
 def plot_budget_curve(model, device, path: Path, ram_bytes: int, vram=None,
-                      context: int = 2048) -> Path:
+                      context: int = 2048, active: float | None = None) -> Path:
     """PNG of predicted decode tok/s against the RAM budget, the chosen budget marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [p for p in sweep(model, device, vram=vram, context=context) if p["decode_tok_s"]]
-    pts += [p for p in sweep(model, device, budgets=[ram_bytes], vram=vram, context=context)
-            if p["decode_tok_s"]]
+    kw = {"vram": vram, "context": context, "active": active}
+    pts = [p for p in sweep(model, device, **kw) if p["decode_tok_s"]]
+    pts += [p for p in sweep(model, device, budgets=[ram_bytes], **kw) if p["decode_tok_s"]]
     pts.sort(key=lambda p: p["ram_bytes"])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([mb(p["ram_bytes"]) for p in pts], [p["decode_tok_s"] for p in pts], "o-", ms=3,
@@ -158,12 +158,17 @@ def plan(
         plot: Annotated[Path | None, typer.Option(help="PNG: decode tok/s vs RAM")] = None,
         min_tok_s: Annotated[float | None, typer.Option(help="refuse below this")] = None,
         context: Annotated[int, typer.Option(help="tokens of KV cache to plan for")] = 2048,
+        active: Annotated[float | None, typer.Option(
+            help="share of FFN neurons active per token when the model has no profile "
+                 "(default 0.5; 1.0 plans a dense run)")] = None,
 ) -> dict:
     """Plan how to run MODEL on a device within a RAM (and VRAM) budget."""
-    result = make_plan(model, device, ram=ram, vram=vram, min_tok_s=min_tok_s, context=context)
+    result = make_plan(model, device, ram=ram, vram=vram, min_tok_s=min_tok_s, context=context,
+                       active=active)
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
     if plot:
-        plot_budget_curve(model, device, plot, result["limits"]["ram_bytes"], vram, context)
+        plot_budget_curve(model, device, plot, result["limits"]["ram_bytes"], vram, context,
+                          active)
     typer.echo(json.dumps(result, indent=1) if json_out else format_plan(result))
     return result

@@ -47,6 +47,11 @@ CLUSTER_OBJ_BYTES = 128  # cache entry per cached cluster (slots live in preallo
 DECODE_POSITION = 256  # typical KV length a decode step attends over (capped by the context)
 MIN_HEADROOM = 4 << 20  # page cache / allocator slack the budget keeps for buffered reads
 ENGINE_SLACK = 32 << 20  # the engine keeps this much for activations, logits, allocator slop
+# the engine's misses cost ~1.5x the probe's emulation of one (cache admission, futures,
+# prefetch bookkeeping; measured: ~1.2 ms per miss decoding SmolLM2 q4 at 400-420 MB)
+MISS_CALIBRATION = 1.5
+TOKENIZER_BYTES_PER_TOKEN = 700  # RSS of a loaded HF tokenizer per vocabulary entry (SmolLM2's
+# 49,152-token tokenizer.json took 33 MiB in `tokenizers`, measured on the reference VM)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,9 @@ class Activity:
 
     def __init__(self, sizes: ModelSizes, cluster: int):
         self.cluster = cluster
-        units = [_cluster_pi(f, cluster) * sizes.route_prob for f in sizes.freq]
+        measured = sizes.cluster_active if cluster == sizes.cluster_size else None
+        units = [(np.asarray(a) if measured else _cluster_pi(f, cluster)) * sizes.route_prob
+                 for f, a in zip(sizes.freq, measured or sizes.freq)]
         # P(every cluster of a layer active): then its slots are one run, gathered as a view
         self.p_all = float(np.mean([np.prod(u) for u in units]))
         self.pi = np.sort(np.concatenate(units))[::-1]  # frequency-pinned: the top ones go hot
@@ -199,6 +206,7 @@ class CostModel:
         gpu = "vram" in (c.place_fixed, c.place_hot)
         ram = {"runtime": dev.runtime_overhead_bytes
                + (dev.gpu_runtime_overhead_bytes if gpu else 0),
+               "tokenizer": m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN,
                "fixed": fixed if c.place_fixed == "ram" else 0,
                "hot": c.hot_clusters * cb if c.place_hot == "ram" else 0,
                "cold": c.cold_clusters * cb,
@@ -266,10 +274,11 @@ class CostModel:
         reads = misses + wasted
         per_layer = reads / max(1, m.layers)
         inflight = min(c.io_threads, max(1.0, per_layer * (c.prefetch_layers + 1)))
-        t_io = dev.read_time(reads * rec, rec, inflight) + reads * self.miss_cost(c)
+        t_read = dev.read_time(reads * rec, rec, inflight)
+        t_soft = reads * self.miss_cost(c)  # Python under the GIL: it does not overlap
         comp = self._decode_compute(c, act, active)
-        overlap = t_io * recall
-        exposed = t_io - overlap
+        overlap = t_read * recall
+        exposed = t_read - overlap + t_soft
         busy = sum(comp.values())
         total = exposed + max(busy, overlap)
         return ({**comp, "io_overlapped": overlap, "io_exposed": exposed, "total": total},
@@ -280,7 +289,7 @@ class CostModel:
         dequantize into a slot): the probe's figure for a 64 KiB record, plus the
         byte-proportional part for larger ones. Python-bound, so threads do not divide it."""
         extra = max(0.0, self.record_bytes(c.decode_cluster) - (1 << 16))
-        return self.dev.miss_overhead_s + extra / self.prepare_rate(c)
+        return self.dev.miss_overhead_s * MISS_CALIBRATION + extra / self.prepare_rate(c)
 
     def prepare_rate(self, c: Config) -> float:
         """Stored bytes/s an I/O thread turns into slot format (int4 repack or f32)."""

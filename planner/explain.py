@@ -25,15 +25,18 @@ def explain(plan: dict, best, budget) -> list[str]:
 def _budget_line(plan, budget, mem) -> str:
     return (f"RAM budget {mb(budget.ram):.0f} MB ({budget.ram_source}); predicted peak "
             f"{mb(plan['predicted']['peak_memory_bytes']):.0f} MB = runtime "
-            f"{mb(mem['runtime']):.0f} + fixed {mb(mem['fixed']):.0f} + hot {mb(mem['hot']):.0f}"
-            f" + cold {mb(mem['cold']):.0f} + KV {mb(mem['kv']):.0f} "
-            f"({plan['limits']['context']} tokens) + buffers "
+            f"{mb(mem['runtime'] + mem['tokenizer']):.0f} (with the tokenizer) + fixed "
+            f"{mb(mem['fixed']):.0f} + hot {mb(mem['hot']):.0f} + cold {mb(mem['cold']):.0f} "
+            f"+ KV {mb(mem['kv']):.0f} ({plan['limits']['context']} tokens) + buffers "
             f"{mb(mem['buffers'] + mem['activations'] + mem['page_cache']):.0f}"
             + (f"; VRAM {mb(plan['predicted']['peak_vram_bytes']):.0f} of "
                f"{mb(budget.vram):.0f} MB" if budget.vram else "") + ".")
 
 
 def _activity_line(m) -> str:
+    if m.assumed_activity and m.mean_active() >= 1:
+        return ("No activation profile used: planned as a dense run (every FFN neuron active, "
+                "the gate cached with its cluster); `tiercache profile` enables sparse decode.")
     if m.assumed_activity:
         return (f"No activation profile in the model: assumed {m.mean_active():.0%} of FFN "
                 f"neurons active per token with Zipf-like skew (f_i = min(1, c/(i+1)^0.5)); "

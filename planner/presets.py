@@ -78,7 +78,8 @@ def phone_12gb_ufs4() -> DeviceProfile:
                     "UFS 4.0 (PowerInfer-2's OnePlus 12 class)",
         ram_bytes=12 * GiB, unified_memory=True, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_published_curve([(4096, 450e6), (524288, 4.0e9), (4 << 20, 4.2e9)]),
-        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
+        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME,
+        miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         readahead_bytes=128 * 1024,
         sources={
             "ram_bytes": "12 GB LPDDR5X configuration (OnePlus 12 spec sheet)",
@@ -104,7 +105,8 @@ def phone_8gb_ufs31() -> DeviceProfile:
                     "UFS 3.1",
         ram_bytes=8 * GiB, unified_memory=True, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_published_curve([(4096, 100_000 * 4096), (524288, 2.1e9)]),
-        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
+        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME,
+        miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         readahead_bytes=128 * 1024,
         sources={
             "ram_bytes": "8 GB LPDDR5 configuration (Snapdragon 888 phones)",
@@ -130,7 +132,8 @@ def laptop_8gb_nvme() -> DeviceProfile:
                     "NVMe (Samsung 980 class)",
         ram_bytes=8 * GiB, memory_bw=core_bw, copy_bw=core_bw / 2,
         flash=_nvme_curve(qd1_iops=17_000, seq_bw=3.5e9, max_iops=500_000),
-        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME, miss_overhead_s=MISS_OPS * CPU_DISPATCH,
+        compute={"torch": _cpu(core_bw, core_flops)}, runtime_overhead_bytes=RUNTIME,
+        miss_overhead_s=MISS_OPS * CPU_DISPATCH,
         sources={
             "ram_bytes": "8 GB configuration",
             "flash": "Samsung 980 data sheet: 3,500 MB/s sequential read, 4 KB random read "

@@ -444,6 +444,13 @@ def runtime_footprint() -> tuple[int, int]:
             "torch.set_num_threads(1)\n"
             "x = torch.ones(64, 64); q = torch.ones(1, 2, 4, 8)\n"
             "x @ x; torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
+            "b = x.to(torch.bfloat16); ops = torch.ops.aten\n"
+            "if hasattr(ops, '_weight_int4pack_mm_for_cpu'):\n"
+            " p = torch.zeros(64, 32, dtype=torch.uint8)\n"
+            " sz = torch.ones(2, 64, 2, dtype=b.dtype)\n"
+            " ops._weight_int4pack_mm_for_cpu(b, p, 32, sz)\n"
+            "if hasattr(ops, '_weight_int8pack_mm'):\n"
+            " ops._weight_int8pack_mm(b, x.to(torch.int8), torch.ones(64, dtype=b.dtype))\n"
             "print(before, rss())\n")
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

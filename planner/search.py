@@ -190,9 +190,11 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
     if max_hot == act.n:  # everything can be pinned: nothing to split
         yield dataclasses.replace(c, hot_clusters=act.n, cold_clusters=0)
         return
-    # absolute grid points (so a larger budget only adds splits) plus the most that fits
-    hots = sorted({round(act.n * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {max_hot})
     per_layer = -(-cm.m.F // c.decode_cluster)  # the engine's cold region holds a layer at least
+    # absolute grid points (so a larger budget only adds splits), the most that fits, and the
+    # most that leaves the cold region its one layer
+    hots = sorted({round(act.n * i / HOT_GRID) for i in range(HOT_GRID + 1)}
+                  | {max_hot, max(0, max_hot - per_layer)})
     for hot in (h for h in hots if h <= max_hot):
         left = room_ram - (0 if c.place_hot == "vram" else hot * cb)
         cold = max(0, min(act.n - hot, int(left // cb)))
@@ -288,7 +290,7 @@ def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
     need = minimum_memory(cm, context, prompt_tokens, io_mode)
     r = need["ram"]
     msg = (f"{cm.m.name or 'the model'} needs at least {mb(need['ram_total']):.0f} MB "
-           f"(runtime {mb(r['runtime']):.0f} + fixed {mb(r['fixed']):.0f} + "
+           f"(runtime {mb(r['runtime'] + r['tokenizer']):.0f} + fixed {mb(r['fixed']):.0f} + "
            f"KV cache {mb(r['kv']):.0f} for {context} tokens + one layer of FFN clusters "
            f"{mb(r['cold']):.0f} + buffers "
            f"{mb(r['buffers'] + r['activations'] + r['page_cache']):.0f}), "
@@ -327,7 +329,7 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     c, p, cm = best.config, best.pred, best.cost
     m = cm.m
     place = {"embeddings": c.place_fixed, "attention": c.place_fixed, "norms": c.place_fixed,
-             "ffn_gate": c.place_fixed if m.gate_pinned else "flash",
+             "ffn_gate": c.place_fixed if m.gate_pinned else "with_ffn_clusters",
              "ffn_hot": c.place_hot, "ffn_cold_cache": "ram", "ffn_cold": "flash"}
     if m.args.is_moe:
         place["router"] = c.place_fixed

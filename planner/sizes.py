@@ -107,6 +107,9 @@ class ModelSizes:
     # sparse decode (thresholds from a profile, or an assumed sparsity) pins the gates and
     # caches up|down per cluster; a dense run keeps gate|up|down in the cluster slots
     gate_pinned: bool = True
+    # measured per-cluster activity (share of tokens with any neuron active) at the store's
+    # cluster size, when the profile records it; else derived from neuron frequencies
+    cluster_active: list | None = None
     weight_bytes: int = 0
     source_bytes: int = 0
 
@@ -220,6 +223,7 @@ class ModelSizes:
                    dtype=m.get("dtype", ffn["dtype"]), ffn_dtype=ffn["dtype"],
                    cluster_size=int(ffn["cluster_size"]), parts=parts, freq=freq,
                    assumed_activity=assumed, profile_tokens=tokens, gate_pinned=sparse,
+                   cluster_active=_cluster_active(m, args),
                    weight_bytes=int(m.get("weight_bytes", 0)),
                    source_bytes=int(m.get("estimate", {}).get("source_bytes", 0)))
 
@@ -240,6 +244,14 @@ def _activity(m: dict, args: ModelArgs) -> tuple[list[np.ndarray], bool, int]:
     active = 1.0 if args.is_moe else DEFAULT_ACTIVE  # routed experts run dense
     f = default_freq(args.intermediate_size, active)
     return [f] * units, True, 0
+
+
+def _cluster_active(m: dict, args: ModelArgs) -> list | None:
+    rows = (m.get("profile") or {}).get("ffn") or []
+    acts = [ex.get("cluster_active") for row in rows for ex in row]
+    if acts and len(acts) == args.num_hidden_layers * args.n_experts and all(acts):
+        return [np.clip(np.asarray(a, dtype=np.float64), 0, 1) for a in acts]
+    return None
 
 
 def default_freq(n: int, active: float = DEFAULT_ACTIVE, s: float = ZIPF_S) -> np.ndarray:

@@ -404,6 +404,22 @@ def test_unprofiled_plan_says_it_assumed_sparsity(laptop):
     assert any("RAM does not bind" in line for line in p["explanation"])
 
 
+def test_dense_runs_cache_whole_clusters_and_measured_activity_is_used(laptop):
+    m = small_manifest()
+    sparse = make_plan(m, laptop, ram="1G", context=256)
+    dense = make_plan(m, laptop, ram="1G", context=256, active=1.0)
+    assert sparse["engine"]["gate_pinned"] and not dense["engine"]["gate_pinned"]
+    # a dense run keeps gate|up|down in each slot: 3/2 of a sparse run's up|down
+    assert dense["engine"]["cached_cluster_bytes"] > sparse["engine"]["cached_cluster_bytes"]
+    lays = [[{"threshold": 0.1, "freq": [0.5] * 1024, "cluster_active": [0.25] * 16}]
+            for _ in range(8)]
+    prof = {**m, "profile": {"tokens": 100, "ffn": lays}}
+    sizes = ModelSizes.from_manifest(prof)
+    act = cost.CostModel(sizes, laptop).activity(64)
+    assert act.active_clusters() == pytest.approx(8 * 16 * 0.25)  # measured, not derived
+    assert cost.CostModel(sizes, laptop).activity(128).active_clusters() > 8 * 8 * 0.25
+
+
 def test_gpu_preset_places_weights_in_vram():
     big = tiny_manifest(d=1024, F=4096, layers=16, vocab=32000, cluster=32)
     p = make_plan(big, "desktop-rtx4090-24gb", ram="2G")
@@ -423,7 +439,8 @@ def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):
                                                                           "dtype": "f16"}
     p = make_plan(m, laptop, ram=int(least_ram(m, laptop) + 1e6), context=256)
     assert p["model"]["mean_active_fraction"] == pytest.approx(2 / 8)
-    assert p["engine"]["placement"]["router"] == "ram" and p["engine"]["gate_pinned"]
+    assert p["engine"]["placement"]["router"] == "ram"
+    assert not p["engine"]["gate_pinned"]  # no profile, routed experts run dense
     assert p["predicted"]["store_bytes_per_token"] > 0
     ram = int(least_ram(small_manifest(), laptop, io_mode="buffered") + 1.5e6)
     b = make_plan(small_manifest(), laptop, ram=ram, context=256, io_mode="buffered")

@@ -37,11 +37,13 @@ def default_threads() -> int:
 
 def load(model: str, threads: int | None = None, dtype: str = "f32", ram: int | str | None = None,
          engine: str = "tiered", context: int = 2048, io_threads: int = 2,
-         sparse: bool = True) -> tuple[Engine, Tokenizer]:
+         sparse: bool = True, backend: str = "auto") -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
     resident when ram is None); engine="dense" is the naive all-in-RAM float32 reference.
+    backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
+    Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
     """
     from .hub import resolve_model
     from .engine.tiered import TierConfig, load_tiered
@@ -50,10 +52,17 @@ def load(model: str, threads: int | None = None, dtype: str = "f32", ram: int | 
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
     if engine == "dense":
-        return load_dense(Store(path)), tok
-    cfg = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None, context=context,
-                     io_threads=io_threads, sparse=sparse)
-    return load_tiered(Store(path, readahead=False), cfg), tok
+        eng = load_dense(Store(path))
+    else:
+        cfg = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None, context=context,
+                         io_threads=io_threads, sparse=sparse)
+        eng = load_tiered(Store(path, readahead=False), cfg)
+        if backend == "auto" and ram is not None:
+            backend = "torch"
+    if backend != "torch":
+        import backends
+        backends.install(eng, backend, threads or default_threads(), decode=False)
+    return eng, tok
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat_template: bool = True) -> list[int]:

@@ -18,6 +18,7 @@ RAM = typer.Option(None, help="memory the process may use in all (RSS + page cac
 ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
 SPARSE = typer.Option(True, "--sparse/--no-sparse", help="skip FFN neurons under the profiled thresholds")
+BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 
 
 @app.command()
@@ -47,13 +48,13 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              seed: Optional[int] = None, threads: Optional[int] = None,
              dtype: str = typer.Option("f32", help="store dtype when MODEL needs converting"),
              ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
-             sparse: bool = SPARSE,
+             sparse: bool = SPARSE, backend: str = BACKEND,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template"),
              json_out: bool = typer.Option(False, "--json", help="last stdout line: a JSON report")):
     """Generate text for one prompt, streamed to stdout."""
     from . import api
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=context, sparse=sparse)
+                        context=context, sparse=sparse, backend=backend)
     engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
     tokens, text, last = [], [], None
@@ -88,7 +89,12 @@ def _report(engine, ids, tokens, text, last) -> dict:
             "decode_tok_s": last.generation_tps if last else 0.0,
             "weight_bytes": engine.store.weight_bytes, "peak_memory_bytes": mem,
             "peak_memory_method": how, "threads": torch.get_num_threads(),
-            "backend": engine.backend, "store": str(engine.store.path)}
+            "backend": _phases(engine), "store": str(engine.store.path)}
+
+
+def _phases(engine) -> dict:
+    import backends
+    return backends.phase_report(engine)
 
 
 @app.command()
@@ -97,12 +103,12 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          temp: float = 0.7, top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
          threads: Optional[int] = None, dtype: str = "f32", ram: Optional[str] = RAM,
          engine: str = ENGINE, context: int = CONTEXT, sparse: bool = SPARSE,
-         system: Optional[str] = typer.Option(None, help="system prompt")):
+         backend: str = BACKEND, system: Optional[str] = typer.Option(None, help="system prompt")):
     """Chat with a model in the terminal (/exit or Ctrl-D to leave)."""
     from .chat import run_chat
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
-             context=context, sparse=sparse)
+             context=context, sparse=sparse, backend=backend)
 
 
 @app.command("eval")
@@ -111,13 +117,13 @@ def eval_(model: str = typer.Argument(DEFAULT_MODEL),
           max_tokens: int = typer.Option(4096, "--max-tokens", help="tokens of the text to score"),
           chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
           threads: Optional[int] = None, dtype: str = "f32", ram: Optional[str] = RAM,
-          engine: str = ENGINE, sparse: bool = SPARSE,
+          engine: str = ENGINE, sparse: bool = SPARSE, backend: str = BACKEND,
           json_out: bool = typer.Option(False, "--json")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
     from .profile import perplexity
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=chunk, sparse=sparse)
+                        context=chunk, sparse=sparse, backend=backend)
     ids = tok.encode(_read_text(text))[:max_tokens]
     ppl = perplexity(eng, ids, chunk, progress=not json_out)
     report = {"perplexity": ppl, "tokens": len(ids), "engine": engine, "ram": ram,

@@ -20,15 +20,19 @@ class Engine:
     def new_session(self) -> Session:
         return Session(self, self.model.make_cache())
 
-    def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
-        """Run the prompt's new ids; -> logits [V] of the last position."""
+    def forward_ids(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """Run new ids through the model (torch); -> logits [V] of the last position."""
         x = torch.tensor([ids], dtype=torch.long)
         logits = self.model(x, session.caches, last_only=True)
         session.tokens.extend(ids)
         return logits[0, -1]
 
+    def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """The prompt's new ids (a backend may take this phase over: backends.install)."""
+        return self.forward_ids(session, ids)
+
     def decode(self, session: Session, token: int) -> torch.Tensor:
-        return self.prefill(session, [token])
+        return self.forward_ids(session, [token])
 
     def logits(self, session: Session, ids: list[int]) -> torch.Tensor:
         """All positions' logits [T, V] (for evaluation and parity tests)."""

@@ -331,7 +331,7 @@ class TieredEngine(Engine):
     # -- engine API ---------------------------------------------------------------------------
     def decode(self, session, token: int) -> torch.Tensor:
         self.tokens += 1
-        return self.prefill(session, [token])
+        return self.forward_ids(session, [token])
 
     def stats(self) -> dict:
         s, io = self.cache.stats, self.reader.stats

@@ -62,6 +62,7 @@ class Store:
         self.cluster_size, self.n_clusters = ffn["cluster_size"], ffn["n_clusters"]
         self.ffn_dtype = ffn["dtype"]
         self.records = self.manifest["records"]
+        self.readahead = readahead
         self.env = _open_env(self.path / "lmdb", readahead)
         sid = self._get(b"meta:store_id", check=False)
         if sid is None or sid.decode() != self.manifest["store_id"]:
@@ -69,6 +70,8 @@ class Store:
 
     # -- raw records -------------------------------------------------------------------------
     def _get(self, key: bytes, check: bool = True):
+        if self.env is None:  # let go of by an engine that reads with pread; map it again
+            self.env = _open_env(self.path / "lmdb", self.readahead)
         with self.env.begin(buffers=False) as txn:
             buf = txn.get(key)
         if check:
