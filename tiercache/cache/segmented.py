@@ -38,7 +38,7 @@ class SegmentedCache:
     def __post_init__(self):
         self.hot: dict[Key, int] = {}
         self.cold: OrderedDict[Key, int] = OrderedDict()  # least recently used first
-        self.free_cold = list(range(self.hot_slots + self.cold_slots - 1, self.hot_slots - 1, -1))
+        self.free_cold = list(range(self.cold_slots - 1, -1, -1))  # hot and cold number apart
 
     @property
     def budget_bytes(self) -> int:
@@ -58,7 +58,8 @@ class SegmentedCache:
         return self.hot[key]
 
     def lookup(self, key: Key) -> int | None:
-        """Slot holding `key` (refreshing its LRU position), or None on a miss."""
+        """Slot holding `key` (refreshing its LRU position), or None on a miss. Hot and cold
+        slots are numbered separately: the caller knows which region it asked about."""
         slot = self.hot.get(key)
         if slot is not None:
             self.stats.hot_hits += 1

@@ -107,6 +107,33 @@ class Int4Slots:
         return lambda x: int4_mm(x, packed, sz).float()
 
 
+class Block:
+    """A layer's pinned (hot) clusters joined once into kernel-ready matrices: no gather per
+    token. Built from the `prepare` outputs of one slot class, in cluster order."""
+
+    def __init__(self, slots_cls, prepared: list):
+        self.int4 = slots_cls is Int4Slots
+        *rows, down = zip(*prepared)
+        if self.int4:
+            self.row_q = [torch.cat([q for q, _ in r]) for r in rows]
+            self.row_sz = [torch.cat([sz for _, sz in r], dim=1) for r in rows]
+            self.down_q = torch.cat([q for q, _ in down], dim=1)
+            self.down_sz = torch.cat([sz for _, sz in down])
+        else:
+            self.row_w = [torch.cat(r) for r in rows]
+            self.down_w = torch.cat(down, dim=1)
+
+    def rows(self, x, part: int = 0):
+        if self.int4:
+            return int4_mm(x, self.row_q[part], self.row_sz[part]).float()
+        return F.linear(x, self.row_w[part])
+
+    def down(self, h):
+        if self.int4:
+            return int4_mm(h, self.down_q, self.down_sz).float()
+        return F.linear(h, self.down_w)
+
+
 def _take(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """pool[slots] along dim 0: a view when the slots are one ascending run (pinned layers)."""
     first, last = int(slots[0]), int(slots[-1])

@@ -26,7 +26,7 @@ from ..store.format import Store, cluster_key, tensor_key
 from ..store.reader import RecordReader
 from .dense import Engine
 from .kernels import _HAVE_INT8, Q8Linear, QEmbedding, QLinear, int4_ok
-from .slots import Float32Slots, Int4Slots
+from .slots import Block, Float32Slots, Int4Slots
 
 MB = 1 << 20
 SLACK = 32 * MB  # activations, logits, allocator slop
@@ -96,9 +96,10 @@ class TieredEngine(Engine):
         self.budget = self._plan_budget()
         self.cache = SegmentedCache(self.budget.slot_bytes, self.budget.hot_slots,
                                     self.budget.cold_slots)
-        self.pool = self.slots_cls(self.budget.hot_slots + self.budget.cold_slots, self.n, self.d,
-                                   store.ffn_dtype, self.row_parts)
+        self.pool = self.slots_cls(self.budget.cold_slots, self.n, self.d, store.ffn_dtype,
+                                   self.row_parts)
         self.gates: dict[tuple[int, int], object] = {}
+        self.hot: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> (Block, clusters, neurons)
         self._load_ffn()
         self.inflight: dict[tuple, Future] = {}
         self.last_active: dict[tuple[int, int], list[int]] = {}
@@ -215,16 +216,23 @@ class TieredEngine(Engine):
                 keys = [(l, e, c) for c in range(self.n_clusters)]
                 if not self.pinned_gate:
                     keys = [k for k in keys if k in self.cache.hot]
-                rows = []
+                rows, hot = [], []
                 for key, buf in zip(keys, self.reader.read_many([cluster_key(*k).decode() for k in keys])):
                     parts = self._parts(buf, key[2])
                     rows.append(parts[0])
-                    slot = self.cache.hot.get(key)
-                    if slot is not None:
-                        self.pool.write(slot, self.pool.prepare(self._slot_parts(parts)))
+                    if key in self.cache.hot:
+                        hot.append((key[2], self.pool.prepare(self._slot_parts(parts))))
                 if self.pinned_gate:
                     self.gates[(l, e)] = self.slots_cls.gate(rows, self.store.ffn_dtype)
+                if hot:
+                    self.hot[(l, e)] = self._hot_block(hot)
         self.reader.stats.__init__()  # count what decoding reads, not the load
+
+    def _hot_block(self, hot: list) -> tuple:
+        clusters = [c for c, _ in hot]
+        neurons = torch.cat([torch.arange(c * self.n, c * self.n + self.store.cluster_rows(c))
+                             for c in clusters])
+        return Block(self.slots_cls, [p for _, p in hot]), set(clusters), neurons
 
     def _parts(self, buf: bytes, c: int):
         mv = memoryview(buf)
@@ -263,19 +271,32 @@ class TieredEngine(Engine):
             active = list(range(c_all))
         if not active:
             return torch.zeros_like(x)
+        block, hot, neurons = self.hot.get((layer, expert), (None, (), None))
+        cold = [c for c in active if c not in hot]
         if x.shape[0] == 1:
-            self.last_active[(layer, expert)] = active
-        slots = self._fetch(layer, expert, active, prefill=x.shape[0] > 1)
-        idx = torch.tensor(slots)
-        a = a.view(-1, c_all, n).index_select(1, torch.tensor(active)).view(x.shape[0], -1)
-        h = a * self.pool.rows(x, idx)
-        return self.pool.down(h, idx)
+            self.last_active[(layer, expert)] = cold
+        y = 0
+        self.cache.stats.hot_hits += len(active) - len(cold)
+        if block is not None:  # the pinned clusters, computed whether or not all are active
+            y = block.down(a.index_select(1, neurons) * block.rows(x))
+        if cold:
+            idx = torch.tensor(self._fetch(layer, expert, cold, prefill=x.shape[0] > 1))
+            a = a.view(-1, c_all, n).index_select(1, torch.tensor(cold)).view(x.shape[0], -1)
+            y = y + self.pool.down(a * self.pool.rows(x, idx), idx)
+        return y
 
     def _dense_ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Every cluster, gate included, through the cache (no thresholds to skip by)."""
-        idx = torch.tensor(self._fetch(layer, expert, list(range(self.n_clusters)), prefill=True))
-        h = self.act(self.pool.rows(x, idx, 0)) * self.pool.rows(x, idx, 1)
-        return self.pool.down(h, idx)
+        """Every cluster, gate included (no thresholds to skip by): hot block + cold slots."""
+        block, hot, _ = self.hot.get((layer, expert), (None, (), None))
+        y = 0
+        if block is not None:
+            y = block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
+        cold = [c for c in range(self.n_clusters) if c not in hot]
+        self.cache.stats.hot_hits += self.n_clusters - len(cold)
+        if cold:
+            idx = torch.tensor(self._fetch(layer, expert, cold, prefill=True))
+            y = y + self.pool.down(self.act(self.pool.rows(x, idx, 0)) * self.pool.rows(x, idx, 1), idx)
+        return y
 
     def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
         keys = [(layer, expert, c) for c in clusters]
