@@ -88,7 +88,11 @@ def test_profile_reorders_and_sparsifies(hf_models, tmp_path):
         f = row[0]["freq"]
         assert f == sorted(f, reverse=True)   # hot -> cold in stored order
     held = ids[450:]
-    sparse = perplexity(load_tiered(Store(out), TierConfig()), held, 100)
+    for row in prof["ffn"]:
+        assert all(0 <= a <= 1 for a in row[0]["cluster_active"])
+    engine = load_tiered(Store(out), TierConfig(sparse=True))
+    assert engine.thresholds and engine.pinned_gate
+    sparse = perplexity(engine, held, 100)
     dense = perplexity(load_tiered(Store(out), TierConfig(sparse=False)), held, 100)
     assert sparse <= dense * 1.05 + 1e-6
     assert prof["skip_fraction"] > 0

@@ -35,9 +35,9 @@ def default_threads() -> int:
     return 1 if n <= 2 else n // 2  # SMT siblings rarely help matvec-bound decode
 
 
-def load(model: str, threads: int | None = None, dtype: str = "f32", ram: int | str | None = None,
+def load(model: str, threads: int | None = None, dtype: str | None = None, ram: int | str | None = None,
          engine: str = "tiered", context: int = 2048, io_threads: int = 2,
-         sparse: bool = True, backend: str = "auto") -> tuple[Engine, Tokenizer]:
+         sparse: bool | None = None, backend: str = "auto") -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything

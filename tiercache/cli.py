@@ -14,10 +14,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run language models larger than memory from a tiered LMDB store.")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPE = typer.Option(None, help="store dtype when MODEL needs converting (default: q4 for "
+                                "known models, f32 otherwise)")
 RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
 ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
-SPARSE = typer.Option(True, "--sparse/--no-sparse", help="skip FFN neurons under the profiled thresholds")
+SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the profile says it pays",
+                      help="skip FFN neurons under the profiled thresholds")
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 
 
@@ -35,7 +38,7 @@ def convert(src: Path = typer.Argument(..., help="HF model directory or .gguf fi
 
 
 @app.command()
-def pull(name: str = typer.Argument(DEFAULT_MODEL), dtype: str = typer.Option("f32")):
+def pull(name: str = typer.Argument(DEFAULT_MODEL), dtype: Optional[str] = DTYPE):
     """Download a known model and convert it into $TIERCACHE_HOME once."""
     from .hub import pull as _pull
     typer.echo(str(_pull(name, dtype=dtype)))
@@ -47,9 +50,9 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
              temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: Optional[int] = None, threads: Optional[int] = None,
-             dtype: str = typer.Option("f32", help="store dtype when MODEL needs converting"),
+             dtype: Optional[str] = DTYPE,
              ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
-             sparse: bool = SPARSE, backend: str = BACKEND,
+             sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template"),
              json_out: bool = typer.Option(False, "--json", help="last stdout line: a JSON report")):
     """Generate text for one prompt, streamed to stdout."""
@@ -102,8 +105,8 @@ def _phases(engine) -> dict:
 def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or model name"),
          max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
          temp: float = 0.7, top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
-         threads: Optional[int] = None, dtype: str = "f32", ram: Optional[str] = RAM,
-         engine: str = ENGINE, context: int = CONTEXT, sparse: bool = SPARSE,
+         threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
+         engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
          backend: str = BACKEND, system: Optional[str] = typer.Option(None, help="system prompt")):
     """Chat with a model in the terminal (/exit or Ctrl-D to leave)."""
     from .chat import run_chat
@@ -117,8 +120,8 @@ def eval_(model: str = typer.Argument(DEFAULT_MODEL),
           text: Path = typer.Option(..., "--text", help="UTF-8 text file"),
           max_tokens: int = typer.Option(4096, "--max-tokens", help="tokens of the text to score"),
           chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
-          threads: Optional[int] = None, dtype: str = "f32", ram: Optional[str] = RAM,
-          engine: str = ENGINE, sparse: bool = SPARSE, backend: str = BACKEND,
+          threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
+          engine: str = ENGINE, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
           json_out: bool = typer.Option(False, "--json")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
@@ -138,7 +141,7 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
             text: Path = typer.Option(..., "--text", help="calibration text"),
             tokens: int = typer.Option(8192, help="calibration tokens to use"),
             budget: float = typer.Option(0.05, help="allowed perplexity increase, e.g. 0.05 = +5%"),
-            threads: Optional[int] = None, dtype: str = "f32"):
+            threads: Optional[int] = None, dtype: Optional[str] = DTYPE):
     """Record FFN activation statistics, pick sparsity thresholds, order neurons hot -> cold."""
     import torch
     from .api import default_threads

