@@ -96,3 +96,22 @@ def test_profile_reorders_and_sparsifies(hf_models, tmp_path):
     dense = perplexity(load_tiered(Store(out), TierConfig(sparse=False)), held, 100)
     assert sparse <= dense * 1.05 + 1e-6
     assert prof["skip_fraction"] > 0
+
+
+def test_a_plan_runs(hf_models, tmp_path):
+    """plan -> JSON file -> generate --plan: the engine takes the plan's regions."""
+    import json
+    from planner.search import make_plan
+    from tiercache import api
+    from tiercache.store.convert import convert
+    out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
+                  progress=False)
+    plan = make_plan(str(out), "laptop-8gb-nvme", ram="4G", context=256)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    engine, tok = api.load(str(out), plan=str(path))
+    e = plan["engine"]
+    assert engine.budget.hot_slots == min(e["hot_clusters"], 2 * engine.n_clusters)
+    assert engine.cfg.context == e["context"] == 256
+    text = api.generate(engine, tok, "hello", max_tokens=4)
+    assert isinstance(text, str) and engine.tokens == 3

@@ -37,16 +37,18 @@ def default_threads() -> int:
 
 def load(model: str, threads: int | None = None, dtype: str | None = None, ram: int | str | None = None,
          engine: str = "tiered", context: int = 2048, io_threads: int = 2,
-         sparse: bool | None = None, backend: str = "auto") -> tuple[Engine, Tokenizer]:
+         sparse: bool | None = None, backend: str = "auto",
+         plan: str | None = None) -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
     resident when ram is None); engine="dense" is the naive all-in-RAM float32 reference.
     backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
+    plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads.
     """
     from .hub import resolve_model
-    from .engine.tiered import TierConfig, load_tiered
+    from .engine.tiered import TierConfig, config_from_plan, load_tiered
     from planner.units import parse_size
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
@@ -54,8 +56,13 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     if engine == "dense":
         eng = load_dense(Store(path))
     else:
-        cfg = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None, context=context,
-                         io_threads=io_threads, sparse=sparse)
+        if plan is not None:
+            from planner.search import load_plan
+            cfg = config_from_plan(load_plan(plan))
+            ram = cfg.ram_bytes
+        else:  # the engine sizes its regions to fit `ram` itself
+            cfg = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
+                             context=context, io_threads=io_threads, sparse=sparse)
         eng = load_tiered(Store(path, readahead=False), cfg)
         if backend == "auto" and ram is not None:
             backend = "torch"

@@ -9,10 +9,11 @@ from . import api
 def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float = 0.9,
              top_k: int = 0, seed: int | None = None, threads: int | None = None,
              dtype: str | None = None, system: str | None = None, ram=None, engine: str = "tiered",
-             context: int = 2048, sparse: bool | None = None, backend: str = "auto") -> None:
+             context: int = 2048, sparse: bool | None = None, backend: str = "auto",
+             plan=None) -> None:
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     engine, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                           context=context, sparse=sparse, backend=backend)
+                           context=context, sparse=sparse, backend=backend, plan=plan)
     session = engine.new_session()
     messages = [{"role": "system", "content": system}] if system else []
     print("type a message; /exit or Ctrl-D to leave, /reset to start over", file=sys.stderr)

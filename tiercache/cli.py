@@ -21,6 +21,7 @@ ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in R
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
 SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the profile says it pays",
                       help="skip FFN neurons under the profiled thresholds")
+PLAN = typer.Option(None, help="a plan from `tiercache plan --out` (sets the RAM regions)")
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 
 
@@ -52,13 +53,13 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              seed: Optional[int] = None, threads: Optional[int] = None,
              dtype: Optional[str] = DTYPE,
              ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
-             sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
+             sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template"),
              json_out: bool = typer.Option(False, "--json", help="last stdout line: a JSON report")):
     """Generate text for one prompt, streamed to stdout."""
     from . import api
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=context, sparse=sparse, backend=backend)
+                        context=context, sparse=sparse, backend=backend, plan=plan)
     engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
     tokens, text, last = [], [], None
@@ -107,12 +108,13 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          temp: float = 0.7, top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
          threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
          engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
-         backend: str = BACKEND, system: Optional[str] = typer.Option(None, help="system prompt")):
+         backend: str = BACKEND, plan: Optional[Path] = PLAN,
+         system: Optional[str] = typer.Option(None, help="system prompt")):
     """Chat with a model in the terminal (/exit or Ctrl-D to leave)."""
     from .chat import run_chat
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
-             context=context, sparse=sparse, backend=backend)
+             context=context, sparse=sparse, backend=backend, plan=plan)
 
 
 @app.command("eval")
@@ -122,12 +124,12 @@ def eval_(model: str = typer.Argument(DEFAULT_MODEL),
           chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
           threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
           engine: str = ENGINE, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
-          json_out: bool = typer.Option(False, "--json")):
+          plan: Optional[Path] = PLAN, json_out: bool = typer.Option(False, "--json")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
     from .profile import perplexity
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=chunk, sparse=sparse, backend=backend)
+                        context=chunk, sparse=sparse, backend=backend, plan=plan)
     ids = tok.encode(_read_text(text))[:max_tokens]
     ppl = perplexity(eng, ids, chunk, progress=not json_out)
     report = {"perplexity": ppl, "tokens": len(ids), "engine": engine, "ram": ram,

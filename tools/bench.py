@@ -75,8 +75,8 @@ def measure(engine: str, model: Path, prompt: Path, cap: int | None, threads: in
             decode: int = 64, ram: int | None = None, read_bps=None) -> dict:
     cmd = [sys.executable, str(ROOT / "tools" / "bench_worker.py"), engine, str(model),
            "--prompt-ids", str(prompt), "--threads", str(threads), "--decode", str(decode)]
-    if engine == "tiercache" and (ram or cap):
-        cmd += ["--ram", str(ram or cap)]
+    if engine == "tiercache" and ram:
+        cmd += ["--ram", str(ram)]
     r = cgroup.run_capped(cmd, cap, read_bps=read_bps)
     out = {"cap": cap, "max_usage": r["max_usage"], "oom": r["oom"], "rc": r["rc"]}
     if r["rc"] == 0:
@@ -88,7 +88,8 @@ def measure(engine: str, model: Path, prompt: Path, cap: int | None, threads: in
 
 
 def working_set(engine: str, model: Path, prompt: Path, threads: int, read_bps=None) -> tuple[int, dict]:
-    """Smallest cap (within 4 MiB) at which decode keeps >= 80% of the uncapped speed."""
+    """Smallest cap (within 4 MiB) at which decode keeps >= 80% of the uncapped speed; the
+    engine is told nothing of the cap (no --ram), so this is what it needs, not what it asks."""
     free = measure(engine, model, prompt, None, threads, read_bps=read_bps)
     target = 0.8 * free["decode_tok_s"]
     lo, hi = 16 * MB, int(free["max_usage"] * 1.1)
@@ -124,7 +125,8 @@ def main():
     for r in a.ratios:
         cap_l, cap_t = int(fp_llama + r * w_gguf), int(fp_tc + r * w_store)
         rl = measure("llama", m["gguf"], m["prompt"], cap_l, a.threads, read_bps=a.read_bps)
-        rt = measure("tiercache", m["store"], m["prompt"], cap_t, a.threads, read_bps=a.read_bps)
+        rt = measure("tiercache", m["store"], m["prompt"], cap_t, a.threads, ram=cap_t,
+                     read_bps=a.read_bps)
         rows.append({"r": r, "llama": rl, "tiercache": rt})
         print(f"r={r}: llama {rl['decode_tok_s']:.2f} tok/s @ {cap_l / MB:.0f} MiB, tiercache "
               f"{rt['decode_tok_s']:.2f} tok/s @ {cap_t / MB:.0f} MiB {rt.get('error', '')}",

@@ -29,10 +29,11 @@ from .kernels import _HAVE_INT8, Q8Linear, QEmbedding, QLinear, int4_ok
 from .slots import Block, Float32Slots, Int4Slots
 
 MB = 1 << 20
-SLACK = 32 * MB  # activations, logits, allocator slop
-# file-backed pages (library code, the tokenizer's files) the runtime keeps touching; the rest
-# of its mapped files the kernel may reclaim under a cap, so they are not counted whole
-FILE_RESERVE = 32 * MB
+SLACK = 16 * MB  # activations, logits, read buffers in flight, allocator slop
+# file-backed pages (library code) the runtime keeps touching; the rest of its mapped files the
+# kernel may reclaim under a cap, so they are not counted whole. Measured here: a tiny model's
+# working set under a cgroup cap (290 MiB) minus its anonymous memory (227 MiB).
+FILE_RESERVE = 96 * MB
 # pin gates and skip clusters only when at most this share of clusters is active per token
 SPARSE_WORTH = 0.8
 
@@ -40,8 +41,10 @@ SPARSE_WORTH = 0.8
 @dataclass
 class TierConfig:
     ram_bytes: int | None = None   # what the process may use in all; None: every cluster fits
-    hot_bytes: int | None = None   # region sizes from a plan (else derived from ram_bytes)
+    hot_bytes: int | None = None   # region sizes (else derived from ram_bytes)
     cold_bytes: int | None = None
+    hot_clusters: int | None = None  # region sizes in clusters, as a plan gives them
+    cold_clusters: int | None = None
     io_threads: int = 2
     prefetch: bool = True
     sparse: bool | None = None     # profile thresholds: True always, False never, None when
@@ -90,12 +93,13 @@ class TieredEngine(Engine):
         self.act = ACTS[a.hidden_act]
         self.reader = RecordReader(store, threads=cfg.io_threads)
         store.env = None  # reads go through pread now; letting go unmaps LMDB's pages
-        self.model = self._build_model()
         self.profile = store.manifest.get("profile")
         self.thresholds = self._thresholds()
         # with thresholds the gate is pinned to pick neurons; else it streams with up and down
         self.pinned_gate = bool(self.thresholds)
         self.row_parts = 1 if self.pinned_gate else 2
+        self._refuse_early()
+        self.model = self._build_model()
         self.budget = self._plan_budget()
         self.cache = SegmentedCache(self.budget.slot_bytes, self.budget.hot_slots,
                                     self.budget.cold_slots)
@@ -183,18 +187,53 @@ class TieredEngine(Engine):
         return {(l, e): ex["threshold"] for l, row in enumerate(self.profile["ffn"])
                 for e, ex in enumerate(row)}
 
+    def _refuse_early(self) -> None:
+        """Refuse before loading (a cgroup would kill a load that overshoots): the runtime so
+        far, the pinned tensors as they will sit in RAM, the largest record read while loading
+        (its bytes and its decoded form), the gates, the KV cache and one layer of clusters."""
+        if self.cfg.ram_bytes is None:
+            return
+        a, tensors = self.args, self.store.manifest["tensors"]
+        sizes = {n: _ram_bytes(t, self.int4) for n, t in tensors.items()}
+        if a.tie_word_embeddings and self.int4:
+            sizes.pop("lm_head.weight", None)
+        load_peak = max(self.store.records[tensor_key(n).decode()][0] for n in tensors)
+        parts = {"runtime": anon_bytes() + FILE_RESERVE, "pinned weights": sum(sizes.values()),
+                 "loading": load_peak, "FFN gates": self._gate_bytes(),
+                 f"KV cache for {self.cfg.context} tokens": self._kv_bytes(),
+                 "working space": SLACK,
+                 "one layer of clusters": self.n_clusters * self._slot_bytes()}
+        need = sum(parts.values())
+        if need > self.cfg.ram_bytes:
+            detail = ", ".join(f"{k} {_mb(v)}" for k, v in parts.items())
+            raise BudgetError(f"RAM budget {_mb(self.cfg.ram_bytes)} is too small: it needs at "
+                              f"least {_mb(need)} ({detail})")
+
+    def _slot_bytes(self) -> int:
+        return self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
+
+    def _gate_bytes(self) -> int:
+        if not self.pinned_gate:
+            return 0
+        a = self.args
+        one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
+               if self.int4 else a.intermediate_size * self.d * 4)
+        return one * a.num_hidden_layers * a.n_experts
+
+    def _kv_bytes(self) -> int:
+        a = self.args
+        return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * self.cfg.context
+
     def _plan_budget(self) -> Budget:
         a = self.args
         total = a.num_hidden_layers * a.n_experts * self.n_clusters
-        slot = self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
-        gate_one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
-                    if self.int4 else a.intermediate_size * self.d * 4)
-        gates = gate_one * a.num_hidden_layers * a.n_experts if self.pinned_gate else 0
-        kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * self.cfg.context
+        slot, gates, kv = self._slot_bytes(), self._gate_bytes(), self._kv_bytes()
         _trim_malloc()
         fixed = anon_bytes() + FILE_RESERVE
         cfg = self.cfg
-        if cfg.hot_bytes is not None or cfg.cold_bytes is not None:
+        if cfg.hot_clusters is not None or cfg.cold_clusters is not None:
+            hot, cold = cfg.hot_clusters or 0, cfg.cold_clusters or 0
+        elif cfg.hot_bytes is not None or cfg.cold_bytes is not None:
             hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
         elif cfg.ram_bytes is None:
             hot, cold = total, 0
@@ -345,11 +384,15 @@ class TieredEngine(Engine):
             for f in futs:
                 f.set_exception(e)
             return
-        for key, buf, fut in zip(keys, bufs, futs):
-            try:
-                fut.set_result(self.pool.prepare(self._slot_parts(self._parts(buf, key[2]))))
-            except BaseException as e:
-                fut.set_exception(e)
+        try:
+            prepared = self.pool.prepare_many(
+                [self._slot_parts(self._parts(buf, key[2])) for key, buf in zip(keys, bufs)])
+        except BaseException as e:
+            for f in futs:
+                f.set_exception(e)
+            return
+        for fut, p in zip(futs, prepared):
+            fut.set_result(p)
 
     def _prefetch(self, layer: int, expert: int, prefill: bool) -> None:
         if layer >= self.args.num_hidden_layers or self.cache.cold_slots == 0:
@@ -377,6 +420,19 @@ class TieredEngine(Engine):
         return self.store.weight_bytes
 
 
+def _ram_bytes(meta: dict, int4: bool) -> int:
+    """Bytes a pinned tensor takes in RAM: int4/int8 kernels keep q4/q8 about as stored;
+    everything else is decoded to float32."""
+    n = 1
+    for s in meta["shape"]:
+        n *= s
+    if int4 and meta["dtype"] == "q4":
+        return quant.nbytes(meta["shape"], "q4")
+    if int4 and meta["dtype"] == "q8":
+        return n + 2 * meta["shape"][0]
+    return 4 * n
+
+
 def _split_slots(slots: int, total: int, per_layer: int, have_profile: bool) -> tuple[int, int]:
     """-> (hot, cold). Everything fits: all hot. Else keep two layers' worth of cold slots (one
     in use, one being read ahead) and pin the rest by frequency; with no profile, a plain LRU."""
@@ -397,6 +453,16 @@ def _trim_malloc() -> None:
 
 def _mb(n) -> str:
     return "unlimited" if n is None else f"{n / MB:.0f} MiB"
+
+
+def config_from_plan(plan: dict) -> TierConfig:
+    """The engine settings a `tiercache plan` chose (planner/search.py writes them)."""
+    e, limits = plan["engine"], plan.get("limits", {})
+    return TierConfig(ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
+                      cold_clusters=e.get("cold_clusters"), io_threads=e.get("io_threads", 2),
+                      prefetch=e.get("prefetch_layers", 1) > 0, context=e.get("context", 2048),
+                      compute=e.get("compute", "auto"),
+                      sparse=None if e.get("gate_pinned", True) else False)
 
 
 def load_tiered(store: Store, cfg: TierConfig | None = None) -> TieredEngine:
