@@ -360,12 +360,12 @@ def test_resolve_model_converts_once(tmp_path, monkeypatch):
     assert store == tmp_path / "home" / "stores" / f"{src.stem}-{digest}-q8"
     assert hub.resolve_model(str(src), dtype="q8") == store and len(calls) == 1
     assert hub.resolve_model(store) == store  # a store is used as is
-    assert calls == [(src.resolve(), store.name, "q8", 32)]
+    assert calls == [(src.resolve(), store.name, "q8", 64)]
 
     cached = tmp_path / "home" / "gguf" / Path(hub.MODELS["smollm2-135m-instruct"].member).name
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"GGUF")  # fetch_gguf finds it and runs no pip
-    want = tmp_path / "home" / "stores" / "smollm2-135m-instruct-f32"
+    want = tmp_path / "home" / "stores" / "smollm2-135m-instruct-q4"  # its default dtype
     assert hub.pull("smollm2-135m-instruct") == want
     assert calls[-1][0] == cached
 

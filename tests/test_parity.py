@@ -30,15 +30,17 @@ def test_logits_match_transformers(hf_models, stores, kind, dtype):
     assert diff.max() < TOL[dtype], f"{kind}/{dtype}: max {diff.max():.3g} mean {diff.mean():.3g} (x std)"
 
 
-@pytest.mark.parametrize("dtype", ["q8", "q4"])
-@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+@pytest.mark.parametrize("kind, dtype, cluster", [("llama", "q8", 32), ("llama", "q4", 32),
+                                                  ("mixtral", "q8", 32), ("mixtral", "q4", 32),
+                                                  ("llama3", "q4", 64)])  # the last is q4k
 def test_quantized_store_is_exact_to_its_dequantized_weights(hf_models, stores, kind, dtype,
-                                                             tmp_path):
+                                                             cluster, tmp_path):
     """transformers loading the store's dequantized weights gives the engine's logits."""
     import shutil
     import transformers
     from safetensors.torch import save_file
-    store = Store(stores(kind, dtype))
+    store = Store(stores(kind, dtype, cluster))
+    assert store.ffn_dtype == ("q4k" if cluster == 64 else dtype)
     save_file({_hf_name(k): v.contiguous() for k, v in store.weights()}, tmp_path / "model.safetensors")
     shutil.copy(hf_models[kind][1] / "config.json", tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()

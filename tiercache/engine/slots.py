@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store import quant
-from .kernels import int4_mm, int4_pack, int4_scales, q4_unpack
+from .kernels import int4_mm
 
 
 class Float32Slots:
@@ -52,86 +52,64 @@ class Float32Slots:
 
 
 class Int4Slots:
-    """q4 stores: torch's int4 CPU kernel on bf16 activations (see kernels.py for the layout)."""
+    """q4k stores: torch's int4 CPU kernel on bf16 activations. Records are in the kernel's
+    layout (quant.py, q4k), so a miss is a copy into its slot, not a repack; slots are
+    slot-major so that copy is contiguous."""
 
-    def __init__(self, n_slots: int, n: int, d: int, ffn_dtype: str = "q4", row_parts: int = 1):
+    def __init__(self, n_slots: int, n: int, d: int, ffn_dtype: str = "q4k", row_parts: int = 1):
         self.n, self.d = n, d
         g = quant.GROUP
-        # the slot axis sits where one index_select yields the kernel's layout directly
         self.row_q = [torch.zeros(n_slots, n // 64, d, 32, dtype=torch.uint8)
                       for _ in range(row_parts)]
-        self.row_sz = [torch.zeros(d // g, n_slots, n, 2, dtype=torch.bfloat16)
+        self.row_sz = [torch.zeros(n_slots, d // g, n, 2, dtype=torch.bfloat16)
                        for _ in range(row_parts)]
-        self.down_q = torch.zeros(d // 64, n_slots, n, 32, dtype=torch.uint8)
+        self.down_q = torch.zeros(n_slots, d // 64, n, 32, dtype=torch.uint8)
         self.down_sz = torch.zeros(n_slots, n // g, d, 2, dtype=torch.bfloat16)
 
     @staticmethod
     def supports(n: int, d: int, ffn_dtype: str, intermediate: int) -> bool:
         from .kernels import _HAVE_INT4
-        return (_HAVE_INT4 and ffn_dtype == "q4" and n % 64 == 0 and d % 64 == 0
-                and intermediate % n == 0)
+        return _HAVE_INT4 and ffn_dtype == "q4k"
 
     @staticmethod
     def slot_bytes(n: int, d: int, row_parts: int = 1) -> int:
         return (row_parts + 1) * (n * d // 2 + (n * d // quant.GROUP) * 4)
 
     def prepare(self, parts) -> tuple:
-        out = []
-        for s, b in parts:
-            q, sc, mn = q4_unpack(b, s)
-            out.append((int4_pack(q), int4_scales(sc, mn)))
-        return tuple(out)
+        """[(shape, bytes)] -> ((packed, sz) per part): views of the record, nothing decoded."""
+        return tuple(quant.q4k_views(_u8(b), s) for s, b in parts)
 
     def prepare_many(self, items: list) -> list:
-        """`prepare` for many clusters at once: one batch of tensor ops per part instead of one
-        per cluster (a miss's Python overhead, paid on an I/O thread holding the GIL, was
-        most of its cost)."""
-        if len({tuple(s for s, _ in parts) for parts in items}) != 1:  # a short last cluster
-            return [self.prepare(parts) for parts in items]
-        per_part = [_q4_batch([parts[i][1] for parts in items], items[0][i][0])
-                    for i in range(len(items[0]))]
-        return [tuple((q[k], sz[k]) for q, sz in per_part) for k in range(len(items))]
+        return [self.prepare(parts) for parts in items]
 
     def write(self, slot: int, prepared) -> None:
         *rows, (dq, dsz) = prepared
         for q_pool, sz_pool, (q, sz) in zip(self.row_q, self.row_sz, rows):
-            q_pool[slot] = q.view(q_pool.shape[1:])
-            sz_pool[:, slot] = sz
-        self.down_q[:, slot] = dq
+            q_pool[slot] = q
+            sz_pool[slot] = sz
+        self.down_q[slot] = dq
         self.down_sz[slot] = dsz
 
     def rows(self, x, slots, part: int = 0):
         k = len(slots) * self.n
         q = _take(self.row_q[part], slots).view(k // 64, self.d, 32)
-        sz = self.row_sz[part].index_select(1, slots).view(self.d // quant.GROUP, k, 2)
+        sz = self.row_sz[part].index_select(0, slots).transpose(0, 1).reshape(
+            self.d // quant.GROUP, k, 2)
         return int4_mm(x, q, sz).float()
 
     def down(self, h, slots):
         k = len(slots) * self.n
-        q = self.down_q.index_select(1, slots).view(self.d // 64, k, 32)
-        sz = self.down_sz.index_select(0, slots).view(k // quant.GROUP, self.d, 2)
+        q = self.down_q.index_select(0, slots).transpose(0, 1).reshape(self.d // 64, k, 32)
+        sz = _take(self.down_sz, slots).reshape(k // quant.GROUP, self.d, 2)
         return int4_mm(h, q, sz).float()
 
     @staticmethod
     def gate(rows: list[tuple], dtype: str):
-        unpacked = [q4_unpack(b, s) for s, b in rows]
-        q, sc, mn = (torch.cat(t) for t in zip(*unpacked))
-        packed, sz = int4_pack(q), int4_scales(sc, mn)
+        views = [quant.q4k_views(torch.frombuffer(bytearray(b), dtype=torch.uint8), s)
+                 for s, b in rows]
+        packed = torch.cat([q for q, _ in views])
+        sz = torch.cat([z for _, z in views], dim=1)
         return lambda x: int4_mm(x, packed, sz).float()
-
-
-def _q4_batch(bufs: list, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """K q4 records of one shape [R, C] -> (packed [K, R/64, C, 32], sz [K, C/32, R, 2])."""
-    rows, cols = shape
-    k, ng = len(bufs), rows * (cols // quant.GROUP)
-    raw = torch.frombuffer(bytearray(b"".join(bufs)), dtype=torch.uint8).view(k, -1)
-    scale = raw[:, :2 * ng].contiguous().view(torch.float16).float().view(k, rows, -1)
-    mn = raw[:, 2 * ng:4 * ng].contiguous().view(torch.float16).float().view(k, rows, -1)
-    p = raw[:, 4 * ng:]
-    q = torch.stack([p & 0xF, p >> 4], dim=-1).view(k, rows // 64, 2, 32, cols)
-    packed = (q[:, :, 0] | (q[:, :, 1] << 4)).transpose(2, 3).contiguous()
-    sz = torch.stack([scale, mn + 8 * scale], dim=-1).transpose(1, 2).to(torch.bfloat16).contiguous()
-    return packed, sz
 
 
 class Block:
@@ -159,6 +137,11 @@ class Block:
         if self.int4:
             return int4_mm(h, self.down_q, self.down_sz).float()
         return F.linear(h, self.down_w)
+
+
+def _u8(b) -> torch.Tensor:
+    """A record part as a uint8 tensor: read buffers are tensors already; bytes are copied."""
+    return b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def _take(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,11 @@ class TierConfig:
     cold_clusters: int | None = None
     io_threads: int = 2
     prefetch: bool = True
+    prefetch_layers: int = 2       # dense mode: layers read ahead (reads in flight at once)
     sparse: bool | None = None     # profile thresholds: True always, False never, None when
                                    # the profile says they skip enough clusters to pay
     context: int = 2048            # KV cache reserved in the budget
-    compute: str = "auto"          # auto | f32 | q4
+    compute: str = "auto"          # auto (int4 kernel for q4k stores) | f32
 
 
 @dataclass
@@ -88,7 +89,7 @@ class TieredEngine(Engine):
         self.n, self.d = store.cluster_size, a.hidden_size
         self.n_clusters = store.n_clusters
         fast = Int4Slots.supports(self.n, self.d, store.ffn_dtype, a.intermediate_size)
-        self.int4 = cfg.compute == "q4" or (cfg.compute == "auto" and fast)
+        self.int4 = fast and cfg.compute != "f32"  # q4k stores run the int4 kernel
         self.slots_cls = Int4Slots if self.int4 else Float32Slots
         self.act = ACTS[a.hidden_act]
         self.reader = RecordReader(store, threads=cfg.io_threads)
@@ -238,19 +239,31 @@ class TieredEngine(Engine):
         elif cfg.ram_bytes is None:
             hot, cold = total, 0
         else:
-            room = cfg.ram_bytes - fixed - gates - kv - SLACK
+            room = cfg.ram_bytes - fixed - gates - kv - SLACK - self._stream_bytes()
             hot, cold = _split_slots(max(0, room // slot), total, self.n_clusters,
-                                     have_profile=self.profile is not None)
+                                     have_profile=self.profile is not None,
+                                     stream=not self.pinned_gate)
+        if not self.pinned_gate:  # every cluster is used every token: an LRU would only cycle
+            hot, cold = hot + cold, 0
         b = Budget(fixed, gates, kv, SLACK, slot, min(hot, total), cold)
-        need_cold = 0 if b.hot_slots >= total else self.n_clusters
-        if b.cold_slots < need_cold:
-            least = fixed + gates + kv + SLACK + need_cold * slot
-            raise BudgetError(
-                f"RAM budget {_mb(cfg.ram_bytes)} is too small: it needs at least {_mb(least)} "
-                f"(runtime + pinned weights {_mb(fixed)}, FFN gates {_mb(gates)}, KV cache for "
-                f"{cfg.context} tokens {_mb(kv)}, working space {_mb(SLACK)}, one layer of "
-                f"clusters {_mb(need_cold * slot)})")
+        if b.hot_slots < total:
+            need = self._stream_bytes() if not self.pinned_gate else self.n_clusters * slot
+            have = (b.cold_slots * slot if self.pinned_gate else
+                    (cfg.ram_bytes or 1 << 62) - fixed - gates - kv - SLACK - b.hot_slots * slot)
+            if have < need:
+                least = fixed + gates + kv + SLACK + need
+                raise BudgetError(
+                    f"RAM budget {_mb(cfg.ram_bytes)} is too small: it needs at least {_mb(least)} "
+                    f"(runtime + pinned weights {_mb(fixed)}, FFN gates {_mb(gates)}, KV cache for "
+                    f"{cfg.context} tokens {_mb(kv)}, working space {_mb(SLACK)}, clusters "
+                    f"being read {_mb(need)})")
         return b
+
+    def _stream_bytes(self) -> int:
+        """Dense mode reads the clusters it does not pin into buffers: the layer in use and
+        the one being read ahead."""
+        ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
+        return 0 if self.pinned_gate else (1 + ahead) * self.n_clusters * self._slot_bytes()
 
     def _load_ffn(self) -> None:
         """Read every cluster once: keep its gate rows, and pin the hottest into hot slots."""
@@ -282,8 +295,9 @@ class TieredEngine(Engine):
                              for c in clusters])
         return Block(self.slots_cls, [p for _, p in hot]), set(clusters), neurons
 
-    def _parts(self, buf: bytes, c: int):
-        mv = memoryview(buf)
+    def _parts(self, buf, c: int):
+        """A record (bytes or a uint8 tensor) -> [(shape, slice)] of gate, up and down."""
+        mv = buf if isinstance(buf, torch.Tensor) else memoryview(buf)
         return [(s, mv[o:o + nb]) for s, o, nb in self.store.cluster_parts(c)]
 
     def _slot_parts(self, parts):
@@ -334,16 +348,24 @@ class TieredEngine(Engine):
         return y
 
     def _dense_ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Every cluster, gate included (no thresholds to skip by): hot block + cold slots."""
+        """Every cluster, gate included (no thresholds to skip by): the pinned block, then the
+        rest streamed from the store (read ahead while the previous layer computed)."""
         block, hot, _ = self.hot.get((layer, expert), (None, (), None))
         y = 0
         if block is not None:
             y = block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
-        cold = [c for c in range(self.n_clusters) if c not in hot]
-        self.cache.stats.hot_hits += self.n_clusters - len(cold)
-        if cold:
-            idx = torch.tensor(self._fetch(layer, expert, cold, prefill=True))
-            y = y + self.pool.down(self.act(self.pool.rows(x, idx, 0)) * self.pool.rows(x, idx, 1), idx)
+        keys = [(layer, expert, c) for c in range(self.n_clusters) if c not in hot]
+        self.cache.stats.hot_hits += self.n_clusters - len(keys)
+        if keys:
+            self.cache.stats.misses += len(keys)
+            self._submit(keys)
+            if self.cfg.prefetch and not self.args.is_moe:
+                for ahead in range(1, self.cfg.prefetch_layers + 1):
+                    self._prefetch((layer + ahead) % self.args.num_hidden_layers, expert, True)
+            t0 = time.perf_counter()
+            streamed = Block(self.slots_cls, [self.inflight.pop(k).result() for k in keys])
+            self.io_wait_s += time.perf_counter() - t0
+            y = y + streamed.down(self.act(streamed.rows(x, 0)) * streamed.rows(x, 1))
         return y
 
     def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
@@ -354,8 +376,6 @@ class TieredEngine(Engine):
         futures = {i: self.inflight[keys[i]] for i in missing}
         if self.cfg.prefetch and not self.args.is_moe:
             self._prefetch(layer + 1, expert, prefill)
-            if not self.pinned_gate and layer + 1 == self.args.num_hidden_layers:
-                self._prefetch(0, expert, True)  # the next token starts again at layer 0
         t0 = time.perf_counter()
         for i, fut in futures.items():
             prepared = fut.result()
@@ -379,7 +399,7 @@ class TieredEngine(Engine):
 
     def _read_prepared(self, keys, futs) -> None:
         try:
-            bufs = self.reader.read_many([cluster_key(*k).decode() for k in keys])
+            bufs = self.reader.read_tensors([cluster_key(*k).decode() for k in keys])
         except BaseException as e:  # the waiting layer re-raises it
             for f in futs:
                 f.set_exception(e)
@@ -433,11 +453,13 @@ def _ram_bytes(meta: dict, int4: bool) -> int:
     return 4 * n
 
 
-def _split_slots(slots: int, total: int, per_layer: int, have_profile: bool) -> tuple[int, int]:
-    """-> (hot, cold). Everything fits: all hot. Else keep two layers' worth of cold slots (one
-    in use, one being read ahead) and pin the rest by frequency; with no profile, a plain LRU."""
-    if slots >= total:
-        return total, 0
+def _split_slots(slots: int, total: int, per_layer: int, have_profile: bool,
+                 stream: bool = False) -> tuple[int, int]:
+    """-> (hot, cold). Everything fits, or the rest is streamed: all hot. Else keep two layers'
+    worth of cold slots (one in use, one being read ahead) and pin the rest by frequency; with
+    no profile, a plain LRU."""
+    if slots >= total or stream:
+        return min(slots, total), 0
     if not have_profile:
         return 0, slots
     cold = min(slots, max(2 * per_layer, slots // 8))
@@ -460,7 +482,9 @@ def config_from_plan(plan: dict) -> TierConfig:
     e, limits = plan["engine"], plan.get("limits", {})
     return TierConfig(ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
                       cold_clusters=e.get("cold_clusters"), io_threads=e.get("io_threads", 2),
-                      prefetch=e.get("prefetch_layers", 1) > 0, context=e.get("context", 2048),
+                      prefetch=e.get("prefetch_layers", 1) > 0,
+                      prefetch_layers=max(1, e.get("prefetch_layers", 2)),
+                      context=e.get("context", 2048),
                       compute=e.get("compute", "auto"),
                       sparse=None if e.get("gate_pinned", True) else False)
 

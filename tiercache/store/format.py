@@ -243,11 +243,17 @@ class StoreWriter:
 
     @property
     def ffn_dtype(self) -> str:
-        """q8/q4 need groups of 32 along d (gate, up) and along each cluster (down)."""
-        a = self.args
-        ok = (a.hidden_size % quant.GROUP == 0 and self.cluster_size % quant.GROUP == 0
+        """q8/q4 need groups of 32 along d (gate, up) and along each cluster (down); q4 takes
+        the int4 kernel's own layout (q4k) when clusters are whole blocks of 64 neurons."""
+        a, n = self.args, self.cluster_size
+        ok = (a.hidden_size % quant.GROUP == 0 and n % quant.GROUP == 0
               and a.intermediate_size % quant.GROUP == 0)
-        return self.dtype if ok or self.dtype not in ("q8", "q4") else "f16"
+        if self.dtype not in ("q8", "q4"):
+            return self.dtype
+        if not ok:
+            return "f16"
+        kernel = n % 64 == 0 and a.hidden_size % 64 == 0 and a.intermediate_size % n == 0
+        return "q4k" if self.dtype == "q4" and kernel else self.dtype
 
     def commit(self, extra: dict, files: dict[str, bytes], force: bool = False) -> Path:
         self.env.sync(True)

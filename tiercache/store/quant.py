@@ -4,15 +4,19 @@ A quantized [R, C] matrix is stored as one self-contained byte string:
   q8: scales f16 [R, C/32] | values int8 [R, C]                 (x = q * scale)
   q4: scales f16 [R, C/32] | mins f16 [R, C/32] | nibbles u8 [R, C/2]
       (x = q * scale + min; element 2j in the low nibble, 2j+1 in the high one)
+  q4k: q4 in the layout of torch's int4 CPU kernel, so a cached FFN cluster is used as read:
+      packed u8 [R/64, C, 32] (byte [b, c, j]: row 64b+j low nibble, row 64b+j+32 high)
+      | bf16 [C/32, R, 2] (scale, zero) with x = (q - 8) * scale + zero; needs R % 64 == 0
 Rows are the unit, so a slice of rows (one neuron bundle, one cluster) dequantizes alone.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 GROUP = 32
-DTYPES = ("f32", "f16", "bf16", "q8", "q4")
+DTYPES = ("f32", "f16", "bf16", "q8", "q4")  # what a user asks for; q4k is chosen by layout
 _TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -21,14 +25,14 @@ def can_quantize(shape) -> bool:
 
 
 def nbytes(shape, dtype: str) -> int:
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if dtype in _TORCH:
         return n * _TORCH[dtype].itemsize
     rows, cols = shape
     groups = rows * (cols // GROUP)
     if dtype == "q8":
         return groups * 2 + n
-    if dtype == "q4":
+    if dtype in ("q4", "q4k"):
         return groups * 4 + n // 2
     raise ValueError(f"unknown dtype {dtype}")
 
@@ -54,16 +58,49 @@ def encode(x: torch.Tensor, dtype: str) -> bytes:
         q = q.view(rows, cols // 2, 2)
         packed = q[..., 0] | (q[..., 1] << 4)
         return _cat(scale, mn, packed)
+    if dtype == "q4k":
+        return _cat(*_encode_q4k(g, rows, cols))
     raise ValueError(f"unknown dtype {dtype}")
+
+
+def _encode_q4k(g: torch.Tensor, rows: int, cols: int):
+    """Groups g [R, C/32, 32] -> (packed [R/64, C, 32] u8, sz [C/32, R, 2] bf16). The nibbles
+    are q4's (f16 scale and min), so values already on a Q4_1 grid (a GGUF) keep their q; only
+    the kernel's bf16 (scale, zero = min + 8 * scale) pair is rounded."""
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15.0).to(torch.float16).float()
+    mn = lo.to(torch.float16).float()
+    q = torch.round((g - mn.unsqueeze(-1)) / scale.clamp_min(1e-12).unsqueeze(-1))
+    q = q.clamp(0, 15).to(torch.uint8).view(rows // 64, 2, 32, cols)
+    packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2)
+    sz = torch.stack([scale, mn + 8 * scale], dim=-1).to(torch.bfloat16)
+    return packed, sz.transpose(0, 1)
 
 
 def _cat(*parts: torch.Tensor) -> bytes:
     return b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
 
 
+def q4k_views(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """u8 bytes of a q4k matrix -> (packed [R/64, C, 32] u8, sz [C/32, R, 2] bf16), no copy."""
+    rows, cols = shape
+    half = rows * cols // 2
+    return (raw[:half].view(rows // 64, cols, 32),
+            raw[half:].view(torch.bfloat16).view(cols // GROUP, rows, 2))
+
+
+def decode_q4k(raw: torch.Tensor, shape) -> torch.Tensor:
+    rows, cols = shape
+    packed, sz = q4k_views(raw, shape)
+    q = torch.stack([packed & 0xF, packed >> 4], dim=1)          # [R/64, 2, C, 32]
+    q = q.permute(0, 1, 3, 2).reshape(rows, cols).float()         # row 64b + 32h + j
+    s = sz.float().permute(1, 0, 2).repeat_interleave(GROUP, dim=1)  # [R, C, 2]
+    return (q - 8) * s[..., 0] + s[..., 1]
+
+
 def decode(buf, shape, dtype: str, out_dtype=torch.float32) -> torch.Tensor:
-    """Decode bytes (or a memoryview) written by `encode` into a tensor of `shape`."""
-    raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+    """Decode bytes, a memoryview or a uint8 tensor written by `encode` into `shape`."""
+    raw = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(bytearray(buf), dtype=torch.uint8)
     if dtype in _TORCH:
         return raw.view(_TORCH[dtype]).view(*shape).to(out_dtype)
     rows, cols = shape
@@ -72,6 +109,8 @@ def decode(buf, shape, dtype: str, out_dtype=torch.float32) -> torch.Tensor:
     if dtype == "q8":
         q = raw[2 * ng:].view(torch.int8).float().view(rows, -1, GROUP)
         return (q * scale).view(rows, cols).to(out_dtype)
+    if dtype == "q4k":
+        return decode_q4k(raw, shape).to(out_dtype)
     mn = raw[2 * ng: 4 * ng].view(torch.float16).float().view(rows, -1, 1)
     p = raw[4 * ng:]
     q = torch.stack([p & 0xF, p >> 4], dim=-1).float().view(rows, -1, GROUP)
