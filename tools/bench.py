@@ -77,12 +77,14 @@ def measure(engine: str, model: Path, prompt: Path, cap: int | None, threads: in
            "--prompt-ids", str(prompt), "--threads", str(threads), "--decode", str(decode)]
     if engine == "tiercache" and ram:
         cmd += ["--ram", str(ram)]
-    r = cgroup.run_capped(cmd, cap, read_bps=read_bps)
+    r = cgroup.run_capped(cmd, cap, read_bps=read_bps, timeout=240)
     out = {"cap": cap, "max_usage": r["max_usage"], "oom": r["oom"], "rc": r["rc"]}
     if r["rc"] == 0:
         out.update(json.loads(r["stdout"].strip().splitlines()[-1]))
     else:
-        out["error"] = (r["stderr"].strip().splitlines() or [f"exit {r['rc']}"])[-1][:300]
+        why = "timed out after 240 s (thrashing)" if r["rc"] == 124 else (
+            "OOM-killed" if r["oom"] else None)
+        out["error"] = why or (r["stderr"].strip().splitlines() or [f"exit {r['rc']}"])[-1][:300]
         out["decode_tok_s"] = 0.0
     return out
 

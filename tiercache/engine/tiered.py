@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..cache.segmented import SegmentedCache
-from ..errors import BudgetError
+from ..errors import BudgetError, StoreError
 from ..memory import anon_bytes
 from ..models import Model
 from ..models.llama import ACTS, rope_inv_freq
@@ -151,7 +151,7 @@ class TieredEngine(Engine):
                     params[name].copy_(self._read_tensor(name))
                 del params[name]
         if params:
-            raise BudgetError(f"store lacks {sorted(params)[0]}")
+            raise StoreError(f"{self.store.path}: store lacks {sorted(params)[0]}")
         model.inv_freq = rope_inv_freq(a)
         return model.eval()
 
@@ -194,6 +194,9 @@ class TieredEngine(Engine):
         (its bytes and its decoded form), the gates, the KV cache and one layer of clusters."""
         if self.cfg.ram_bytes is None:
             return
+        with torch.device("meta"):  # torch's lazy setup for a model (~50 MB here) comes first,
+            Model(self.args)        # so the runtime measured below includes it
+        _trim_malloc()
         a, tensors = self.args, self.store.manifest["tensors"]
         sizes = {n: _ram_bytes(t, self.int4) for n, t in tensors.items()}
         if a.tie_word_embeddings and self.int4:
@@ -203,7 +206,7 @@ class TieredEngine(Engine):
                  "loading": load_peak, "FFN gates": self._gate_bytes(),
                  f"KV cache for {self.cfg.context} tokens": self._kv_bytes(),
                  "working space": SLACK,
-                 "one layer of clusters": self.n_clusters * self._slot_bytes()}
+                 "clusters being read": self._stream_bytes() or self.n_clusters * self._slot_bytes()}
         need = sum(parts.values())
         if need > self.cfg.ram_bytes:
             detail = ", ".join(f"{k} {_mb(v)}" for k, v in parts.items())
