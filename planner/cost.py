@@ -365,7 +365,8 @@ def _ffn_params(m: ModelSizes) -> int:
 
 
 def _bytes_per_weight(dtype: str) -> float:
-    return {"f32": 4, "f16": 2, "bf16": 2, "q8": 1 + 2 / 32, "q4": 0.5 + 4 / 32}[dtype]
+    return {"f32": 4, "f16": 2, "bf16": 2, "q8": 1 + 2 / 32, "q4": 0.5 + 4 / 32,
+            "q4k": 0.5 + 4 / 32}[dtype]
 
 
 def _head_params(m: ModelSizes) -> int:

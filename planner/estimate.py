@@ -134,10 +134,17 @@ def restate(manifest: dict, dtype: str) -> dict:
 
 
 def _ffn_dtype(args: ModelArgs, dtype: str, cluster_size: int) -> str:
-    """StoreWriter.ffn_dtype: q8/q4 need groups of 32 along d and along each cluster."""
+    """StoreWriter.ffn_dtype: q8/q4 need groups of 32 along d and along each cluster; q4 in
+    whole blocks of 64 neurons is stored in the int4 kernel's layout (q4k, same bytes)."""
     ok = all(v % quant.GROUP == 0 for v in (args.hidden_size, cluster_size,
                                             args.intermediate_size))
-    return dtype if ok or dtype not in ("q8", "q4") else "f16"
+    if dtype not in ("q8", "q4"):
+        return dtype
+    if not ok:
+        return "f16"
+    kernel = (cluster_size % 64 == 0 and args.hidden_size % 64 == 0
+              and args.intermediate_size % cluster_size == 0)
+    return "q4k" if dtype == "q4" and kernel else dtype
 
 
 def _store_dtype(name: str, shape, dtype: str) -> str:

@@ -220,7 +220,8 @@ class ModelSizes:
             or (assumed and float(np.mean(freq[0])) < 1)
         kind = m.get("estimate", {}).get("kind", "store")
         return cls(name=name or m.get("name", ""), kind=kind, args=args,
-                   dtype=m.get("dtype", ffn["dtype"]), ffn_dtype=ffn["dtype"],
+                   dtype=m.get("dtype", ffn["dtype"]),
+                   ffn_dtype="q4" if ffn["dtype"] == "q4k" else ffn["dtype"],  # same bytes
                    cluster_size=int(ffn["cluster_size"]), parts=parts, freq=freq,
                    assumed_activity=assumed, profile_tokens=tokens, gate_pinned=sparse,
                    cluster_active=_cluster_active(m, args),

@@ -37,7 +37,9 @@ def tiny_manifest(d=128, F=512, layers=4, vocab=512, dtype="q4", cluster=64, hea
                         p + "self_attn.o_proj.weight": [d, d]})
     meta = {n: {"shape": s, "dtype": dtype if len(s) == 2 else "f32"} for n, s in tensors.items()}
     ffn = layers * F * 3 * quant.nbytes((1, d), dtype)
-    m = {"format": "tiercache-store", "format_version": 1, "store_id": "x" * 32, "name": "tiny",
+    from tiercache.store.format import FORMAT_VERSION
+    m = {"format": "tiercache-store", "format_version": FORMAT_VERSION, "store_id": "x" * 32,
+         "name": "tiny",
          "config": {"model_type": "llama", "hidden_size": d, "num_hidden_layers": layers,
                     "intermediate_size": F, "num_attention_heads": heads,
                     "num_key_value_heads": kv, "vocab_size": vocab},

@@ -122,19 +122,28 @@ def resolve_model(model: str | Path, dtype: str | None = None, cluster_size: int
 
 
 def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> Path:
-    from .store.format import is_store
     from .store.convert import convert
+    from .store.format import FORMAT_VERSION, is_store
 
     out = tiercache_home() / "stores" / store_name
-    if is_store(out):
+    stale = is_store(out) and _format_version(out) not in (None, FORMAT_VERSION)
+    if is_store(out) and not stale:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return Path(convert(src, out, dtype=dtype, cluster_size=cluster_size))
+    try:  # a store this tiercache converted in an older format is converted again
+        return Path(convert(src, out, dtype=dtype, cluster_size=cluster_size, force=stale))
     except StoreError:
         if is_store(out):  # another process converted the same model meanwhile
             return out
         raise
+
+
+def _format_version(store: Path):
+    import json
+    try:
+        return json.loads((store / "manifest.json").read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def pull(name: str, dtype: str | None = None) -> Path:

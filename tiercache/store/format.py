@@ -33,7 +33,7 @@ from ..errors import StoreError
 from . import quant
 
 FORMAT = "tiercache-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: down columns stored [d, n]; q4k FFN records
 MANIFEST = "manifest.json"
 FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
 HEAD_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
