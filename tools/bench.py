@@ -196,7 +196,8 @@ def _plot(res: dict, path: Path) -> None:
     r = [row["r"] for row in res["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("llama", "llama.cpp (Q4_1, mmap)"), ("tiercache", "tiercache (q4, tiered)")):
-        ax.plot(r, [row[key]["decode_tok_s"] for row in res["rows"]], marker="o", label=label)
+        tok_s = [row[key]["decode_tok_s"] or float("nan") for row in res["rows"]]  # refused: gap
+        ax.plot(r, tok_s, marker="o", label=label)
     ax.set_xlabel("r (RAM for weights / weight bytes)")
     ax.set_ylabel("decode tok/s (1 thread)")
     ax.set_yscale("log")
