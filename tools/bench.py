@@ -41,16 +41,24 @@ def prepare(work: Path, text: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     gguf = hub.fetch_gguf(hub.DEFAULT_MODEL)
     store = work / "smollm2-q4-c64"
-    if not (store / "manifest.json").exists():
-        sh("convert", gguf, "--out", store, "--dtype", "q4", "--cluster-size", 64)
+    if not _current(store):
+        sh("convert", gguf, "--out", store, "--dtype", "q4", "--cluster-size", 64, "--force")
         sh("profile", store, "--text", SHARED / "calibration.txt", "--tokens", 8192)
     tiny = work / "tiny-same-tokenizer"
-    if not (tiny / "manifest.json").exists():
+    if not _current(tiny):
         _tiny_model(store, work / "tiny-hf")
-        sh("convert", work / "tiny-hf", "--out", tiny, "--dtype", "q4", "--cluster-size", 64)
+        sh("convert", work / "tiny-hf", "--out", tiny, "--dtype", "q4", "--cluster-size", 64,
+           "--force")
     ids = Tokenizer(store).encode(text.read_text())[:128]
     (work / "prompt.json").write_text(json.dumps(ids))
     return {"gguf": gguf, "store": store, "tiny": tiny, "prompt": work / "prompt.json"}
+
+
+def _current(store: Path) -> bool:
+    """A store this tiercache can read (an older format version is converted again)."""
+    from tiercache.hub import _format_version
+    from tiercache.store.format import FORMAT_VERSION
+    return (store / "manifest.json").exists() and _format_version(store) == FORMAT_VERSION
 
 
 def _tiny_model(store: Path, out: Path) -> None:
