@@ -1,0 +1,54 @@
+"""The RAM budget under a real cgroup-v1 memory cap (RSS + page cache), and refusals."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import cgroup  # noqa: E402
+
+MB = 1 << 20
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "tiercache", *map(str, args)]
+
+
+def test_refusal_is_one_line_with_numbers(stores):
+    r = subprocess.run(_cli("generate", stores("llama", "q4", 64), "-p", "hi", "--ram", "100M"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RAM budget" in lines[0] and "needs at least" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.cgroup
+def test_runs_inside_a_cgroup_cap_without_being_killed(stores):
+    if not cgroup.available():
+        pytest.skip("no writable cgroup-v1 memory controller (needs root)")
+    store = stores("llama3", "q4", 64)
+    cap = 700 * MB
+    r = cgroup.run_capped(_cli("generate", store, "-p", "hello", "-n", "8", "--ram", cap,
+                               "--json", "--no-chat-template"), cap, timeout=300)
+    assert r["rc"] == 0 and not r["oom"], r["stderr"][-500:]
+    report = json.loads(r["stdout"].strip().splitlines()[-1])
+    assert len(report["tokens"]) == 8
+    assert report["peak_memory_method"].startswith("cgroup")  # measured as the device feels it
+    assert report["peak_memory_bytes"] <= cap and r["max_usage"] <= cap
+    regions = report["regions"]
+    assert sum(regions.values()) <= cap  # the engine sized itself inside the budget
+
+
+@pytest.mark.cgroup
+def test_refuses_inside_a_cap_instead_of_being_killed(stores):
+    if not cgroup.available():
+        pytest.skip("no writable cgroup-v1 memory controller (needs root)")
+    cap = 260 * MB  # below what torch and the tokenizer alone need here
+    r = cgroup.run_capped(_cli("generate", stores("llama3", "q4", 64), "-p", "hi", "--ram", cap),
+                          cap, timeout=300)
+    assert not r["oom"], "killed instead of refusing"
+    assert r["rc"] == 1 and "needs at least" in r["stderr"], r["stderr"][-500:]
