@@ -1,6 +1,5 @@
 """The RAM budget under a real cgroup-v1 memory cap (RSS + page cache), and refusals."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -41,10 +41,6 @@ class Engine:
         session.tokens.extend(ids)
         return out[0]
 
-    @property
-    def resident_weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
 
 def load_dense(store: Store, dtype=torch.float32) -> Engine:
     with torch.device("meta"):

@@ -9,7 +9,6 @@ Everything else runs as float32 through F.linear: the exact path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..store import quant

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -437,10 +437,6 @@ class TieredEngine(Engine):
                 "store_bytes_per_token": io.bytes / self.tokens if self.tokens else 0.0,
                 "io_wait_s": self.io_wait_s, "regions": self.budget.lines(),
                 "sparse": bool(self.thresholds), "compute": "int4" if self.int4 else "f32"}
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.store.weight_bytes
 
 
 def _ram_bytes(meta: dict, int4: bool) -> int:

@@ -10,7 +10,7 @@ import itertools
 import mmap
 import os
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +111,6 @@ class RecordReader:
             m = mmap.mmap(-1, max(size, 2 << 20))
             buf = self._ring[i] = torch.frombuffer(m, dtype=torch.uint8)
         return buf[:size]
-
-    def submit(self, key: str) -> Future:
-        return self.pool.submit(self.read, key)
 
     def close(self):
         self.pool.shutdown(wait=True)
