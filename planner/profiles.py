@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiercache.errors import TiercacheError
+from tiercache.errors import TiercacheError, load_json_object
 
 PAGE = 4096
 DTYPES = ("f32", "f16", "bf16", "q8", "q4")
@@ -138,15 +138,7 @@ class DeviceProfile:
 
     @classmethod
     def from_json(cls, path) -> "DeviceProfile":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise TiercacheError(f"{path}: no such device profile") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TiercacheError(f"{path}: not a device profile ({e})") from None
-        if not isinstance(d, dict):
-            raise TiercacheError(f"{path}: not a device profile")
-        return cls.from_dict(d).validate()
+        return cls.from_dict(load_json_object(path, "device profile")).validate()
 
     def validate(self) -> "DeviceProfile":
         problems = _problems(self)

@@ -11,7 +11,6 @@ get worse with more cache, more RAM never predicts slower decode.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from tiercache.errors import BudgetError, TiercacheError
 
@@ -390,14 +389,9 @@ def _source(manifest: dict) -> dict:
 
 def load_plan(path) -> dict:
     """Read a plan JSON written by `tiercache plan --out`, checking its version."""
-    import json
-    try:
-        plan = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TiercacheError(f"{path}: no such plan") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TiercacheError(f"{path}: not a plan ({e})") from None
-    if not isinstance(plan, dict) or plan.get("plan_version") != PLAN_VERSION:
+    from tiercache.errors import load_json_object
+    plan = load_json_object(path, "plan")
+    if plan.get("plan_version") != PLAN_VERSION:
         raise TiercacheError(f"{path}: not a tiercache plan of version {PLAN_VERSION}")
     return plan
 

@@ -15,3 +15,18 @@ class UnsupportedModel(TiercacheError):
 
 class BudgetError(TiercacheError):
     """A memory budget that cannot hold what the run needs; the message carries the numbers."""
+
+
+def load_json_object(path, what: str, error=TiercacheError) -> dict:
+    """A JSON object from `path`, or one line naming the file and `what` it should be."""
+    import json
+    from pathlib import Path
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not a {what} ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: not a {what}")
+    return d

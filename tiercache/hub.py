@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StoreError, TiercacheError
+from .errors import StoreError, TiercacheError, load_json_object
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> 
     from .store.format import FORMAT_VERSION, is_store
 
     out = tiercache_home() / "stores" / store_name
-    stale = is_store(out) and _format_version(out) not in (None, FORMAT_VERSION)
+    stale = is_store(out) and format_version(out) not in (None, FORMAT_VERSION)
     if is_store(out) and not stale:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +138,11 @@ def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> 
         raise
 
 
-def _format_version(store: Path):
-    import json
+def format_version(store: Path):
+    """The format version a store's manifest declares (None when it has none)."""
     try:
-        return json.loads((store / "manifest.json").read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError):
+        return load_json_object(store / "manifest.json", "manifest").get("format_version")
+    except TiercacheError:
         return None
 
 

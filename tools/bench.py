@@ -56,9 +56,9 @@ def prepare(work: Path, text: Path) -> dict:
 
 def _current(store: Path) -> bool:
     """A store this tiercache can read (an older format version is converted again)."""
-    from tiercache.hub import _format_version
+    from tiercache.hub import format_version
     from tiercache.store.format import FORMAT_VERSION
-    return (store / "manifest.json").exists() and _format_version(store) == FORMAT_VERSION
+    return (store / "manifest.json").exists() and format_version(store) == FORMAT_VERSION
 
 
 def _tiny_model(store: Path, out: Path) -> None:

@@ -29,7 +29,7 @@ import lmdb
 import torch
 
 from ..config import ModelArgs
-from ..errors import StoreError
+from ..errors import StoreError, load_json_object
 from . import quant
 
 FORMAT = "tiercache-store"
@@ -184,13 +184,8 @@ def ffn_name(args: ModelArgs, layer: int, expert: int, part: str) -> str:
 def _read_manifest(path: Path) -> dict:
     if not path.exists():
         raise StoreError(f"{path}: no such store")
-    try:
-        m = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path}: not a tiercache store (no {MANIFEST})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: {MANIFEST} is corrupt ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    m = load_json_object(path / MANIFEST, "tiercache store manifest", StoreError)
+    if m.get("format") != FORMAT:
         raise StoreError(f"{path}: not a tiercache store (foreign manifest)")
     if m.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {m.get('format_version')} is not "
