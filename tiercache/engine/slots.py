@@ -114,7 +114,29 @@ class Int4Slots:
 
 class Block:
     """A layer's pinned (hot) clusters joined once into kernel-ready matrices: no gather per
-    token. Built from the `prepare` outputs of one slot class, in cluster order."""
+    token. Built from the `prepare` outputs of one slot class, in cluster order, or (int4)
+    straight from the records of a layer's streamed clusters (`joined`)."""
+
+    @classmethod
+    def joined(cls, records: list[torch.Tensor], parts: list, n: int, d: int) -> "Block":
+        """q4k cluster records (uint8 tensors, read in one run) -> a Block in a few copies:
+        one per part, instead of a view per record and part joined by `torch.cat`.
+        parts: [(shape, offset, nbytes)] of the row parts kept (gate, up) and then down."""
+        g, k = quant.GROUP, len(records)
+        recs, half = _stack(records), n * d // 2
+        b = cls.__new__(cls)
+        b.int4, b.row_q, b.row_sz = True, [], []
+        *rows, (_, off, nb) = parts
+        for _, o, size in rows:  # [n, d] each: packed [n/64, d, 32], sz [d/32, n, 2]
+            q = recs[:, o:o + half].view(k, n // 64, d, 32)
+            b.row_q.append(_into((k * n // 64, d, 32), q))
+            sz = recs[:, o + half:o + size].view(torch.bfloat16).view(k, d // g, n, 2)
+            b.row_sz.append(_into((d // g, k * n, 2), sz.permute(1, 0, 2, 3)))
+        q = recs[:, off:off + half].view(k, d // 64, n, 32)  # down [d, n]: joined along n
+        b.down_q = _into((d // 64, k * n, 32), q.permute(1, 0, 2, 3))
+        sz = recs[:, off + half:off + nb].view(torch.bfloat16).view(k, n // g, d, 2)
+        b.down_sz = _into((k * n // g, d, 2), sz)
+        return b
 
     def __init__(self, slots_cls, prepared: list):
         self.int4 = slots_cls is Int4Slots
@@ -137,6 +159,28 @@ class Block:
         if self.int4:
             return int4_mm(h, self.down_q, self.down_sz).float()
         return F.linear(h, self.down_w)
+
+
+def _stack(records: list[torch.Tensor]) -> torch.Tensor:
+    """Equal-length records -> [k, len] uint8: a strided view when they sit one stride apart in
+    one read buffer (a layer's clusters, written in order), else a copy."""
+    n, first = records[0].numel(), records[0]
+    offs = [r.storage_offset() for r in records]
+    step = offs[1] - offs[0] if len(offs) > 1 else n
+    same = all(r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               and r.numel() == n for r in records)
+    if same and step >= n and step % 2 == 0 and all(
+            b - a == step for a, b in zip(offs, offs[1:])):
+        return first.as_strided((len(records), n), (step, 1))
+    return torch.stack(records)
+
+
+def _into(shape, src: torch.Tensor) -> torch.Tensor:
+    """A new tensor of `shape` holding src (same element count): always a copy, so nothing
+    keeps pointing into a read buffer that the reader will reuse."""
+    out = torch.empty(shape, dtype=src.dtype)
+    out.view(src.shape).copy_(src)
+    return out
 
 
 def _u8(b) -> torch.Tensor:

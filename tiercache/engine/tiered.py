@@ -357,19 +357,42 @@ class TieredEngine(Engine):
         y = 0
         if block is not None:
             y = block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
-        keys = [(layer, expert, c) for c in range(self.n_clusters) if c not in hot]
-        self.cache.stats.hot_hits += self.n_clusters - len(keys)
-        if keys:
-            self.cache.stats.misses += len(keys)
-            self._submit(keys)
+        streamed = self.n_clusters - len(hot)
+        self.cache.stats.hot_hits += len(hot)
+        if streamed:
+            self.cache.stats.misses += streamed
+            job = self._submit_layer(layer, expert)
             if self.cfg.prefetch and not self.args.is_moe:
                 for ahead in range(1, self.cfg.prefetch_layers + 1):
-                    self._prefetch((layer + ahead) % self.args.num_hidden_layers, expert, True)
+                    self._submit_layer((layer + ahead) % self.args.num_hidden_layers, expert)
             t0 = time.perf_counter()
-            streamed = Block(self.slots_cls, [self.inflight.pop(k).result() for k in keys])
+            block = job.result()
+            del self.inflight[(layer, expert)]
             self.io_wait_s += time.perf_counter() - t0
-            y = y + streamed.down(self.act(streamed.rows(x, 0)) * streamed.rows(x, 1))
+            y = y + block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
         return y
+
+    def _submit_layer(self, layer: int, expert: int) -> Future:
+        """Dense mode: one job reads a layer's streamed clusters (one or two long reads) and
+        joins them into a Block on the I/O thread."""
+        fut = self.inflight.get((layer, expert))
+        if fut is None:
+            _, hot, _ = self.hot.get((layer, expert), (None, (), None))
+            keys = [(layer, expert, c) for c in range(self.n_clusters) if c not in hot]
+            fut = self.inflight[(layer, expert)] = Future()
+            self.reader.pool.submit(self._read_layer, keys, fut)
+        return fut
+
+    def _read_layer(self, keys, fut: Future) -> None:
+        try:
+            bufs = self.reader.read_tensors([cluster_key(*k).decode() for k in keys])
+            if self.int4:
+                fut.set_result(Block.joined(bufs, self.store.cluster_parts(0), self.n, self.d))
+            else:
+                fut.set_result(Block(self.slots_cls, self.pool.prepare_many(
+                    [self._parts(buf, key[2]) for key, buf in zip(keys, bufs)])))
+        except BaseException as e:  # the waiting layer re-raises it
+            fut.set_exception(e)
 
     def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
         keys = [(layer, expert, c) for c in clusters]
