@@ -67,6 +67,29 @@ def test_int4_streaming_matches_int4_resident(hf_models, tmp_path):
         assert (got.argmax(-1) == resident.argmax(-1)).float().mean() > 0.9
 
 
+def test_streamed_attention_and_head_match_resident(hf_models, tmp_path):
+    """Below the pinned weights' size, attention projections and the head's rows stream too
+    (q4k and q8r records used as read): the same logits as with everything resident."""
+    from tiercache.store.convert import convert
+    out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
+                  progress=False)
+    resident = _logits(load_tiered(Store(out), TierConfig(sparse=False)))
+    cfg = TierConfig(sparse=False, hot_clusters=0, cold_clusters=0, pin_attention=1,
+                     pin_head=False)
+    eng = load_tiered(Store(out), cfg)
+    kinds = [("attn" if u.attn else "") + ("ffn" if u.ffn else "") + ("head" if u.rows else "")
+             for u in eng.streamer.units]
+    assert "attnffn" in kinds and "head" in kinds and kinds[0] == "ffn", kinds
+    assert eng.budget.head == 0 and eng.budget.attn_pinned == {0}
+    got = _logits(eng)
+    rel = (got - resident).abs().max() / resident.std()
+    assert rel < 1e-5, f"max diff {rel:.3g} x std"
+    greedy = make_sampler()
+    a = list(generate_step(load_tiered(Store(out), TierConfig(sparse=False)).new_session(),
+                           IDS[:8], greedy, 12))
+    assert list(generate_step(eng.new_session(), IDS[:8], greedy, 12)) == a
+
+
 def test_cache_budget_eviction_order_and_stats():
     c = SegmentedCache(slot_bytes=100, hot_slots=2, cold_slots=3)
     assert c.pin("h1") == 0 and c.pin("h2") == 1 and c.pin("h3") is None

@@ -64,6 +64,15 @@ class QLinear(nn.Module):
         self.bias = bias
         self.shape = tuple(shape)
 
+    @classmethod
+    def from_q4k(cls, raw: torch.Tensor, shape, bias: torch.Tensor | None = None) -> "QLinear":
+        """A q4k record (uint8 tensor, kept as the weights' storage): nothing repacked."""
+        m = nn.Module.__new__(cls)
+        nn.Module.__init__(m)
+        m.packed, m.sz = quant.q4k_views(raw, shape)
+        m.bias, m.shape = bias, tuple(shape)
+        return m
+
     def forward(self, x):
         shape = x.shape
         y = int4_mm(x.reshape(-1, shape[-1]), self.packed, self.sz).float()
@@ -100,6 +109,17 @@ class Q8Linear(nn.Module):
             self.q[lo:lo + n] = torch.round(w / scale[:, None]).to(torch.int8)
             self.scale[lo:lo + n] = scale.to(torch.bfloat16)
         self.bias, self.shape = bias, tuple(shape)
+
+    @classmethod
+    def from_q8r(cls, raw: torch.Tensor, shape, bias: torch.Tensor | None = None) -> "Q8Linear":
+        """A q8r record (uint8 tensor, kept as the weights' storage): int8 rows | bf16 scales."""
+        rows, cols = shape
+        m = nn.Module.__new__(cls)
+        nn.Module.__init__(m)
+        m.q = raw[:rows * cols].view(torch.int8).view(rows, cols)
+        m.scale = raw[rows * cols:].view(torch.bfloat16)
+        m.bias, m.shape = bias, tuple(shape)
+        return m
 
     def forward(self, x):
         shape = x.shape

@@ -25,15 +25,19 @@ from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key
 from ..store.reader import RecordReader
 from .dense import Engine
+from ..models.kv import KVCache
 from .kernels import _HAVE_INT8, Q8Linear, QEmbedding, QLinear, int4_ok
 from .slots import Block, Float32Slots, Int4Slots
+from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, Unit,
+                     q8r_scales)
 
 MB = 1 << 20
-SLACK = 16 * MB  # activations, logits, read buffers in flight, allocator slop
+SLACK = 16 * MB  # activations, logits, allocator slop
 # file-backed pages (library code) the runtime keeps touching; the rest of its mapped files the
-# kernel may reclaim under a cap, so they are not counted whole. Measured here: a tiny model's
-# working set under a cgroup cap (290 MiB) minus its anonymous memory (227 MiB).
-FILE_RESERVE = 96 * MB
+# kernel may reclaim under a cap, so they are not counted whole. Measured here with
+# /proc/self/clear_refs: ~4 MiB of file pages referenced per decode step, ~11 MiB over a
+# 128-token prefill (tiny and real model alike), of ~95 MiB mapped.
+FILE_RESERVE = 24 * MB
 # pin gates and skip clusters only when at most this share of clusters is active per token
 SPARSE_WORTH = 0.8
 
@@ -47,7 +51,9 @@ class TierConfig:
     cold_clusters: int | None = None
     io_threads: int = 2
     prefetch: bool = True
-    prefetch_layers: int = 2       # dense mode: layers read ahead (reads in flight at once)
+    prefetch_layers: int = 2       # dense mode: units (layers, head slices) read ahead
+    pin_attention: int | None = None  # with region sizes: layers whose attention is pinned
+    pin_head: bool | None = None      # (the first ones), and whether the head is; else all
     sparse: bool | None = None     # profile thresholds: True always, False never, None when
                                    # the profile says they skip enough clusters to pay
     context: int = 2048            # KV cache reserved in the budget
@@ -56,18 +62,29 @@ class TierConfig:
 
 @dataclass
 class Budget:
-    runtime_and_fixed: int
+    runtime: int        # the process before weights (anonymous RSS) + FILE_RESERVE
+    fixed: int          # norms, biases, and whatever the engine cannot stream
+    attention: int      # pinned attention projections
+    head: int           # the pinned head (and embeddings)
     gates: int
     kv: int
     slack: int
+    streaming: int      # units being used and read ahead, and the I/O threads' read buffers
     slot_bytes: int
     hot_slots: int
     cold_slots: int
+    attn_pinned: frozenset = frozenset()  # layers whose attention is pinned
+    head_pinned: bool = True
 
     def lines(self) -> dict:
-        return {"runtime_and_fixed": self.runtime_and_fixed, "gates": self.gates, "kv": self.kv,
-                "slack": self.slack, "hot": self.hot_slots * self.slot_bytes,
+        return {"runtime": self.runtime, "fixed": self.fixed, "attention": self.attention,
+                "head": self.head, "gates": self.gates, "kv": self.kv, "slack": self.slack,
+                "streaming": self.streaming, "hot": self.hot_slots * self.slot_bytes,
                 "cold": self.cold_slots * self.slot_bytes}
+
+    @property
+    def total(self) -> int:
+        return sum(self.lines().values())
 
 
 class TieredMLP(nn.Module):
@@ -94,14 +111,19 @@ class TieredEngine(Engine):
         self.act = ACTS[a.hidden_act]
         self.reader = RecordReader(store, threads=cfg.io_threads)
         store.env = None  # reads go through pread now; letting go unmaps LMDB's pages
+        self.tensors = store.manifest["tensors"]
         self.profile = store.manifest.get("profile")
         self.thresholds = self._thresholds()
         # with thresholds the gate is pinned to pick neurons; else it streams with up and down
         self.pinned_gate = bool(self.thresholds)
         self.row_parts = 1 if self.pinned_gate else 2
-        self._refuse_early()
+        self.inflight: dict[tuple, Future] = {}
+        self.last_active: dict[tuple[int, int], list[int]] = {}
+        self.tokens = 0
+        self.io_wait_s = 0.0
+        self.budget = self._plan_budget(self._runtime_bytes())  # refuses before loading
+        self.streamer = self._streamer()
         self.model = self._build_model()
-        self.budget = self._plan_budget()
         self.cache = SegmentedCache(self.budget.slot_bytes, self.budget.hot_slots,
                                     self.budget.cold_slots)
         self.pool = self.slots_cls(self.budget.cold_slots, self.n, self.d, store.ffn_dtype,
@@ -109,31 +131,199 @@ class TieredEngine(Engine):
         self.gates: dict[tuple[int, int], object] = {}
         self.hot: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> (Block, clusters, neurons)
         self._load_ffn()
-        self.inflight: dict[tuple, Future] = {}
-        self.last_active: dict[tuple[int, int], list[int]] = {}
-        self.tokens = 0
-        self.io_wait_s = 0.0
+        self.reader.stats.__init__()  # count what decoding reads, not the load
+
+    # -- what is pinned and what streams ----------------------------------------------------
+    def _runtime_bytes(self) -> int:
+        """The process before any weight: anonymous RSS once torch's lazy set-up for a model
+        (~50 MB here) has run, plus the file-backed pages it keeps touching."""
+        if self.cfg.ram_bytes is None:
+            return 0
+        with torch.device("meta"):
+            Model(self.args)
+        _trim_malloc()
+        return anon_bytes() + FILE_RESERVE
+
+    @property
+    def head_name(self) -> str:
+        return "lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"
+
+    def _streamable(self) -> tuple[dict[int, list[str]], bool]:
+        """-> (layer -> its attention projections that can stream, whether the head can).
+        Streaming beyond FFN clusters needs kernel-layout records (q4k, q8r) and dense mode."""
+        if not (self.int4 and not self.pinned_gate):
+            return {}, False
+        attn: dict[int, list[str]] = {}
+        for name, t in self.tensors.items():
+            if t["dtype"] == "q4k" and ".self_attn." in name:
+                attn.setdefault(int(name.split(".")[2]), []).append(name)
+        return attn, self.tensors[self.head_name]["dtype"] == "q8r" and _HAVE_INT8
+
+    def _plan_budget(self, runtime: int) -> Budget:
+        """Regions for cfg: pin everything that fits; else stream, in the order attention,
+        head, FFN clusters are let go (coldest first): every streamed byte is read once per
+        token whichever weight it is, so the order only keeps the streaming path simple."""
+        a, cfg = self.args, self.cfg
+        total = a.num_hidden_layers * a.n_experts * self.n_clusters
+        slot, gates, kv = self._slot_bytes(), self._gate_bytes(), self._kv_bytes()
+        sizes = {n: _ram_bytes(t, self.int4) for n, t in self.tensors.items()}
+        if a.tie_word_embeddings and self.int4:
+            sizes.pop("lm_head.weight", None)  # the head is the embedding's bytes
+        attn, head_ok = self._streamable()
+        attn_bytes = {l: sum(sizes[n] for n in names) for l, names in attn.items()}
+        head = sizes[self.head_name]
+        fixed = sum(sizes.values()) - sum(attn_bytes.values()) - head
+        base = dict(runtime=runtime, fixed=fixed, gates=gates, kv=kv, slack=SLACK, slot_bytes=slot)
+        everything = dict(attention=sum(attn_bytes.values()), head=head,
+                          attn_pinned=frozenset(range(a.num_hidden_layers)), head_pinned=True)
+        if cfg.hot_clusters is not None or cfg.cold_clusters is not None:
+            hot, cold = cfg.hot_clusters or 0, cfg.cold_clusters or 0
+        elif cfg.hot_bytes is not None or cfg.cold_bytes is not None:
+            hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
+        elif cfg.ram_bytes is None:
+            hot, cold = total, 0
+        else:
+            room = cfg.ram_bytes - (runtime + fixed + gates + kv + SLACK)
+            if room >= head + sum(attn_bytes.values()) + total * slot:
+                return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0)
+            if self.pinned_gate:  # sparse: gates pick clusters, a cold LRU holds the misses
+                room -= head + sum(attn_bytes.values())
+                hot, cold = _split_slots(max(0, room // slot), total, self.n_clusters,
+                                         have_profile=self.profile is not None)
+                b = Budget(**base, **everything, streaming=0, hot_slots=hot, cold_slots=cold)
+                if cold < self.n_clusters and hot < total:
+                    self._refuse(b, "one layer's clusters in the cold region",
+                                 self.n_clusters * slot - cold * slot)
+                return b
+            return self._dense_budget(base, room, attn_bytes, head, head_ok, total)
+        if not self.pinned_gate:  # every cluster is used every token: an LRU would only cycle
+            hot, cold = hot + cold, 0
+        hot = min(hot, total)
+        n_att = a.num_hidden_layers if cfg.pin_attention is None else cfg.pin_attention
+        pinned = frozenset(l for l in range(a.num_hidden_layers) if l < n_att or l not in attn)
+        head_pinned = cfg.pin_head is not False or not head_ok
+        streams = hot < total and not self.pinned_gate or len(pinned) < a.num_hidden_layers or not head_pinned
+        stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok)) if streams else 0
+        return Budget(**base, attention=sum(attn_bytes.get(l, 0) for l in pinned),
+                      head=head if head_pinned else 0, attn_pinned=pinned, head_pinned=head_pinned,
+                      streaming=stream, hot_slots=hot, cold_slots=cold)
+
+    def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:
+        stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok))
+        room -= stream
+        pinned, att = set(), 0
+        for l in range(self.args.num_hidden_layers):
+            if attn_bytes.get(l, 0) <= room - att or l not in attn_bytes:
+                pinned.add(l)
+                att += attn_bytes.get(l, 0)
+            else:
+                break
+        room -= att
+        head_pinned = head <= room or not head_ok
+        room -= head if head_pinned else 0
+        hot = max(0, min(total, room // base["slot_bytes"]))
+        b = Budget(**base, attention=att, head=head if head_pinned else 0, streaming=stream,
+                   hot_slots=hot, cold_slots=0, attn_pinned=frozenset(pinned),
+                   head_pinned=head_pinned)
+        if room < 0:
+            self._refuse(b, "", -room)
+        return b
+
+    def _refuse(self, b: Budget, what: str, short: int) -> None:
+        detail = ", ".join(f"{k} {_mb(v)}" for k, v in b.lines().items() if v)
+        raise BudgetError(f"RAM budget {_mb(self.cfg.ram_bytes)} is too small: it needs at least "
+                          f"{_mb(self.cfg.ram_bytes + short)} ({detail}"
+                          + (f", {what}" if what else "") + ")")
+
+    def _unit_max(self, attn_layer: int, head_ok: bool) -> int:
+        """Bytes of the largest unit that may stream: a layer's attention and clusters (as
+        read, and as joined for the kernel), or a slice of the head."""
+        records = self.store.records
+        layer = sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
+        return max(layer + attn_layer, HEAD_SLICE if head_ok else 0)
+
+    def _stream_bytes(self, unit: int) -> int:
+        """Units in use and read ahead, and one read buffer per I/O thread and the main one."""
+        ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
+        return (1 + ahead + self.cfg.io_threads + 1) * unit
+
+    def _slot_bytes(self) -> int:
+        return self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
+
+    def _gate_bytes(self) -> int:
+        if not self.pinned_gate:
+            return 0
+        a = self.args
+        one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
+               if self.int4 else a.intermediate_size * self.d * 4)
+        return one * a.num_hidden_layers * a.n_experts
+
+    def _kv_bytes(self) -> int:
+        a = self.args
+        positions = -(-self.cfg.context // KVCache.step) * KVCache.step  # it grows in steps
+        return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * positions
+
+    def _streamer(self) -> Streamer:
+        """Units in forward order: each layer's streamed attention and (dense, not MoE) FFN
+        clusters, then the head's rows in slices."""
+        a, b = self.args, self.budget
+        attn, _ = self._streamable()
+        order = self._hotness_order()
+        hot = set(order[:b.hot_slots])
+        units = []
+        for l in range(a.num_hidden_layers):
+            u = Unit(layer=l)
+            if l not in b.attn_pinned:
+                for name in attn.get(l, []):
+                    u.attn[name.split(".")[-2]] = (name, self.tensors[name]["shape"])
+            if not self.pinned_gate and not a.is_moe:
+                u.ffn = [(l, 0, c) for c in range(self.n_clusters) if (l, 0, c) not in hot]
+            if u.attn or u.ffn:
+                units.append(u)
+        if not b.head_pinned:
+            rows, d = self.tensors[self.head_name]["shape"]
+            step = max(64, HEAD_SLICE // d // 64 * 64)
+            units += [Unit(rows=(lo, min(rows, lo + step))) for lo in range(0, rows, step)]
+        ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
+        return Streamer(self, units, ahead, head=self.head_name)
 
     # -- loading --------------------------------------------------------------------------
     def _read_tensor(self, name: str, out_dtype=torch.float32):
-        meta = self.store.manifest["tensors"][name]
-        return quant.decode(self.reader.read(tensor_key(name).decode()), meta["shape"],
+        meta = self.tensors[name]
+        return quant.decode(self.reader.read_into(tensor_key(name).decode()), meta["shape"],
                             meta["dtype"], out_dtype)
 
-    def _q4_linear(self, name: str, bias=None):
-        """The tensor as an int4 (q4) or int8 (q8) kernel module, when it is stored so."""
-        meta = self.store.manifest["tensors"].get(name)
+    def bias(self, weight_name: str):
+        name = weight_name[:-len("weight")] + "bias"
+        if name not in self.tensors:
+            return None
+        if name not in self._biases:
+            self._biases[name] = self._read_tensor(name)
+        return self._biases[name]
+
+    def _q4_linear(self, name: str):
+        """The tensor as an int4 (q4, q4k) or int8 (q8, q8r) kernel module, when stored so."""
+        meta = self.tensors.get(name)
         if not (self.int4 and meta):
             return None
-        if meta["dtype"] == "q4" and int4_ok(meta["shape"]):
-            return QLinear(self.reader.read(tensor_key(name).decode()), meta["shape"], bias)
-        if meta["dtype"] == "q8" and _HAVE_INT8:
-            return Q8Linear(self.reader.read(tensor_key(name).decode()), meta["shape"], bias)
+        shape, dt = meta["shape"], meta["dtype"]
+        if dt == "q4k":
+            return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
+                                    self.bias(name))
+        if dt == "q8r" and _HAVE_INT8:
+            return Q8Linear.from_q8r(self.reader.read_into(tensor_key(name).decode()), shape,
+                                     self.bias(name))
+        if dt == "q4" and int4_ok(shape):
+            return QLinear(self.reader.read(tensor_key(name).decode()), shape, self.bias(name))
+        if dt == "q8" and _HAVE_INT8:
+            return Q8Linear(self.reader.read(tensor_key(name).decode()), shape, self.bias(name))
         return None
 
     def _build_model(self) -> Model:
-        """Attention and embeddings pinned (int4 where the kernel applies), FFNs tiered."""
+        """Attention and embeddings pinned (int4 where the kernel applies) or streamed, FFNs
+        tiered."""
         a = self.args
+        self._biases: dict[str, torch.Tensor] = {}
         with torch.device("meta"):
             model = Model(a)
         self._swap_linears(model)
@@ -156,23 +346,38 @@ class TieredEngine(Engine):
         return model.eval()
 
     def _swap_linears(self, model: Model) -> None:
-        """Replace nn.Linear / the embedding by int4 modules where the kernel applies."""
-        head = self._q4_linear("model.embed_tokens.weight")
-        if head is not None:
-            model.model.embed_tokens = QEmbedding(head)
-            if self.args.tie_word_embeddings:
+        """Replace nn.Linear / the embedding by int4/int8 modules where the kernels apply, and
+        by streamed modules for what the budget does not pin."""
+        a, b, st = self.args, self.budget, self.streamer
+        if not b.head_pinned:
+            shape = self.tensors[self.head_name]["shape"]
+            scale = q8r_scales(self.reader, self.head_name, shape)
+            heads = [i for i, u in enumerate(st.units) if u.rows]
+            model.lm_head = StreamedHead(st, heads, scale, shape)
+            if a.tie_word_embeddings:
+                model.model.embed_tokens = StreamedEmbedding(self.reader, self.head_name, scale,
+                                                             shape)
+        if a.tie_word_embeddings and b.head_pinned:
+            head = self._q4_linear("model.embed_tokens.weight")
+            if head is not None:
+                model.model.embed_tokens = QEmbedding(head)
                 model.lm_head = head
-        if not self.args.tie_word_embeddings:
-            q = self._q4_linear("lm_head.weight")
-            if q is not None:
-                model.lm_head = q
+        if not a.tie_word_embeddings:
+            emb = self.tensors["model.embed_tokens.weight"]
+            if emb["dtype"] in ("q8r", "q4k"):  # no float copy of it
+                model.model.embed_tokens = QEmbedding(self._q4_linear("model.embed_tokens.weight"))
+            if b.head_pinned:
+                q = self._q4_linear("lm_head.weight")
+                if q is not None:
+                    model.lm_head = q
         for l, layer in enumerate(model.model.layers):
             att = layer.self_attn
+            unit = st.unit_of(l)
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                base = f"model.layers.{l}.self_attn.{p}"
-                bias = (self._read_tensor(base + ".bias")
-                        if base + ".bias" in self.store.manifest["tensors"] else None)
-                q = self._q4_linear(base + ".weight", bias)
+                if unit is not None and p in st.units[unit].attn:
+                    setattr(att, p, StreamedLinear(st, unit, p))
+                    continue
+                q = self._q4_linear(f"model.layers.{l}.self_attn.{p}.weight")
                 if q is not None:
                     setattr(att, p, q)
 
@@ -187,86 +392,6 @@ class TieredEngine(Engine):
             return {}
         return {(l, e): ex["threshold"] for l, row in enumerate(self.profile["ffn"])
                 for e, ex in enumerate(row)}
-
-    def _refuse_early(self) -> None:
-        """Refuse before loading (a cgroup would kill a load that overshoots): the runtime so
-        far, the pinned tensors as they will sit in RAM, the largest record read while loading
-        (its bytes and its decoded form), the gates, the KV cache and one layer of clusters."""
-        if self.cfg.ram_bytes is None:
-            return
-        with torch.device("meta"):  # torch's lazy setup for a model (~50 MB here) comes first,
-            Model(self.args)        # so the runtime measured below includes it
-        _trim_malloc()
-        a, tensors = self.args, self.store.manifest["tensors"]
-        sizes = {n: _ram_bytes(t, self.int4) for n, t in tensors.items()}
-        if a.tie_word_embeddings and self.int4:
-            sizes.pop("lm_head.weight", None)
-        load_peak = max(self.store.records[tensor_key(n).decode()][0] for n in tensors)
-        parts = {"runtime": anon_bytes() + FILE_RESERVE, "pinned weights": sum(sizes.values()),
-                 "loading": load_peak, "FFN gates": self._gate_bytes(),
-                 f"KV cache for {self.cfg.context} tokens": self._kv_bytes(),
-                 "working space": SLACK,
-                 "clusters being read": self._stream_bytes() or self.n_clusters * self._slot_bytes()}
-        need = sum(parts.values())
-        if need > self.cfg.ram_bytes:
-            detail = ", ".join(f"{k} {_mb(v)}" for k, v in parts.items())
-            raise BudgetError(f"RAM budget {_mb(self.cfg.ram_bytes)} is too small: it needs at "
-                              f"least {_mb(need)} ({detail})")
-
-    def _slot_bytes(self) -> int:
-        return self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
-
-    def _gate_bytes(self) -> int:
-        if not self.pinned_gate:
-            return 0
-        a = self.args
-        one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
-               if self.int4 else a.intermediate_size * self.d * 4)
-        return one * a.num_hidden_layers * a.n_experts
-
-    def _kv_bytes(self) -> int:
-        a = self.args
-        return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * self.cfg.context
-
-    def _plan_budget(self) -> Budget:
-        a = self.args
-        total = a.num_hidden_layers * a.n_experts * self.n_clusters
-        slot, gates, kv = self._slot_bytes(), self._gate_bytes(), self._kv_bytes()
-        _trim_malloc()
-        fixed = anon_bytes() + FILE_RESERVE
-        cfg = self.cfg
-        if cfg.hot_clusters is not None or cfg.cold_clusters is not None:
-            hot, cold = cfg.hot_clusters or 0, cfg.cold_clusters or 0
-        elif cfg.hot_bytes is not None or cfg.cold_bytes is not None:
-            hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
-        elif cfg.ram_bytes is None:
-            hot, cold = total, 0
-        else:
-            room = cfg.ram_bytes - fixed - gates - kv - SLACK - self._stream_bytes()
-            hot, cold = _split_slots(max(0, room // slot), total, self.n_clusters,
-                                     have_profile=self.profile is not None,
-                                     stream=not self.pinned_gate)
-        if not self.pinned_gate:  # every cluster is used every token: an LRU would only cycle
-            hot, cold = hot + cold, 0
-        b = Budget(fixed, gates, kv, SLACK, slot, min(hot, total), cold)
-        if b.hot_slots < total:
-            need = self._stream_bytes() if not self.pinned_gate else self.n_clusters * slot
-            have = (b.cold_slots * slot if self.pinned_gate else
-                    (cfg.ram_bytes or 1 << 62) - fixed - gates - kv - SLACK - b.hot_slots * slot)
-            if have < need:
-                least = fixed + gates + kv + SLACK + need
-                raise BudgetError(
-                    f"RAM budget {_mb(cfg.ram_bytes)} is too small: it needs at least {_mb(least)} "
-                    f"(runtime + pinned weights {_mb(fixed)}, FFN gates {_mb(gates)}, KV cache for "
-                    f"{cfg.context} tokens {_mb(kv)}, working space {_mb(SLACK)}, clusters "
-                    f"being read {_mb(need)})")
-        return b
-
-    def _stream_bytes(self) -> int:
-        """Dense mode reads the clusters it does not pin into buffers: the layer in use and
-        the one being read ahead."""
-        ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
-        return 0 if self.pinned_gate else (1 + ahead) * self.n_clusters * self._slot_bytes()
 
     def _load_ffn(self) -> None:
         """Read every cluster once: keep its gate rows, and pin the hottest into hot slots."""
@@ -290,7 +415,6 @@ class TieredEngine(Engine):
                     self.gates[(l, e)] = self.slots_cls.gate(rows, self.store.ffn_dtype)
                 if hot:
                     self.hot[(l, e)] = self._hot_block(hot)
-        self.reader.stats.__init__()  # count what decoding reads, not the load
 
     def _hot_block(self, hot: list) -> tuple:
         clusters = [c for c, _ in hot]
@@ -361,20 +485,19 @@ class TieredEngine(Engine):
         self.cache.stats.hot_hits += len(hot)
         if streamed:
             self.cache.stats.misses += streamed
-            job = self._submit_layer(layer, expert)
-            if self.cfg.prefetch and not self.args.is_moe:
-                for ahead in range(1, self.cfg.prefetch_layers + 1):
-                    self._submit_layer((layer + ahead) % self.args.num_hidden_layers, expert)
-            t0 = time.perf_counter()
-            block = job.result()
-            del self.inflight[(layer, expert)]
-            self.io_wait_s += time.perf_counter() - t0
+            if self.args.is_moe:  # experts are read when routed to, not ahead
+                t0 = time.perf_counter()
+                block = self._submit_layer(layer, expert).result()
+                del self.inflight[(layer, expert)]
+                self.io_wait_s += time.perf_counter() - t0
+            else:
+                block = self.streamer.get(self.streamer.unit_of(layer))["ffn"]
             y = y + block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
         return y
 
     def _submit_layer(self, layer: int, expert: int) -> Future:
-        """Dense mode: one job reads a layer's streamed clusters (one or two long reads) and
-        joins them into a Block on the I/O thread."""
+        """Dense mode, MoE: one job reads an expert's streamed clusters (one or two long reads)
+        and joins them into a Block on the I/O thread."""
         fut = self.inflight.get((layer, expert))
         if fut is None:
             _, hot, _ = self.hot.get((layer, expert), (None, (), None))
@@ -385,14 +508,17 @@ class TieredEngine(Engine):
 
     def _read_layer(self, keys, fut: Future) -> None:
         try:
-            bufs = self.reader.read_tensors([cluster_key(*k).decode() for k in keys])
-            if self.int4:
-                fut.set_result(Block.joined(bufs, self.store.cluster_parts(0), self.n, self.d))
-            else:
-                fut.set_result(Block(self.slots_cls, self.pool.prepare_many(
-                    [self._parts(buf, key[2]) for key, buf in zip(keys, bufs)])))
+            bufs = self.reader.read_tensors([cluster_key(*k).decode() for k in keys], private=True)
+            fut.set_result(self.join_clusters(keys, bufs))
         except BaseException as e:  # the waiting layer re-raises it
             fut.set_exception(e)
+
+    def join_clusters(self, keys, bufs) -> Block:
+        """Streamed cluster records (read buffers) -> one Block, copied out of the buffers."""
+        if self.int4:
+            return Block.joined(bufs, self.store.cluster_parts(0), self.n, self.d)
+        return Block(self.slots_cls, self.pool.prepare_many(
+            [self._parts(buf, key[2]) for key, buf in zip(keys, bufs)]))
 
     def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
         keys = [(layer, expert, c) for c in clusters]

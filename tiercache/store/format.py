@@ -33,7 +33,8 @@ from ..errors import StoreError, load_json_object
 from . import quant
 
 FORMAT = "tiercache-store"
-FORMAT_VERSION = 2  # 2: down columns stored [d, n]; q4k FFN records
+FORMAT_VERSION = 3  # 2: down columns stored [d, n]; q4k FFN records. 3: q4 stores keep
+# attention in q4k and the head in q8r (kernel layouts: pinned or streamed as read)
 MANIFEST = "manifest.json"
 FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
 HEAD_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -216,10 +217,12 @@ class StoreWriter:
 
     def put_tensor(self, name: str, w: torch.Tensor, dtype: str | None = None):
         dtype = dtype or self.dtype
-        if dtype == "q4" and name in HEAD_TENSORS:
-            dtype = "q8"  # as llama.cpp's Q4 files do: 4-bit logits cost too much quality
         if dtype in ("q8", "q4") and not (quant.can_quantize(w.shape) and _is_matrix(name)):
             dtype = "f16" if w.ndim == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
+        elif dtype == "q4" and name in HEAD_TENSORS:
+            dtype = "q8r"  # 8 bits as llama.cpp's Q4 files keep them: 4-bit logits cost too much
+        elif dtype == "q4" and _is_attention(name) and w.shape[0] % 64 == 0:
+            dtype = "q4k"  # the int4 kernel's layout: used, pinned or streamed, as read
         self._put(tensor_key(name), quant.encode(w, dtype))
         self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
 
@@ -277,6 +280,10 @@ class StoreWriter:
             self.env.close()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _is_attention(name: str) -> bool:
+    return ".self_attn." in name and name.endswith("_proj.weight")
 
 
 def _is_matrix(name: str) -> bool:

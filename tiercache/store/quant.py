@@ -7,6 +7,8 @@ A quantized [R, C] matrix is stored as one self-contained byte string:
   q4k: q4 in the layout of torch's int4 CPU kernel, so a cached FFN cluster is used as read:
       packed u8 [R/64, C, 32] (byte [b, c, j]: row 64b+j low nibble, row 64b+j+32 high)
       | bf16 [C/32, R, 2] (scale, zero) with x = (q - 8) * scale + zero; needs R % 64 == 0
+  q8r: int8 [R, C] | bf16 [R] (x = q * scale): one scale per row, the layout of torch's int8
+      CPU kernel, so a head is used (or streamed, rows at a time) as read
 Rows are the unit, so a slice of rows (one neuron bundle, one cluster) dequantizes alone.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ def nbytes(shape, dtype: str) -> int:
         return groups * 2 + n
     if dtype in ("q4", "q4k"):
         return groups * 4 + n // 2
+    if dtype == "q8r":
+        return n + 2 * rows
     raise ValueError(f"unknown dtype {dtype}")
 
 
@@ -60,6 +64,10 @@ def encode(x: torch.Tensor, dtype: str) -> bytes:
         return _cat(scale, mn, packed)
     if dtype == "q4k":
         return _cat(*_encode_q4k(g, rows, cols))
+    if dtype == "q8r":
+        scale = (x.abs().amax(1) / 127.0).to(torch.bfloat16)
+        q = torch.round(x / scale.float().clamp_min(1e-12)[:, None]).clamp(-127, 127)
+        return _cat(q.to(torch.int8), scale)
     raise ValueError(f"unknown dtype {dtype}")
 
 
@@ -104,6 +112,9 @@ def decode(buf, shape, dtype: str, out_dtype=torch.float32) -> torch.Tensor:
     if dtype in _TORCH:
         return raw.view(_TORCH[dtype]).view(*shape).to(out_dtype)
     rows, cols = shape
+    if dtype == "q8r":
+        q = raw[:rows * cols].view(torch.int8).view(rows, cols).float()
+        return (q * raw[rows * cols:].view(torch.bfloat16).float()[:, None]).to(out_dtype)
     ng = rows * (cols // GROUP)
     scale = raw[: 2 * ng].view(torch.float16).float().view(rows, -1, 1)
     if dtype == "q8":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class RecordReader:
         # page faults. A buffer is overwritten `RING` reads later; readers copy out before then.
         self._ring = [None] * RING
         self._turn = itertools.count()
+        self._own = threading.local()  # one private buffer per thread (`private=True` reads)
 
     def read(self, key: str) -> bytes:
         """One record, checked against its crc32."""
@@ -65,28 +67,62 @@ class RecordReader:
     def read_many(self, keys: list[str], gap: int = 64 << 10, limit: int = 8 << 20) -> list[bytes]:
         """Records in `keys` order; neighbours in the file are read together (fewer, larger
         reads run faster: 1 MiB O_DIRECT reads are ~2x 64 KiB ones on this machine's disk)."""
-        return [bytes(t.numpy()) for t in self.read_tensors(keys, gap, limit)]
+        return [bytes(t.numpy()) for t in self.read_tensors(keys, gap, limit, private=True)]
 
-    def read_tensors(self, keys: list[str], gap: int = 64 << 10,
-                     limit: int = 8 << 20) -> list[torch.Tensor]:
-        """As `read_many`, as uint8 tensors viewing the read buffers: no copy after the read."""
+    def read_tensors(self, keys: list[str], gap: int = 64 << 10, limit: int = 8 << 20,
+                     private: bool = False) -> list[torch.Tensor]:
+        """As `read_many`, as uint8 tensors viewing the read buffers: no copy after the read.
+        private: into this thread's own buffer, valid until the thread's next private read (a
+        caller that copies out at once, as streaming jobs do, then needs no ring)."""
         spans = sorted((self.offsets[k] + (k,) for k in keys))
         out, run = {}, []
         for span in spans:
             if run and (span[0] - (run[-1][0] + run[-1][1]) > gap
                         or span[0] + span[1] - run[0][0] > limit):
-                out.update(self._read_run(run))
+                out.update(self._read_run(run, private))
                 run = []
             run.append(span)
         if run:
-            out.update(self._read_run(run))
+            out.update(self._read_run(run, private))
         return [out[k] for k in keys]
 
-    def _read_run(self, run) -> dict[str, torch.Tensor]:
+    def read_into(self, key: str, chunk: int = 2 << 20) -> torch.Tensor:
+        """A whole record as a new uint8 tensor, read in pieces of at most `chunk` bytes and
+        checked against its crc32: a large pinned tensor loads without a second copy."""
+        n, crc = self.store.records[key]
+        out, got = torch.empty(n, dtype=torch.uint8), 0
+        for lo in range(0, n, chunk):
+            part = self.read_range(key, lo, min(chunk, n - lo))
+            out[lo:lo + part.numel()] = part
+            got = zlib.crc32(part.numpy(), got)
+        if got != crc:
+            raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
+        self.verified.add(key)
+        return out
+
+    def read_range(self, key: str, lo: int, n: int, private: bool = False) -> torch.Tensor:
+        """Bytes [lo, lo + n) of a record, as a view of a read buffer (valid until `RING` reads
+        later, or this thread's next private read). Not checked: callers read records that
+        were checked whole once (`read_into`)."""
+        off, size = self.offsets[key]
+        if lo < 0 or lo + n > size:
+            raise ValueError(f"range {lo}+{n} outside record {key} of {size} bytes")
+        start = (off + lo) // ALIGN * ALIGN
+        length = -(-(off + lo + n - start) // ALIGN) * ALIGN
+        buf = self._buffer(length, private)
+        got = os.preadv(self.fd, [memoryview(buf.numpy())], start)
+        if got < off + lo + n - start:
+            raise StoreError(f"{self.store.path}: record {key} is truncated")
+        if not self.direct:
+            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+        self.stats.add(length)
+        return buf[off + lo - start: off + lo - start + n]
+
+    def _read_run(self, run, private: bool = False) -> dict[str, torch.Tensor]:
         lo = run[0][0] // ALIGN * ALIGN
         end = max(off + n for off, n, _ in run)
         size = -(-(end - lo) // ALIGN) * ALIGN
-        whole = self._buffer(size)
+        whole = self._buffer(size, private)
         got = os.preadv(self.fd, [memoryview(whole.numpy())], lo)
         recs = {k: whole[off - lo: off - lo + n] for off, n, k in run}
         if not self.direct:  # keep the page cache out of the budget
@@ -103,18 +139,31 @@ class RecordReader:
                 self.verified.add(key)
         return recs
 
-    def _buffer(self, size: int) -> torch.Tensor:
-        """A page-aligned buffer (as O_DIRECT wants) of at least `size` bytes, from the ring."""
+    def _buffer(self, size: int, private: bool = False) -> torch.Tensor:
+        """A page-aligned buffer (as O_DIRECT wants) of at least `size` bytes, from the ring
+        or this thread's own."""
+        if private:
+            buf = getattr(self._own, "buf", None)
+            if buf is None or buf.numel() < size:
+                buf = self._own.buf = _aligned(size)
+            return buf[:size]
         i = next(self._turn) % RING
         buf = self._ring[i]
         if buf is None or buf.numel() < size:
-            m = mmap.mmap(-1, max(size, 2 << 20))
-            buf = self._ring[i] = torch.frombuffer(m, dtype=torch.uint8)
+            buf = self._ring[i] = _aligned(max(size, 2 << 20))
         return buf[:size]
+
+    def drop_ring(self) -> None:
+        """Let the shared read buffers go (after loading: they grew to the largest read)."""
+        self._ring = [None] * RING
 
     def close(self):
         self.pool.shutdown(wait=True)
         os.close(self.fd)
+
+
+def _aligned(size: int) -> torch.Tensor:
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
 
 
 def _record_offsets(store: Store) -> dict[str, tuple[int, int]]:
