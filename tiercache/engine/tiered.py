@@ -9,6 +9,7 @@ all of them in prefill) are already being read.
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -243,9 +244,10 @@ class TieredEngine(Engine):
         return max(layer + attn_layer, HEAD_SLICE if head_ok else 0)
 
     def _stream_bytes(self, unit: int) -> int:
-        """Units in use and read ahead, and one read buffer per I/O thread and the main one."""
+        """Units in use and read ahead (copied out, ready for the kernels), and one read buffer
+        per I/O thread."""
         ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
-        return (1 + ahead + self.cfg.io_threads + 1) * unit
+        return (1 + ahead + self.cfg.io_threads) * unit
 
     def _slot_bytes(self) -> int:
         return self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
@@ -589,16 +591,13 @@ class TieredEngine(Engine):
 
 
 def _ram_bytes(meta: dict, int4: bool) -> int:
-    """Bytes a pinned tensor takes in RAM: int4/int8 kernels keep q4/q8 about as stored;
-    everything else is decoded to float32."""
-    n = 1
-    for s in meta["shape"]:
-        n *= s
-    if int4 and meta["dtype"] == "q4":
-        return quant.nbytes(meta["shape"], "q4")
+    """Bytes a pinned tensor takes in RAM: int4/int8 kernels keep q4k/q8r as stored, and
+    q4/q8 about so; everything else is decoded to float32."""
+    if int4 and meta["dtype"] in ("q4", "q4k", "q8r"):
+        return quant.nbytes(meta["shape"], meta["dtype"])
     if int4 and meta["dtype"] == "q8":
-        return n + 2 * meta["shape"][0]
-    return 4 * n
+        return math.prod(meta["shape"]) + 2 * meta["shape"][0]
+    return 4 * math.prod(meta["shape"])
 
 
 def _split_slots(slots: int, total: int, per_layer: int, have_profile: bool,
