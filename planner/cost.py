@@ -29,8 +29,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from .accounting import FILE_RESERVE, SLACK, TOKENIZER_BYTES_PER_TOKEN, Layout, layout_of
 from .profiles import PAGE, DeviceProfile
-from .sizes import ModelSizes, engine_dtype
+from .sizes import KERNEL_LAYOUTS, ModelSizes, engine_dtype
 
 # eager torch ops in one decode layer (7 matvecs, 2 RMSNorms, RoPE, KV writes, SDPA, residuals,
 # activation, threshold): the mix the probe times to get a mean op cost ("dispatch_s")
@@ -46,12 +47,22 @@ OPS_PER_CLUSTER = 4  # per active cluster: Python bookkeeping (cache lookup, slo
 CLUSTER_OBJ_BYTES = 128  # cache entry per cached cluster (slots live in preallocated pools)
 DECODE_POSITION = 256  # typical KV length a decode step attends over (capped by the context)
 MIN_HEADROOM = 4 << 20  # page cache / allocator slack the budget keeps for buffered reads
-ENGINE_SLACK = 32 << 20  # the engine keeps this much for activations, logits, allocator slop
+ENGINE_SLACK = SLACK  # the engine keeps this much for activations, logits, allocator slop
+# Dense-stream decode (tiercache/engine/tiered.py `_dense_ffn`), in op-equivalents of the
+# probe's dispatch_s: a layer with everything pinned (attention, the pinned block's three int4
+# matmuls, norms, residuals, Python), and what a layer that streams adds (a job submitted to an
+# I/O thread, the wait on its future, the streamed block's joins and matmuls). Calibrated on the
+# reference VM against tools/plan_check.py runs of SmolLM2-135M q4 (1 thread): everything pinned
+# ~30 tok/s; every cluster streamed (51 MB/token) 8.0 tok/s, 309 of 720 (22 MB/token) 10.2
+# tok/s, i.e. ~1.5 ms per streaming layer beyond its bytes' read and copy.
+OPS_DENSE_LAYER = 100
+OPS_STREAM_LAYER = 350
+# Share of the streamed reads' time hidden behind compute. Measured on the 2-core VM: the wait on
+# reads (stats()["io_wait_s"]) is about their whole time at 1 thread, lookahead 1 or 2.
+IO_OVERLAP = 0.0
 # the engine's misses cost ~1.5x the probe's emulation of one (cache admission, futures,
 # prefetch bookkeeping; measured: ~1.2 ms per miss decoding SmolLM2 q4 at 400-420 MB)
 MISS_CALIBRATION = 1.5
-TOKENIZER_BYTES_PER_TOKEN = 700  # RSS of a loaded HF tokenizer per vocabulary entry (SmolLM2's
-# 49,152-token tokenizer.json took 33 MiB in `tokenizers`, measured on the reference VM)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class Prediction:
     bottleneck: str
     decode_s: dict  # seconds per token by component
     prefill_s: dict
+    need_bytes: int = 0  # the least --ram the engine accepts for this config (>= peak)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,6 +188,26 @@ class CostModel:
     def __init__(self, sizes: ModelSizes, device: DeviceProfile):
         self.m, self.dev = sizes, device
         self._act: dict[int, Activity] = {}
+        self._lay: dict[str, Layout] = {}
+
+    def layout(self, c: Config | None = None, hold: str | None = None) -> Layout | None:
+        """The engine's own accounting for this model, where the tiered engine runs it (a store,
+        or an estimate of one, with its weights in RAM); None for placements it lacks (VRAM)."""
+        if c is not None:
+            if "vram" in (c.place_fixed, c.place_hot):
+                return None
+            hold = c.hold_ffn
+        if self.m.manifest is None:
+            return None
+        key = "f32" if hold == "f32" else "auto"
+        if key not in self._lay:
+            self._lay[key] = layout_of(self.m.manifest, key)
+        return self._lay[key]
+
+    def runtime_bytes(self) -> dict:
+        """Anonymous memory before the engine loads: python + torch, the tokenizer."""
+        return {"runtime": self.dev.runtime_anon,
+                "tokenizer": self.m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN}
 
     def activity(self, cluster: int) -> Activity:
         if cluster not in self._act:
@@ -190,6 +222,9 @@ class CostModel:
     def cached_bytes(self, cluster: int, hold: str | None) -> float:
         """Bytes a cached cluster's slot takes: up rows and down columns (the gate is pinned),
         in the engine's format: int4 (q4 bytes) or f32."""
+        lay = self.layout(hold=hold)
+        if lay is not None and cluster == lay.n:
+            return lay.slot
         parts = 2 if self.m.gate_pinned else 3
         return cluster * self.m.neuron_bytes(self.hold_dtype(hold), parts) + CLUSTER_OBJ_BYTES
 
@@ -199,6 +234,15 @@ class CostModel:
 
     # -- memory -------------------------------------------------------------------------------
     def memory(self, c: Config, misses_per_layer: float = 1.0) -> dict:
+        lay = self.layout(c)
+        if lay is not None:  # what the engine counts against --ram
+            r = lay.regions(sum(self.runtime_bytes().values()), c.context, c.hot_clusters,
+                            c.cold_clusters, c.prefetch_layers, c.io_threads)
+            fixed = r["fixed"] + r["attention"] + r["head"] + r["gates"]
+            return {"ram": {**self.runtime_bytes(), "file_reserve": FILE_RESERVE, "fixed": fixed,
+                            "hot": r["hot"], "cold": r["cold"], "kv": r["kv"],
+                            "buffers": r["streaming"], "activations": r["slack"],
+                            "page_cache": self._page_cache(c)}, "vram": 0}
         m, dev = self.m, self.dev
         cb = self.cached_bytes(c.decode_cluster, c.hold_ffn)
         fixed = m.fixed_bytes(c.hold_fixed)
@@ -222,7 +266,8 @@ class CostModel:
 
     def predict_memory_only(self, c: Config, misses_per_layer: float = 1.0) -> dict:
         mem = self.memory(c, misses_per_layer)
-        return {"ram": mem["ram"], "ram_total": sum(mem["ram"].values()), "vram": mem["vram"]}
+        total = sum(mem["ram"].values())
+        return {"ram": mem["ram"], "ram_total": total, "vram": mem["vram"], "need": total}
 
     def _buffers(self, c: Config, misses_per_layer: float) -> float:
         """Records in flight, and each layer's gathered slots (copied for the matmul)."""
@@ -249,20 +294,56 @@ class CostModel:
         """Everything about `c`; prefill=False leaves prefill out (the search's inner loop)."""
         act = self.activity(c.decode_cluster)
         active = act.active_clusters()
-        misses = act.cold_misses(c.hot_clusters, c.cold_clusters)
-        misses_layer = misses / max(1, self.m.layers)
-        mem = self.memory(c, misses_layer)
-        t_dec, io_b, reads = self._decode_time(c, act, active, misses)
+        lay = self.layout(c)
+        if lay is not None and lay.dense:  # every cluster every token: pinned or streamed
+            hot = min(lay.total, c.hot_clusters + c.cold_clusters)
+            misses = active * (1 - hot / lay.total)
+            t_dec, io_b, reads = self._dense_decode_time(c, lay, hot)
+        else:
+            misses = act.cold_misses(c.hot_clusters, c.cold_clusters)
+            t_dec, io_b, reads = self._decode_time(c, act, active, misses)
+        mem = self.memory(c, misses / max(1, self.m.layers))
         t_pre = self._prefill_time(c, act) if prefill else {"total": float("inf")}
-        total_dec = t_dec["total"]
         ram = mem["ram"]
+        peak = int(sum(ram.values()))
         return Prediction(
             memory={**{k: int(v) for k, v in ram.items()}, "vram": mem["vram"]},
-            peak_memory_bytes=int(sum(ram.values())), peak_vram_bytes=mem["vram"],
-            decode_tok_s=1.0 / total_dec, prefill_tok_s=c.prompt_tokens / t_pre["total"],
+            peak_memory_bytes=peak, peak_vram_bytes=mem["vram"],
+            decode_tok_s=1.0 / t_dec["total"], prefill_tok_s=c.prompt_tokens / t_pre["total"],
             store_bytes_per_token=io_b, reads_per_token=reads,
             hit_rate=1.0 - misses / active if active else 1.0,
-            bottleneck=_bottleneck(t_dec), decode_s=t_dec, prefill_s=t_pre)
+            bottleneck=_bottleneck(t_dec), decode_s=t_dec, prefill_s=t_pre,
+            need_bytes=peak)
+
+    def _dense_decode_time(self, c: Config, lay: Layout, hot: int):
+        """Dense-stream decode: fixed matvecs, every cluster's gate|up|down through the int4
+        (or f32) kernel, and the clusters not pinned read each token, 1 + prefetch_layers
+        layers' jobs in flight on the I/O threads, joined from the read buffer (one copy)."""
+        m, dev = self.m, self.dev
+        s = lay.streamed(hot)
+        dt = self.hold_dtype(c.hold_ffn)
+        dense = m.dense_bytes_per_token(c.hold_fixed)
+        disp = dev.dispatch("torch")
+        kv = m.layers * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
+            * m.args.head_dim * 4
+        comp = {
+            "fixed_matvec": sum(nb / dev.matvec("torch", d) for d, nb in dense.items()),
+            "ffn_matvec": lay.total * m.experts_per_tok / m.experts * lay.slot
+            / dev.matvec("torch", dt),
+            "gather": s["bytes"] / dev.copy_bw,
+            "cluster_ops": s["layers"] * OPS_STREAM_LAYER * disp,
+            "attention_kv": kv / dev.memory_bw,
+            "dispatch": (OPS_DENSE_LAYER * m.layers + OPS_PER_TOKEN) * disp,
+        }
+        inflight = min(max(1, c.io_threads), 1 + c.prefetch_layers)
+        t_io = sum(dev.read_time(r, r, inflight) for r in s["runs"])
+        busy = sum(comp.values())
+        # reads run ahead on I/O threads, but on this VM they hardly overlap with compute
+        overlap = IO_OVERLAP * min(t_io, busy) if c.prefetch_layers else 0.0
+        exposed = t_io - overlap
+        total = busy + exposed
+        return ({**comp, "io_overlapped": overlap, "io_exposed": exposed, "total": total},
+                float(s["bytes"]), float(s["reads"]))
 
     def _decode_time(self, c: Config, act: Activity, active: float, misses: float):
         m, dev = self.m, self.dev
@@ -365,6 +446,7 @@ def _ffn_params(m: ModelSizes) -> int:
 
 
 def _bytes_per_weight(dtype: str) -> float:
+    dtype = KERNEL_LAYOUTS.get(dtype, dtype)
     return {"f32": 4, "f16": 2, "bf16": 2, "q8": 1 + 2 / 32, "q4": 0.5 + 4 / 32,
             "q4k": 0.5 + 4 / 32}[dtype]
 

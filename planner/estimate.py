@@ -148,14 +148,18 @@ def _ffn_dtype(args: ModelArgs, dtype: str, cluster_size: int) -> str:
 
 
 def _store_dtype(name: str, shape, dtype: str) -> str:
-    """The dtype StoreWriter.put_tensor gives a non-FFN tensor."""
+    """The dtype StoreWriter.put_tensor gives a non-FFN tensor (store format 3: q4 stores keep
+    the head in q8r and attention in q4k, the int8 / int4 kernels' layouts)."""
     from tiercache.store import format as fmt
-    if dtype == "q4" and name in getattr(fmt, "HEAD_TENSORS", ()):
-        dtype = "q8"  # the store keeps embeddings and lm_head at 8 bits in q4 stores
     if dtype in ("q8", "q4"):
         is_matrix = name.endswith(".weight") and "norm" not in name
         if not (quant.can_quantize(shape) and is_matrix):
             return "f16" if len(shape) == 2 else "f32"
+    if dtype == "q4" and name in getattr(fmt, "HEAD_TENSORS", ()):
+        return "q8r"
+    if dtype == "q4" and ".self_attn." in name and name.endswith("_proj.weight") \
+            and shape[0] % 64 == 0:
+        return "q4k"
     return dtype
 
 

@@ -61,7 +61,7 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
     mem_bw, copy_bw = measure_memory((16 if quick else 512) << 20)
     compute = {"torch": measure_torch(n_mats=4 if quick else 100, reps=1 if quick else 5)}
     ort = measure_ort(quick)
-    before, after = runtime_footprint()
+    before, after, anon, files = runtime_footprint()
     if ort:
         compute["ort:CPUExecutionProvider"] = ort
     how = "O_DIRECT" if direct else "buffered reads after posix_fadvise(DONTNEED), no O_DIRECT"
@@ -70,7 +70,8 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
     return DeviceProfile(
         name="this", description=f"{platform.node()}: {_cpu_name()}, {os.cpu_count()} cores",
         ram_bytes=ram_bytes(), flash=flash, memory_bw=mem_bw, copy_bw=copy_bw, compute=compute,
-        runtime_overhead_bytes=after, direct_io=direct, miss_overhead_s=miss_s,
+        runtime_overhead_bytes=after, runtime_anon_bytes=anon, runtime_file_bytes=files,
+        direct_io=direct, miss_overhead_s=miss_s,
         readahead_bytes=readahead_bytes(where), threads=1, measured=True,
         host=socket.gethostname(),
         sources={
@@ -83,6 +84,9 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
             "runtime_overhead_bytes": f"{src}: VmRSS of a fresh python after importing torch, "
                                       f"numpy, lmdb, tokenizers, safetensors and a first op "
                                       f"({before / 1e6:.0f} MB before)",
+            "runtime_anon_bytes": f"{src}: RssAnon of that python once torch has set up a "
+                                  "model on the meta device (as the engine does first)",
+            "runtime_file_bytes": f"{src}: RssFile of that python (library pages it maps)",
             "readahead_bytes": f"{src}: /sys/block/*/queue/read_ahead_kb",
             "miss_overhead_s": f"{src}: an engine-like miss (I/O thread, aligned buffer, "
                                "checksum, int4 repack, slot copy) minus a plain 64 KiB read",
@@ -432,11 +436,12 @@ def runtime_overhead() -> int:
     return runtime_footprint()[1]
 
 
-def runtime_footprint() -> tuple[int, int]:
+def runtime_footprint() -> tuple[int, int, int, int]:
     """(VmRSS before, after) a fresh interpreter imports the engine's libraries and runs its
-    first ops (torch allocates thread pools and kernel caches lazily), in bytes."""
-    code = ("def rss():\n"
-            " return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+    first ops (torch allocates thread pools and kernel caches lazily), then its RssAnon and
+    RssFile once torch has also set up a model on the meta device, in bytes."""
+    code = ("def rss(f='VmRSS'):\n"
+            " return int(open('/proc/self/status').read().split(f + ':')[1].split()[0])\n"
             "before = rss()\n"
             "import torch, numpy\n"
             "for name in ('lmdb', 'tokenizers', 'safetensors'):\n"
@@ -451,14 +456,20 @@ def runtime_footprint() -> tuple[int, int]:
             " ops._weight_int4pack_mm_for_cpu(b, p, 32, sz)\n"
             "if hasattr(ops, '_weight_int8pack_mm'):\n"
             " ops._weight_int8pack_mm(b, x.to(torch.int8), torch.ones(64, dtype=b.dtype))\n"
-            "print(before, rss())\n")
+            "after = rss()\n"
+            # the engine builds its model on the meta device first: torch's set-up for that
+            # (~50-70 MB) is part of the runtime it measures
+            "with torch.device('meta'):\n torch.nn.Embedding(16, 64), torch.nn.Linear(64, 64)\n"
+            "import ctypes\n"
+            "try:\n ctypes.CDLL('libc.so.6').malloc_trim(0)\nexcept OSError:\n pass\n"
+            "print(before, after, rss('RssAnon'), rss('RssFile'))\n")
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=120, check=True)
-        before, after = (int(v) * 1024 for v in res.stdout.split())
-        return before, after
+        before, after, anon, files = (int(v) * 1024 for v in res.stdout.split())
+        return before, after, anon, files
     except (subprocess.SubprocessError, ValueError, OSError):
-        return 0, 220_000_000  # DESIGN.md's figure, where /proc is absent
+        return 0, 220_000_000, 0, 0  # DESIGN.md's figure, where /proc is absent
 
 
 def ram_bytes() -> int:

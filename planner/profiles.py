@@ -46,6 +46,10 @@ class DeviceProfile:
     h2d_bw: float = 0.0  # host -> device bytes/s (pinned copies)
     h2d_latency_s: float = 0.0  # one small transfer + synchronisation
     gpu_runtime_overhead_bytes: int = 0  # host RSS the GPU runtime adds (CUDA context)
+    # of that: anonymous memory (with torch's set-up for a model), and the file pages it maps;
+    # 0 where not measured (then the whole overhead counts as anonymous)
+    runtime_anon_bytes: int = 0
+    runtime_file_bytes: int = 0
     direct_io: bool = True  # O_DIRECT reads work on the store's filesystem
     readahead_bytes: int = 128 * 1024  # kernel read-ahead window for buffered/mmap reads
     miss_overhead_s: float = 600e-6  # software cost of one cache miss beyond its read
@@ -94,6 +98,11 @@ class DeviceProfile:
     @property
     def max_parallel(self) -> int:
         return max(int(p) for _, p, _ in self.flash)
+
+    @property
+    def runtime_anon(self) -> int:
+        """Anonymous memory of the runtime before a model loads (what the engine measures)."""
+        return self.runtime_anon_bytes or self.runtime_overhead_bytes
 
     # -- compute -------------------------------------------------------------------------------
     def backends(self, kind: str | None = None) -> list[str]:

@@ -109,8 +109,10 @@ def _io_options(cm: CostModel, c: Config):
     """I/O threads x lookahead depth; with nothing to read in decode only the first matters
     (prefill's threads are chosen with its read size)."""
     first = True
+    lay = cm.layout(c)
+    depths = (c.prefetch_layers,) if lay is not None and lay.dense else (0, 1)
     for threads in _threads(cm.dev):
-        for depth in (0, 1):  # the engine looks one layer ahead, or not at all
+        for depth in depths:  # the engine looks one layer ahead, or not at all
             cand = dataclasses.replace(c, io_threads=threads, prefetch_layers=depth)
             if first:
                 first = False
@@ -125,7 +127,8 @@ def _key(ch: Choice) -> tuple:
 
 
 def _fits(pred: Prediction, budget: Budget) -> bool:
-    return pred.peak_memory_bytes <= budget.ram and pred.peak_vram_bytes <= budget.vram
+    return max(pred.need_bytes, pred.peak_memory_bytes) <= budget.ram \
+        and pred.peak_vram_bytes <= budget.vram
 
 
 def _bases(cm: CostModel, context, prompt_tokens, io_mode):
@@ -151,6 +154,10 @@ def _holds(cm: CostModel, cluster: int) -> list[str | None]:
     m, dev = cm.m, cm.dev
     int4 = (m.ffn_dtype == "q4" and cluster % 64 == 0 and m.d % 64 == 0 and m.F % cluster == 0
             and "q4" in dev.compute["torch"]["matvec"])
+    if int4 and cm.layout(hold=None) is not None and cm.layout(hold=None).int4:
+        # the engine's int4 path: f32 compute of a q4 store only costs memory (and its
+        # streamed clusters, decoded to f32, are more than the engine counts)
+        return [None]
     if int4:
         return [None, "f32"]
     return [None] if m.dtype == "q8" else ["f32"]
@@ -177,6 +184,10 @@ def _threads(dev: DeviceProfile) -> list[int]:
 
 def _splits(cm: CostModel, c: Config, budget: Budget):
     """Hot/cold splits of what the budget leaves once the fixed costs are paid."""
+    lay = cm.layout(c)
+    if lay is not None and lay.dense:
+        yield from _dense_splits(cm, lay, c, budget)
+        return
     act = cm.activity(c.decode_cluster)
     empty = _base_memory(cm, c)
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
@@ -199,6 +210,20 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
         cold = max(0, min(act.n - hot, int(left // cb)))
         if cold >= per_layer:
             yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=cold)
+
+
+def _dense_splits(cm: CostModel, lay, c: Config, budget: Budget):
+    """Dense-stream mode (every cluster used every token): no LRU, only how many clusters are
+    pinned (the most active first) and how many layers are read ahead; the rest streams."""
+    runtime = sum(cm.runtime_bytes().values())
+    for depth in (0, 1, 2):  # TierConfig.prefetch_layers: layers read ahead
+        most = lay.max_hot(budget.ram, runtime, c.context, depth, c.io_threads)
+        if most < 0:
+            continue
+        hots = {round(lay.total * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {most}
+        for hot in sorted(h for h in hots if h <= most):
+            yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=0,
+                                      prefetch_layers=depth)
 
 
 def _base_memory(cm: CostModel, c: Config) -> dict:
@@ -274,11 +299,16 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
     for base in _bases(cm, context, prompt_tokens, io_mode):
         if base.place_fixed != "ram" or base.place_hot != "ram":
             continue
-        mem = _base_memory(cm, base)
-        cb = cm.cached_bytes(base.decode_cluster, base.hold_ffn)
-        n = cm.activity(base.decode_cluster).n
-        mem["ram"]["cold"] = min(n, -(-cm.m.F // base.decode_cluster)) * cb
-        mem["ram_total"] += mem["ram"]["cold"]
+        lay = cm.layout(base)
+        if lay is not None and lay.dense:  # nothing pinned, one layer in use, none ahead
+            mem = cm.predict_memory_only(dataclasses.replace(base, prefetch_layers=0))
+            mem["ram_total"] = mem["need"]
+        else:
+            mem = _base_memory(cm, base)
+            cb = cm.cached_bytes(base.decode_cluster, base.hold_ffn)
+            n = cm.activity(base.decode_cluster).n
+            mem["ram"]["cold"] = min(n, -(-cm.m.F // base.decode_cluster)) * cb
+            mem["ram_total"] = max(mem["ram_total"] + mem["ram"]["cold"], mem["need"])
         if best is None or mem["ram_total"] < best["ram_total"]:
             best = mem
     return best
@@ -288,17 +318,33 @@ def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
     cm = CostModel(models[-1], dev)  # the smallest dtype considered
     need = minimum_memory(cm, context, prompt_tokens, io_mode)
     r = need["ram"]
+    ffn = r["cold"] + r["hot"]
+    parts = [("runtime", r["runtime"] + r["tokenizer"]), ("file pages", r.get("file_reserve", 0)),
+             ("fixed", r["fixed"]), (f"KV cache for {context} tokens", r["kv"]),
+             ("one layer of FFN clusters" if ffn else "FFN streamed", ffn),
+             ("buffers", r["buffers"] + r["activations"] + r["page_cache"])]
+    loading = need["ram_total"] - sum(r.values())
+    if loading > 0:  # the engine's check before it loads: the largest record read whole
+        parts.append(("loading", loading))
+    detail = " + ".join(f"{name} {mb(v):.0f}" for name, v in parts if v or name == "fixed")
     msg = (f"{cm.m.name or 'the model'} needs at least {mb(need['ram_total']):.0f} MB "
-           f"(runtime {mb(r['runtime'] + r['tokenizer']):.0f} + fixed {mb(r['fixed']):.0f} + "
-           f"KV cache {mb(r['kv']):.0f} for {context} tokens + one layer of FFN clusters "
-           f"{mb(r['cold']):.0f} + buffers "
-           f"{mb(r['buffers'] + r['activations'] + r['page_cache']):.0f}), "
-           f"budget is {mb(budget.ram):.0f} MB")
+           f"({detail}), budget is {mb(budget.ram):.0f} MB")
     per_tok = cm.m.kv_bytes_per_token()
     spare = budget.ram - (need["ram_total"] - r["kv"])
     if r["kv"] > 0 and spare >= 64 * per_tok:
         msg += f"; a context of {int(spare // per_tok)} tokens would fit"
     return msg
+
+
+def least_ram(model, device="this", context: int = 2048, prompt_tokens: int = 128,
+              io_mode: str | None = None) -> tuple[int, int]:
+    """(the least --ram a plan of this model fits in, the FFN bytes that plan keeps in RAM)."""
+    dev = resolve_device(device)
+    io_mode = io_mode or ("direct" if dev.direct_io else "buffered")
+    cms = [CostModel(s, dev) for s in _candidate_models(load_model(model), None)]
+    best = min((minimum_memory(cm, context, prompt_tokens, io_mode) for cm in cms),
+               key=lambda m: m["ram_total"])
+    return int(best["ram_total"]), int(best["ram"]["hot"] + best["ram"]["cold"])
 
 
 def _too_slow(best: Choice, dev, budget, want, context, prompt_tokens, io_mode) -> str:
@@ -348,6 +394,8 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
                  "ffn": cm.hold_dtype(c.hold_ffn)},
         "io_mode": c.io_mode, "gate_pinned": m.gate_pinned,
         "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,
+        "streamed_clusters": int(lay.total - min(lay.total, c.hot_clusters + c.cold_clusters))
+        if (lay := cm.layout(c)) is not None and lay.dense else 0,
         "cached_cluster_bytes": int(cb),
         "read_cluster_bytes": int(cm.record_bytes(c.decode_cluster)),
         "store_cluster_size": m.cluster_size, "context": c.context,
@@ -423,4 +471,4 @@ def sweep(manifest_or_estimate, device="this", budgets=None, vram=None, context:
 
 
 __all__ = ["make_plan", "search", "sweep", "load_plan", "estimate_from_source",
-           "minimum_memory", "Budget", "PLAN_VERSION"]
+           "minimum_memory", "least_ram", "Budget", "PLAN_VERSION"]

@@ -17,7 +17,11 @@ import numpy as np
 from tiercache.config import ModelArgs
 from tiercache.store import quant
 
+from .accounting import dense_mode
+
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+# stored in the int4 / int8 kernels' layouts: the same bytes and kernels as q4 / q8
+KERNEL_LAYOUTS = {"q4k": "q4", "q8r": "q8"}
 DEFAULT_ACTIVE = 0.5  # DESIGN.md: SmolLM2-135M at ~50% activation
 ZIPF_S = 0.5  # skew of the assumed per-neuron frequencies (capped at 1)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -53,6 +57,7 @@ def engine_dtype(stored: str, hold: str | None, ffn: bool = False) -> str:
     have no q8 form), and everything else is expanded to f32."""
     if hold is not None:
         return hold
+    stored = KERNEL_LAYOUTS.get(stored, stored)
     if stored == "q4" or (stored == "q8" and not ffn):
         return stored
     return "f32"
@@ -112,6 +117,7 @@ class ModelSizes:
     cluster_active: list | None = None
     weight_bytes: int = 0
     source_bytes: int = 0
+    manifest: dict | None = field(default=None, repr=False)  # what the engine will load
 
     # -- shapes ---------------------------------------------------------------------------------
     @property
@@ -215,18 +221,22 @@ class ModelSizes:
             if cat != "ffn":
                 parts[cat].add(meta["shape"], meta["dtype"])
         freq, assumed, tokens = _activity(m, args)
-        sparse = any(ex.get("threshold", 0) > 0 for row in (m.get("profile") or {}).get("ffn", [])
-                     for ex in row) or bool((m.get("profile") or {}).get("layers")) \
-            or (assumed and float(np.mean(freq[0])) < 1)
         kind = m.get("estimate", {}).get("kind", "store")
+        cluster_active = _cluster_active(m, args)
+        if kind == "store":  # the engine's rule: thresholds, where they skip enough clusters
+            sparse = not dense_mode(m)
+            if not sparse:  # every cluster, every token
+                freq, cluster_active = [np.ones(args.intermediate_size)] * len(freq), None
+        else:  # an estimate: the profile `tiercache profile` would write is assumed
+            sparse = assumed and float(np.mean(freq[0])) < 1
         return cls(name=name or m.get("name", ""), kind=kind, args=args,
                    dtype=m.get("dtype", ffn["dtype"]),
                    ffn_dtype="q4" if ffn["dtype"] == "q4k" else ffn["dtype"],  # same bytes
                    cluster_size=int(ffn["cluster_size"]), parts=parts, freq=freq,
                    assumed_activity=assumed, profile_tokens=tokens, gate_pinned=sparse,
-                   cluster_active=_cluster_active(m, args),
+                   cluster_active=cluster_active,
                    weight_bytes=int(m.get("weight_bytes", 0)),
-                   source_bytes=int(m.get("estimate", {}).get("source_bytes", 0)))
+                   source_bytes=int(m.get("estimate", {}).get("source_bytes", 0)), manifest=m)
 
 
 def _activity(m: dict, args: ModelArgs) -> tuple[list[np.ndarray], bool, int]:

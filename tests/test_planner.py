@@ -227,8 +227,8 @@ def test_estimate_equals_the_store_convert_writes(tmp_path, dtype, cluster):
     assert est["ffn"] == real["ffn"]
     assert {n: t["dtype"] for n, t in est["tensors"].items()} == \
         {n: t["dtype"] for n, t in real["tensors"].items()}
-    assert ModelSizes.from_manifest(est).fixed_bytes() == \
-        ModelSizes.from_manifest(real).fixed_bytes()
+    assert ModelSizes.from_manifest(est).stored_fixed_bytes() == \
+        ModelSizes.from_manifest(real).stored_fixed_bytes()
 
 
 def test_estimate_from_gguf(tmp_path):
@@ -282,7 +282,7 @@ def test_lru_smaller_than_the_active_set_thrashes():
 
 
 def test_pinning_beats_lru_of_the_same_size(laptop):
-    cm = cost.CostModel(ModelSizes.from_manifest(tiny_manifest()), laptop)
+    cm = cost.CostModel(ModelSizes.from_manifest(profiled(tiny_manifest())), laptop)
     n = cm.activity(16).n
     pinned = cm.predict(cost.Config(decode_cluster=16, hot_clusters=n // 2, cold_clusters=0))
     lru = cm.predict(cost.Config(decode_cluster=16, hot_clusters=0, cold_clusters=n // 2))
@@ -293,14 +293,77 @@ def test_pinning_beats_lru_of_the_same_size(laptop):
 def test_memory_adds_up(laptop):
     m = tiny_manifest()
     cm = cost.CostModel(ModelSizes.from_manifest(m), laptop)
-    c = cost.Config(decode_cluster=16, hot_clusters=40, cold_clusters=10, context=1000)
+    c = cost.Config(decode_cluster=64, hot_clusters=20, cold_clusters=5, context=1000)
     pred = cm.predict(c)
     mem = pred.memory
-    assert mem["runtime"] == laptop.runtime_overhead_bytes
-    assert mem["kv"] == 1000 * 2 * 4 * 2 * 32 * 4  # K and V, 4 layers, 2 kv heads, head_dim 32
-    nb = cm.cached_bytes(16, None)
-    assert mem["hot"] == int(40 * nb) and mem["cold"] == int(10 * nb)
+    assert mem["runtime"] == laptop.runtime_anon == laptop.runtime_overhead_bytes
+    # K and V, 4 layers, 2 kv heads, head_dim 32, grown in steps of 256 positions (KVCache)
+    assert mem["kv"] == 1024 * 2 * 4 * 2 * 32 * 4
+    nb = cm.cached_bytes(64, None)
+    # no profile: the engine runs dense, where cold clusters are pinned too
+    assert mem["hot"] == int(25 * nb) and mem["cold"] == 0
     assert pred.peak_memory_bytes == sum(v for k, v in mem.items() if k != "vram")
+
+
+def _engine_budget(manifest: dict, cfg):
+    """What the engine itself counts for `cfg`, with its runtime measurement replaced."""
+    from planner.accounting import _engine_view, layout_of
+    return _engine_view(layout_of(manifest), cfg)._plan_budget(0)
+
+
+def test_memory_is_what_the_engine_counts(laptop):
+    from tiercache.engine.tiered import FILE_RESERVE, TierConfig
+    m = small_manifest()
+    cm = cost.CostModel(ModelSizes.from_manifest(m), laptop)
+    for hot, depth in ((0, 0), (100, 1), (300, 2), (512, 2)):
+        c = cost.Config(decode_cluster=64, hot_clusters=hot, cold_clusters=0, context=300,
+                        prefetch_layers=depth, io_threads=2)
+        mem = cm.predict(c).memory
+        b = _engine_budget(m, TierConfig(hot_clusters=hot, cold_clusters=0, context=300,
+                                         prefetch=depth > 0, prefetch_layers=max(1, depth)))
+        runtime = mem["runtime"] + mem["tokenizer"] + FILE_RESERVE
+        want = b.total + runtime
+        assert sum(v for k, v in mem.items() if k != "vram") == want, (hot, depth)
+        assert mem["hot"] == b.hot_slots * b.slot_bytes and mem["buffers"] == b.streaming
+
+
+def test_dense_stream_decode_reads_what_is_not_pinned(laptop):
+    m = small_manifest()  # no profile: every cluster every token
+    cm = cost.CostModel(ModelSizes.from_manifest(m), laptop)
+    lay = cm.layout()
+    assert lay.dense and lay.total == 8 * 16
+    preds = [cm.predict(cost.Config(decode_cluster=64, hot_clusters=h, cold_clusters=0,
+                                    prefetch_layers=1, io_threads=2))
+             for h in (0, 32, 64, 128)]
+    read = [p.store_bytes_per_token for p in preds]
+    assert read == [(128 - h) * lay.record for h in (0, 32, 64, 128)]
+    assert [p.hit_rate for p in preds] == [0.0, 0.25, 0.5, 1.0]
+    speeds = [p.decode_tok_s for p in preds]
+    assert speeds == sorted(speeds) and speeds[0] < speeds[-1]
+    # the most active clusters (profile order) are pinned first, as the engine pins them
+    prof = {"tokens": 10, "ffn": [[{"threshold": 0.1, "freq": [1.0] * 1024,
+                                    "cluster_active": [1.0] * 16,
+                                    "cluster_freq": [1.0 if l == 3 else 0.5] * 16}]
+                                  for l in range(8)]}
+    hot_layer = cost.CostModel(ModelSizes.from_manifest({**m, "profile": prof}), laptop).layout()
+    assert hot_layer.dense  # every cluster active: thresholds would skip nothing
+    assert set(hot_layer.hot_order[:16] // 16) == {3}
+    assert hot_layer.streamed(16)["layers"] == 7
+
+
+def test_plans_fit_the_engines_own_budget(laptop):
+    """A plan's regions, handed to the engine, are what the engine then counts: the peak the
+    planner predicts is the budget the engine keeps."""
+    from tiercache.engine.tiered import TierConfig, config_from_plan
+    m = small_manifest()
+    least = least_ram(m, laptop)
+    for extra in (0.5e6, 3e6, 50e6):
+        plan = make_plan(m, laptop, ram=int(least + extra), context=256)
+        cfg = config_from_plan(plan)
+        b = _engine_budget(m, TierConfig(**{**cfg.__dict__, "ram_bytes": None}))
+        pr = plan["predicted"]["memory"]
+        runtime = pr["runtime"] + pr["tokenizer"] + pr["file_reserve"]
+        assert b.total + runtime == plan["predicted"]["peak_memory_bytes"] <= int(least + extra)
 
 
 def test_mmap_model_explains_the_thrash(laptop):
@@ -399,7 +462,7 @@ def test_plan_json_round_trip_and_fields(laptop, tmp_path):
 
 
 def test_unprofiled_plan_says_it_assumed_sparsity(laptop):
-    p = make_plan(tiny_manifest(), laptop, ram="1G")
+    p = make_plan(tiny_manifest(), laptop, ram="1G", active=0.5)
     assert p["model"]["activity"] == "assumed"
     assert any("assumed 50%" in line for line in p["explanation"])
     assert p["predicted"]["store_bytes_per_token"] == 0  # everything fits in 1 GB
@@ -408,8 +471,8 @@ def test_unprofiled_plan_says_it_assumed_sparsity(laptop):
 
 def test_dense_runs_cache_whole_clusters_and_measured_activity_is_used(laptop):
     m = small_manifest()
-    sparse = make_plan(m, laptop, ram="1G", context=256)
-    dense = make_plan(m, laptop, ram="1G", context=256, active=1.0)
+    sparse = make_plan(profiled(m), laptop, ram="1G", context=256)
+    dense = make_plan(m, laptop, ram="1G", context=256)  # no profile: the engine runs dense
     assert sparse["engine"]["gate_pinned"] and not dense["engine"]["gate_pinned"]
     # a dense run keeps gate|up|down in each slot: 3/2 of a sparse run's up|down
     assert dense["engine"]["cached_cluster_bytes"] > sparse["engine"]["cached_cluster_bytes"]
@@ -423,7 +486,7 @@ def test_dense_runs_cache_whole_clusters_and_measured_activity_is_used(laptop):
 
 
 def test_gpu_preset_places_weights_in_vram():
-    big = tiny_manifest(d=1024, F=4096, layers=16, vocab=32000, cluster=32)
+    big = profiled(tiny_manifest(d=1024, F=4096, layers=16, vocab=32000, cluster=32))
     p = make_plan(big, "desktop-rtx4090-24gb", ram="2G")
     cpu_only = make_plan(big, "laptop-8gb-nvme", ram="2G")
     assert p["predicted"]["decode_tok_s"] > cpu_only["predicted"]["decode_tok_s"]

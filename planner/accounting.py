@@ -1,0 +1,197 @@
+"""The tiered engine's own memory accounting, as pure functions of a store manifest.
+
+tiercache/engine/tiered.py decides at load time what it pins and streams inside `--ram`
+(`_refuse_early`, `_plan_budget`, `_stream_bytes`); a plan that asks for more than that is
+refused, one that asks for less leaves memory unused. So the planner counts as the engine does,
+with the engine's constants (FILE_RESERVE, SLACK, SPARSE_WORTH), slot sizes (the slot pools'
+`slot_bytes`), per-tensor RAM sizes (`_ram_bytes`) and hot order (most active clusters first).
+The one figure the engine measures instead of computing, its process's anonymous memory before
+loading, comes from the device profile (`runtime_anon`) plus the tokenizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from tiercache.config import ModelArgs
+from tiercache.engine import tiered as _engine
+from tiercache.engine.slots import Float32Slots, Int4Slots
+from tiercache.store import quant
+
+FILE_RESERVE = _engine.FILE_RESERVE
+SLACK = _engine.SLACK
+SPARSE_WORTH = _engine.SPARSE_WORTH
+# RssAnon a loaded HF `tokenizers` tokenizer adds per vocabulary entry, on top of a runtime that
+# has set up a model (SmolLM2's 49,152 entries: +27 MiB alone, +11 MiB with torch's set-up, whose
+# allocator arenas it shares; measured on the reference VM). The engine loads it before it
+# measures its runtime.
+TOKENIZER_BYTES_PER_TOKEN = 240
+# reads are coalesced: records closer than this in the file go in one read (RecordReader)
+READ_GAP = 64 << 10
+
+
+def dense_mode(manifest: dict) -> bool:
+    """The engine streams gate|up|down of every cluster (no thresholds to skip by) unless the
+    profile's thresholds leave at most SPARSE_WORTH of the clusters active per token."""
+    prof = manifest.get("profile") or {}
+    rows = [ex for row in prof.get("ffn") or [[lay] for lay in prof.get("layers") or []]
+            for ex in row]
+    if not rows or not any(ex.get("threshold", 0) > 0 for ex in rows):
+        return True
+    acts = [ex.get("cluster_active", [0.0]) for ex in rows]
+    return sum(map(sum, acts)) / max(1, sum(map(len, acts))) > SPARSE_WORTH
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the engine will hold one store: what it pins, each slot's size, its hot order."""
+    manifest: dict
+    int4: bool  # FFN and attention on the int4 kernel (q4k stores, compute auto)
+
+    @cached_property
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_dict(self.manifest["config"])
+
+    @property
+    def ffn(self) -> dict:
+        return self.manifest["ffn"]
+
+    @property
+    def n(self) -> int:
+        return int(self.ffn["cluster_size"])
+
+    @property
+    def n_clusters(self) -> int:
+        return -(-self.args.intermediate_size // self.n)
+
+    @property
+    def units(self) -> int:
+        return self.args.num_hidden_layers * self.args.n_experts
+
+    @property
+    def total(self) -> int:
+        return self.units * self.n_clusters
+
+    @cached_property
+    def dense(self) -> bool:
+        return dense_mode(self.manifest)
+
+    @property
+    def row_parts(self) -> int:
+        return 2 if self.dense else 1
+
+    @property
+    def slot(self) -> int:
+        cls = Int4Slots if self.int4 else Float32Slots
+        return cls.slot_bytes(self.n, self.args.hidden_size, self.row_parts)
+
+    @property
+    def record(self) -> int:
+        """Bytes one cluster record reads (gate | up | down, as stored)."""
+        return 3 * quant.nbytes((self.n, self.args.hidden_size), self.ffn["dtype"])
+
+    # -- the engine's own budget ----------------------------------------------------------------
+    def budget(self, runtime: int, context: int, hot: int | None = None, cold: int = 0,
+               prefetch_layers: int = 2, io_threads: int = 2, ram: int | None = None):
+        """The engine's Budget (tiered.py `_plan_budget`) for a plan of `hot` + `cold` clusters,
+        or, with hot None, for `--ram ram` alone; raises BudgetError as the engine would.
+        `runtime`: the process's anonymous memory before any weight (the engine measures it)."""
+        cfg = _engine.TierConfig(ram_bytes=ram, hot_clusters=hot,
+                                 cold_clusters=None if hot is None else cold,
+                                 io_threads=io_threads, prefetch=prefetch_layers > 0,
+                                 prefetch_layers=max(1, prefetch_layers), context=context,
+                                 compute="auto" if self.int4 else "f32")
+        return _engine_view(self, cfg)._plan_budget(runtime + FILE_RESERVE)
+
+    def regions(self, runtime: int, context: int, hot: int, cold: int,
+                prefetch_layers: int, io_threads: int = 2) -> dict:
+        """What the engine counts against --ram for a plan (its Budget's lines)."""
+        return dict(self.budget(runtime, context, hot, cold, prefetch_layers,
+                                io_threads).lines())
+
+    def max_hot(self, ram: int, runtime: int, context: int, prefetch_layers: int,
+                io_threads: int = 2) -> int:
+        """The most clusters a plan may pin inside `ram` (everything else pinned too)."""
+        def total(h):
+            return self.budget(runtime, context, h, 0, prefetch_layers, io_threads).total
+        if total(self.total) <= ram:
+            return self.total
+        lo, hi = -1, self.total  # total(h) grows with h: bisect for the last that fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(mid) <= ram else (lo, mid)
+        return max(lo, 0) if lo >= 0 else -1
+
+    # -- what streams ---------------------------------------------------------------------------
+    @cached_property
+    def hot_order(self) -> np.ndarray:
+        """Cluster ids (unit * n_clusters + c) most frequently active first, as the engine
+        orders them (a stable sort on key order)."""
+        prof = self.manifest.get("profile") or {}
+        freq = [f for row in prof.get("ffn") or [] for ex in row
+                for f in ex.get("cluster_freq", [])]
+        if len(freq) != self.total:
+            return np.arange(self.total)
+        return np.argsort(-np.asarray(freq, dtype=np.float64), kind="stable")
+
+    def streamed(self, hot: int) -> dict:
+        """Per token in dense mode with the `hot` most active clusters pinned: the layers that
+        stream, and their reads (runs of neighbouring records, read as one)."""
+        rest = np.sort(self.hot_order[min(hot, self.total):])
+        if len(rest) == 0:
+            return {"clusters": 0, "layers": 0, "reads": 0, "bytes": 0, "runs": []}
+        unit = rest // self.n_clusters
+        # a new read where the unit changes or a pinned record (> READ_GAP) sits in between
+        gap = self.record if self.record > READ_GAP else 0
+        breaks = np.flatnonzero((np.diff(unit) != 0) | ((np.diff(rest) > 1) & (gap > 0))) + 1
+        runs = np.diff(np.concatenate([[0], breaks, [len(rest)]])) * self.record
+        return {"clusters": int(len(rest)), "layers": int(len(np.unique(unit))),
+                "reads": int(len(runs)), "bytes": int(len(rest) * self.record),
+                "runs": runs.tolist()}
+
+
+class _StoreView:
+    """What the engine's budget reads of a Store, from its manifest (no LMDB opened)."""
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+        self.args = ModelArgs.from_dict(manifest["config"])
+        ffn = manifest["ffn"]
+        self.cluster_size = ffn["cluster_size"]
+        self.n_clusters = ffn.get("n_clusters") or -(-self.args.intermediate_size
+                                                      // self.cluster_size)
+        self.ffn_dtype = ffn["dtype"]
+        self.records = manifest.get("records") or {}
+        self.path = manifest.get("name", "store")
+
+
+def _engine_view(lay: Layout, cfg):
+    """A TieredEngine with only what its `_plan_budget` reads set (nothing loaded): the
+    planner asks the engine's own code what it would pin and stream."""
+    store = _StoreView(lay.manifest)
+    if not store.records:  # an estimate: records as convert would write them
+        store.records = {f"f:0000:000:{c:05d}": [lay.record, 0] for c in range(lay.n_clusters)}
+    eng = _engine.TieredEngine.__new__(_engine.TieredEngine)
+    eng.cfg, eng.store, eng.args = cfg, store, store.args
+    eng.n, eng.d, eng.n_clusters = store.cluster_size, store.args.hidden_size, store.n_clusters
+    eng.int4 = lay.int4
+    eng.slots_cls = Int4Slots if lay.int4 else Float32Slots
+    eng.tensors = lay.manifest["tensors"]
+    prof = lay.manifest.get("profile")
+    if prof and "ffn" not in prof and prof.get("layers"):  # the older per-layer layout
+        prof = {**prof, "ffn": [[lay] for lay in prof["layers"]]}
+    eng.profile = prof
+    eng.thresholds = eng._thresholds()
+    eng.pinned_gate = bool(eng.thresholds)
+    eng.row_parts = 1 if eng.pinned_gate else 2
+    return eng
+
+
+def layout_of(manifest: dict, compute: str = "auto") -> Layout:
+    """The engine's layout for a store (or for an estimate of one)."""
+    a = ModelArgs.from_dict(manifest["config"])
+    n = int(manifest["ffn"]["cluster_size"])
+    fast = Int4Slots.supports(n, a.hidden_size, manifest["ffn"]["dtype"], a.intermediate_size)
+    return Layout(manifest, fast and compute != "f32")
