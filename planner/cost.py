@@ -53,10 +53,13 @@ ENGINE_SLACK = SLACK  # the engine keeps this much for activations, logits, allo
 # matmuls, norms, residuals, Python), and what a layer that streams adds (a job submitted to an
 # I/O thread, the wait on its future, the streamed block's joins and matmuls). Calibrated on the
 # reference VM against tools/plan_check.py runs of SmolLM2-135M q4 (1 thread): everything pinned
-# ~30 tok/s; every cluster streamed (51 MB/token) 8.0 tok/s, 309 of 720 (22 MB/token) 10.2
-# tok/s, i.e. ~1.5 ms per streaming layer beyond its bytes' read and copy.
+# ~30 tok/s; without lookahead, every cluster streamed (51 MB/token) 8.0 tok/s and 309 of 720
+# (22 MB/token) 10.2 tok/s, i.e. ~1.5 ms per streaming layer beyond its bytes' read and copy;
+# looking one layer ahead, 606 of 720 (43 MB/token) 10.9 tok/s: ~0.65 ms per layer. The
+# difference is the hand-off to the I/O thread that a lookahead hides.
 OPS_DENSE_LAYER = 100
-OPS_STREAM_LAYER = 350
+OPS_STREAM_LAYER = 150
+OPS_STREAM_WAIT = 200  # per streaming layer, without lookahead
 # Share of the streamed reads' time hidden behind compute. Measured on the 2-core VM: the wait on
 # reads (stats()["io_wait_s"]) is about their whole time at 1 thread, lookahead 1 or 2.
 IO_OVERLAP = 0.0
@@ -331,7 +334,8 @@ class CostModel:
             "ffn_matvec": lay.total * m.experts_per_tok / m.experts * lay.slot
             / dev.matvec("torch", dt),
             "gather": s["bytes"] / dev.copy_bw,
-            "cluster_ops": s["layers"] * OPS_STREAM_LAYER * disp,
+            "cluster_ops": s["layers"] * disp
+            * (OPS_STREAM_LAYER + (0 if c.prefetch_layers else OPS_STREAM_WAIT)),
             "attention_kv": kv / dev.memory_bw,
             "dispatch": (OPS_DENSE_LAYER * m.layers + OPS_PER_TOKEN) * disp,
         }

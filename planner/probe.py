@@ -49,6 +49,19 @@ def this_machine(refresh: bool = False) -> DeviceProfile:
     return prof
 
 
+def cached_profile() -> DeviceProfile | None:
+    """This machine's probed profile if one is cached (no probing): for callers that must
+    not spend the probe's time, such as `--ram` without a plan."""
+    path = home() / "device.json"
+    if not path.is_file():
+        return None
+    try:
+        prof = DeviceProfile.from_json(path)
+    except Exception:  # noqa: BLE001 - a stale or foreign cache is as good as none here
+        return None
+    return prof if prof.host in ("", socket.gethostname()) else None
+
+
 def probe(quick: bool = False, path=None) -> DeviceProfile:
     """Measure this machine. `path`: a directory on the disk the stores live on."""
     where = Path(path) if path else home()

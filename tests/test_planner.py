@@ -550,3 +550,23 @@ def test_device_rows_and_sweep(laptop):
     pts = sweep(tiny_manifest(), laptop, budgets=[100e6, least + 1e6, 1e9], context=256)
     assert pts[0]["decode_tok_s"] is None
     assert pts[1]["decode_tok_s"] <= pts[2]["decode_tok_s"]
+
+
+def test_ram_alone_plans_for_this_machine_once_probed(tmp_path, monkeypatch, laptop):
+    """`--ram` without a plan: the planner's regions when this machine's probe is cached;
+    else (or when no plan fits) None, and the engine sizes itself and refuses with numbers."""
+    import dataclasses
+    from tiercache.api import _planned
+    monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path))
+    store = tmp_path / "store"
+    store.mkdir()
+    m = small_manifest()
+    (store / "manifest.json").write_text(json.dumps(m))
+    ram = int(least_ram(m, laptop) + 3e6)
+    assert _planned(store, ram, 256) is None  # nothing probed: no probe is started either
+    dataclasses.replace(laptop, host="").to_json(tmp_path / "device.json")
+    cfg = _planned(store, ram, 256)
+    want = make_plan(m, laptop, ram=ram, context=256)["engine"]
+    assert cfg is not None and cfg.ram_bytes == ram and cfg.context == 256
+    assert cfg.hot_clusters == want["hot_clusters"] and cfg.io_threads == want["io_threads"]
+    assert _planned(store, 1_000_000, 256) is None  # the planner refuses: the engine decides

@@ -59,9 +59,10 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
             from planner.search import load_plan
             cfg = config_from_plan(load_plan(plan))
             ram = cfg.ram_bytes
-        else:  # the engine sizes its regions to fit `ram` itself
-            cfg = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
-                             context=context, io_threads=io_threads, sparse=sparse)
+        else:  # planned for this machine where it is probed; else the engine sizes itself
+            cfg = (_planned(path, parse_size(ram), context) if ram is not None and sparse is None
+                   else None) or TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
+                                            context=context, io_threads=io_threads, sparse=sparse)
         eng = load_tiered(Store(path, readahead=False), cfg)
         if backend == "auto" and ram is not None:
             backend = "torch"
@@ -69,6 +70,23 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
         import backends
         backends.install(eng, backend, threads or default_threads(), decode=False)
     return eng, tok
+
+
+def _planned(path, ram: int, context: int):
+    """`--ram` alone: the planner's regions for this machine, when its probe is cached
+    (`tiercache device probe`). None when there is no probe or no plan fits: then the engine
+    sizes its regions itself, and refuses a budget too small with its own numbers."""
+    from planner.probe import cached_profile
+    from planner.search import make_plan
+    from .engine.tiered import config_from_plan
+    from .errors import TiercacheError
+    dev = cached_profile()
+    if dev is None:
+        return None
+    try:
+        return config_from_plan(make_plan(str(path), dev, ram=ram, context=context))
+    except TiercacheError:
+        return None
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat_template: bool = True) -> list[int]:

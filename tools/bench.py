@@ -141,6 +141,7 @@ def main():
         print(f"r={r}: llama {rl['decode_tok_s']:.2f} tok/s @ {cap_l / MB:.0f} MiB, tiercache "
               f"{rt['decode_tok_s']:.2f} tok/s @ {cap_t / MB:.0f} MiB {rt.get('error', '')}",
               file=sys.stderr)
+    predict(rows, m, w_gguf, fp_llama, free_llama)
     ppl = perplexities(m)
     result = {"threads": a.threads, "weight_bytes": {"gguf": w_gguf, "store": w_store},
               "footprint": {"llama": fp_llama, "tiercache": fp_tc},
@@ -149,6 +150,26 @@ def main():
               "perplexity": ppl, "seconds": time.time() - t0, "read_bps": a.read_bps}
     (work / "bench.json").write_text(json.dumps(result, indent=1))
     write_report(result, a.out, a.plot)
+
+
+def predict(rows: list, m: dict, w_gguf: int, fp_llama: int, free_llama: dict) -> None:
+    """The planner's predictions for each row (device 'this', probed once and cached): the
+    tiercache decode tok/s it plans at the cap, llama.cpp's from the mmap thrash model."""
+    from planner.cost import predict_mmap
+    from planner.profiles import resolve_device
+    from planner.search import make_plan
+    from tiercache.errors import TiercacheError
+    dev = resolve_device("this")
+    context = len(json.loads(Path(m["prompt"]).read_text())) + 64 + 8  # as bench_worker's
+    for row in rows:
+        try:
+            tc = make_plan(str(m["store"]), dev, ram=row["tiercache"]["cap"],
+                           context=context)["predicted"]["decode_tok_s"]
+        except TiercacheError:
+            tc = None  # the planner refuses: nothing fits
+        ll = predict_mmap(w_gguf, dev, row["llama"]["cap"], fp_llama,
+                          uncapped_tok_s=free_llama["decode_tok_s"])["decode_tok_s"]
+        row["predicted"] = {"tiercache": tc, "llama": ll}
 
 
 def perplexities(m) -> dict:
@@ -173,14 +194,18 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
         f"{fp['llama'] / MB:.0f} MiB (working set {res['working_set']['llama'] / MB:.0f} MiB minus the GGUF). "
         f"tiercache: q4 store, clusters of 64, profiled ({w['store'] / MB:.1f} MiB on disk), footprint "
         f"{fp['tiercache'] / MB:.0f} MiB (working set of a tiny model with the same tokenizer).", "",
-        "| r | llama.cpp cap | llama.cpp decode tok/s | tiercache cap | tiercache decode tok/s | speed-up | tiercache hit rate | store MB/token |",
-        "|---|---|---|---|---|---|---|---|"]
+        "Predicted (planner, device 'this'): llama.cpp from `planner.cost.predict_mmap` (page "
+        "faults for the weights the cap leaves out of the page cache), tiercache from "
+        "`tiercache plan` at the cap; '-' where the planner refuses.", "",
+        "| r | llama.cpp cap | llama.cpp decode tok/s | predicted | tiercache cap | tiercache decode tok/s | predicted | speed-up | tiercache hit rate | store MB/token |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
         l, t = row["llama"], row["tiercache"]
         sp = t["decode_tok_s"] / l["decode_tok_s"] if l["decode_tok_s"] else float("inf")
         tc = f"{t['decode_tok_s']:.2f}" if not t.get("error") else f"refused/failed: {t['error'][:80]}"
         lc = f"{l['decode_tok_s']:.2f}" + (" (OOM)" if l["oom"] else "")
-        lines.append(f"| {row['r']} | {l['cap'] / MB:.0f} MiB | {lc} | {t['cap'] / MB:.0f} MiB | {tc} | "
+        pl, pt = _pred(row, "llama"), _pred(row, "tiercache")
+        lines.append(f"| {row['r']} | {l['cap'] / MB:.0f} MiB | {lc} | {pl} | {t['cap'] / MB:.0f} MiB | {tc} | {pt} | "
                      f"{sp:.1f}x | {t.get('cache_hit_rate', 0):.2f} | "
                      f"{t.get('store_bytes_per_token', 0) / 1e6:.2f} |")
     u = res["uncapped"]
@@ -197,6 +222,11 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
     print("\n".join(lines))
 
 
+def _pred(row: dict, key: str) -> str:
+    v = row.get("predicted", {}).get(key)
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _plot(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -205,7 +235,9 @@ def _plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("llama", "llama.cpp (Q4_1, mmap)"), ("tiercache", "tiercache (q4, tiered)")):
         tok_s = [row[key]["decode_tok_s"] or float("nan") for row in res["rows"]]  # refused: gap
-        ax.plot(r, tok_s, marker="o", label=label)
+        line, = ax.plot(r, tok_s, marker="o", label=label)
+        pred = [row.get("predicted", {}).get(key) or float("nan") for row in res["rows"]]
+        ax.plot(r, pred, ls="--", color=line.get_color(), label=f"{label}, predicted")
     ax.set_xlabel("r (RAM for weights / weight bytes)")
     ax.set_ylabel("decode tok/s (1 thread)")
     ax.set_yscale("log")
