@@ -25,6 +25,7 @@ from torch import nn
 
 from tiercache.models.llama import ACTS
 from tiercache.store.format import FFN_PARTS, tensor_key
+from tiercache.store import quant
 
 from . import nbits
 from .base import QuantWeight
@@ -221,22 +222,35 @@ def _linear(name, weight, packed):
 
 def _store_tensor(store, name, kind):
     meta = None if store is None else store.manifest["tensors"].get(name)
-    if kind not in ("q8", "q4") or meta is None or meta["dtype"] != kind:
+    if kind not in ("q8", "q4") or meta is None or meta["dtype"] not in (kind, _kernel(kind)):
         return None
-    raw = store._get(tensor_key(name))  # the record as quant.py wrote it (crc-checked)
+    raw = _as_stored(store._get(tensor_key(name)), meta["shape"], meta["dtype"])  # crc-checked
     return nbits.repack(QuantWeight(raw, tuple(meta["shape"]), kind))
+
+
+def _kernel(kind: str) -> str:
+    """The engine's kernel layout of a quantization kind (q4 stores keep attention in q4k)."""
+    return "q4k" if kind == "q4" else kind
+
+
+def _as_stored(raw, shape, dtype: str) -> bytes:
+    """q4k bytes back into q4's layout (same nibbles), for MatMulNBits; others as they are."""
+    if dtype != "q4k":
+        return raw
+    return quant.q4k_to_q4(torch.frombuffer(bytearray(raw), dtype=torch.uint8), shape)
 
 
 def _store_ffn(store, i, kind):
     """gate, up, down of layer i as MatMulNBits inputs, repacked from the cluster records:
     gate/up rows [n, d] stack along N; down columns [d, n] (grouped along n) join along K."""
-    if kind not in ("q8", "q4") or store is None or store.ffn_dtype != kind:
+    if kind not in ("q8", "q4") or store is None or store.ffn_dtype not in (kind, _kernel(kind)):
         return None, None, None
     parts = ([], [], [])
     for c in range(store.n_clusters):
         buf = memoryview(store.cluster_bytes(i, 0, c))
         for out, (shape, off, nb) in zip(parts, store.cluster_parts(c)):
-            out.append(nbits.repack(QuantWeight(bytes(buf[off:off + nb]), tuple(shape), kind)))
+            raw = _as_stored(bytes(buf[off:off + nb]), shape, store.ffn_dtype)
+            out.append(nbits.repack(QuantWeight(raw, tuple(shape), kind)))
     return nbits.concat(parts[0]), nbits.concat(parts[1]), nbits.concat_k(parts[2])
 
 

@@ -97,6 +97,17 @@ def q4k_views(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
             raw[half:].view(torch.bfloat16).view(cols // GROUP, rows, 2))
 
 
+def q4k_to_q4(raw: torch.Tensor, shape) -> bytes:
+    """A q4k record as q4 bytes (same nibbles; min = zero - 8 * scale rounded to f16)."""
+    rows, cols = shape
+    packed, sz = q4k_views(raw, shape)
+    q = torch.stack([packed & 0xF, packed >> 4], dim=1)          # [R/64, 2, C, 32]
+    q = q.permute(0, 1, 3, 2).reshape(rows, cols // 2, 2)
+    s = sz.float().permute(1, 0, 2)                               # [R, C/32, 2]
+    scale, mn = s[..., 0].to(torch.float16), (s[..., 1] - 8 * s[..., 0]).to(torch.float16)
+    return _cat(scale, mn, q[..., 0] | (q[..., 1] << 4))
+
+
 def decode_q4k(raw: torch.Tensor, shape) -> torch.Tensor:
     rows, cols = shape
     packed, sz = q4k_views(raw, shape)

@@ -75,15 +75,21 @@ class RecordReader:
         private: into this thread's own buffer, valid until the thread's next private read (a
         caller that copies out at once, as streaming jobs do, then needs no ring)."""
         spans = sorted((self.offsets[k] + (k,) for k in keys))
-        out, run = {}, []
+        runs, run = [], []
         for span in spans:
             if run and (span[0] - (run[-1][0] + run[-1][1]) > gap
                         or span[0] + span[1] - run[0][0] > limit):
-                out.update(self._read_run(run, private))
+                runs.append(run)
                 run = []
             run.append(span)
         if run:
-            out.update(self._read_run(run, private))
+            runs.append(run)
+        out, at = {}, 0
+        whole = self._buffer(sum(map(_run_size, runs)), True) if private else None
+        for run in runs:  # a private read puts its runs side by side in the thread's buffer
+            size = _run_size(run)
+            out.update(self._read_run(run, None if whole is None else whole[at:at + size]))
+            at += size
         return [out[k] for k in keys]
 
     def read_into(self, key: str, chunk: int = 2 << 20) -> torch.Tensor:
@@ -118,11 +124,9 @@ class RecordReader:
         self.stats.add(length)
         return buf[off + lo - start: off + lo - start + n]
 
-    def _read_run(self, run, private: bool = False) -> dict[str, torch.Tensor]:
-        lo = run[0][0] // ALIGN * ALIGN
-        end = max(off + n for off, n, _ in run)
-        size = -(-(end - lo) // ALIGN) * ALIGN
-        whole = self._buffer(size, private)
+    def _read_run(self, run, whole: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        lo, size = run[0][0] // ALIGN * ALIGN, _run_size(run)
+        whole = self._buffer(size) if whole is None else whole
         got = os.preadv(self.fd, [memoryview(whole.numpy())], lo)
         recs = {k: whole[off - lo: off - lo + n] for off, n, k in run}
         if not self.direct:  # keep the page cache out of the budget
@@ -162,8 +166,14 @@ class RecordReader:
         os.close(self.fd)
 
 
+def _run_size(run) -> int:
+    """Bytes read for a run of (offset, length, key) spans: whole aligned blocks."""
+    lo = run[0][0] // ALIGN * ALIGN
+    return -(-(max(off + n for off, n, _ in run) - lo) // ALIGN) * ALIGN
+
+
 def _aligned(size: int) -> torch.Tensor:
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, max(size, ALIGN)), dtype=torch.uint8)
 
 
 def _record_offsets(store: Store) -> dict[str, tuple[int, int]]:
