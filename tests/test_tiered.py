@@ -90,6 +90,51 @@ def test_streamed_attention_and_head_match_resident(hf_models, tmp_path):
     assert list(generate_step(eng.new_session(), IDS[:8], greedy, 12)) == a
 
 
+def test_budget_pins_more_as_ram_grows_and_stays_inside(tmp_path):
+    """The region plan for a RAM budget (the runtime given, as measured at load): it never
+    exceeds the budget, pins more as the budget grows (attention first, then the head, then
+    FFN clusters), streams whatever is left, and refuses with the numbers below the minimum."""
+    import transformers as T
+    from dataclasses import replace
+    from conftest import VOCAB, write_tokenizer
+    from tiercache.store.convert import convert
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256,
+                        num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=4,
+                        tie_word_embeddings=True)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf")
+    out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
+    eng = load_tiered(Store(out), TierConfig(sparse=False, prefetch=False, io_threads=1))
+    runtime, full = 200 * 2**20, eng._plan_budget(0).lines()
+    layer_attn = full["attention"] // eng.args.num_hidden_layers
+    floor = full["fixed"] + full["kv"] + full["slack"]
+    weights = full["attention"] + full["head"] + full["hot"]
+    seen, last = set(), -1
+    for extra in range(floor, floor + weights + 2**16, 1024):
+        eng.cfg = replace(eng.cfg, ram_bytes=runtime + extra)
+        try:
+            b = eng._plan_budget(runtime)
+        except BudgetError as e:
+            assert "needs at least" in str(e) and last == -1, str(e)  # only below a minimum
+            continue
+        assert b.total <= eng.cfg.ram_bytes
+        pinned = b.attention + b.head + b.hot_slots * b.slot_bytes
+        assert pinned >= last
+        last = pinned
+        attn_all = len(b.attn_pinned) == eng.args.num_hidden_layers
+        hot = b.hot_slots * b.slot_bytes
+        seen.add((attn_all, b.head_pinned, b.streaming > 0))
+        # attention is pinned before the head, the head before clusters; only what is left
+        # over, too small for the next in line, goes to smaller items
+        assert b.head_pinned or hot < full["head"]
+        assert attn_all or b.head + hot < layer_attn
+        assert (b.streaming > 0) == (pinned < weights)
+    # every stage was met: all streaming, attention pinned, + head, all resident
+    assert {(False, False, True), (True, False, True), (True, True, True),
+            (True, True, False)} <= seen, seen
+
+
 def test_cache_budget_eviction_order_and_stats():
     c = SegmentedCache(slot_bytes=100, hot_slots=2, cold_slots=3)
     assert c.pin("h1") == 0 and c.pin("h2") == 1 and c.pin("h3") is None

@@ -8,6 +8,7 @@ from typing import Iterator, Union
 import torch
 
 from .engine import Engine, Session, StepStats, generate_step, load_dense, make_sampler
+from .errors import BudgetError
 from .memory import peak_memory
 from .store.format import Store
 from .tokenizer import Tokenizer
@@ -60,10 +61,17 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
             cfg = config_from_plan(load_plan(plan))
             ram = cfg.ram_bytes
         else:  # planned for this machine where it is probed; else the engine sizes itself
+            own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
+                             context=context, io_threads=io_threads, sparse=sparse)
             cfg = (_planned(path, parse_size(ram), context) if ram is not None and sparse is None
-                   else None) or TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
-                                            context=context, io_threads=io_threads, sparse=sparse)
-        eng = load_tiered(Store(path, readahead=False), cfg)
+                   else None) or own
+        try:
+            eng = load_tiered(Store(path, readahead=False), cfg)
+        except BudgetError:
+            if plan is not None or cfg is own:
+                raise
+            # the plan's regions do not fit what this process measures: size them here
+            eng = load_tiered(Store(path, readahead=False), own)
         if backend == "auto" and ram is not None:
             backend = "torch"
     if backend != "torch":

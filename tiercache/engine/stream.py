@@ -42,6 +42,7 @@ class Streamer:
         self.engine, self.units, self.ahead, self.head = engine, units, max(0, ahead), head
         self.jobs: dict[int, Future] = {}
         self.current: int | None = None
+        self.by_layer = {u.layer: i for i, u in enumerate(units) if u.layer is not None}
 
     def get(self, i: int) -> dict:
         """Unit i's weights: {module name: QLinear, "ffn": Block, "head": Q8Linear}."""
@@ -85,7 +86,7 @@ class Streamer:
             fut.set_exception(e)
 
     def unit_of(self, layer: int) -> int | None:
-        return next((i for i, u in enumerate(self.units) if u.layer == layer), None)
+        return self.by_layer.get(layer)
 
 
 class StreamedLinear(nn.Module):

@@ -205,9 +205,12 @@ class TieredEngine(Engine):
         head_pinned = cfg.pin_head is not False or not head_ok
         streams = hot < total and not self.pinned_gate or len(pinned) < a.num_hidden_layers or not head_pinned
         stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok)) if streams else 0
-        return Budget(**base, attention=sum(attn_bytes.get(l, 0) for l in pinned),
-                      head=head if head_pinned else 0, attn_pinned=pinned, head_pinned=head_pinned,
-                      streaming=stream, hot_slots=hot, cold_slots=cold)
+        b = Budget(**base, attention=sum(attn_bytes.get(l, 0) for l in pinned),
+                   head=head if head_pinned else 0, attn_pinned=pinned, head_pinned=head_pinned,
+                   streaming=stream, hot_slots=hot, cold_slots=cold)
+        if cfg.ram_bytes is not None and b.total > cfg.ram_bytes:  # regions as a plan gave them
+            self._refuse(b, "regions as the plan gives them", b.total - cfg.ram_bytes)
+        return b
 
     def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:
         stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok))
@@ -234,14 +237,18 @@ class TieredEngine(Engine):
         detail = ", ".join(f"{k} {_mb(v)}" for k, v in b.lines().items() if v)
         raise BudgetError(f"RAM budget {_mb(self.cfg.ram_bytes)} is too small: it needs at least "
                           f"{_mb(self.cfg.ram_bytes + short)} ({detail}"
-                          + (f", {what}" if what else "") + ")")
+                          + (f"; {what}" if what else "") + ")")
 
     def _unit_max(self, attn_layer: int, head_ok: bool) -> int:
         """Bytes of the largest unit that may stream: a layer's attention and clusters (as
         read, and as joined for the kernel), or a slice of the head."""
         records = self.store.records
         layer = sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
-        return max(layer + attn_layer, HEAD_SLICE if head_ok else 0)
+        return max(layer + attn_layer, self._head_slice_rows() * self.d if head_ok else 0)
+
+    def _head_slice_rows(self) -> int:
+        rows = self.tensors[self.head_name]["shape"][0]
+        return min(rows, max(64, HEAD_SLICE // self.d // 64 * 64))
 
     def _stream_bytes(self, unit: int) -> int:
         """Units in use and read ahead (copied out, ready for the kernels), and one read buffer
@@ -283,8 +290,7 @@ class TieredEngine(Engine):
             if u.attn or u.ffn:
                 units.append(u)
         if not b.head_pinned:
-            rows, d = self.tensors[self.head_name]["shape"]
-            step = max(64, HEAD_SLICE // d // 64 * 64)
+            rows, step = self.tensors[self.head_name]["shape"][0], self._head_slice_rows()
             units += [Unit(rows=(lo, min(rows, lo + step))) for lo in range(0, rows, step)]
         ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
         return Streamer(self, units, ahead, head=self.head_name)
@@ -633,6 +639,7 @@ def config_from_plan(plan: dict) -> TierConfig:
                       prefetch_layers=max(1, e.get("prefetch_layers", 2)),
                       context=e.get("context", 2048),
                       compute=e.get("compute", "auto"),
+                      pin_attention=e.get("pin_attention"), pin_head=e.get("pin_head"),
                       sparse=None if e.get("gate_pinned", True) else False)
 
 
