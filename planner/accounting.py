@@ -10,6 +10,7 @@ loading, comes from the device profile (`runtime_anon`) plus the tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -94,35 +95,63 @@ class Layout:
 
     # -- the engine's own budget ----------------------------------------------------------------
     def budget(self, runtime: int, context: int, hot: int | None = None, cold: int = 0,
-               prefetch_layers: int = 2, io_threads: int = 2, ram: int | None = None):
+               prefetch_layers: int = 2, io_threads: int = 2, ram: int | None = None,
+               pin_attention: int | None = None, pin_head: bool | None = None):
         """The engine's Budget (tiered.py `_plan_budget`) for a plan of `hot` + `cold` clusters,
-        or, with hot None, for `--ram ram` alone; raises BudgetError as the engine would.
+        the first `pin_attention` layers' attention and (pin_head) the head pinned, or, with hot
+        None, for `--ram ram` alone; raises BudgetError as the engine would.
         `runtime`: the process's anonymous memory before any weight (the engine measures it)."""
         cfg = _engine.TierConfig(ram_bytes=ram, hot_clusters=hot,
                                  cold_clusters=None if hot is None else cold,
                                  io_threads=io_threads, prefetch=prefetch_layers > 0,
                                  prefetch_layers=max(1, prefetch_layers), context=context,
+                                 pin_attention=pin_attention, pin_head=pin_head,
                                  compute="auto" if self.int4 else "f32")
-        return _engine_view(self, cfg)._plan_budget(runtime + FILE_RESERVE)
+        key = (runtime, context, cold, prefetch_layers, io_threads, ram, pin_attention, pin_head)
+        if self.dense and ram is None and cold == 0 and hot is not None and 0 < hot < self.total:
+            # below all of them the engine's regions differ only by the pinned slots: derive
+            # them from its count for none (tests check this against the engine's own)
+            zero = self.budget(runtime, context, 0, 0, prefetch_layers, io_threads, None,
+                               pin_attention, pin_head)
+            return dataclasses.replace(zero, hot_slots=hot)
+        if (hot, key) not in self._memo:
+            view = self._view
+            view.cfg = cfg  # sparse None: its thresholds do not depend on the rest of cfg
+            self._memo[(hot, key)] = view._plan_budget(runtime + FILE_RESERVE)
+        return self._memo[(hot, key)]
+
+    @cached_property
+    def _memo(self) -> dict:
+        return {}
+
+    @cached_property
+    def _view(self):
+        return _engine_view(self, _engine.TierConfig(compute="auto" if self.int4 else "f32"))
 
     def regions(self, runtime: int, context: int, hot: int, cold: int,
-                prefetch_layers: int, io_threads: int = 2) -> dict:
+                prefetch_layers: int, io_threads: int = 2, pin_attention: int | None = None,
+                pin_head: bool | None = None) -> dict:
         """What the engine counts against --ram for a plan (its Budget's lines)."""
-        return dict(self.budget(runtime, context, hot, cold, prefetch_layers,
-                                io_threads).lines())
+        return dict(self.budget(runtime, context, hot, cold, prefetch_layers, io_threads,
+                                pin_attention=pin_attention, pin_head=pin_head).lines())
 
     def max_hot(self, ram: int, runtime: int, context: int, prefetch_layers: int,
-                io_threads: int = 2) -> int:
-        """The most clusters a plan may pin inside `ram` (everything else pinned too)."""
+                io_threads: int = 2, pin_attention: int | None = None,
+                pin_head: bool | None = None) -> int:
+        """The most clusters a plan may pin inside `ram` (everything else as given), or -1."""
         def total(h):
-            return self.budget(runtime, context, h, 0, prefetch_layers, io_threads).total
+            return self.budget(runtime, context, h, 0, prefetch_layers, io_threads,
+                               pin_attention=pin_attention, pin_head=pin_head).total
         if total(self.total) <= ram:
             return self.total
-        lo, hi = -1, self.total  # total(h) grows with h: bisect for the last that fits
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if total(mid) <= ram else (lo, mid)
-        return max(lo, 0) if lo >= 0 else -1
+        # below all of them something streams, its buffers fixed: each cluster adds its slot
+        base = total(0)
+        if base > ram:
+            return -1
+        most = min(self.total - 1, (ram - base) // self.slot)
+        while most > 0 and total(most) > ram:  # (never taken while the engine counts so)
+            most -= 1
+        return int(most)
 
     # -- what streams ---------------------------------------------------------------------------
     @cached_property
@@ -136,20 +165,53 @@ class Layout:
             return np.arange(self.total)
         return np.argsort(-np.asarray(freq, dtype=np.float64), kind="stable")
 
-    def streamed(self, hot: int) -> dict:
-        """Per token in dense mode with the `hot` most active clusters pinned: the layers that
-        stream, and their reads (runs of neighbouring records, read as one)."""
+    @cached_property
+    def streamable(self) -> tuple[dict, int, int]:
+        """What may stream besides FFN clusters, as the engine decides it (`_streamable`):
+        ({layer: its attention's stored bytes}, the head's row bytes or 0, rows per head
+        slice). Stored and held bytes are equal: q4k and q8r run as stored; a streamed head
+        reads its int8 rows, its row scales stay pinned."""
+        eng = self._view
+        attn, head_ok = eng._streamable()
+        t = self.manifest["tensors"]
+        layers = {l: sum(quant.nbytes(t[n]["shape"], t[n]["dtype"]) for n in names)
+                  for l, names in attn.items()}
+        rows, d = t[eng.head_name]["shape"]
+        return layers, rows * d if head_ok else 0, eng._head_slice_rows() if head_ok else 0
+
+    def streamed(self, hot: int, pin_attention: int | None = None,
+                 pin_head: bool | None = None) -> dict:
+        """Per token in dense mode with the `hot` most active clusters, the first
+        `pin_attention` layers' attention and (pin_head) the head pinned: the units that
+        stream (layers, head slices) and their reads (runs of neighbouring records, read as
+        one; a layer's attention projections lie together in the store, one run)."""
+        key = ("streamed", hot, pin_attention, pin_head)
+        if key not in self._memo:
+            self._memo[key] = self._streamed(hot, pin_attention, pin_head)
+        return self._memo[key]
+
+    def _streamed(self, hot: int, pin_attention: int | None, pin_head: bool | None) -> dict:
         rest = np.sort(self.hot_order[min(hot, self.total):])
-        if len(rest) == 0:
-            return {"clusters": 0, "layers": 0, "reads": 0, "bytes": 0, "runs": []}
         unit = rest // self.n_clusters
         # a new read where the unit changes or a pinned record (> READ_GAP) sits in between
         gap = self.record if self.record > READ_GAP else 0
         breaks = np.flatnonzero((np.diff(unit) != 0) | ((np.diff(rest) > 1) & (gap > 0))) + 1
-        runs = np.diff(np.concatenate([[0], breaks, [len(rest)]])) * self.record
-        return {"clusters": int(len(rest)), "layers": int(len(np.unique(unit))),
-                "reads": int(len(runs)), "bytes": int(len(rest) * self.record),
-                "runs": runs.tolist()}
+        ffn_runs = (np.diff(np.concatenate([[0], breaks, [len(rest)]])) * self.record).tolist() \
+            if len(rest) else []
+        attn, head, step = self.streamable
+        n_att = self.args.num_hidden_layers if pin_attention is None else pin_attention
+        attn_runs = {l: nb for l, nb in attn.items() if l >= n_att}
+        rows = self.args.vocab_size
+        head_runs = [(min(rows, lo + step) - lo) * self.args.hidden_size
+                     for lo in range(0, rows, step)] if head and pin_head is False else []
+        layers = set(np.unique(unit // self.args.n_experts).tolist()) | set(attn_runs)
+        runs = ffn_runs + list(attn_runs.values()) + head_runs
+        return {"clusters": int(len(rest)), "layers": len(layers),
+                "attn_layers": len(attn_runs), "head_slices": len(head_runs),
+                "units": len(layers) + len(head_runs), "reads": len(runs),
+                "bytes": int(sum(runs)), "ffn_bytes": int(len(rest) * self.record),
+                "attn_bytes": int(sum(attn_runs.values())), "head_bytes": int(sum(head_runs)),
+                "runs": runs}
 
 
 class _StoreView:
@@ -165,6 +227,15 @@ class _StoreView:
         self.ffn_dtype = ffn["dtype"]
         self.records = manifest.get("records") or {}
         self.path = manifest.get("name", "store")
+
+
+def plan_budget(manifest: dict, cfg, runtime: int):
+    """The engine's regions for TierConfig `cfg` on a store (or an estimate of one) given
+    only its manifest, with the process's measured `runtime` (anonymous memory before any
+    weight, plus FILE_RESERVE) supplied: tiered.py's own `_plan_budget`, nothing loaded.
+    Raises BudgetError as the engine would."""
+    lay = layout_of(manifest, cfg.compute)
+    return _engine_view(lay, cfg)._plan_budget(runtime)
 
 
 def _engine_view(lay: Layout, cfg):

@@ -59,7 +59,13 @@ ENGINE_SLACK = SLACK  # the engine keeps this much for activations, logits, allo
 # difference is the hand-off to the I/O thread that a lookahead hides.
 OPS_DENSE_LAYER = 100
 OPS_STREAM_LAYER = 150
-OPS_STREAM_WAIT = 200  # per streaming layer, without lookahead
+OPS_STREAM_WAIT = 200  # per streaming unit, without lookahead
+# Streamed attention and head (tiercache/engine/stream.py): a layer's four q4k projections are
+# one more read in its unit, each cloned out of the read buffer and wrapped for the int4 kernel;
+# the head's rows come in slices of ~2 MiB, each a unit of its own (a job, a wait, a clone, one
+# int8 matmul into its part of the logits), and a tied embedding reads its row (one page).
+OPS_STREAM_ATTN = 40  # per layer whose attention streams
+OPS_HEAD_SLICE = 60  # per head slice
 # Share of the streamed reads' time hidden behind compute. Measured on the 2-core VM: the wait on
 # reads (stats()["io_wait_s"]) is about their whole time at 1 thread, lookahead 1 or 2.
 IO_OVERLAP = 0.0
@@ -86,6 +92,8 @@ class Config:
     io_mode: str = "direct"  # "direct" (O_DIRECT, no page cache) or "buffered"
     context: int = 2048
     prompt_tokens: int = 128
+    pin_attention: int | None = None  # dense stream: layers whose attention is pinned (the
+    pin_head: bool = True             # first ones; None: all), and whether the head is
 
 
 @dataclass
@@ -192,6 +200,7 @@ class CostModel:
         self.m, self.dev = sizes, device
         self._act: dict[int, Activity] = {}
         self._lay: dict[str, Layout] = {}
+        self._tio: dict[tuple, float] = {}  # dense stream: read time per token by what streams
 
     def layout(self, c: Config | None = None, hold: str | None = None) -> Layout | None:
         """The engine's own accounting for this model, where the tiered engine runs it (a store,
@@ -240,7 +249,8 @@ class CostModel:
         lay = self.layout(c)
         if lay is not None:  # what the engine counts against --ram
             r = lay.regions(sum(self.runtime_bytes().values()), c.context, c.hot_clusters,
-                            c.cold_clusters, c.prefetch_layers, c.io_threads)
+                            c.cold_clusters, c.prefetch_layers, c.io_threads,
+                            c.pin_attention, c.pin_head)
             fixed = r["fixed"] + r["attention"] + r["head"] + r["gates"]
             return {"ram": {**self.runtime_bytes(), "file_reserve": FILE_RESERVE, "fixed": fixed,
                             "hot": r["hot"], "cold": r["cold"], "kv": r["kv"],
@@ -320,10 +330,11 @@ class CostModel:
 
     def _dense_decode_time(self, c: Config, lay: Layout, hot: int):
         """Dense-stream decode: fixed matvecs, every cluster's gate|up|down through the int4
-        (or f32) kernel, and the clusters not pinned read each token, 1 + prefetch_layers
-        layers' jobs in flight on the I/O threads, joined from the read buffer (one copy)."""
+        (or f32) kernel, and what is not pinned (FFN clusters, attention layers, head slices)
+        read each token, 1 + prefetch_layers units' jobs in flight on the I/O threads, copied
+        out of the read buffer (one copy); each unit costs a job and a wait besides."""
         m, dev = self.m, self.dev
-        s = lay.streamed(hot)
+        s = lay.streamed(hot, c.pin_attention, c.pin_head)
         dt = self.hold_dtype(c.hold_ffn)
         dense = m.dense_bytes_per_token(c.hold_fixed)
         disp = dev.dispatch("torch")
@@ -334,13 +345,19 @@ class CostModel:
             "ffn_matvec": lay.total * m.experts_per_tok / m.experts * lay.slot
             / dev.matvec("torch", dt),
             "gather": s["bytes"] / dev.copy_bw,
-            "cluster_ops": s["layers"] * disp
-            * (OPS_STREAM_LAYER + (0 if c.prefetch_layers else OPS_STREAM_WAIT)),
+            "cluster_ops": s["units"] * disp * (0 if c.prefetch_layers else OPS_STREAM_WAIT)
+            + (s["layers"] * OPS_STREAM_LAYER + s["attn_layers"] * OPS_STREAM_ATTN
+               + s["head_slices"] * OPS_HEAD_SLICE) * disp,
             "attention_kv": kv / dev.memory_bw,
             "dispatch": (OPS_DENSE_LAYER * m.layers + OPS_PER_TOKEN) * disp,
         }
         inflight = min(max(1, c.io_threads), 1 + c.prefetch_layers)
-        t_io = sum(dev.read_time(r, r, inflight) for r in s["runs"])
+        key = (hot, c.pin_attention, c.pin_head, inflight)
+        if key not in self._tio:
+            self._tio[key] = sum(dev.read_time(r, r, inflight) for r in s["runs"])
+        t_io = self._tio[key]
+        if s["head_slices"] and m.args.tie_word_embeddings:  # the token's embedding row
+            t_io += dev.read_time(PAGE, PAGE, 1)
         busy = sum(comp.values())
         # reads run ahead on I/O threads, but on this VM they hardly overlap with compute
         overlap = IO_OVERLAP * min(t_io, busy) if c.prefetch_layers else 0.0
@@ -415,6 +432,10 @@ class CostModel:
         be = c.prefill_backend
         hot_share = min(1.0, c.hot_clusters / act.n) if act.n else 0.0
         ffn_stream = m.ffn_bytes() * (1 - hot_share)  # hot clusters are pinned, not re-read
+        lay = self.layout(c)
+        if lay is not None and lay.dense:  # streamed attention and head rows: read once too
+            s = lay.streamed(lay.total, c.pin_attention, c.pin_head)
+            ffn_stream += s["attn_bytes"] + s["head_bytes"]
         attn_flops = 2 * m.layers * m.args.num_attention_heads * m.args.head_dim * T * T
         fixed_flops = 2 * T * (m.active_params() - _head_params(m) - _ffn_params(m)) \
             + 2 * _head_params(m) + attn_flops

@@ -12,6 +12,7 @@ def explain(plan: dict, best, budget) -> list[str]:
         _budget_line(plan, budget, mem),
         _activity_line(m),
         _ffn_line(e, p, best),
+        _stream_line(e, p, best),
         _binding_line(plan, best, budget),
         _hold_line(e, m, best.cost.dev),
         _decode_line(p),
@@ -54,6 +55,20 @@ def _ffn_line(e, p, best) -> str:
             f"rate {p['hit_rate']:.1%}, {p['reads_per_token']:.0f} reads of "
             f"{e['read_cluster_bytes'] / 1024:.1f} KiB = "
             f"{mb(p['store_bytes_per_token']):.2f} MB from the store per token.")
+
+
+def _stream_line(e, p, best) -> str:
+    """Dense stream: attention and the head stream too when the budget cannot pin them."""
+    s = p.get("streamed_bytes_per_token") or {}
+    if not (s.get("attention") or s.get("head")):
+        return ""
+    layers = best.cost.m.layers
+    att = (f"attention of layers {e['pin_attention']}-{layers - 1} "
+           f"({mb(s['attention']):.1f} MB)" if s["attention"] else "")
+    head = f"the head's rows ({mb(s['head']):.1f} MB, in ~2 MiB slices)" if s["head"] else ""
+    return (f"Also streamed per token: {' and '.join(x for x in (att, head) if x)}; "
+            "predicted faster than pinning them in place of FFN clusters (a byte streamed is "
+            "read once per token whichever weight it is; they differ in read size and units).")
 
 
 def _binding_line(plan, best, budget) -> str:

@@ -4,7 +4,10 @@ For each held dtype and placement the memory that is not negotiable (runtime, fi
 cache, buffers) is fixed first; configs where it does not fit are pruned. What is left goes to
 FFN clusters, split between the frequency-pinned hot region and the cold LRU on a grid; decode
 cluster sizes, I/O threads and prefetch depth are enumerated on top, and prefill's read size and
-backend are chosen for the winner. The objective is predicted decode tok/s, then prefill tok/s,
+backend are chosen for the winner. In dense-stream mode the engine can also stream attention
+(all but the first k layers) and the head's rows: k and head-pinned-or-not are enumerated too,
+so a budget below the pinned weights plans streaming instead of refusing. Memory is always the
+engine's own count (planner.accounting), less RUNTIME_MARGIN. The objective is predicted decode tok/s, then prefill tok/s,
 then less memory. Since a larger budget only adds configs, and each config's prediction does not
 get worse with more cache, more RAM never predicts slower decode.
 """
@@ -24,6 +27,11 @@ PLAN_VERSION = 1
 RAM_SHARE = 0.75  # default budget: the OS and other apps keep the rest
 VRAM_SHARE = 0.9
 HOT_GRID = 10  # hot/cold split points between all-LRU and all-pinned
+ATTN_GRID = 10  # dense stream: counts of layers with pinned attention tried (grid points)
+# The engine measures its runtime (anonymous memory before any weight) as it loads and refuses
+# a plan whose regions then exceed --ram; the probe's figure was ~4 MB low for a plan_check run
+# (it imports the planner and a tokenizer besides). Plans leave this much unplanned.
+RUNTIME_MARGIN = 8 << 20
 PREFILL_BLOCKS = (256 << 10, 1 << 20, 4 << 20)
 # approximate relative perplexity cost (stated assumptions, see explanation)
 DTYPE_COST = {"f32": 0.0, "bf16": 0.002, "f16": 0.001, "q8": 0.005, "q4": 0.05}
@@ -87,6 +95,7 @@ def search(cm: CostModel, budget: Budget, context: int, prompt_tokens: int, io_m
            stats: dict | None = None) -> Choice | None:
     """The fastest config of one model on one device that fits the budget, or None."""
     stats = stats if stats is not None else {"evaluated": 0, "feasible": 0}
+    budget = dataclasses.replace(budget, ram=budget.ram - RUNTIME_MARGIN)  # what plans fill
     best, ties = 0.0, []
     for base in _bases(cm, context, prompt_tokens, io_mode):
         for c in _splits(cm, base, budget):
@@ -110,7 +119,10 @@ def _io_options(cm: CostModel, c: Config):
     (prefill's threads are chosen with its read size)."""
     first = True
     lay = cm.layout(c)
-    depths = (c.prefetch_layers,) if lay is not None and lay.dense else (0, 1)
+    if lay is not None and lay.dense:  # threads and depth chosen with the split
+        yield c
+        return
+    depths = (0, 1)
     for threads in _threads(cm.dev):
         for depth in depths:  # the engine looks one layer ahead, or not at all
             cand = dataclasses.replace(c, io_threads=threads, prefetch_layers=depth)
@@ -213,17 +225,38 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
 
 
 def _dense_splits(cm: CostModel, lay, c: Config, budget: Budget):
-    """Dense-stream mode (every cluster used every token): no LRU, only how many clusters are
-    pinned (the most active first) and how many layers are read ahead; the rest streams."""
+    """Dense-stream mode (every cluster used every token): no LRU; what is pinned (the first
+    layers' attention, the head, the most active clusters) and how many units are read ahead
+    on how many I/O threads (each a read buffer); the rest streams. Each choice fills what is
+    left with clusters; a fixed grid of smaller counts keeps a larger budget from losing a
+    config (pinning a cluster can split a read in two)."""
     runtime = sum(cm.runtime_bytes().values())
-    for depth in (0, 1, 2):  # TierConfig.prefetch_layers: layers read ahead
-        most = lay.max_hot(budget.ram, runtime, c.context, depth, c.io_threads)
-        if most < 0:
-            continue
-        hots = {round(lay.total * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {most}
-        for hot in sorted(h for h in hots if h <= most):
-            yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=0,
-                                      prefetch_layers=depth)
+    ram = budget.ram
+    for threads in _threads(cm.dev):
+        for depth in (0, 1, 2):  # TierConfig.prefetch_layers: units read ahead
+            for att, head in _pin_options(lay):
+                most = lay.max_hot(ram, runtime, c.context, depth, threads, att, head)
+                if most < 0:
+                    continue
+                hots = {round(lay.total * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {most}
+                for hot in sorted(h for h in hots if h <= most):
+                    yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=0,
+                                              prefetch_layers=depth, io_threads=threads,
+                                              pin_attention=att, pin_head=head)
+
+
+def _pin_options(lay):
+    """(pin_attention, pin_head) pairs the engine can run: attention pinned for the first k
+    layers (k on a grid of at most ATTN_GRID + 1 points; None: all), the head pinned or not,
+    where their records are in the kernels' layouts (q4k, q8r) and decode is dense."""
+    attn, head, _ = lay.streamable
+    L = lay.args.num_hidden_layers
+    ks = sorted({round(L * i / min(L, ATTN_GRID)) for i in range(min(L, ATTN_GRID) + 1)}) \
+        if attn else [L]
+    heads = (True, False) if head else (True,)
+    for k in ks:
+        for h in heads:
+            yield (None if k == L else k), h
 
 
 def _base_memory(cm: CostModel, c: Config) -> dict:
@@ -300,8 +333,12 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
         if base.place_fixed != "ram" or base.place_hot != "ram":
             continue
         lay = cm.layout(base)
-        if lay is not None and lay.dense:  # nothing pinned, one layer in use, none ahead
-            mem = cm.predict_memory_only(dataclasses.replace(base, prefetch_layers=0))
+        if lay is not None and lay.dense:  # nothing pinned that can stream, one unit in use
+            att, head = min(_pin_options(lay), key=lambda p: (
+                lay.args.num_hidden_layers if p[0] is None else p[0], p[1]))
+            mem = cm.predict_memory_only(dataclasses.replace(
+                base, prefetch_layers=0, io_threads=min(_threads(cm.dev)),
+                pin_attention=att, pin_head=head))
             mem["ram_total"] = mem["need"]
         else:
             mem = _base_memory(cm, base)
@@ -309,6 +346,7 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
             n = cm.activity(base.decode_cluster).n
             mem["ram"]["cold"] = min(n, -(-cm.m.F // base.decode_cluster)) * cb
             mem["ram_total"] = max(mem["ram_total"] + mem["ram"]["cold"], mem["need"])
+        mem["ram_total"] += RUNTIME_MARGIN
         if best is None or mem["ram_total"] < best["ram_total"]:
             best = mem
     return best
@@ -323,7 +361,8 @@ def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
              ("fixed", r["fixed"]), (f"KV cache for {context} tokens", r["kv"]),
              ("one layer of FFN clusters" if ffn else "FFN streamed", ffn),
              ("buffers", r["buffers"] + r["activations"] + r["page_cache"])]
-    loading = need["ram_total"] - sum(r.values())
+    parts.append(("margin for the runtime's measurement", RUNTIME_MARGIN))
+    loading = need["ram_total"] - sum(r.values()) - RUNTIME_MARGIN
     if loading > 0:  # the engine's check before it loads: the largest record read whole
         parts.append(("loading", loading))
     detail = " + ".join(f"{name} {mb(v):.0f}" for name, v in parts if v or name == "fixed")
@@ -378,6 +417,10 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
              "ffn_hot": c.place_hot, "ffn_cold_cache": "ram", "ffn_cold": "flash"}
     if m.args.is_moe:
         place["router"] = c.place_fixed
+    if c.pin_attention is not None:
+        place["attention"] = f"{c.place_fixed} (first {c.pin_attention} layers), flash (rest)"
+    if not c.pin_head:
+        place["lm_head"] = "flash"
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
     engine = {
         "fixed_bytes": int(m.fixed_bytes(c.hold_fixed)), "hot_bytes": int(c.hot_clusters * cb),
@@ -396,6 +439,9 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,
         "streamed_clusters": int(lay.total - min(lay.total, c.hot_clusters + c.cold_clusters))
         if (lay := cm.layout(c)) is not None and lay.dense else 0,
+        # TierConfig.pin_attention / pin_head: the first k layers' attention, and the head
+        "pin_attention": m.layers if c.pin_attention is None else c.pin_attention,
+        "pin_head": c.pin_head,
         "cached_cluster_bytes": int(cb),
         "read_cluster_bytes": int(cm.record_bytes(c.decode_cluster)),
         "store_cluster_size": m.cluster_size, "context": c.context,
@@ -412,6 +458,7 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "decode_tok_s": round(p.decode_tok_s, 3), "prefill_tok_s": round(p.prefill_tok_s, 3),
         "store_bytes_per_token": round(p.store_bytes_per_token, 1),
         "reads_per_token": round(p.reads_per_token, 2), "bottleneck": p.bottleneck,
+        "streamed_bytes_per_token": _streamed(cm, c),
         "hit_rate": round(p.hit_rate, 4), "memory": p.memory,
         "decode_ms": {k: round(v * 1e3, 3) for k, v in p.decode_s.items()},
         "prefill_ms": {k: round(v * 1e3, 3) for k, v in p.prefill_s.items()},
@@ -426,6 +473,17 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     }
     plan["explanation"] = explain(plan, best, budget)
     return plan
+
+
+def _streamed(cm: CostModel, c: Config) -> dict:
+    """Store bytes a decode step reads, by weight type (dense stream; else all FFN)."""
+    lay = cm.layout(c)
+    if lay is None or not lay.dense:
+        return {"ffn": round(cm.predict(c, prefill=False).store_bytes_per_token, 1),
+                "attention": 0, "head": 0}
+    s = lay.streamed(min(lay.total, c.hot_clusters + c.cold_clusters), c.pin_attention,
+                     c.pin_head)
+    return {"ffn": s["ffn_bytes"], "attention": s["attn_bytes"], "head": s["head_bytes"]}
 
 
 def _source(manifest: dict) -> dict:

@@ -1,6 +1,7 @@
 """The planner: units, device profiles, probe, estimates, cost model, search and CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -364,6 +365,123 @@ def test_plans_fit_the_engines_own_budget(laptop):
         pr = plan["predicted"]["memory"]
         runtime = pr["runtime"] + pr["tokenizer"] + pr["file_reserve"]
         assert b.total + runtime == plan["predicted"]["peak_memory_bytes"] <= int(least + extra)
+
+
+def v3_manifest(**kw) -> dict:
+    """small_manifest as store format 3 writes a q4 model: FFN and attention in q4k (the int4
+    kernel's layout), the head and embeddings in q8r (the int8 kernel's): both can stream."""
+    m = small_manifest(**kw)
+    tensors = {n: {**t, "dtype": "q8r" if n in ("lm_head.weight", "model.embed_tokens.weight")
+                   else "q4k" if ".self_attn." in n else t["dtype"]}
+               for n, t in m["tensors"].items()}
+    return {**m, "tensors": tensors, "ffn": {**m["ffn"], "dtype": "q4k"}}
+
+
+def test_pure_budget_is_the_engines_with_attention_and_head_pinned_or_not(laptop):
+    """planner.accounting.plan_budget is the engine's own count, and the planner's per-config
+    regions (derived from it) match it for every pinning choice."""
+    from planner.accounting import layout_of, plan_budget
+    from tiercache.engine.tiered import FILE_RESERVE, TierConfig
+    m = v3_manifest()
+    cm = cost.CostModel(ModelSizes.from_manifest(m), laptop)
+    lay = cm.layout()
+    attn, head, _ = lay.streamable
+    assert lay.int4 and lay.dense and sorted(attn) == list(range(8)) and head > 0
+    assert plan_budget(m, TierConfig(context=300), 0).total == _engine_budget(
+        m, TierConfig(context=300)).total
+    for hot, att, pin_head in ((0, 0, False), (50, 3, True), (127, 8, False), (128, 0, True)):
+        c = cost.Config(decode_cluster=64, hot_clusters=hot, cold_clusters=0, context=300,
+                        prefetch_layers=2, io_threads=2, pin_attention=att, pin_head=pin_head)
+        mem = cm.predict(c).memory
+        b = plan_budget(m, TierConfig(hot_clusters=hot, cold_clusters=0, context=300,
+                                      pin_attention=att, pin_head=pin_head), 0)
+        assert b.attn_pinned == frozenset(range(att)) and b.head_pinned == pin_head
+        runtime = mem["runtime"] + mem["tokenizer"] + FILE_RESERVE
+        assert sum(v for k, v in mem.items() if k != "vram") == b.total + runtime
+        assert mem["buffers"] == b.streaming > 0
+
+
+def test_streamed_attention_and_head_are_read_every_token(laptop):
+    m = v3_manifest()
+    cm = cost.CostModel(ModelSizes.from_manifest(m), laptop)
+    lay = cm.layout()
+    attn, head, _ = lay.streamable
+    base = cost.Config(decode_cluster=64, hot_clusters=lay.total, cold_clusters=0,
+                       prefetch_layers=1, io_threads=2)
+    pinned = cm.predict(base)
+    some = cm.predict(dataclasses.replace(base, pin_attention=5))
+    more = cm.predict(dataclasses.replace(base, pin_attention=0, pin_head=False))
+    assert pinned.store_bytes_per_token == 0
+    assert some.store_bytes_per_token == attn[5] + attn[6] + attn[7]
+    assert more.store_bytes_per_token == sum(attn.values()) + head
+    assert more.decode_tok_s < some.decode_tok_s < pinned.decode_tok_s
+    assert more.peak_memory_bytes < some.peak_memory_bytes
+
+
+def test_budgets_below_attention_and_head_plan_streaming(laptop):
+    """Below what pinning attention and the head needs, the plan streams them (it used to
+    refuse), within the budget less the runtime margin; more RAM pins more, never slower."""
+    from planner.accounting import plan_budget
+    from planner.search import RUNTIME_MARGIN, least_ram as least
+    from tiercache.engine.tiered import TierConfig, config_from_plan
+    m = v3_manifest()
+    floor, _ = least(m, laptop, context=256)
+    lay = cost.CostModel(ModelSizes.from_manifest(m), laptop).layout()
+    attn, head, _ = lay.streamable
+    mem = cost.CostModel(ModelSizes.from_manifest(m), laptop).predict(cost.Config(
+        decode_cluster=64, hot_clusters=0, cold_clusters=0, prefetch_layers=0, io_threads=1,
+        context=256)).memory
+    pinned_floor = sum(v for k, v in mem.items() if k != "vram") + RUNTIME_MARGIN
+    head_ram = plan_budget(m, TierConfig(context=256), 0).head  # rows and their scales
+    assert floor == pinned_floor - sum(attn.values()) - head_ram  # vs. pinning them all
+    speeds = []
+    for extra in np.linspace(0, sum(attn.values()) + head + 40 * lay.slot, 9):
+        ram = int(floor + extra)
+        p = make_plan(m, laptop, ram=ram, context=256)
+        e, pr = p["engine"], p["predicted"]
+        if extra == 0:
+            assert e["pin_attention"] == 0 and e["pin_head"] is False
+        cfg = config_from_plan(p)
+        runtime = pr["memory"]["runtime"] + pr["memory"]["tokenizer"] + pr["memory"]["file_reserve"]
+        b = plan_budget(m, cfg, runtime + RUNTIME_MARGIN)  # the engine measures that much more:
+        assert b.total <= ram  # it still accepts the plan (else BudgetError here)
+        assert (cfg.pin_attention, cfg.pin_head) == (e["pin_attention"], e["pin_head"])
+        streamed = pr["streamed_bytes_per_token"]
+        assert streamed["head"] == (0 if e["pin_head"] else head)
+        assert pr["store_bytes_per_token"] == sum(streamed.values())
+        speeds.append(pr["decode_tok_s"])
+    assert speeds == sorted(speeds) and speeds[-1] > speeds[0]
+    with pytest.raises(BudgetError, match="margin"):
+        make_plan(m, laptop, ram=floor - 1, context=256)
+
+
+def test_a_streaming_plan_runs_as_planned(hf_models, tmp_path, laptop):
+    """A budget just above the least: the plan streams attention and the head's rows, the
+    engine (measuring its own runtime) accepts it, pins what the plan says and decodes the
+    same tokens as with everything resident."""
+    from planner.search import least_ram as least
+    from tiercache import api
+    from tiercache.engine import generate_step, make_sampler
+    from tiercache.engine.tiered import TierConfig, load_tiered
+    from tiercache.memory import anon_bytes
+    from tiercache.store.convert import convert
+    from tiercache.store.format import Store
+    out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
+                  progress=False)
+    dev = DeviceProfile.from_dict({**laptop.to_dict(), "runtime_anon_bytes": anon_bytes()})
+    floor, _ = least(str(out), dev, context=64)
+    plan = make_plan(str(out), dev, ram=floor + 4096, context=64)
+    e = plan["engine"]
+    assert e["pin_attention"] < 2 or e["pin_head"] is False
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    engine, _ = api.load(str(out), plan=str(tmp_path / "plan.json"))
+    assert len(engine.budget.attn_pinned) == e["pin_attention"]
+    assert engine.budget.head_pinned == e["pin_head"]
+    ids, greedy = list(range(3, 20)), make_sampler()
+    want = list(generate_step(load_tiered(Store(out), TierConfig(sparse=False)).new_session(),
+                              ids, greedy, 8))
+    assert list(generate_step(engine.new_session(), ids, greedy, 8)) == want
+    assert engine.stats()["store_bytes_read"] > 0
 
 
 def test_mmap_model_explains_the_thrash(laptop):
