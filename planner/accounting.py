@@ -29,6 +29,12 @@ SPARSE_WORTH = _engine.SPARSE_WORTH
 # allocator arenas it shares; measured on the reference VM). The engine loads it before it
 # measures its runtime.
 TOKENIZER_BYTES_PER_TOKEN = 240
+# File-backed pages (torch's and Python's code) that decoding keeps using beyond the engine's
+# FILE_RESERVE, planned as memory: under a cgroup cap equal to the budget, SmolLM2 q4 runs whose
+# anonymous memory was as planned decoded at ~4 tok/s (page faults on code) where 10 MiB more cap
+# gave ~30 (resident) and 20 MiB more ~16 (streaming); tools/plan_check.py, 2026-11-21.
+FILE_PAGES = 40 * (1 << 20)
+FILE_EXTRA = max(0, FILE_PAGES - FILE_RESERVE)
 # reads are coalesced: records closer than this in the file go in one read (RecordReader)
 READ_GAP = 64 << 10
 

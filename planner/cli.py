@@ -82,6 +82,8 @@ def format_plan(plan: dict) -> str:
                                         f"clusters pinned, as {e['hold']['ffn']}"),
             ("ffn cold LRU", e["cold_bytes"], f"ram: {e['cold_clusters']} clusters"),
             ("kv cache", e["kv_bytes"], f"{plan['limits']['context']} tokens"),
+            ("file pages", mem.get("file_reserve", 0) + mem.get("file_pages", 0),
+             "code pages the runtime keeps using (a cgroup counts them)"),
             ("buffers", mem["buffers"] + mem["activations"] + mem["page_cache"],
              "reads in flight, gathered slots, activations (>= 32 MB)"),
             ("peak", p["peak_memory_bytes"], "predicted, as a cgroup counts it")]

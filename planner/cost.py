@@ -29,7 +29,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .accounting import FILE_RESERVE, SLACK, TOKENIZER_BYTES_PER_TOKEN, Layout, layout_of
+from .accounting import (FILE_EXTRA, FILE_RESERVE, SLACK, TOKENIZER_BYTES_PER_TOKEN, Layout,
+                         layout_of)
 from .profiles import PAGE, DeviceProfile
 from .sizes import KERNEL_LAYOUTS, ModelSizes, engine_dtype
 
@@ -217,9 +218,11 @@ class CostModel:
         return self._lay[key]
 
     def runtime_bytes(self) -> dict:
-        """Anonymous memory before the engine loads: python + torch, the tokenizer."""
+        """Memory before the engine loads: python + torch, the tokenizer (anonymous), and
+        the file pages decoding uses beyond the engine's own reserve (FILE_EXTRA)."""
         return {"runtime": self.dev.runtime_anon,
-                "tokenizer": self.m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN}
+                "tokenizer": self.m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN,
+                "file_pages": FILE_EXTRA}
 
     def activity(self, cluster: int) -> Activity:
         if cluster not in self._act:

@@ -357,7 +357,7 @@ def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
     need = minimum_memory(cm, context, prompt_tokens, io_mode)
     r = need["ram"]
     ffn = r["cold"] + r["hot"]
-    parts = [("runtime", r["runtime"] + r["tokenizer"]), ("file pages", r.get("file_reserve", 0)),
+    parts = [("runtime", r["runtime"] + r["tokenizer"]), ("file pages", r.get("file_reserve", 0) + r.get("file_pages", 0)),
              ("fixed", r["fixed"]), (f"KV cache for {context} tokens", r["kv"]),
              ("one layer of FFN clusters" if ffn else "FFN streamed", ffn),
              ("buffers", r["buffers"] + r["activations"] + r["page_cache"])]

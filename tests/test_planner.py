@@ -322,7 +322,7 @@ def test_memory_is_what_the_engine_counts(laptop):
         mem = cm.predict(c).memory
         b = _engine_budget(m, TierConfig(hot_clusters=hot, cold_clusters=0, context=300,
                                          prefetch=depth > 0, prefetch_layers=max(1, depth)))
-        runtime = mem["runtime"] + mem["tokenizer"] + FILE_RESERVE
+        runtime = mem["runtime"] + mem["tokenizer"] + FILE_RESERVE + mem["file_pages"]
         want = b.total + runtime
         assert sum(v for k, v in mem.items() if k != "vram") == want, (hot, depth)
         assert mem["hot"] == b.hot_slots * b.slot_bytes and mem["buffers"] == b.streaming
@@ -363,7 +363,7 @@ def test_plans_fit_the_engines_own_budget(laptop):
         cfg = config_from_plan(plan)
         b = _engine_budget(m, TierConfig(**{**cfg.__dict__, "ram_bytes": None}))
         pr = plan["predicted"]["memory"]
-        runtime = pr["runtime"] + pr["tokenizer"] + pr["file_reserve"]
+        runtime = pr["runtime"] + pr["tokenizer"] + pr["file_reserve"] + pr["file_pages"]
         assert b.total + runtime == plan["predicted"]["peak_memory_bytes"] <= int(least + extra)
 
 
@@ -396,7 +396,7 @@ def test_pure_budget_is_the_engines_with_attention_and_head_pinned_or_not(laptop
         b = plan_budget(m, TierConfig(hot_clusters=hot, cold_clusters=0, context=300,
                                       pin_attention=att, pin_head=pin_head), 0)
         assert b.attn_pinned == frozenset(range(att)) and b.head_pinned == pin_head
-        runtime = mem["runtime"] + mem["tokenizer"] + FILE_RESERVE
+        runtime = mem["runtime"] + mem["tokenizer"] + FILE_RESERVE + mem["file_pages"]
         assert sum(v for k, v in mem.items() if k != "vram") == b.total + runtime
         assert mem["buffers"] == b.streaming > 0
 
@@ -442,7 +442,7 @@ def test_budgets_below_attention_and_head_plan_streaming(laptop):
         if extra == 0:
             assert e["pin_attention"] == 0 and e["pin_head"] is False
         cfg = config_from_plan(p)
-        runtime = pr["memory"]["runtime"] + pr["memory"]["tokenizer"] + pr["memory"]["file_reserve"]
+        runtime = sum(pr["memory"][k] for k in ("runtime", "tokenizer", "file_reserve"))
         b = plan_budget(m, cfg, runtime + RUNTIME_MARGIN)  # the engine measures that much more:
         assert b.total <= ram  # it still accepts the plan (else BudgetError here)
         assert (cfg.pin_attention, cfg.pin_head) == (e["pin_attention"], e["pin_head"])
