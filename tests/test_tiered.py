@@ -203,3 +203,25 @@ def test_a_plan_runs(hf_models, tmp_path):
     assert engine.cfg.context == e["context"] == 256
     text = api.generate(engine, tok, "hello", max_tokens=4)
     assert isinstance(text, str) and engine.tokens == 3
+
+
+def test_prefill_in_chunks_under_a_budget_matches_one_pass(stores):
+    """Under --ram a long prompt runs in PREFILL_CHUNK pieces (activations stay bounded); the
+    next-token logits equal a single pass."""
+    import tiercache.engine.tiered as tiered
+    store = stores("llama", "f32")
+    eng = load_tiered(Store(store), TierConfig())
+    ids = list(range(3, 60))
+    one = eng.prefill(eng.new_session(), ids)
+    eng.cfg.ram_bytes = 1 << 40  # chunking applies under a budget
+    old, tiered.PREFILL_CHUNK = tiered.PREFILL_CHUNK, 16
+    try:
+        calls = []
+        forward = eng.forward_ids
+        eng.forward_ids = lambda s, chunk: calls.append(len(chunk)) or forward(s, chunk)
+        session = eng.new_session()
+        chunked = eng.prefill(session, ids)
+    finally:
+        tiered.PREFILL_CHUNK = old
+    assert calls == [16, 16, 16, 9] and len(session.tokens) == len(ids)
+    assert (chunked - one).abs().max() < 1e-4

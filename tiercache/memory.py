@@ -45,3 +45,19 @@ def rss_bytes() -> int:
 def anon_bytes() -> int:
     """Anonymous RSS: what the process holds that the kernel cannot drop (there is no swap)."""
     return _status("RssAnon") or rss_bytes()
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def return_large_frees(threshold: int = 1 << 20) -> bool:
+    """Make glibc map every allocation of `threshold` bytes or more on its own, so that freeing
+    it gives the memory back. By default the threshold grows with each large free, after which
+    multi-MiB buffers (made on I/O threads, freed on the main one) pile up in malloc arenas:
+    +60 MB of anonymous memory over 64 streamed tokens here, against +1 MB with this set.
+    Returns False where there is no glibc."""
+    import ctypes
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False

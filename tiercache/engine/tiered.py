@@ -19,7 +19,7 @@ from torch import nn
 
 from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError
-from ..memory import anon_bytes
+from ..memory import anon_bytes, return_large_frees
 from ..models import Model
 from ..models.llama import ACTS, rope_inv_freq
 from ..store import quant
@@ -33,11 +33,15 @@ from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear
                      q8r_scales)
 
 MB = 1 << 20
-SLACK = 16 * MB  # activations, logits, allocator slop
+# activations, logits and allocator slop beyond the KV cache: a 128-token prefill chunk of
+# SmolLM2 peaked 17 MiB above its loaded anonymous RSS plus KV (VmHWM; decode needs less)
+SLACK = 24 * MB
+PREFILL_CHUNK = 128  # under a RAM budget, prompts run in chunks so SLACK bounds them
 # file-backed pages (library code) the runtime keeps touching; the rest of its mapped files the
-# kernel may reclaim under a cap, so they are not counted whole. Measured here with
-# /proc/self/clear_refs: ~4 MiB of file pages referenced per decode step, ~11 MiB over a
-# 128-token prefill (tiny and real model alike), of ~95 MiB mapped.
+# kernel may reclaim under a cap, so they are not counted whole. /proc/self/clear_refs counts
+# ~11 MiB referenced over a prefill and decode. Each code-page fault also reads around it: with
+# the disk's read_ahead_kb at 128 this reserve holds; at 8192 (this VM had it so for a while)
+# runs at the budget thrashed on code pages (~2 tok/s where 128 gives ~11).
 FILE_RESERVE = 24 * MB
 # pin gates and skip clusters only when at most this share of clusters is active per token
 SPARSE_WORTH = 0.8
@@ -112,6 +116,7 @@ class TieredEngine(Engine):
         self.act = ACTS[a.hidden_act]
         self.reader = RecordReader(store, threads=cfg.io_threads)
         store.env = None  # reads go through pread now; letting go unmaps LMDB's pages
+        self.reader.drop_page_cache()
         self.tensors = store.manifest["tensors"]
         self.profile = store.manifest.get("profile")
         self.thresholds = self._thresholds()
@@ -140,6 +145,7 @@ class TieredEngine(Engine):
         (~50 MB here) has run, plus the file-backed pages it keeps touching."""
         if self.cfg.ram_bytes is None:
             return 0
+        return_large_frees()  # freed read buffers go back to the OS, not to malloc's arenas
         with torch.device("meta"):
             Model(self.args)
         _trim_malloc()
@@ -161,9 +167,11 @@ class TieredEngine(Engine):
         return attn, self.tensors[self.head_name]["dtype"] == "q8r" and _HAVE_INT8
 
     def _plan_budget(self, runtime: int) -> Budget:
-        """Regions for cfg: pin everything that fits; else stream, in the order attention,
-        head, FFN clusters are let go (coldest first): every streamed byte is read once per
-        token whichever weight it is, so the order only keeps the streaming path simple."""
+        """Regions for cfg. With a RAM budget: pin everything that fits; else pin attention
+        first, then the head, then the hottest FFN clusters, and stream the rest (what is
+        left over goes to smaller items). In dense mode every streamed byte is read once per
+        token whichever weight it is, so the order only keeps the streaming path simple.
+        Refuses (BudgetError, with the numbers) when even streaming does not fit."""
         a, cfg = self.args, self.cfg
         total = a.num_hidden_layers * a.n_experts * self.n_clusters
         slot, gates, kv = self._slot_bytes(), self._gate_bytes(), self._kv_bytes()
@@ -194,7 +202,7 @@ class TieredEngine(Engine):
                 b = Budget(**base, **everything, streaming=0, hot_slots=hot, cold_slots=cold)
                 if cold < self.n_clusters and hot < total:
                     self._refuse(b, "one layer's clusters in the cold region",
-                                 self.n_clusters * slot - cold * slot)
+                                 self.n_clusters * slot - min(room, cold * slot))
                 return b
             return self._dense_budget(base, room, attn_bytes, head, head_ok, total)
         if not self.pinned_gate:  # every cluster is used every token: an LRU would only cycle
@@ -582,6 +590,15 @@ class TieredEngine(Engine):
         self._submit([(layer, expert, c) for c in likely if (layer, expert, c) not in self.cache])
 
     # -- engine API ---------------------------------------------------------------------------
+    def prefill(self, session, ids: list[int]) -> torch.Tensor:
+        """The prompt in chunks under a RAM budget: activations stay inside SLACK whatever
+        its length (streamed weights are then read once per chunk)."""
+        step = PREFILL_CHUNK if self.cfg.ram_bytes is not None else max(1, len(ids))
+        chunks = [ids[lo:lo + step] for lo in range(0, len(ids), step)] or [ids]
+        for chunk in chunks[:-1]:
+            self.forward_ids(session, chunk)
+        return self.forward_ids(session, chunks[-1])
+
     def decode(self, session, token: int) -> torch.Tensor:
         self.tokens += 1
         return self.forward_ids(session, [token])

@@ -98,7 +98,7 @@ class RecordReader:
         n, crc = self.store.records[key]
         out, got = torch.empty(n, dtype=torch.uint8), 0
         for lo in range(0, n, chunk):
-            part = self.read_range(key, lo, min(chunk, n - lo))
+            part = self.read_range(key, lo, min(chunk, n - lo), private=True)
             out[lo:lo + part.numel()] = part
             got = zlib.crc32(part.numpy(), got)
         if got != crc:
@@ -157,6 +157,12 @@ class RecordReader:
             buf = self._ring[i] = _aligned(max(size, 2 << 20))
         return buf[:size]
 
+    def drop_page_cache(self) -> None:
+        """Finding the offsets faulted LMDB's pages in, and the kernel read the whole store
+        around them: once LMDB's map is gone, let that page cache go, or a cgroup cap is
+        charged for it (and evicts code pages instead)."""
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def drop_ring(self) -> None:
         """Let the shared read buffers go (after loading: they grew to the largest read)."""
         self._ring = [None] * RING
@@ -173,7 +179,10 @@ def _run_size(run) -> int:
 
 
 def _aligned(size: int) -> torch.Tensor:
-    return torch.frombuffer(mmap.mmap(-1, max(size, ALIGN)), dtype=torch.uint8)
+    """Page-aligned memory; private, so it counts as the process's anonymous memory (a shared
+    anonymous map would be shmem, outside RssAnon and the budget's measure)."""
+    m = mmap.mmap(-1, max(size, ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(m, dtype=torch.uint8)
 
 
 def _record_offsets(store: Store) -> dict[str, tuple[int, int]]:
