@@ -29,13 +29,6 @@ class Unit:
     ffn: list[tuple[int, int, int]] = field(default_factory=list)  # cluster keys
     rows: tuple[int, int] | None = None              # head rows [lo, hi)
 
-    def nbytes(self, manifest: dict, d: int) -> int:
-        n = sum(manifest["records"][tensor_key(t).decode()][0] for t, _ in self.attn.values())
-        n += sum(manifest["records"][cluster_key(*k).decode()][0] for k in self.ffn)
-        if self.rows:
-            n += (self.rows[1] - self.rows[0]) * d
-        return n
-
 
 class Streamer:
     def __init__(self, engine, units: list[Unit], ahead: int, head: str | None = None):

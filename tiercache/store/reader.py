@@ -163,10 +163,6 @@ class RecordReader:
         charged for it (and evicts code pages instead)."""
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def drop_ring(self) -> None:
-        """Let the shared read buffers go (after loading: they grew to the largest read)."""
-        self._ring = [None] * RING
-
     def close(self):
         self.pool.shutdown(wait=True)
         os.close(self.fd)
