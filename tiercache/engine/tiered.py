@@ -391,6 +391,7 @@ class TieredEngine(Engine):
             unit = st.unit_of(l)
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if unit is not None and p in st.units[unit].attn:
+                    self.bias(f"model.layers.{l}.self_attn.{p}.weight")  # pinned (in `fixed`)
                     setattr(att, p, StreamedLinear(st, unit, p))
                     continue
                 q = self._q4_linear(f"model.layers.{l}.self_attn.{p}.weight")
