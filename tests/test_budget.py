@@ -1,5 +1,6 @@
 """The RAM budget under a real cgroup-v1 memory cap (RSS + page cache), and refusals."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,19 @@ def test_refuses_inside_a_cap_instead_of_being_killed(stores):
                                "--context", 1_000_000), cap, timeout=300)
     assert not r["oom"], "killed instead of refusing"
     assert r["rc"] == 1 and "needs at least" in r["stderr"], r["stderr"][-500:]
+
+
+
+def test_loading_does_not_import_the_compiler_stack(stores, tmp_path):
+    """Building the model on the meta device once pulled in torch._dynamo and sympy through
+    torch's Python reference ops (normal_, arange, empty_like): +67 MB of anonymous memory for
+    the process's life, which every RAM budget paid for."""
+    code = ("import sys; from tiercache import api; "
+            "from tiercache.engine import generate_step, make_sampler; "
+            f"e, _ = api.load({str(stores('llama', 'q4', 64))!r}, ram='400M', threads=1); "
+            "list(generate_step(e.new_session(), [1, 2, 3], make_sampler(), 4)); "
+            "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TIERCACHE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-500:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import StoreError
-from ..models import Model
+from ..models import Model, materialize
 from ..store.format import Store
 from .session import Session
 
@@ -45,7 +45,7 @@ class Engine:
 def load_dense(store: Store, dtype=torch.float32) -> Engine:
     with torch.device("meta"):
         model = Model(store.args)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = materialize(model, dtype)
     model.inv_freq = _rope(store)
     loaded = model.load_weights(store.weights(dtype))
     missing = model.missing(loaded)

@@ -20,7 +20,7 @@ from torch import nn
 from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError
 from ..memory import anon_bytes, return_large_frees
-from ..models import Model
+from ..models import Model, materialize
 from ..models.llama import ACTS, rope_inv_freq
 from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key
@@ -142,7 +142,7 @@ class TieredEngine(Engine):
     # -- what is pinned and what streams ----------------------------------------------------
     def _runtime_bytes(self) -> int:
         """The process before any weight: anonymous RSS once torch's lazy set-up for a model
-        (~50 MB here) has run, plus the file-backed pages it keeps touching."""
+        has run (~1 MB since `materialize`; see there), plus the file pages it keeps touching."""
         if self.cfg.ram_bytes is None:
             return 0
         return_large_frees()  # freed read buffers go back to the OS, not to malloc's arenas
@@ -349,7 +349,7 @@ class TieredEngine(Engine):
                     TieredMLP(self, l, e) for e in range(a.n_experts))
             else:
                 layer.mlp = TieredMLP(self, l, 0)
-        model = model.to_empty(device="cpu")
+        model = materialize(model)
         params = dict(model.named_parameters())
         for name in self.store.tensor_names:
             if name in params:

@@ -1,4 +1,4 @@
 from .kv import KVCache
-from .llama import Model, sanitize
+from .llama import Model, materialize, sanitize
 
-__all__ = ["KVCache", "Model", "sanitize"]
+__all__ = ["KVCache", "Model", "materialize", "sanitize"]

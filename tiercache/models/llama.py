@@ -38,7 +38,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # on the CPU even inside torch.device("meta"): meta arange imports sympy (+60 MB)
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     sc = args.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type"))
     if kind == "llama3":
@@ -159,9 +160,24 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # weights always come from a store: no random init, whose normal_ on the meta device
+        # imports torch._dynamo and sympy (+67 MB of anonymous memory for the process's life)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+def materialize(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Give a module built under torch.device("meta") uninitialised CPU storage, in place
+    (what `to_empty` does, without its meta `empty_like`, which imports sympy: +60 MB)."""
+    for m in module.modules():
+        for group in (m._parameters, m._buffers):
+            for k, t in group.items():
+                if t is not None and t.is_meta:
+                    new = torch.empty(t.shape, dtype=dtype or t.dtype, device="cpu")
+                    group[k] = nn.Parameter(new, t.requires_grad) if k in m._parameters else new
+    return module
 
 
 class Model(nn.Module):
