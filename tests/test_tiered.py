@@ -67,6 +67,39 @@ def test_int4_streaming_matches_int4_resident(hf_models, tmp_path):
         assert (got.argmax(-1) == resident.argmax(-1)).float().mean() > 0.9
 
 
+def test_dense_mode_pins_whole_layers_spread_out(tmp_path):
+    """Every cluster is computed every token in dense mode, so the budget pins whole layers,
+    spread over the depth, and streams the rest as one unit per layer; at most one layer is
+    split between a pinned and a streamed part."""
+    from tiercache.engine.tiered import spread_layers
+    from tiercache.store.convert import convert
+    for n in range(1, 40):
+        order = spread_layers(n)
+        assert sorted(order) == list(range(n))
+        for k in range(1, n + 1):  # any prefix: no gap between pinned layers above 3 n / k
+            s = sorted(order[:k])
+            gaps = [b - a for a, b in zip(s, s[1:])] + [s[0] + n - s[-1]]
+            assert max(gaps) <= 3 * n / k, (n, k, s)
+    import transformers as T
+    from conftest import VOCAB, write_tokenizer
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256,
+                        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf")
+    out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
+    c = Store(out).n_clusters
+    eng = load_tiered(Store(out), TierConfig(sparse=False, hot_clusters=2 * c + 1,
+                                             cold_clusters=0))
+    L, order = eng.args.num_hidden_layers, spread_layers(6)
+    pinned = {l: len(eng.hot[(l, 0)][1]) for l in range(L) if (l, 0) in eng.hot}
+    streamed = {u.layer: len(u.ffn) for u in eng.streamer.units if u.ffn}
+    assert pinned == {order[0]: c, order[1]: c, order[2]: 1}, pinned
+    assert order[:2] == [0, 3]
+    assert all(pinned.get(l, 0) + streamed.get(l, 0) == c for l in range(L))
+    assert sum(0 < pinned.get(l, 0) < c for l in range(L)) <= 1
+
+
 def test_streamed_attention_and_head_match_resident(hf_models, tmp_path):
     """Below the pinned weights' size, attention projections and the head's rows stream too
     (q4k and q8r records used as read): the same logits as with everything resident."""
