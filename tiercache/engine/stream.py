@@ -4,11 +4,14 @@ The forward pass uses weights in a fixed order, so the streamed ones are cut int
 order: per layer, its streamed attention projections and FFN clusters; then slices of the
 head's rows. `Streamer.get(i)` returns unit i ready to compute on, with the next `ahead` units
 already being read on the I/O threads (wrapping around to the next token's first layers), so
-reads overlap compute. A unit's memory is let go when the next one is taken: at most
-1 + ahead units are held, plus one read buffer per I/O thread.
+reads overlap compute. Units are copied out of the read buffers into 1 + ahead arenas, each
+reused once the unit in it is done with: the same memory every token (no allocation, nothing
+for malloc to fragment), 1 + ahead units plus one read buffer per I/O thread.
 """
 from __future__ import annotations
 
+import math
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -17,7 +20,9 @@ import torch
 from torch import nn
 
 from ..store.format import cluster_key, tensor_key
+from ..store.reader import aligned_buffer
 from .kernels import QLinear
+from .slots import Block
 
 HEAD_SLICE = 2 << 20  # bytes of head rows per unit: about one layer's streamed weights
 
@@ -30,18 +35,66 @@ class Unit:
     rows: tuple[int, int] | None = None              # head rows [lo, hi)
 
 
+class Arena:
+    """A unit's bytes: tensors handed out as aligned views of one buffer, reused unit after
+    unit (`reset`)."""
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.used = 0
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        lo = -(-self.used // self.ALIGN) * self.ALIGN
+        if lo + n > self.buf.numel():
+            raise RuntimeError(f"unit of more than {self.buf.numel()} bytes (arena too small)")
+        self.used = lo + n
+        return self.buf[lo:lo + n].view(dtype).view(shape)
+
+    def copy(self, src: torch.Tensor) -> torch.Tensor:
+        out = self.take(src.shape, src.dtype)
+        out.copy_(src)
+        return out
+
+    def reset(self) -> "Arena":
+        self.used = 0
+        return self
+
+
 class Streamer:
-    def __init__(self, engine, units: list[Unit], ahead: int, head: str | None = None):
+    """Reads units ahead of the forward pass. Each unit's read plan (file ranges, and where
+    each record lands in the buffer) is fixed, and so is what it becomes: for a given I/O
+    thread buffer and arena, the unit's modules and the copies that fill them are built once
+    (`_bind`). A read is then a preadv or two and a few large copies, with the GIL released:
+    the Python work of building views and modules per read held the GIL ~1 ms a unit and
+    slowed the computing thread, which takes the GIL between every kernel, by ~30%."""
+
+    def __init__(self, engine, units: list[Unit], ahead: int, unit_bytes: int,
+                 head: str | None = None):
         self.engine, self.units, self.ahead, self.head = engine, units, max(0, ahead), head
-        self.jobs: dict[int, Future] = {}
+        self.jobs: dict[int, tuple[Future, Arena]] = {}
         self.current: int | None = None
         self.by_layer = {u.layer: i for i, u in enumerate(units) if u.layer is not None}
+        # what a unit needs, padded for the arena's alignment of each of its tensors
+        self.unit_bytes = unit_bytes + 16 * Arena.ALIGN
+        self.free: list[Arena] = []
+        self.arenas = 0
+        self.plans = [self._plan(u) for u in units]
+        self.read_bytes = max((p.size for p in self.plans), default=0)
+        self._own = threading.local()  # each I/O thread's read buffer (read_bytes)
+        self.bound: dict[tuple[int, int, int], tuple] = {}
 
     def get(self, i: int) -> dict:
-        """Unit i's weights: {module name: QLinear, "ffn": Block, "head": Q8Linear}."""
+        """Unit i's weights: {module name: QLinear, "ffn": Block, "head": int8 rows}."""
         if i != self.current:
-            self.jobs.pop(self.current, None)  # the previous unit is done with
+            if self.current is not None:
+                self._release(self.current)  # done with: its arena takes the next read
             self.current = i
+            wanted = {(i + k) % len(self.units) for k in range(self.ahead + 1)}
+            for j in [j for j in self.jobs if j not in wanted]:
+                self._release(j)  # read ahead for a pass that was cut short
         fut = self._submit(i)
         for k in range(1, self.ahead + 1):
             self._submit((i + k) % len(self.units))
@@ -51,32 +104,74 @@ class Streamer:
         return out
 
     def _submit(self, i: int) -> Future:
-        fut = self.jobs.get(i)
-        if fut is None:
-            fut = self.jobs[i] = Future()
-            self.engine.reader.pool.submit(self._read, self.units[i], fut)
-        return fut
+        job = self.jobs.get(i)
+        if job is None:
+            if self.free:
+                arena = self.free.pop()
+            else:  # at most 1 + ahead are ever live (get releases the rest first)
+                arena, self.arenas = Arena(self.unit_bytes), self.arenas + 1
+            job = self.jobs[i] = (Future(), arena)
+            self.engine.reader.pool.submit(self._read, i, *job)
+        return job[0]
 
-    def _read(self, unit: Unit, fut: Future) -> None:
-        """On an I/O thread: read the unit into this thread's buffer, copy it out ready."""
+    def _release(self, i: int) -> None:
+        job = self.jobs.pop(i, None)
+        if job is not None:
+            fut, arena = job
+            fut.exception()  # wait: the I/O thread may still be writing into the arena
+            self.free.append(arena)
+
+    def _plan(self, unit: Unit):
+        reader = self.engine.reader
+        if unit.rows:
+            lo, hi = unit.rows
+            return reader.range_plan(tensor_key(self.head).decode(), lo * self.engine.d,
+                                     (hi - lo) * self.engine.d)
+        names = [tensor_key(t).decode() for t, _ in unit.attn.values()]
+        return reader.plan(names + [cluster_key(*k).decode() for k in unit.ffn])
+
+    def _read(self, i: int, fut: Future, arena: Arena) -> None:
+        """On an I/O thread: read unit i into this thread's buffer, copy it into its arena."""
         try:
-            eng, out = self.engine, {}
-            names = [tensor_key(t).decode() for t, _ in unit.attn.values()]
-            keys = [cluster_key(*k).decode() for k in unit.ffn]
-            bufs = eng.reader.read_tensors(names + keys, private=True) if names or keys else []
-            for (mod, (t, shape)), buf in zip(unit.attn.items(), bufs):
-                out[mod] = QLinear.from_q4k(buf.clone(), shape, eng.bias(t))
-            if keys:
-                out["ffn"] = eng.join_clusters(unit.ffn, bufs[len(names):])
-            if unit.rows:
-                lo, hi = unit.rows
-                d = eng.d
-                raw = eng.reader.read_range(tensor_key(self.head).decode(), lo * d, (hi - lo) * d,
-                                            private=True)
-                out["head"] = raw.view(torch.int8).view(hi - lo, d).clone()
+            buf = getattr(self._own, "buf", None)
+            if buf is None:
+                buf = self._own.buf = aligned_buffer(self.read_bytes)
+            self.engine.reader.read_plan(self.plans[i], buf)
+            key = (i, buf.data_ptr(), id(arena))
+            if key not in self.bound:
+                self.bound[key] = self._bind(i, buf, arena.reset())
+            out, copies, fresh = self.bound[key]
+            for dst, src in copies:
+                dst.copy_(src)
+            if fresh is not None:  # float32 slots decode: a new Block each read, no arena
+                out = {**out, "ffn": self.engine.join_clusters(self.units[i].ffn, fresh)}
             fut.set_result(out)
         except BaseException as e:  # the waiting layer re-raises it
             fut.set_exception(e)
+
+    def _bind(self, i: int, buf: torch.Tensor, arena: Arena) -> tuple:
+        """-> (unit i's modules on tensors in `arena`, the copies that fill them from `buf`,
+        the FFN records to decode on each read where the slots are float32, else None)."""
+        eng, unit, plan = self.engine, self.units[i], self.plans[i]
+        out, copies = {}, []
+        if unit.rows:
+            lo, hi = unit.rows
+            src = buf[plan.at[0]:plan.at[0] + (hi - lo) * eng.d].view(torch.int8)
+            out["head"] = arena.take((hi - lo, eng.d), torch.int8)
+            return out, [(out["head"], src.view(hi - lo, eng.d))], None
+        recs = [buf[at:at + eng.store.records[k][0]] for k, at in zip(plan.keys, plan.at)]
+        for (mod, (t, shape)), rec in zip(unit.attn.items(), recs):
+            dst = arena.take(rec.shape, torch.uint8)
+            copies.append((dst, rec))
+            out[mod] = QLinear.from_q4k(dst, shape, eng.bias(t))
+        ffn = recs[len(unit.attn):]
+        if ffn and not eng.int4:
+            return out, copies, ffn
+        if ffn:
+            out["ffn"], more = Block.joining(ffn, eng.store.cluster_parts(0), eng.n, eng.d,
+                                             arena.take)
+            copies += more
+        return out, copies, None
 
     def unit_of(self, layer: int) -> int | None:
         return self.by_layer.get(layer)

@@ -33,9 +33,10 @@ from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear
                      q8r_scales)
 
 MB = 1 << 20
-# activations, logits and allocator slop beyond the KV cache: a 128-token prefill chunk of
-# SmolLM2 peaked 17 MiB above its loaded anonymous RSS plus KV (VmHWM; decode needs less)
-SLACK = 24 * MB
+# activations, logits and allocator slop beyond the KV cache and the streaming buffers: a
+# 128-token prefill chunk of SmolLM2 peaks ~10 MiB above its loaded anonymous RSS plus KV
+# (resident), ~13 MiB above that plus the streaming buffers (streamed; sampled RssAnon)
+SLACK = 16 * MB
 PREFILL_CHUNK = 128  # under a RAM budget, prompts run in chunks so SLACK bounds them
 # file-backed pages (library code) the runtime keeps touching; the rest of its mapped files the
 # kernel may reclaim under a cap, so they are not counted whole. /proc/self/clear_refs counts
@@ -301,7 +302,10 @@ class TieredEngine(Engine):
             rows, step = self.tensors[self.head_name]["shape"][0], self._head_slice_rows()
             units += [Unit(rows=(lo, min(rows, lo + step))) for lo in range(0, rows, step)]
         ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
-        return Streamer(self, units, ahead, head=self.head_name)
+        attn_layer = max((sum(_ram_bytes(self.tensors[n], self.int4) for n in names)
+                          for names in attn.values()), default=0)
+        unit = self._unit_max(attn_layer, b.head_pinned is False)
+        return Streamer(self, units, ahead, unit, head=self.head_name)
 
     # -- loading --------------------------------------------------------------------------
     def _read_tensor(self, name: str, out_dtype=torch.float32):

@@ -26,6 +26,16 @@ RING = 8  # read buffers in turn; at most RING reads' records may be alive at on
 
 
 @dataclass
+class ReadPlan:
+    runs: list[tuple[int, int, int, int]]  # (file offset, bytes, offset in the buffer, file
+                                           # offset where what is wanted ends), aligned
+    size: int                              # buffer bytes the runs need
+    keys: list[str]                        # whole records (checked once), or none for a range
+    at: list[int]                          # where each key (or the range) is in the buffer
+    checked: bool = False                  # every record's crc32 seen once
+
+
+@dataclass
 class IOStats:
     reads: int = 0
     bytes: int = 0
@@ -74,6 +84,24 @@ class RecordReader:
         """As `read_many`, as uint8 tensors viewing the read buffers: no copy after the read.
         private: into this thread's own buffer, valid until the thread's next private read (a
         caller that copies out at once, as streaming jobs do, then needs no ring)."""
+        plan = self.plan(keys, gap, limit)
+        if private:
+            whole = self._buffer(plan.size, True)
+            self.read_plan(plan, whole)
+            return [whole[at:at + self.store.records[k][0]] for k, at in zip(keys, plan.at)]
+        out = {}
+        for run in plan.runs:  # each run into its own ring buffer
+            buf = self._buffer(run[1])
+            self.read_plan(ReadPlan([run[:2] + (0, run[3])], run[1], [], []), buf)
+            out.update({k: buf[at - run[2]:at - run[2] + self.store.records[k][0]]
+                        for k, at in zip(plan.keys, plan.at) if run[2] <= at < run[2] + run[1]})
+        self._check(plan, None, out)
+        return [out[k] for k in keys]
+
+    def plan(self, keys: list[str], gap: int = 64 << 10, limit: int = 8 << 20) -> "ReadPlan":
+        """Where `keys` go in one buffer: neighbours in the file read together, runs side by
+        side. The same keys give the same plan, so a caller reading them every token (the
+        streamer) computes it once."""
         spans = sorted((self.offsets[k] + (k,) for k in keys))
         runs, run = [], []
         for span in spans:
@@ -84,13 +112,48 @@ class RecordReader:
             run.append(span)
         if run:
             runs.append(run)
-        out, at = {}, 0
-        whole = self._buffer(sum(map(_run_size, runs)), True) if private else None
-        for run in runs:  # a private read puts its runs side by side in the thread's buffer
-            size = _run_size(run)
-            out.update(self._read_run(run, None if whole is None else whole[at:at + size]))
+        reads, where, at = [], {}, 0
+        for run in runs:
+            lo, size = run[0][0] // ALIGN * ALIGN, _run_size(run)
+            reads.append((lo, size, at, max(off + n for off, n, _ in run)))
+            where.update({k: at + off - lo for off, _, k in run})
             at += size
-        return [out[k] for k in keys]
+        return ReadPlan(reads, at, list(keys), [where[k] for k in keys])
+
+    def read_plan(self, plan: "ReadPlan", buf: torch.Tensor) -> None:
+        """Read a plan's runs into buf (at least plan.size bytes, page-aligned). Each record
+        is checked against its crc32 the first time it is read."""
+        for lo, size, at, end in plan.runs:
+            got = os.preadv(self.fd, [memoryview(buf[at:at + size].numpy())], lo)
+            if lo + got < end:
+                raise StoreError(f"{self.store.path}: a record at {lo} is truncated")
+            if not self.direct:  # keep the page cache out of the budget
+                os.posix_fadvise(self.fd, lo, size, os.POSIX_FADV_DONTNEED)
+            self.stats.add(size)
+        if not plan.checked:
+            self._check(plan, buf)
+
+    def range_plan(self, key: str, lo: int, n: int) -> "ReadPlan":
+        """Bytes [lo, lo + n) of a record (at plan.at[0] in the buffer). Not checked: callers
+        read records that were checked whole once (`read_into`)."""
+        off, size = self.offsets[key]
+        if lo < 0 or lo + n > size:
+            raise ValueError(f"range {lo}+{n} outside record {key} of {size} bytes")
+        start = (off + lo) // ALIGN * ALIGN
+        length = -(-(off + lo + n - start) // ALIGN) * ALIGN
+        return ReadPlan([(start, length, 0, off + lo + n)], length, [], [off + lo - start],
+                        checked=True)
+
+    def _check(self, plan: "ReadPlan", buf: torch.Tensor | None, recs: dict | None = None):
+        for key, at in zip(plan.keys, plan.at):  # (a range plan has no keys)
+            if key in self.verified:
+                continue
+            n, crc = self.store.records[key]
+            data = recs[key] if recs is not None else buf[at:at + n]
+            if zlib.crc32(data.numpy()) != crc:
+                raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
+            self.verified.add(key)
+        plan.checked = all(k in self.verified for k in plan.keys)
 
     def read_into(self, key: str, chunk: int = 2 << 20) -> torch.Tensor:
         """A whole record as a new uint8 tensor, read in pieces of at most `chunk` bytes and
@@ -108,40 +171,11 @@ class RecordReader:
 
     def read_range(self, key: str, lo: int, n: int, private: bool = False) -> torch.Tensor:
         """Bytes [lo, lo + n) of a record, as a view of a read buffer (valid until `RING` reads
-        later, or this thread's next private read). Not checked: callers read records that
-        were checked whole once (`read_into`)."""
-        off, size = self.offsets[key]
-        if lo < 0 or lo + n > size:
-            raise ValueError(f"range {lo}+{n} outside record {key} of {size} bytes")
-        start = (off + lo) // ALIGN * ALIGN
-        length = -(-(off + lo + n - start) // ALIGN) * ALIGN
-        buf = self._buffer(length, private)
-        got = os.preadv(self.fd, [memoryview(buf.numpy())], start)
-        if got < off + lo + n - start:
-            raise StoreError(f"{self.store.path}: record {key} is truncated")
-        if not self.direct:
-            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
-        self.stats.add(length)
-        return buf[off + lo - start: off + lo - start + n]
-
-    def _read_run(self, run, whole: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        lo, size = run[0][0] // ALIGN * ALIGN, _run_size(run)
-        whole = self._buffer(size) if whole is None else whole
-        got = os.preadv(self.fd, [memoryview(whole.numpy())], lo)
-        recs = {k: whole[off - lo: off - lo + n] for off, n, k in run}
-        if not self.direct:  # keep the page cache out of the budget
-            os.posix_fadvise(self.fd, lo, size, os.POSIX_FADV_DONTNEED)
-        self.stats.add(size)
-        for off, n, key in run:
-            want = self.store.records[key]
-            data = recs[key]
-            if got < off - lo + n or len(data) != want[0]:
-                raise StoreError(f"{self.store.path}: record {key} is truncated")
-            if key not in self.verified:
-                if zlib.crc32(data.numpy()) != want[1]:
-                    raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
-                self.verified.add(key)
-        return recs
+        later, or this thread's next private read). Not checked (see `range_plan`)."""
+        plan = self.range_plan(key, lo, n)
+        buf = self._buffer(plan.size, private)
+        self.read_plan(plan, buf)
+        return buf[plan.at[0]:plan.at[0] + n]
 
     def _buffer(self, size: int, private: bool = False) -> torch.Tensor:
         """A page-aligned buffer (as O_DIRECT wants) of at least `size` bytes, from the ring
@@ -149,12 +183,12 @@ class RecordReader:
         if private:
             buf = getattr(self._own, "buf", None)
             if buf is None or buf.numel() < size:
-                buf = self._own.buf = _aligned(size)
+                buf = self._own.buf = aligned_buffer(size)
             return buf[:size]
         i = next(self._turn) % RING
         buf = self._ring[i]
         if buf is None or buf.numel() < size:
-            buf = self._ring[i] = _aligned(max(size, 2 << 20))
+            buf = self._ring[i] = aligned_buffer(max(size, 2 << 20))
         return buf[:size]
 
     def drop_page_cache(self) -> None:
@@ -174,7 +208,7 @@ def _run_size(run) -> int:
     return -(-(max(off + n for off, n, _ in run) - lo) // ALIGN) * ALIGN
 
 
-def _aligned(size: int) -> torch.Tensor:
+def aligned_buffer(size: int) -> torch.Tensor:
     """Page-aligned memory; private, so it counts as the process's anonymous memory (a shared
     anonymous map would be shmem, outside RssAnon and the budget's measure)."""
     m = mmap.mmap(-1, max(size, ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
