@@ -162,14 +162,11 @@ class Layout:
     # -- what streams ---------------------------------------------------------------------------
     @cached_property
     def hot_order(self) -> np.ndarray:
-        """Cluster ids (unit * n_clusters + c) most frequently active first, as the engine
-        orders them (a stable sort on key order)."""
-        prof = self.manifest.get("profile") or {}
-        freq = [f for row in prof.get("ffn") or [] for ex in row
-                for f in ex.get("cluster_freq", [])]
-        if len(freq) != self.total:
-            return np.arange(self.total)
-        return np.argsort(-np.asarray(freq, dtype=np.float64), kind="stable")
+        """Cluster ids ((layer * experts + expert) * n_clusters + c) in the order the engine
+        pins them (its `_hotness_order`: whole layers, spread out, in dense mode)."""
+        e, c = self.args.n_experts, self.n_clusters
+        return np.asarray([(l * e + x) * c + k for l, x, k in self._view._hotness_order()],
+                          dtype=np.int64)
 
     @cached_property
     def streamable(self) -> tuple[dict, int, int]:

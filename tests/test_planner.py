@@ -341,15 +341,17 @@ def test_dense_stream_decode_reads_what_is_not_pinned(laptop):
     assert [p.hit_rate for p in preds] == [0.0, 0.25, 0.5, 1.0]
     speeds = [p.decode_tok_s for p in preds]
     assert speeds == sorted(speeds) and speeds[0] < speeds[-1]
-    # the most active clusters (profile order) are pinned first, as the engine pins them
+    # dense: whole layers pinned, spread out, as the engine pins them (whatever the profile)
+    from tiercache.engine.tiered import spread_layers
     prof = {"tokens": 10, "ffn": [[{"threshold": 0.1, "freq": [1.0] * 1024,
                                     "cluster_active": [1.0] * 16,
                                     "cluster_freq": [1.0 if l == 3 else 0.5] * 16}]
                                   for l in range(8)]}
-    hot_layer = cost.CostModel(ModelSizes.from_manifest({**m, "profile": prof}), laptop).layout()
-    assert hot_layer.dense  # every cluster active: thresholds would skip nothing
-    assert set(hot_layer.hot_order[:16] // 16) == {3}
-    assert hot_layer.streamed(16)["layers"] == 7
+    lay = cost.CostModel(ModelSizes.from_manifest({**m, "profile": prof}), laptop).layout()
+    assert lay.dense  # every cluster active: thresholds would skip nothing
+    assert (lay.hot_order[:32] // 16).tolist() == [spread_layers(8)[0]] * 16 + [
+        spread_layers(8)[1]] * 16
+    assert lay.streamed(16)["layers"] == 7 and lay.streamed(20)["layers"] == 7
 
 
 def test_plans_fit_the_engines_own_budget(laptop):
