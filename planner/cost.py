@@ -67,9 +67,12 @@ OPS_STREAM_WAIT = 200  # per streaming unit, without lookahead
 # int8 matmul into its part of the logits), and a tied embedding reads its row (one page).
 OPS_STREAM_ATTN = 40  # per layer whose attention streams
 OPS_HEAD_SLICE = 60  # per head slice
-# Share of the streamed reads' time hidden behind compute. Measured on the 2-core VM: the wait on
-# reads (stats()["io_wait_s"]) is about their whole time at 1 thread, lookahead 1 or 2.
-IO_OVERLAP = 0.0
+# Share of the streamed reads' time hidden behind compute (of the smaller of the two). Before
+# the streamer built its units' views and modules once (2026-11-22), an I/O thread's Python
+# work held the GIL ~1 ms a unit and the reads hardly overlapped (0.0 fitted then); refitted
+# on tools/plan_check.py runs after it: 0.55 at r = 0.1 (87 MB/token), 0.70 at r = 0.5; plans
+# of one I/O thread and lookahead 1 overlap less than that (0.6 over-predicted them by ~20%).
+IO_OVERLAP = 0.5
 # the engine's misses cost ~1.5x the probe's emulation of one (cache admission, futures,
 # prefetch bookkeeping; measured: ~1.2 ms per miss decoding SmolLM2 q4 at 400-420 MB)
 MISS_CALIBRATION = 1.5

@@ -33,6 +33,11 @@ ROWS, COLS = 1536, 576  # SmolLM2-135M's FFN matrix: realistic op sizes for the 
 GROUP = 32
 
 
+# 2: the runtime measured with the engine's own model set-up (version 1 counted +67 MB of
+# sympy that the engine no longer imports, and planned ~45 MB too little room for weights)
+PROBE_VERSION = 2
+
+
 def home() -> Path:
     return Path(os.environ.get("TIERCACHE_HOME") or Path.home() / ".cache" / "tiercache")
 
@@ -42,7 +47,7 @@ def this_machine(refresh: bool = False) -> DeviceProfile:
     path = home() / "device.json"
     if path.is_file() and not refresh:
         prof = DeviceProfile.from_json(path)
-        if prof.host in ("", socket.gethostname()):
+        if _current(prof):
             return prof
     prof = probe(path=home())
     prof.to_json(path)
@@ -59,7 +64,13 @@ def cached_profile() -> DeviceProfile | None:
         prof = DeviceProfile.from_json(path)
     except Exception:  # noqa: BLE001 - a stale or foreign cache is as good as none here
         return None
-    return prof if prof.host in ("", socket.gethostname()) else None
+    return prof if _current(prof) else None
+
+
+def _current(prof: DeviceProfile) -> bool:
+    """A cached profile still describes this machine: probed here, by this probe."""
+    return prof.host in ("", socket.gethostname()) and (
+        not prof.measured or prof.probe_version >= PROBE_VERSION)
 
 
 def probe(quick: bool = False, path=None) -> DeviceProfile:
@@ -86,6 +97,7 @@ def probe(quick: bool = False, path=None) -> DeviceProfile:
         runtime_overhead_bytes=after, runtime_anon_bytes=anon, runtime_file_bytes=files,
         direct_io=direct, miss_overhead_s=miss_s,
         readahead_bytes=readahead_bytes(where), threads=1, measured=True,
+        probe_version=PROBE_VERSION,
         host=socket.gethostname(),
         sources={
             "ram_bytes": f"{src}: min(MemTotal, cgroup memory limit)",
@@ -452,7 +464,7 @@ def runtime_overhead() -> int:
 def runtime_footprint() -> tuple[int, int, int, int]:
     """(VmRSS before, after) a fresh interpreter imports the engine's libraries and runs its
     first ops (torch allocates thread pools and kernel caches lazily), then its RssAnon and
-    RssFile once torch has also set up a model on the meta device, in bytes."""
+    RssFile once it has also built a model as the engine does, in bytes."""
     code = ("def rss(f='VmRSS'):\n"
             " return int(open('/proc/self/status').read().split(f + ':')[1].split()[0])\n"
             "before = rss()\n"
@@ -470,9 +482,14 @@ def runtime_footprint() -> tuple[int, int, int, int]:
             "if hasattr(ops, '_weight_int8pack_mm'):\n"
             " ops._weight_int8pack_mm(b, x.to(torch.int8), torch.ones(64, dtype=b.dtype))\n"
             "after = rss()\n"
-            # the engine builds its model on the meta device first: torch's set-up for that
-            # (~50-70 MB) is part of the runtime it measures
-            "with torch.device('meta'):\n torch.nn.Embedding(16, 64), torch.nn.Linear(64, 64)\n"
+            # the engine builds its model on the meta device first, as here: whatever torch
+            # sets up for that is part of the runtime it measures (torch's reference ops
+            # once imported sympy for it: +67 MB, until `tiercache.models.materialize`)
+            "from tiercache.config import ModelArgs\n"
+            "from tiercache.models import Model, materialize\n"
+            "with torch.device('meta'):\n"
+            " m = Model(ModelArgs('llama', 64, 1, 128, 4, 256, tie_word_embeddings=True))\n"
+            "materialize(m)\n"
             "import ctypes\n"
             "try:\n ctypes.CDLL('libc.so.6').malloc_trim(0)\nexcept OSError:\n pass\n"
             "print(before, after, rss('RssAnon'), rss('RssFile'))\n")

@@ -56,6 +56,7 @@ class DeviceProfile:
     threads: int = 1
     measured: bool = False
     host: str = ""  # hostname a probed profile was measured on
+    probe_version: int = 0  # the probe that measured it (probe.PROBE_VERSION); older: re-probe
     notes: list[str] = field(default_factory=list)
 
     # -- flash curve ---------------------------------------------------------------------------

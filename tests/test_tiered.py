@@ -67,6 +67,27 @@ def test_int4_streaming_matches_int4_resident(hf_models, tmp_path):
         assert (got.argmax(-1) == resident.argmax(-1)).float().mean() > 0.9
 
 
+def test_streamer_reuses_its_arenas_and_survives_a_pass_cut_short(hf_models, tmp_path):
+    """Streamed units live in 1 + ahead arenas reused token after token; a forward pass cut
+    short (an exception, Ctrl-C in chat) leaves reads in flight that the next pass drops
+    before their arenas are reused, so its output is unchanged."""
+    from tiercache.store.convert import convert
+    out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
+                  progress=False)
+    eng = load_tiered(Store(out), TierConfig(sparse=False, hot_clusters=0, cold_clusters=0,
+                                             pin_attention=0, pin_head=False,
+                                             prefetch_layers=1))
+    st = eng.streamer
+    assert len(st.units) == eng.args.num_hidden_layers + 1 and st.ahead == 1  # + head slice
+    first = _logits(eng)
+    tokens = list(generate_step(eng.new_session(), IDS[:8], make_sampler(), 6))
+    st.get(len(st.units) - 1)  # a pass cut short at its last unit, read-ahead wrapping round
+    st.get(1 % len(st.units))  # and another cut short after one unit
+    assert torch.equal(_logits(eng), first)
+    assert list(generate_step(eng.new_session(), IDS[:8], make_sampler(), 6)) == tokens
+    assert st.arenas <= 1 + st.ahead and len(st.jobs) <= 1 + st.ahead
+
+
 def test_dense_mode_pins_whole_layers_spread_out(tmp_path):
     """Every cluster is computed every token in dense mode, so the budget pins whole layers,
     spread over the depth, and streams the rest as one unit per layer; at most one layer is
