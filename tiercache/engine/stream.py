@@ -53,11 +53,6 @@ class Arena:
         self.used = lo + n
         return self.buf[lo:lo + n].view(dtype).view(shape)
 
-    def copy(self, src: torch.Tensor) -> torch.Tensor:
-        out = self.take(src.shape, src.dtype)
-        out.copy_(src)
-        return out
-
     def reset(self) -> "Arena":
         self.used = 0
         return self
