@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cgroup  # noqa: E402
+from report import machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -165,7 +166,8 @@ def main():
               "footprint": {"llama": fp_llama, "tiercache": fp_tc},
               "working_set": {"llama": ws_llama, "tiercache_tiny": ws_tc},
               "uncapped": {"llama": free_llama, "tiercache": free_tc}, "rows": rows,
-              "perplexity": ppl, "seconds": time.time() - t0, "read_bps": a.read_bps}
+              "perplexity": ppl, "seconds": time.time() - t0, "read_bps": a.read_bps,
+              "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     (work / "bench.json").write_text(json.dumps(result, indent=1))
     write_report(result, a.out, a.plot)
 
@@ -200,11 +202,16 @@ def perplexities(m) -> dict:
             "dense_f32": f32["perplexity"], "tokens": sparse["tokens"]}
 
 
+TITLE = "## tiercache vs llama.cpp under a memory cap (SmolLM2-135M-Instruct)"
+
+
 def write_report(res: dict, out: Path, plot: Path) -> None:
+    """Rewrite this benchmark's section of `out` (the others stay) and its plot."""
     fp, w = res["footprint"], res["weight_bytes"]
     lines = [
-        "## tiercache vs llama.cpp under a memory cap (SmolLM2-135M-Instruct)", "",
-        f"Conditions: this machine (2-core AMD EPYC VM, {res['threads']} thread(s)), greedy, "
+        TITLE, "",
+        f"Conditions: {res.get('machine', 'this machine')}, {res['threads']} thread(s), "
+        f"{res.get('date', '')}; greedy, "
         "128-token prompt from dev-eval.txt, up to 64 decoded tokens; each run in a fresh "
         "cgroup-v1 memory group (RSS + page cache capped), page cache dropped before each run"
         + (f", reads throttled to {res['read_bps'] / 1e6:.0f} MB/s" if res["read_bps"] else "") + ".",
@@ -235,7 +242,7 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
               f"{ppl['dense_f32']:.3f}; tiercache q4 {ppl['tiercache_q4_dense']:.3f}; tiercache q4 + "
               f"profiled sparsity (the benchmarked configuration) {ppl['tiercache_q4_sparse']:.3f} "
               f"({ppl['tiercache_q4_sparse'] / ppl['dense_f32'] - 1:+.1%} vs dense f32).", ""]
-    out.write_text("# Benchmarks\n\n" + "\n".join(lines) + f"\n![decode tok/s vs r]({plot.relative_to(ROOT)})\n")
+    write_section(out, TITLE, "\n".join(lines) + f"\n![decode tok/s vs r]({plot.relative_to(ROOT)})\n")
     _plot(res, plot)
     print("\n".join(lines))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cgroup  # noqa: E402
+from report import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -153,18 +154,6 @@ def report(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this section of `path` (up to the next "## " heading), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(TITLE)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(TITLE))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text)
-
-
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:5], decode=DECODE)))
@@ -184,7 +173,7 @@ def main():
     res = check(m["store"], m["prompt"], a.ratios, a.context, work)
     (work / "plan_check.json").write_text(json.dumps(res, indent=1))
     section = report(res)
-    write_section(a.out, section)
+    write_section(a.out, TITLE, section)
     print(section)
 
 
