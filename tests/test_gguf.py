@@ -340,8 +340,6 @@ def test_default_model_tokenizer(smollm2_gguf):
 
 def test_resolve_model_converts_once(tmp_path, monkeypatch):
     """resolve_model names stores by input and dtype and converts each only once."""
-    import types
-
     calls = []
 
     def fake_convert(src, out, dtype="f32", cluster_size=32, force=False, progress=True):
@@ -350,8 +348,9 @@ def test_resolve_model_converts_once(tmp_path, monkeypatch):
         (Path(out) / "manifest.json").write_text("{}")
         return Path(out)
 
-    monkeypatch.setitem(sys.modules, "tiercache.store.convert",
-                        types.SimpleNamespace(convert=fake_convert))
+    monkeypatch.setattr(hub, "convert_in_child",
+                        lambda src, out, dtype, cluster_size, force=False:
+                        fake_convert(src, out, dtype, cluster_size, force))
     monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path / "home"))
     src = tmp_path / "model.gguf"
     src.write_bytes(b"GGUF")  # the converter is faked: only the name and suffix matter here
@@ -368,6 +367,26 @@ def test_resolve_model_converts_once(tmp_path, monkeypatch):
     want = tmp_path / "home" / "stores" / "smollm2-135m-instruct-q4"  # its default dtype
     assert hub.pull("smollm2-135m-instruct") == want
     assert calls[-1][0] == cached
+
+
+def test_conversion_runs_in_a_child_and_fails_in_one_line(hf_models, tmp_path, monkeypatch):
+    """The hub converts in a child process (so the converter's heap is not charged to a RAM
+    budget measured next): the store lands, this process's converter is never called, and a
+    bad input comes back as one StoreError line."""
+    from tiercache.errors import StoreError
+    from tiercache.store import convert as conv
+
+    def not_here(*a, **k):
+        raise AssertionError("converted in this process")
+
+    monkeypatch.setattr(conv, "convert", not_here)
+    out = hub.convert_in_child(hf_models["llama"][1], tmp_path / "s", "q8", 32)
+    assert (out / "manifest.json").is_file()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(StoreError) as e:
+        hub.convert_in_child(bad, tmp_path / "t", "f32", 32)
+    assert "\n" not in str(e.value) and str(e.value) and not (tmp_path / "t").exists()
 
 
 @pytest.mark.network
