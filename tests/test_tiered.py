@@ -213,6 +213,17 @@ def test_cache_budget_eviction_order_and_stats():
 def test_refuses_budget_with_numbers(stores):
     with pytest.raises(BudgetError, match=r"RAM budget 1 MiB is too small: it needs at least \d+ MiB"):
         load_tiered(Store(stores("llama", "f32")), TierConfig(ram_bytes=1 << 20))
+    # where a smaller KV cache alone would fit, the refusal says which context does, and it does
+    store = stores("llama", "q4", 64)
+    eng = load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=10 << 30, context=256))
+    need = eng._plan_budget(eng._runtime_bytes()).total
+    ram = need + 3 * eng._kv_bytes_for(256)  # room for 4 steps of KV, not for 100
+    with pytest.raises(BudgetError, match=r"--context (\d+) would fit") as e:
+        load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=ram, context=100 * 256))
+    context = int(e.value.args[0].rsplit("--context ", 1)[1].split()[0])
+    assert 256 <= context < 100 * 256
+    # (4 MiB for what this process's anonymous memory grew by since the refusal measured it)
+    load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=ram + (4 << 20), context=context))
 
 
 def test_profile_reorders_and_sparsifies(hf_models, tmp_path):

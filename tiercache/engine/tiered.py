@@ -244,9 +244,13 @@ class TieredEngine(Engine):
 
     def _refuse(self, b: Budget, what: str, short: int) -> None:
         detail = ", ".join(f"{k} {_mb(v)}" for k, v in b.lines().items() if v)
+        # a smaller KV cache alone may be enough (the default context is 2048 tokens)
+        per_step = self._kv_bytes_for(KVCache.step)
+        steps = (b.kv - short) // per_step if per_step else 0
+        fits = f"; --context {steps * KVCache.step} would fit" if steps > 0 else ""
         raise BudgetError(f"RAM budget {_mb(self.cfg.ram_bytes)} is too small: it needs at least "
                           f"{_mb(self.cfg.ram_bytes + short)} ({detail}"
-                          + (f"; {what}" if what else "") + ")")
+                          + (f"; {what}" if what else "") + ")" + fits)
 
     def _unit_max(self, attn_layer: int, head_ok: bool) -> int:
         """Bytes of the largest unit that may stream: a layer's attention and clusters (as
@@ -277,8 +281,11 @@ class TieredEngine(Engine):
         return one * a.num_hidden_layers * a.n_experts
 
     def _kv_bytes(self) -> int:
-        a = self.args
         positions = -(-self.cfg.context // KVCache.step) * KVCache.step  # it grows in steps
+        return self._kv_bytes_for(positions)
+
+    def _kv_bytes_for(self, positions: int) -> int:
+        a = self.args
         return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * positions
 
     def _streamer(self) -> Streamer:
