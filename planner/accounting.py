@@ -25,15 +25,16 @@ FILE_RESERVE = _engine.FILE_RESERVE
 SLACK = _engine.SLACK
 SPARSE_WORTH = _engine.SPARSE_WORTH
 # RssAnon a loaded HF `tokenizers` tokenizer adds per vocabulary entry, on top of a runtime that
-# has set up a model (SmolLM2's 49,152 entries: +27 MiB alone, +11 MiB with torch's set-up, whose
-# allocator arenas it shares; measured on the reference VM). The engine loads it before it
-# measures its runtime.
-TOKENIZER_BYTES_PER_TOKEN = 240
+# has set up a model (SmolLM2's 49,152 entries: +15 MiB after malloc_trim, measured on the
+# reference VM once the set-up stopped importing sympy; 240 before). The engine loads it before
+# it measures its runtime.
+TOKENIZER_BYTES_PER_TOKEN = 300
 # File-backed pages (torch's and Python's code) that decoding keeps using beyond the engine's
-# FILE_RESERVE, planned as memory: under a cgroup cap equal to the budget, SmolLM2 q4 runs whose
-# anonymous memory was as planned decoded at ~4 tok/s (page faults on code) where 10 MiB more cap
-# gave ~30 (resident) and 20 MiB more ~16 (streaming); tools/plan_check.py, 2026-11-21.
-FILE_PAGES = 40 * (1 << 20)
+# FILE_RESERVE, planned as memory. 16 MiB were planned (2026-11-21) after runs at the budget
+# decoded at ~4 tok/s on code-page faults, while the disk's read_ahead_kb was 8192 (each fault
+# read 8 MiB around it); with 128 the engine's own FILE_RESERVE holds at every cap measured
+# (2026-11-22: 231-302 MiB caps at 14-28 tok/s), so plans now count what the engine counts.
+FILE_PAGES = FILE_RESERVE
 FILE_EXTRA = max(0, FILE_PAGES - FILE_RESERVE)
 # reads are coalesced: records closer than this in the file go in one read (RecordReader)
 READ_GAP = 64 << 10

@@ -67,12 +67,14 @@ OPS_STREAM_WAIT = 200  # per streaming unit, without lookahead
 # int8 matmul into its part of the logits), and a tied embedding reads its row (one page).
 OPS_STREAM_ATTN = 40  # per layer whose attention streams
 OPS_HEAD_SLICE = 60  # per head slice
-# Share of the streamed reads' time hidden behind compute (of the smaller of the two). Before
-# the streamer built its units' views and modules once (2026-11-22), an I/O thread's Python
-# work held the GIL ~1 ms a unit and the reads hardly overlapped (0.0 fitted then); refitted
-# on tools/plan_check.py runs after it: 0.55 at r = 0.1 (87 MB/token), 0.70 at r = 0.5; plans
-# of one I/O thread and lookahead 1 overlap less than that (0.6 over-predicted them by ~20%).
-IO_OVERLAP = 0.5
+# Share of the streamed reads' time hidden behind compute (of the smaller of the two), by units
+# read ahead and I/O threads (TierConfig.prefetch_layers, io_threads; more counts as 2).
+# Their order comes from SmolLM2 q4 under a 278 MiB cap (34-39 MB/token, engine's own sizing,
+# two runs each): ahead 0 12.3 tok/s, ahead 1 17-18.5 (either thread count), ahead 2 with one
+# thread 19-20, with two 22-25; their level from tools/plan_check.py (2026-11-22 01:35): at
+# 232 MiB, 94 MB/token ran at 13.5 tok/s, reads fully under compute. Before the streamer
+# stopped doing Python work per read (same day) the reads hardly overlapped (0 fitted then).
+IO_OVERLAP = {(1, 1): 0.2, (1, 2): 0.2, (2, 1): 0.55, (2, 2): 0.9}
 # the engine's misses cost ~1.5x the probe's emulation of one (cache admission, futures,
 # prefetch bookkeeping; measured: ~1.2 ms per miss decoding SmolLM2 q4 at 400-420 MB)
 MISS_CALIBRATION = 1.5
@@ -365,8 +367,9 @@ class CostModel:
         if s["head_slices"] and m.args.tie_word_embeddings:  # the token's embedding row
             t_io += dev.read_time(PAGE, PAGE, 1)
         busy = sum(comp.values())
-        # reads run ahead on I/O threads, but on this VM they hardly overlap with compute
-        overlap = IO_OVERLAP * min(t_io, busy) if c.prefetch_layers else 0.0
+        # reads run ahead on I/O threads: how much of them compute hides depends on how far
+        share = IO_OVERLAP.get((min(c.prefetch_layers, 2), min(max(1, c.io_threads), 2)), 0.0)
+        overlap = share * min(t_io, busy)
         exposed = t_io - overlap
         total = busy + exposed
         return ({**comp, "io_overlapped": overlap, "io_exposed": exposed, "total": total},

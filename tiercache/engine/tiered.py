@@ -309,9 +309,7 @@ class TieredEngine(Engine):
             rows, step = self.tensors[self.head_name]["shape"][0], self._head_slice_rows()
             units += [Unit(rows=(lo, min(rows, lo + step))) for lo in range(0, rows, step)]
         ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
-        attn_layer = max((sum(_ram_bytes(self.tensors[n], self.int4) for n in names)
-                          for names in attn.values()), default=0)
-        unit = self._unit_max(attn_layer, b.head_pinned is False)
+        unit = b.streaming // (1 + ahead + self.cfg.io_threads)  # as `_stream_bytes` counts
         return Streamer(self, units, ahead, unit, head=self.head_name)
 
     # -- loading --------------------------------------------------------------------------
