@@ -34,8 +34,7 @@ TOKENIZER_BYTES_PER_TOKEN = 300
 # decoded at ~4 tok/s on code-page faults, while the disk's read_ahead_kb was 8192 (each fault
 # read 8 MiB around it); with 128 the engine's own FILE_RESERVE holds at every cap measured
 # (2026-11-22: 231-302 MiB caps at 14-28 tok/s), so plans now count what the engine counts.
-FILE_PAGES = FILE_RESERVE
-FILE_EXTRA = max(0, FILE_PAGES - FILE_RESERVE)
+FILE_EXTRA = 0
 # reads are coalesced: records closer than this in the file go in one read (RecordReader)
 READ_GAP = 64 << 10
 

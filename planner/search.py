@@ -224,28 +224,32 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
 
 
 def _dense_splits(cm: CostModel, lay, c: Config, budget: Budget):
-    """Dense-stream mode (every cluster used every token): no LRU; what is pinned (the first
-    layers' attention, the head, the most active clusters) and how many units are read ahead
-    on how many I/O threads (each a read buffer); the rest streams. Each choice fills what is
-    left with clusters; a fixed grid of smaller counts keeps a larger budget from losing a
-    config (pinning a cluster can split a read in two)."""
+    """Dense-stream mode (every cluster used every token): no LRU; how many units are read
+    ahead on how many I/O threads (each a read buffer), with attention and the head pinned as
+    the engine would (`_engine_pins`); the rest streams. Each choice fills what is left with
+    clusters; a fixed grid of smaller counts keeps a larger budget from losing a config
+    (pinning a cluster can split a read in two)."""
     runtime = sum(cm.runtime_bytes().values())
     ram = budget.ram
     for threads in _threads(cm.dev):
         for depth in (0, 1, 2):  # TierConfig.prefetch_layers: units read ahead
-            for att, head in _pin_options(lay, ram, runtime, c.context, depth, threads):
-                most = lay.max_hot(ram, runtime, c.context, depth, threads, att, head)
-                if most < 0:
-                    continue
-                hots = {round(lay.total * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {most}
-                for hot in sorted(h for h in hots if h <= most):
-                    yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=0,
-                                              prefetch_layers=depth, io_threads=threads,
-                                              pin_attention=att, pin_head=head)
+            pins = _engine_pins(lay, ram, runtime, c.context, depth, threads)
+            if pins is None:
+                continue
+            att, head = pins
+            most = lay.max_hot(ram, runtime, c.context, depth, threads, att, head)
+            if most < 0:
+                continue
+            hots = {round(lay.total * i / HOT_GRID) for i in range(HOT_GRID + 1)} | {most}
+            for hot in sorted(h for h in hots if h <= most):
+                yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=0,
+                                          prefetch_layers=depth, io_threads=threads,
+                                          pin_attention=att, pin_head=head)
 
 
-def _pin_options(lay, ram: int, runtime: int, context: int, depth: int, threads: int):
-    """(pin_attention, pin_head) as the engine's own sizing picks them for this budget
+def _engine_pins(lay, ram: int, runtime: int, context: int, depth: int, threads: int):
+    """(pin_attention, pin_head) as the engine's own sizing picks them for this budget, or
+    None where nothing fits
     (attention layers first, then the head, then clusters), where their records are in the
     kernels' layouts (q4k, q8r): None for all attention. The planner once searched a grid of
     these, and its cost model ranked some alternatives above the engine's order that ran
@@ -254,11 +258,10 @@ def _pin_options(lay, ram: int, runtime: int, context: int, depth: int, threads:
     try:
         b = lay.budget(runtime, context, None, 0, depth, threads, ram=ram)
     except BudgetError:
-        return
-    L = lay.args.num_hidden_layers
+        return None
     attn, _, _ = lay.streamable
-    k = sum(1 for l in range(L) if l in b.attn_pinned and l in attn) if attn else L
-    yield (None if k >= len(attn or range(L)) else k), b.head_pinned
+    k = sum(1 for l in attn if l in b.attn_pinned)
+    return (None if k == len(attn) else k), b.head_pinned
 
 
 def _base_memory(cm: CostModel, c: Config) -> dict:

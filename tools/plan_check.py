@@ -130,8 +130,8 @@ def report(res: dict) -> str:
              "max_usage; error = (predicted - measured) / measured. Runtime: the process before "
              "any weight (anonymous memory + the engine's 24 MiB of file pages), as the plan "
              "assumed it (probe + tokenizer) and as the engine measured it at load. Plans "
-             "leave an 8 MiB margin for that difference, and plan 16 MiB of code pages beyond "
-             "the engine's 24 MiB (planner.accounting.FILE_PAGES).", "",
+             "leave an 8 MiB margin for that difference, and count the engine's 24 MiB of code "
+             "pages and no more (planner.accounting.FILE_EXTRA).", "",
              "| r | budget | peak predicted | peak measured | error | decode predicted | "
              "decode measured | error | pinned: clusters, attention layers, head (planned) | "
              "store MB/token pred / meas | runtime pred / meas |",
