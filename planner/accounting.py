@@ -112,7 +112,7 @@ class Layout:
                                  io_threads=io_threads, prefetch=prefetch_layers > 0,
                                  prefetch_layers=max(1, prefetch_layers), context=context,
                                  pin_attention=pin_attention, pin_head=pin_head,
-                                 compute="auto" if self.int4 else "f32")
+                                 compute="auto" if self.int4 else "f32", select="gate")
         key = (runtime, context, cold, prefetch_layers, io_threads, ram, pin_attention, pin_head)
         if self.dense and ram is None and cold == 0 and hot is not None and 0 < hot < self.total:
             # below all of them the engine's regions differ only by the pinned slots: derive
@@ -132,7 +132,9 @@ class Layout:
 
     @cached_property
     def _view(self):
-        return _engine_view(self, _engine.TierConfig(compute="auto" if self.int4 else "f32"))
+        # plans model sparse decode with pinned gates (config_from_plan asks the engine so)
+        return _engine_view(self, _engine.TierConfig(compute="auto" if self.int4 else "f32",
+                                                     select="gate"))
 
     def regions(self, runtime: int, context: int, hot: int, cold: int,
                 prefetch_layers: int, io_threads: int = 2, pin_attention: int | None = None,
@@ -257,9 +259,7 @@ def _engine_view(lay: Layout, cfg):
     if prof and "ffn" not in prof and prof.get("layers"):  # the older per-layer layout
         prof = {**prof, "ffn": [[lay] for lay in prof["layers"]]}
     eng.profile = prof
-    eng.thresholds = eng._thresholds()
-    eng.pinned_gate = bool(eng.thresholds)
-    eng.row_parts = 1 if eng.pinned_gate else 2
+    eng._select_mode()
     return eng
 
 

@@ -20,7 +20,8 @@ RAM = typer.Option(None, help="memory the process may use in all (RSS + page cac
 ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
 SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the profile says it pays",
-                      help="skip FFN neurons under the profiled thresholds")
+                      help="skip FFN neurons the profile marks inactive (thresholds on the "
+                           "gate; predictors, for ReLU-family models)")
 PLAN = typer.Option(None, help="a plan from `tiercache plan --out` (sets the RAM regions)")
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 
@@ -143,6 +144,11 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
             text: Path = typer.Option(..., "--text", help="calibration text"),
             tokens: int = typer.Option(8192, help="calibration tokens to use"),
             budget: float = typer.Option(0.05, help="allowed perplexity increase, e.g. 0.05 = +5%"),
+            predictor: Optional[bool] = typer.Option(
+                None, "--predictor/--no-predictor", show_default="auto: ReLU-family models",
+                help="train low-rank activation predictors (decode then picks clusters "
+                     "without a pinned gate, and reads the next layer's ahead)"),
+            rank: Optional[int] = typer.Option(None, help="predictor rank (default min(d, F)/4)"),
             threads: Optional[int] = None, dtype: Optional[str] = DTYPE):
     """Record FFN activation statistics, pick sparsity thresholds, order neurons hot -> cold."""
     import torch
@@ -153,9 +159,14 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
     ids = Tokenizer(path).encode(_read_text(text))[:tokens]
-    p = profile_store(path, ids, budget=budget)
+    p = profile_store(path, ids, budget=budget, predictor=predictor, rank=rank)
     typer.echo(f"profiled {path}: {p['skip_fraction']:.0%} of FFN activations skipped, held-out "
                f"perplexity {p['perplexity_dense']:.2f} -> {p['perplexity_sparse']:.2f}", err=True)
+    if "predictor" in p:
+        q = p["predictor"]
+        typer.echo(f"predictors (rank {q['rank']}): held-out recall {q['recall']:.1%}, "
+                   f"{q['clusters_predicted']:.0%} of clusters predicted active per token",
+                   err=True)
 
 
 def _read_text(path: Path) -> str:

@@ -4,6 +4,11 @@ store rewritten with each layer's neurons ordered hot -> cold (so hot clusters a
 Thresholds are CATS-style, on |act(gate(x))|, one per layer (and expert) at the same quantile;
 the quantile is the largest whose perplexity on held-out calibration text stays within the
 budget (binary search on dense f32 weights with the FFN masked).
+
+ReLU-family models also get an activation predictor per layer (engine/predictor.py), trained
+on the FFN inputs and activity recorded at the chosen thresholds; its recall on held-out
+tokens, and its recall one layer ahead (layer l + 1's predictor on layer l's input, what the
+engine reads ahead by), land in the profile.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .engine import load_dense
+from .engine.predictor import Predictor, fit, predictor_key, score
 from .errors import TiercacheError
 from .models.llama import MLP
 from .store.format import Store, StoreWriter, tensor_key
@@ -26,6 +32,7 @@ class _Masked(torch.nn.Module):
         super().__init__()
         self.mlp, self.threshold, self.samples, self.counts, self.tokens = mlp, 0.0, [], None, 0
         self.clusters = None  # (neuron order, cluster size, counts [C]) once an order is known
+        self.inputs, self.active, self.max_rows = None, None, 0  # predictor training data
 
     def forward(self, x):
         m = self.mlp
@@ -33,8 +40,12 @@ class _Masked(torch.nn.Module):
         if self.samples is not None:
             flat = a.detach().abs().reshape(-1, a.shape[-1])
             self.samples.append(flat[torch.randperm(flat.shape[0])[:64]])
-        keep = a.abs() >= self.threshold
+        # at threshold 0 a neuron is active when its activation is not exactly 0 (ReLU)
+        keep = a.abs() >= self.threshold if self.threshold > 0 else a != 0
         flat = keep.reshape(-1, a.shape[-1])
+        if self.inputs is not None and sum(map(len, self.inputs)) < self.max_rows:
+            self.inputs.append(x.detach().reshape(-1, x.shape[-1]).float())
+            self.active.append(flat)
         if self.counts is not None:
             self.counts += flat.sum(0)
             self.tokens += flat.shape[0]
@@ -45,6 +56,10 @@ class _Masked(torch.nn.Module):
             f = torch.nn.functional.pad(f, (0, pad)) if pad else f
             counts += f.view(f.shape[0], -1, n).any(-1).sum(0)
         return m.down_proj(a * keep * m.up_proj(x))
+
+
+RELU_FAMILY = ("relu", "relu2")
+PREDICTOR_ROWS = 4096  # calibration tokens per layer the predictors train on
 
 
 def _wrap(engine) -> dict[tuple[int, int], _Masked]:
@@ -81,8 +96,11 @@ def _set_quantile(wraps, q: float, quantiles: dict):
 
 
 def profile_store(path, ids: list[int], budget: float = 0.05, chunk: int = 256,
-                  progress: bool = True, force: bool = True) -> dict:
-    """Profile the store at `path` on token ids; rewrite it in place (atomically)."""
+                  progress: bool = True, force: bool = True, predictor: bool | None = None,
+                  rank: int | None = None, recall: float = 0.99) -> dict:
+    """Profile the store at `path` on token ids; rewrite it in place (atomically).
+    predictor: train activation predictors (None: for ReLU-family models) of `rank` (None:
+    min(d, F) / 4) with their cut set for `recall` on the calibration tokens."""
     store = Store(path)
     if len(ids) < 64:
         raise TiercacheError("calibration text is too short (need at least 64 tokens)")
@@ -106,9 +124,15 @@ def profile_store(path, ids: list[int], budget: float = 0.05, chunk: int = 256,
         lo, hi = (mid, hi) if ok else (lo, mid)
     _set_quantile(wraps, lo, quantiles)
     sparse_held = perplexity(engine, held, chunk)
+    if predictor is None:
+        predictor = store.args.hidden_act in RELU_FAMILY and not store.args.is_moe
+    elif predictor and store.args.is_moe:
+        raise TiercacheError("activation predictors are built for dense FFNs, not MoE experts")
     for w in wraps.values():
         w.counts = torch.zeros(w.mlp.gate_proj.weight.shape[0])
-    perplexity(engine, fit, chunk)  # frequencies at the chosen thresholds
+        if predictor:
+            w.inputs, w.active, w.max_rows = [], [], PREDICTOR_ROWS
+    perplexity(engine, fit, chunk)  # frequencies (and predictor data) at the chosen thresholds
     prof = {"tokens": len(ids), "budget": budget, "skip_fraction": lo,
             "perplexity_dense": dense_held, "perplexity_sparse": sparse_held,
             "perplexity_dense_fit": dense}
@@ -122,9 +146,46 @@ def profile_store(path, ids: list[int], budget: float = 0.05, chunk: int = 256,
     sample = fit[:1024]
     perplexity(engine, sample, chunk)  # cluster activity in the new order
     prof["ffn"] = _layer_stats(store, wraps, orders, len(sample) - len(_chunks(sample, chunk)))
+    predictors = {}
+    if predictor:
+        predictors = _fit_predictors(store, wraps, orders, prof, rank, recall, progress)
     del engine
-    _rewrite(store, orders, prof, force)
+    _rewrite(store, orders, prof, force, predictors)
     return prof
+
+
+def _fit_predictors(store: Store, wraps, orders, prof: dict, rank: int | None, recall: float,
+                    progress: bool) -> dict[tuple[int, int], Predictor]:
+    """One predictor per layer (and expert) on the recorded FFN inputs and activity, in the
+    store's new neuron order; the last fifth of the tokens is held out for the figures."""
+    a, n = store.args, store.cluster_size
+    rank = rank or max(8, min(a.hidden_size, a.intermediate_size) // 4)
+    data = {}
+    for k, w in wraps.items():
+        x, y = torch.cat(w.inputs), torch.cat(w.active)[:, orders[k]]
+        w.inputs = w.active = None
+        data[k] = (x, y)
+    out = {}
+    for k in tqdm(sorted(data), desc="predictors", disable=not progress):
+        x, y = data[k]
+        split = max(1, len(x) * 4 // 5)
+        gate = wraps[k].mlp.gate_proj.weight.detach()[orders[k]]
+        p = out[k] = fit(x[:split], y[:split], rank, gate=gate, recall=recall)
+        stats = score(p, x[split:], y[split:], n)
+        prof["ffn"][k[0]][k[1]]["predictor"] = {key: round(v, 4) for key, v in stats.items()}
+    if not a.is_moe:  # layer l + 1's predictor on layer l's input: what decode reads ahead by
+        for (l, e), (x, _) in data.items():
+            if (l + 1, e) in out and len(data[(l + 1, e)][0]) == len(x):
+                split = max(1, len(x) * 4 // 5)
+                s = score(out[(l + 1, e)], x[split:], data[(l + 1, e)][1][split:], n)
+                prof["ffn"][l + 1][e]["predictor"]["lookahead_cluster_recall"] = round(
+                    s["cluster_recall"], 4)
+    rows = [ex["predictor"] for row in prof["ffn"] for ex in row]
+    prof["predictor"] = {"rank": rank, "recall_target": recall, "rows": PREDICTOR_ROWS,
+                         "recall": round(sum(r["recall"] for r in rows) / len(rows), 4),
+                         "clusters_predicted": round(sum(r["clusters_predicted"] for r in rows)
+                                                     / len(rows), 4)}
+    return out
 
 
 def _layer_stats(store: Store, wraps, orders, sample_tokens: int) -> list[list[dict]]:
@@ -144,7 +205,7 @@ def _layer_stats(store: Store, wraps, orders, sample_tokens: int) -> list[list[d
     return out
 
 
-def _rewrite(store: Store, orders, prof: dict, force: bool) -> Path:
+def _rewrite(store: Store, orders, prof: dict, force: bool, predictors=None) -> Path:
     """Write the store again with permuted FFN neurons and the profile in its manifest."""
     a = store.args
     w = StoreWriter(store.path, a, store.manifest["dtype"], store.cluster_size,
@@ -157,6 +218,8 @@ def _rewrite(store: Store, orders, prof: dict, force: bool) -> Path:
                 gate, up, down = store.ffn_weights(l, e)
                 p = orders[(l, e)]
                 w.put_ffn(l, e, gate[p], up[p], down[:, p])
+        for (l, e), pred in (predictors or {}).items():
+            w.put_record(predictor_key(l, e), pred.to_bytes())
         files = {f.name: f.read_bytes() for f in store.path.iterdir()
                  if f.is_file() and f.name != "manifest.json"}
         extra = {k: v for k, v in store.manifest.items() if k in ("source",)}

@@ -34,6 +34,7 @@ class Engine:
     def decode(self, session: Session, token: int) -> torch.Tensor:
         return self.forward_ids(session, [token])
 
+    @torch.inference_mode()
     def logits(self, session: Session, ids: list[int]) -> torch.Tensor:
         """All positions' logits [T, V] (for evaluation and parity tests)."""
         x = torch.tensor([ids], dtype=torch.long)

@@ -1,10 +1,16 @@
 """The tiered engine: attention, norms, embeddings and FFN gates pinned in RAM; FFN up/down
 clusters in a segmented cache backed by the store, read on I/O threads ahead of use.
 
-Per layer and token: gate(x) -> active neurons (CATS threshold from the profile) -> active
-clusters -> cache hits plus reads of the misses -> up/down over the gathered slots. While a
-layer computes, the next layer's likely clusters (those active for it at the previous token;
-all of them in prefill) are already being read.
+How a layer's FFN picks its neurons (`mode`):
+- gate: gate(x) -> active neurons (CATS threshold from the profile) -> active clusters ->
+  cache hits plus reads of the misses -> up/down over the gathered slots;
+- predictor (ReLU-family stores with activation predictors from the profile): the predictor
+  picks the clusters from x, their gate|up|down come from the cache or the store, no gate is
+  pinned;
+- dense: every cluster, every token (pinned whole layers, the rest streamed in units).
+While a layer computes, the next layer's likely clusters are already being read: predicted
+from this layer's input (predictor), those active for it at the previous token (gate), all of
+them (prefill, dense).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from ..store.reader import RecordReader
 from .dense import Engine
 from ..models.kv import KVCache
 from .kernels import _HAVE_INT8, Q8Linear, QEmbedding, QLinear, int4_ok
+from .predictor import Predictor, predictor_key, record_bytes
 from .slots import Block, Float32Slots, Int4Slots
 from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, Unit,
                      q8r_scales)
@@ -62,6 +69,8 @@ class TierConfig:
     pin_head: bool | None = None      # (the first ones), and whether the head is; else all
     sparse: bool | None = None     # profile thresholds: True always, False never, None when
                                    # the profile says they skip enough clusters to pay
+    select: str | None = None      # sparse neurons picked by "gate" or "predictor"; None: the
+                                   # predictor where the profile has one
     context: int = 2048            # KV cache reserved in the budget
     compute: str = "auto"          # auto (int4 kernel for q4k stores) | f32
 
@@ -120,14 +129,10 @@ class TieredEngine(Engine):
         self.reader.drop_page_cache()
         self.tensors = store.manifest["tensors"]
         self.profile = store.manifest.get("profile")
-        self.thresholds = self._thresholds()
-        # with thresholds the gate is pinned to pick neurons; else it streams with up and down
-        self.pinned_gate = bool(self.thresholds)
-        self.row_parts = 1 if self.pinned_gate else 2
+        self._select_mode()
         self.inflight: dict[tuple, Future] = {}
         self.last_active: dict[tuple[int, int], list[int]] = {}
-        self.tokens = 0
-        self.io_wait_s = 0.0
+        self.reset_stats()
         self.budget = self._plan_budget(self._runtime_bytes())  # refuses before loading
         self.streamer = self._streamer()
         self.model = self._build_model()
@@ -137,10 +142,32 @@ class TieredEngine(Engine):
                                    self.row_parts)
         self.gates: dict[tuple[int, int], object] = {}
         self.hot: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> (Block, clusters, neurons)
+        self.predictors = self._load_predictors()
         self._load_ffn()
-        self.reader.stats.__init__()  # count what decoding reads, not the load
+        self.reset_stats()  # count what decoding reads, not the load
 
     # -- what is pinned and what streams ----------------------------------------------------
+    def _select_mode(self) -> None:
+        """dense | gate | predictor (see the module's docstring), and what follows: the gate
+        is pinned only to pick neurons by; else slots hold gate rows with up and down."""
+        cfg, prof = self.cfg, self.profile or {}
+        self.thresholds = self._thresholds()
+        pred = prof.get("predictor")
+        if cfg.select == "predictor" and not pred:
+            raise BudgetError("this store has no activation predictors: `tiercache profile` "
+                              "trains them for ReLU-family models")
+        use = (pred is not None and cfg.sparse is not False and cfg.select != "gate"
+               and (cfg.sparse or cfg.select == "predictor"
+                    or pred["clusters_predicted"] <= SPARSE_WORTH))
+        if use:
+            self.mode = "predictor"
+            self.thresholds = {(l, e): ex["threshold"] for l, row in enumerate(prof["ffn"])
+                               for e, ex in enumerate(row)}
+        else:
+            self.mode = "gate" if self.thresholds else "dense"
+        self.pinned_gate = self.mode == "gate"
+        self.row_parts = 1 if self.pinned_gate else 2
+
     def _runtime_bytes(self) -> int:
         """The process before any weight: anonymous RSS once torch's lazy set-up for a model
         has run (~1 MB since `materialize`; see there), plus the file pages it keeps touching."""
@@ -159,7 +186,7 @@ class TieredEngine(Engine):
     def _streamable(self) -> tuple[dict[int, list[str]], bool]:
         """-> (layer -> its attention projections that can stream, whether the head can).
         Streaming beyond FFN clusters needs kernel-layout records (q4k, q8r) and dense mode."""
-        if not (self.int4 and not self.pinned_gate):
+        if not (self.int4 and self.mode == "dense"):
             return {}, False
         attn: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
@@ -196,7 +223,7 @@ class TieredEngine(Engine):
             room = cfg.ram_bytes - (runtime + fixed + gates + kv + SLACK)
             if room >= head + sum(attn_bytes.values()) + total * slot:
                 return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0)
-            if self.pinned_gate:  # sparse: gates pick clusters, a cold LRU holds the misses
+            if self.mode != "dense":  # gates or predictors pick clusters, a cold LRU holds misses
                 room -= head + sum(attn_bytes.values())
                 hot, cold = _split_slots(max(0, room // slot), total, self.n_clusters,
                                          have_profile=self.profile is not None)
@@ -206,13 +233,14 @@ class TieredEngine(Engine):
                                  self.n_clusters * slot - min(room, cold * slot))
                 return b
             return self._dense_budget(base, room, attn_bytes, head, head_ok, total)
-        if not self.pinned_gate:  # every cluster is used every token: an LRU would only cycle
+        if self.mode == "dense":  # every cluster is used every token: an LRU would only cycle
             hot, cold = hot + cold, 0
         hot = min(hot, total)
         n_att = a.num_hidden_layers if cfg.pin_attention is None else cfg.pin_attention
         pinned = frozenset(l for l in range(a.num_hidden_layers) if l < n_att or l not in attn)
         head_pinned = cfg.pin_head is not False or not head_ok
-        streams = hot < total and not self.pinned_gate or len(pinned) < a.num_hidden_layers or not head_pinned
+        streams = (hot < total and self.mode == "dense" or len(pinned) < a.num_hidden_layers
+                   or not head_pinned)
         stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok)) if streams else 0
         b = Budget(**base, attention=sum(attn_bytes.get(l, 0) for l in pinned),
                    head=head if head_pinned else 0, attn_pinned=pinned, head_pinned=head_pinned,
@@ -273,9 +301,13 @@ class TieredEngine(Engine):
         return self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
 
     def _gate_bytes(self) -> int:
+        """What picks neurons: the pinned gates, or the predictors."""
+        a = self.args
+        if self.mode == "predictor":
+            one = record_bytes(self.d, a.intermediate_size, self.profile["predictor"]["rank"])
+            return one * a.num_hidden_layers * a.n_experts
         if not self.pinned_gate:
             return 0
-        a = self.args
         one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
                if self.int4 else a.intermediate_size * self.d * 4)
         return one * a.num_hidden_layers * a.n_experts
@@ -301,7 +333,7 @@ class TieredEngine(Engine):
             if l not in b.attn_pinned:
                 for name in attn.get(l, []):
                     u.attn[name.split(".")[-2]] = (name, self.tensors[name]["shape"])
-            if not self.pinned_gate and not a.is_moe:
+            if self.mode == "dense" and not a.is_moe:
                 u.ffn = [(l, 0, c) for c in range(self.n_clusters) if (l, 0, c) not in hot]
             if u.attn or u.ffn:
                 units.append(u)
@@ -419,6 +451,20 @@ class TieredEngine(Engine):
         return {(l, e): ex["threshold"] for l, row in enumerate(self.profile["ffn"])
                 for e, ex in enumerate(row)}
 
+    def _load_predictors(self) -> dict[tuple[int, int], Predictor]:
+        if self.mode != "predictor":
+            return {}
+        a, rank = self.args, self.profile["predictor"]["rank"]
+        out = {}
+        for l in range(a.num_hidden_layers):
+            for e in range(a.n_experts):
+                key = predictor_key(l, e).decode()
+                if key not in self.store.records:
+                    raise StoreError(f"{self.store.path}: record {key} is missing")
+                out[(l, e)] = Predictor.from_buffer(self.reader.read_into(key), self.d,
+                                                    a.intermediate_size, rank)
+        return out
+
     def _load_ffn(self) -> None:
         """Read every cluster once: keep its gate rows, and pin the hottest into hot slots."""
         order = self._hotness_order()
@@ -465,7 +511,7 @@ class TieredEngine(Engine):
         two blocks a layer), ~1.5x slower at the same bytes per token. Sparse or MoE: most
         frequently active first (profile order; else layer order)."""
         a = self.args
-        if not self.pinned_gate and not a.is_moe:
+        if self.mode == "dense" and not a.is_moe:
             return [(l, 0, c) for l in spread_layers(a.num_hidden_layers)
                     for c in range(self.n_clusters)]
         keys = [(l, e, c) for l in range(a.num_hidden_layers) for e in range(a.n_experts)
@@ -479,34 +525,43 @@ class TieredEngine(Engine):
     # -- the FFN ----------------------------------------------------------------------------
     def ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d] through the cached clusters of one layer (or expert)."""
-        if not self.pinned_gate:
+        if self.mode == "dense":
             return self._dense_ffn(layer, expert, x)
-        n, c_all = self.n, self.n_clusters
-        a = self.act(self.gates[(layer, expert)](x))               # [T, F]
-        f = a.shape[1]
-        if c_all * n != f:
-            a = torch.nn.functional.pad(a, (0, c_all * n - f))
-        t = self.thresholds.get((layer, expert), 0.0)
-        if t > 0:
-            a = a * (a.abs() >= t)
+        n, c_all, key = self.n, self.n_clusters, (layer, expert)
+        t = self.thresholds.get(key, 0.0)
+        decode = x.shape[0] == 1
+        a = None  # predictor mode: activations come from the gate rows read with the clusters
+        if self.mode == "gate":
+            a = self._mask(self.act(self.gates[key](x)), t)          # [T, F]
+            if c_all * n != a.shape[1]:
+                a = torch.nn.functional.pad(a, (0, c_all * n - a.shape[1]))
             active = a.view(-1, c_all, n).abs().amax(dim=(0, 2)).nonzero().flatten().tolist()
-        else:
-            active = list(range(c_all))
-        if not active:
-            return torch.zeros_like(x)
-        block, hot, neurons = self.hot.get((layer, expert), (None, (), None))
+        else:  # prefill reads every cluster: one long read per layer, and no prediction misses
+            active = self.predictors[key].clusters(x, n) if decode else list(range(c_all))
+        block, hot, neurons = self.hot.get(key, (None, (), None))
         cold = [c for c in active if c not in hot]
-        if x.shape[0] == 1:
-            self.last_active[(layer, expert)] = cold
-        y = 0
+        if decode:
+            self.last_active[key] = cold
+        y = torch.zeros_like(x)
         self.cache.stats.hot_hits += len(active) - len(cold)
         if block is not None:  # the pinned clusters, computed whether or not all are active
-            y = block.down(a.index_select(1, neurons) * block.rows(x))
+            h = (a.index_select(1, neurons) if a is not None
+                 else self._mask(self.act(block.rows(x, 0)), t))
+            y = y + block.down(h * block.rows(x, 1 if a is None else 0))
+        slots = self._fetch(layer, expert, cold, x, prefill=not decode)
         if cold:
-            idx = torch.tensor(self._fetch(layer, expert, cold, prefill=x.shape[0] > 1))
-            a = a.view(-1, c_all, n).index_select(1, torch.tensor(cold)).view(x.shape[0], -1)
-            y = y + self.pool.down(a * self.pool.rows(x, idx), idx)
+            idx = torch.tensor(slots)
+            if a is not None:
+                h = a.view(-1, c_all, n).index_select(1, torch.tensor(cold)).view(x.shape[0], -1)
+                h = h * self.pool.rows(x, idx)
+            else:
+                h = self._mask(self.act(self.pool.rows(x, idx, 0)), t) * self.pool.rows(x, idx, 1)
+            y = y + self.pool.down(h, idx)
         return y
+
+    @staticmethod
+    def _mask(a: torch.Tensor, t: float) -> torch.Tensor:
+        return a * (a.abs() >= t) if t > 0 else a
 
     def _dense_ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Every cluster, gate included (no thresholds to skip by): the pinned block, then the
@@ -554,14 +609,23 @@ class TieredEngine(Engine):
         return Block(self.slots_cls, self.pool.prepare_many(
             [self._parts(buf, key[2]) for key, buf in zip(keys, bufs)]))
 
-    def _fetch(self, layer: int, expert: int, clusters: list[int], prefill: bool) -> list[int]:
+    def _fetch(self, layer: int, expert: int, clusters: list[int], x: torch.Tensor,
+               prefill: bool) -> list[int]:
+        """Slots of the clusters, reading the misses (and reading ahead for the next layer)."""
         keys = [(layer, expert, c) for c in clusters]
+        stale = [k for k in self.inflight if k[:2] == (layer, expert) and k not in set(keys)]
+        for k in stale:  # read ahead for this layer but not used: let it go
+            del self.inflight[k]
+        self.prefetch_unused += len(stale)
         slots = [self.cache.lookup(k) for k in keys]
         missing = [i for i, s in enumerate(slots) if s is None]
+        ahead = sum(keys[i] in self.inflight for i in missing)
+        self.read_ahead_hits += ahead
+        self.demand_reads += len(missing) - ahead
         self._submit([keys[i] for i in missing])
         futures = {i: self.inflight[keys[i]] for i in missing}
         if self.cfg.prefetch and not self.args.is_moe:
-            self._prefetch(layer + 1, expert, prefill)
+            self._prefetch(layer + 1, expert, prefill, x)
         t0 = time.perf_counter()
         for i, fut in futures.items():
             prepared = fut.result()
@@ -600,12 +664,23 @@ class TieredEngine(Engine):
         for fut, p in zip(futs, prepared):
             fut.set_result(p)
 
-    def _prefetch(self, layer: int, expert: int, prefill: bool) -> None:
+    def _prefetch(self, layer: int, expert: int, prefill: bool, x: torch.Tensor) -> None:
+        """Read ahead the clusters `layer` will likely need: all of them in prefill; predicted
+        from this layer's input x (the residual stream changes little from one layer to the
+        next; the profile reports this recall); else those it used at the previous token."""
         if layer >= self.args.num_hidden_layers or self.cache.cold_slots == 0:
             return
-        dense = prefill or not self.pinned_gate
-        likely = range(self.n_clusters) if dense else self.last_active.get((layer, expert), ())
-        self._submit([(layer, expert, c) for c in likely if (layer, expert, c) not in self.cache])
+        key = (layer, expert)
+        if prefill:
+            likely = range(self.n_clusters)
+        elif key in self.predictors:
+            likely = self.predictors[key].clusters(x, self.n)
+        else:
+            likely = self.last_active.get(key, ())
+        new = [(layer, expert, c) for c in likely
+               if (layer, expert, c) not in self.cache and (layer, expert, c) not in self.inflight]
+        self.prefetched += len(new)
+        self._submit(new)
 
     # -- engine API ---------------------------------------------------------------------------
     def prefill(self, session, ids: list[int]) -> torch.Tensor:
@@ -621,6 +696,15 @@ class TieredEngine(Engine):
         self.tokens += 1
         return self.forward_ids(session, [token])
 
+    def reset_stats(self) -> None:
+        """Start the counters `stats` reports afresh (e.g. after a prefill)."""
+        self.tokens, self.io_wait_s = 0, 0.0
+        self.prefetched = self.prefetch_unused = 0  # clusters read ahead; of them, let go
+        self.read_ahead_hits = self.demand_reads = 0  # misses already in flight, or not
+        if hasattr(self, "cache"):
+            self.cache.stats.__init__()
+        self.reader.stats.__init__()
+
     def stats(self) -> dict:
         s, io = self.cache.stats, self.reader.stats
         return {"cache_hit_rate": s.hit_rate, "cache": vars(s).copy(),
@@ -628,7 +712,10 @@ class TieredEngine(Engine):
                 "store_read_sizes": io.sizes,
                 "store_bytes_per_token": io.bytes / self.tokens if self.tokens else 0.0,
                 "io_wait_s": self.io_wait_s, "regions": self.budget.lines(),
-                "sparse": bool(self.thresholds), "compute": "int4" if self.int4 else "f32"}
+                "prefetched": self.prefetched, "prefetch_unused": self.prefetch_unused,
+                "read_ahead_hits": self.read_ahead_hits, "demand_reads": self.demand_reads,
+                "sparse": self.mode != "dense", "mode": self.mode,
+                "compute": "int4" if self.int4 else "f32"}
 
 
 def spread_layers(n: int) -> list[int]:
@@ -691,7 +778,8 @@ def config_from_plan(plan: dict) -> TierConfig:
                       context=e.get("context", 2048),
                       compute=e.get("compute", "auto"),
                       pin_attention=e.get("pin_attention"), pin_head=e.get("pin_head"),
-                      sparse=None if e.get("gate_pinned", True) else False)
+                      sparse=None if e.get("gate_pinned", True) else False,
+                      select="gate")  # the planner models sparse decode with pinned gates
 
 
 def load_tiered(store: Store, cfg: TierConfig | None = None) -> TieredEngine:

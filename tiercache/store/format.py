@@ -226,6 +226,10 @@ class StoreWriter:
         self._put(tensor_key(name), quant.encode(w, dtype))
         self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
 
+    def put_record(self, key: bytes, blob: bytes):
+        """A record outside the tensor index (activation predictors), crc-checked like all."""
+        self._put(key, blob)
+
     def put_raw(self, name: str, blob: bytes, meta: dict):
         """Copy an already encoded tensor record (no re-quantization)."""
         self._put(tensor_key(name), blob)

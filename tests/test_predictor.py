@@ -1,0 +1,106 @@
+"""Activation predictors for ReLU-family models: trained by the profile, picking clusters at
+decode without a pinned gate, and reading the next layer's clusters ahead."""
+import math
+
+import pytest
+import torch
+
+from tiercache.engine import generate_step, make_sampler
+from tiercache.engine.predictor import predictor_key
+from tiercache.engine.tiered import TierConfig, load_tiered
+from tiercache.store.format import Store
+
+PROMPT = list(range(3, 20))
+
+
+@pytest.fixture(scope="module")
+def relu_store(tmp_path_factory):
+    from conftest import build_sparse_relu
+    from tiercache.profile import profile_store
+    from tiercache.store.convert import convert
+    root = tmp_path_factory.mktemp("relu")
+    build_sparse_relu(root / "hf")
+    out = convert(root / "hf", root / "s", dtype="f32", cluster_size=16, progress=False)
+    ids = torch.randint(3, 250, (1500,), generator=torch.Generator().manual_seed(0)).tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: two threads on two busy cores only wait on each other
+    try:
+        prof = profile_store(out, ids, budget=0.05, chunk=100, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out, prof
+
+
+@torch.inference_mode()
+def _decode_logits(eng, tokens):
+    s = eng.new_session()
+    eng.prefill(s, PROMPT)
+    return torch.stack([eng.decode(s, t) for t in tokens])
+
+
+def test_profile_trains_predictors_with_their_recall(relu_store):
+    out, prof = relu_store
+    store = Store(out)
+    p = store.manifest["profile"]["predictor"]
+    assert p == prof["predictor"] and p["rank"] == 16  # min(d, F) / 4
+    for l, row in enumerate(prof["ffn"]):
+        s = row[0]["predictor"]
+        assert s["recall"] >= 0.95, s  # held-out tokens, cut set for 0.99 on the rest
+        assert s["clusters_active"] <= s["clusters_predicted"] < 0.7, s  # sparse, not all
+        if l:  # layer l's predictor on layer l - 1's input: what decode reads ahead by
+            assert s["lookahead_cluster_recall"] >= 0.8, s
+        assert predictor_key(l, 0).decode() in store.records
+
+
+def test_predictor_mode_picks_clusters_without_a_pinned_gate(relu_store):
+    """With every cluster picked (cut -inf) the predictor path equals gate mode (exact
+    selection by the pinned gate) token for token; with the trained cut it reads less and
+    stays close, missing only the few active clusters the predictor did not predict."""
+    out, _ = relu_store
+    regions = dict(hot_clusters=4, cold_clusters=32)
+    gate = load_tiered(Store(out), TierConfig(select="gate", **regions))
+    tokens = list(generate_step(gate.new_session(), PROMPT, make_sampler(), 24))
+    ref = _decode_logits(gate, tokens)
+
+    every = load_tiered(Store(out), TierConfig(**regions))
+    assert every.mode == "predictor" and not every.pinned_gate and not every.gates
+    assert every.budget.gates < gate.budget.gates  # predictors are smaller than the gates
+    for p in every.predictors.values():
+        p.cut = -math.inf
+    got = _decode_logits(every, tokens)
+    assert (got - ref).abs().max() < 1e-4
+
+    pred = load_tiered(Store(out), TierConfig(**regions))
+    got = _decode_logits(pred, tokens)
+    rel = (got - ref).abs().max() / ref.std()
+    assert rel < 0.3, f"max diff {rel:.3g} x std"
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    read = pred.stats()["store_bytes_read"]
+    assert 0 < read < 0.8 * every.stats()["store_bytes_read"]
+
+
+def test_next_layer_is_read_ahead_by_prediction(relu_store):
+    """At decode, layer l + 1's clusters predicted from layer l's input are read while layer l
+    computes: most misses are already in flight when needed. (Reading ahead the clusters the
+    layer used at the previous token finds nothing to read here: they are still cached.)"""
+    out, _ = relu_store
+    tokens = torch.randint(3, 250, (48,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    @torch.inference_mode()
+    def decode_stats(cfg):
+        eng = load_tiered(Store(out), cfg)
+        s = eng.new_session()
+        eng.prefill(s, PROMPT)
+        eng.reset_stats()
+        for t in tokens:
+            eng.decode(s, t)
+        return eng.stats()
+
+    regions = dict(hot_clusters=0, cold_clusters=16)  # one layer's clusters
+    off = decode_stats(TierConfig(prefetch=False, **regions))
+    on = decode_stats(TierConfig(**regions))
+    assert off["read_ahead_hits"] == 0 and off["demand_reads"] > 0
+    misses = on["read_ahead_hits"] + on["demand_reads"]
+    assert misses > 0 and on["read_ahead_hits"] >= 0.5 * misses, on
+    assert on["demand_reads"] <= 0.5 * off["demand_reads"], (on, off)
+    assert on["prefetch_unused"] < on["prefetched"], on
