@@ -72,6 +72,14 @@ class SegmentedCache:
         self.stats.misses += 1
         return None
 
+    def touch(self, key: Key) -> bool:
+        """Refresh a cold key's LRU position without counting a lookup (it is about to be
+        used: read ahead found it cached); -> whether it is cached."""
+        if key in self.cold:
+            self.cold.move_to_end(key)
+            return True
+        return key in self.hot
+
     def admit(self, key: Key, in_use: Iterable[Key] = ()) -> tuple[int | None, Key | None]:
         """A cold slot for `key` -> (slot, evicted key). Keys in `in_use` are not evicted;
         (None, None) when nothing can be evicted: the caller computes without caching."""

@@ -29,7 +29,7 @@ from ..memory import anon_bytes, return_large_frees
 from ..models import Model, materialize
 from ..models.llama import ACTS, rope_inv_freq
 from ..store import quant
-from ..store.format import Store, cluster_key, tensor_key
+from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
 from .dense import Engine
 from ..models.kv import KVCache
@@ -143,6 +143,7 @@ class TieredEngine(Engine):
         self.gates: dict[tuple[int, int], object] = {}
         self.hot: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> (Block, clusters, neurons)
         self.predictors = self._load_predictors()
+        self._load_thresholds()
         self._load_ffn()
         self.reset_stats()  # count what decoding reads, not the load
 
@@ -303,14 +304,16 @@ class TieredEngine(Engine):
     def _gate_bytes(self) -> int:
         """What picks neurons: the pinned gates, or the predictors."""
         a = self.args
+        units = a.num_hidden_layers * a.n_experts
+        per_neuron = 4 * a.intermediate_size if "criterion" in (self.profile or {}) else 0
         if self.mode == "predictor":
             one = record_bytes(self.d, a.intermediate_size, self.profile["predictor"]["rank"])
-            return one * a.num_hidden_layers * a.n_experts
+            return (one + per_neuron) * units
         if not self.pinned_gate:
             return 0
         one = (a.intermediate_size * self.d // 2 + a.intermediate_size * self.d // 8
                if self.int4 else a.intermediate_size * self.d * 4)
-        return one * a.num_hidden_layers * a.n_experts
+        return (one + per_neuron) * units
 
     def _kv_bytes(self) -> int:
         positions = -(-self.cfg.context // KVCache.step) * KVCache.step  # it grows in steps
@@ -451,6 +454,15 @@ class TieredEngine(Engine):
         return {(l, e): ex["threshold"] for l, row in enumerate(self.profile["ffn"])
                 for e, ex in enumerate(row)}
 
+    def _load_thresholds(self) -> None:
+        """Per-neuron thresholds where the profile wrote them (its `criterion`): the layer's
+        threshold is then on |act| weighed by each neuron's scale, i.e. t / s_i on |act|."""
+        f = self.args.intermediate_size
+        for key in list(self.thresholds):
+            rec = threshold_key(*key).decode()
+            if rec in self.store.records:
+                self.thresholds[key] = self.reader.read_into(rec).view(torch.float32)[:f].clone()
+
     def _load_predictors(self) -> dict[tuple[int, int], Predictor]:
         if self.mode != "predictor":
             return {}
@@ -546,7 +558,7 @@ class TieredEngine(Engine):
         self.cache.stats.hot_hits += len(active) - len(cold)
         if block is not None:  # the pinned clusters, computed whether or not all are active
             h = (a.index_select(1, neurons) if a is not None
-                 else self._mask(self.act(block.rows(x, 0)), t))
+                 else self._mask(self.act(block.rows(x, 0)), _at(t, neurons)))
             y = y + block.down(h * block.rows(x, 1 if a is None else 0))
         slots = self._fetch(layer, expert, cold, x, prefill=not decode)
         if cold:
@@ -555,13 +567,19 @@ class TieredEngine(Engine):
                 h = a.view(-1, c_all, n).index_select(1, torch.tensor(cold)).view(x.shape[0], -1)
                 h = h * self.pool.rows(x, idx)
             else:
+                if isinstance(t, torch.Tensor):  # slots hold n rows, a short cluster padded
+                    t = torch.nn.functional.pad(t, (0, c_all * n - t.numel())).view(c_all, n)
+                    t = t.index_select(0, torch.tensor(cold)).flatten()
                 h = self._mask(self.act(self.pool.rows(x, idx, 0)), t) * self.pool.rows(x, idx, 1)
             y = y + self.pool.down(h, idx)
         return y
 
     @staticmethod
-    def _mask(a: torch.Tensor, t: float) -> torch.Tensor:
-        return a * (a.abs() >= t) if t > 0 else a
+    def _mask(a: torch.Tensor, t) -> torch.Tensor:
+        """Zero activations under the threshold: a float, or per-neuron thresholds."""
+        if isinstance(t, torch.Tensor) or t > 0:
+            return a * (a.abs() >= t)
+        return a
 
     def _dense_ffn(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Every cluster, gate included (no thresholds to skip by): the pinned block, then the
@@ -677,8 +695,9 @@ class TieredEngine(Engine):
             likely = self.predictors[key].clusters(x, self.n)
         else:
             likely = self.last_active.get(key, ())
+        # cached ones are refreshed, so that this layer's admissions do not evict them
         new = [(layer, expert, c) for c in likely
-               if (layer, expert, c) not in self.cache and (layer, expert, c) not in self.inflight]
+               if not self.cache.touch((layer, expert, c)) and (layer, expert, c) not in self.inflight]
         self.prefetched += len(new)
         self._submit(new)
 
@@ -716,6 +735,10 @@ class TieredEngine(Engine):
                 "read_ahead_hits": self.read_ahead_hits, "demand_reads": self.demand_reads,
                 "sparse": self.mode != "dense", "mode": self.mode,
                 "compute": "int4" if self.int4 else "f32"}
+
+
+def _at(t, neurons: torch.Tensor):
+    return t.index_select(0, neurons) if isinstance(t, torch.Tensor) else t
 
 
 def spread_layers(n: int) -> list[int]:

@@ -48,6 +48,11 @@ def cluster_key(layer: int, expert: int, cluster: int) -> bytes:
     return f"f:{layer:04d}:{expert:03d}:{cluster:05d}".encode()
 
 
+def threshold_key(layer: int, expert: int) -> bytes:
+    """Per-neuron sparsity thresholds of one layer (float32 [F], store order; the profile)."""
+    return f"n:{layer:04d}:{expert:03d}".encode()
+
+
 def is_store(path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
