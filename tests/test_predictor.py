@@ -118,3 +118,34 @@ def test_next_layer_is_read_ahead_by_prediction(relu_store):
     assert on["demand_reads"] <= 0.5 * off["demand_reads"], (on, off)
     assert on["demand_reads"] < last["demand_reads"], (on, last)
     assert on["prefetch_unused"] < on["prefetched"], on
+
+
+def test_moe_experts_are_read_ahead_by_the_next_router(stores):
+    """Mixtral with every expert streamed: at decode the next layer's router, applied to this
+    layer's input, picks experts to read while this layer computes; logits are unchanged."""
+    from tiercache.engine import load_dense
+    store = stores("mixtral", "f32")
+    tokens = list(range(40, 64))
+    dense = load_dense(Store(store))
+    ref = _decode_logits(dense, tokens)
+
+    def run(prefetch):
+        eng = load_tiered(Store(store), TierConfig(sparse=False, hot_clusters=0, cold_clusters=0,
+                                                   prefetch=prefetch))
+        s = eng.new_session()
+        with torch.inference_mode():
+            eng.prefill(s, PROMPT)
+            eng.reset_stats()
+            got = torch.stack([eng.decode(s, t) for t in tokens])
+        return got, eng.stats(), eng
+
+    got, on, eng = run(True)
+    assert (got - ref).abs().max() < 1e-4
+    _, off, _ = run(False)
+    assert off["read_ahead_hits"] == 0 and off["prefetched"] == 0 and off["demand_reads"] > 0
+    layers = eng.args.num_hidden_layers
+    assert on["prefetched"] > 0 and on["read_ahead_hits"] > 0, on
+    # layer 0's experts are never read ahead; the later layers' mostly are
+    assert on["demand_reads"] < off["demand_reads"] * (1 + 0.5 * (layers - 1)) / layers, (on, off)
+    k = eng.args.num_experts_per_tok
+    assert len(eng.inflight) <= k  # the last layer's k; stale reads ahead were let go

@@ -244,7 +244,9 @@ def test_profile_reorders_and_sparsifies(hf_models, tmp_path):
     for row in prof["ffn"]:
         assert all(0 <= a <= 1 for a in row[0]["cluster_active"])
     engine = load_tiered(Store(out), TierConfig(sparse=True))
-    assert engine.thresholds and engine.pinned_gate
+    assert engine.thresholds and engine.pinned_gate and "predictor" not in prof  # SiLU: gates
+    t = engine.thresholds[(0, 0)]  # per neuron: the layer's t over each neuron's weight
+    assert t.shape == (160,) and (t > 0).all() and t.unique().numel() > 1
     sparse = perplexity(engine, held, 100)
     dense = perplexity(load_tiered(Store(out), TierConfig(sparse=False)), held, 100)
     assert sparse <= dense * 1.05 + 1e-6

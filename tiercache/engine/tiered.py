@@ -27,7 +27,7 @@ from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError
 from ..memory import anon_bytes, return_large_frees
 from ..models import Model, materialize
-from ..models.llama import ACTS, rope_inv_freq
+from ..models.llama import ACTS, MoE, rope_inv_freq
 from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
@@ -110,6 +110,29 @@ class TieredMLP(nn.Module):
     def forward(self, x):
         shape = x.shape
         return self.engine.ffn(self.layer, self.expert, x.reshape(-1, shape[-1])).view(shape)
+
+
+class TieredMoE(MoE):
+    """Mixtral's block with tiered experts: once routed, the engine reads every routed expert
+    at once and, at decode, the experts the next layer's router picks from this layer's input
+    (`TieredEngine.routed`)."""
+
+    def __init__(self, engine: "TieredEngine", layer: int, moe: MoE):
+        nn.Module.__init__(self)
+        self.top_k, self.gate = moe.top_k, moe.gate
+        self.experts = nn.ModuleList(TieredMLP(engine, layer, e) for e in range(len(moe.experts)))
+        self.engine, self.layer = engine, layer
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = self.route(x)
+        self.engine.routed(self.layer, idx.unique().tolist(), x)
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[e](x[rows]) * w[rows, slot, None])
+        return out.view(shape)
 
 
 class TieredEngine(Engine):
@@ -294,9 +317,14 @@ class TieredEngine(Engine):
 
     def _stream_bytes(self, unit: int) -> int:
         """Units in use and read ahead (copied out, ready for the kernels), and one read buffer
-        per I/O thread."""
+        per I/O thread. MoE: a layer's k routed experts, and k more for the next layer."""
+        return self._stream_units() * unit
+
+    def _stream_units(self) -> int:
         ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
-        return (1 + ahead + self.cfg.io_threads) * unit
+        if self.args.is_moe:
+            return self.args.num_experts_per_tok * (2 if ahead else 1) + self.cfg.io_threads
+        return 1 + ahead + self.cfg.io_threads
 
     def _slot_bytes(self) -> int:
         return self.slots_cls.slot_bytes(self.n, self.d, self.row_parts)
@@ -344,7 +372,7 @@ class TieredEngine(Engine):
             rows, step = self.tensors[self.head_name]["shape"][0], self._head_slice_rows()
             units += [Unit(rows=(lo, min(rows, lo + step))) for lo in range(0, rows, step)]
         ahead = self.cfg.prefetch_layers if self.cfg.prefetch else 0
-        unit = b.streaming // (1 + ahead + self.cfg.io_threads)  # as `_stream_bytes` counts
+        unit = b.streaming // self._stream_units()  # as `_stream_bytes` counts
         return Streamer(self, units, ahead, unit, head=self.head_name)
 
     # -- loading --------------------------------------------------------------------------
@@ -389,8 +417,7 @@ class TieredEngine(Engine):
         self._swap_linears(model)
         for l, layer in enumerate(model.model.layers):
             if a.is_moe:
-                layer.block_sparse_moe.experts = nn.ModuleList(
-                    TieredMLP(self, l, e) for e in range(a.n_experts))
+                layer.block_sparse_moe = TieredMoE(self, l, layer.block_sparse_moe)
             else:
                 layer.mlp = TieredMLP(self, l, 0)
         model = materialize(model)
@@ -592,7 +619,7 @@ class TieredEngine(Engine):
         self.cache.stats.hot_hits += len(hot)
         if streamed:
             self.cache.stats.misses += streamed
-            if self.args.is_moe:  # experts are read when routed to, not ahead
+            if self.args.is_moe:  # read once routed (`routed`), or ahead by the router
                 t0 = time.perf_counter()
                 block = self._submit_layer(layer, expert).result()
                 del self.inflight[(layer, expert)]
@@ -601,6 +628,39 @@ class TieredEngine(Engine):
                 block = self.streamer.get(self.streamer.unit_of(layer))["ffn"]
             y = y + block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
         return y
+
+    def routed(self, layer: int, experts: list[int], x: torch.Tensor) -> None:
+        """MoE, experts streamed: a layer's routed experts are known. At decode, read them all
+        now (each overlaps the others' compute) and, ahead, those layer + 1's router picks
+        from this layer's input; let go of experts read ahead for this layer but not routed."""
+        if self.mode != "dense" or self.budget.hot_slots >= self._total_clusters():
+            return
+        for e in experts:
+            if (layer, e) in self.inflight:
+                self.read_ahead_hits += self._streamed_clusters(layer, e)
+            else:
+                self.demand_reads += self._streamed_clusters(layer, e)
+        if x.shape[0] > 1:  # prefill: one expert at a time (the budget holds 2 k of them)
+            return
+        stale = [k for k in self.inflight if len(k) == 2 and k[0] == layer and k[1] not in experts]
+        for k in stale:
+            del self.inflight[k]
+            self.prefetch_unused += self._streamed_clusters(*k)
+        for e in experts:
+            self._submit_layer(layer, e)
+        nxt = layer + 1
+        if self.cfg.prefetch and nxt < self.args.num_hidden_layers:
+            _, idx = self.model.model.layers[nxt].block_sparse_moe.route(x)
+            for e in idx.unique().tolist():
+                if (nxt, e) not in self.inflight:
+                    self.prefetched += self._streamed_clusters(nxt, e)
+                    self._submit_layer(nxt, e)
+
+    def _total_clusters(self) -> int:
+        return self.args.num_hidden_layers * self.args.n_experts * self.n_clusters
+
+    def _streamed_clusters(self, layer: int, expert: int) -> int:
+        return self.n_clusters - len(self.hot.get((layer, expert), (None, ()))[1])
 
     def _submit_layer(self, layer: int, expert: int) -> Future:
         """Dense mode, MoE: one job reads an expert's streamed clusters (one or two long reads)
