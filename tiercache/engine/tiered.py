@@ -647,12 +647,13 @@ class TieredEngine(Engine):
             del self.inflight[k]
             self.prefetch_unused += self._streamed_clusters(*k)
         for e in experts:
-            self._submit_layer(layer, e)
+            if self._streamed_clusters(layer, e):
+                self._submit_layer(layer, e)
         nxt = layer + 1
         if self.cfg.prefetch and nxt < self.args.num_hidden_layers:
             _, idx = self.model.model.layers[nxt].block_sparse_moe.route(x)
             for e in idx.unique().tolist():
-                if (nxt, e) not in self.inflight:
+                if (nxt, e) not in self.inflight and self._streamed_clusters(nxt, e):
                     self.prefetched += self._streamed_clusters(nxt, e)
                     self._submit_layer(nxt, e)
 
@@ -691,7 +692,9 @@ class TieredEngine(Engine):
                prefill: bool) -> list[int]:
         """Slots of the clusters, reading the misses (and reading ahead for the next layer)."""
         keys = [(layer, expert, c) for c in clusters]
-        stale = [k for k in self.inflight if k[:2] == (layer, expert) and k not in set(keys)]
+        wanted = set(keys)
+        stale = [k for k in self.inflight if len(k) == 3 and k[:2] == (layer, expert)
+                 and k not in wanted]
         for k in stale:  # read ahead for this layer but not used: let it go
             del self.inflight[k]
         self.prefetch_unused += len(stale)
