@@ -248,9 +248,10 @@ def _rewrite(store: Store, orders, prof: dict, force: bool, predictors=None,
                 w.put_ffn(l, e, gate[p], up[p], down[:, p])
         for (l, e), pred in (predictors or {}).items():
             w.put_record(predictor_key(l, e), pred.to_bytes())
-        for (l, e), t in (thresholds or {}).items():
-            if isinstance(t, torch.Tensor):
-                w.put_record(threshold_key(l, e), t[orders[(l, e)]].float().numpy().tobytes())
+        for (l, e), t in (thresholds or {}).items():  # 0: ReLU's own zeros, nothing more
+            f = a.intermediate_size
+            t = t[orders[(l, e)]] if isinstance(t, torch.Tensor) else torch.full((f,), t)
+            w.put_record(threshold_key(l, e), t.float().numpy().tobytes())
         files = {f.name: f.read_bytes() for f in store.path.iterdir()
                  if f.is_file() and f.name != "manifest.json"}
         extra = {k: v for k, v in store.manifest.items() if k in ("source",)}

@@ -484,11 +484,14 @@ class TieredEngine(Engine):
     def _load_thresholds(self) -> None:
         """Per-neuron thresholds where the profile wrote them (its `criterion`): the layer's
         threshold is then on |act| weighed by each neuron's scale, i.e. t / s_i on |act|."""
+        if "criterion" not in (self.profile or {}):
+            return  # an older profile: one threshold on |act| per layer
         f = self.args.intermediate_size
         for key in list(self.thresholds):
             rec = threshold_key(*key).decode()
-            if rec in self.store.records:
-                self.thresholds[key] = self.reader.read_into(rec).view(torch.float32)[:f].clone()
+            if rec not in self.store.records:
+                raise StoreError(f"{self.store.path}: record {rec} is missing")
+            self.thresholds[key] = self.reader.read_into(rec).view(torch.float32)[:f].clone()
 
     def _load_predictors(self) -> dict[tuple[int, int], Predictor]:
         if self.mode != "predictor":
@@ -759,8 +762,8 @@ class TieredEngine(Engine):
         else:
             likely = self.last_active.get(key, ())
         # cached ones are refreshed, so that this layer's admissions do not evict them
-        new = [(layer, expert, c) for c in likely
-               if not self.cache.touch((layer, expert, c)) and (layer, expert, c) not in self.inflight]
+        keys = [(layer, expert, c) for c in likely]
+        new = [k for k in keys if not self.cache.touch(k) and k not in self.inflight]
         self.prefetched += len(new)
         self._submit(new)
 
