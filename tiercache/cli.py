@@ -149,6 +149,8 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
                 help="train low-rank activation predictors (decode then picks clusters "
                      "without a pinned gate, and reads the next layer's ahead)"),
             rank: Optional[int] = typer.Option(None, help="predictor rank (default min(d, F)/4)"),
+            criterion: str = typer.Option("weighted", help="weighted: |act(gate x)| times each "
+                                          "neuron's E|up x| * |down column|; act: |act| alone"),
             threads: Optional[int] = None, dtype: Optional[str] = DTYPE):
     """Record FFN activation statistics, pick sparsity thresholds, order neurons hot -> cold."""
     import torch
@@ -159,7 +161,8 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
     ids = Tokenizer(path).encode(_read_text(text))[:tokens]
-    p = profile_store(path, ids, budget=budget, predictor=predictor, rank=rank)
+    p = profile_store(path, ids, budget=budget, predictor=predictor, rank=rank,
+                      criterion=criterion)
     typer.echo(f"profiled {path}: {p['skip_fraction']:.0%} of FFN activations skipped, held-out "
                f"perplexity {p['perplexity_dense']:.2f} -> {p['perplexity_sparse']:.2f}", err=True)
     if "predictor" in p:
