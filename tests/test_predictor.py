@@ -149,3 +149,16 @@ def test_moe_experts_are_read_ahead_by_the_next_router(stores):
     assert on["demand_reads"] < off["demand_reads"] * (1 + 0.5 * (layers - 1)) / layers, (on, off)
     k = eng.args.num_experts_per_tok
     assert len(eng.inflight) <= k  # the last layer's k; stale reads ahead were let go
+
+
+def test_generate_json_reports_the_mode_and_read_ahead(relu_store):
+    import json
+    import subprocess
+    import sys
+    out, _ = relu_store
+    r = subprocess.run([sys.executable, "-m", "tiercache", "generate", str(out), "-p", "ab cd",
+                        "-n", "6", "--no-chat-template", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "predictor" and report["sparse"] is True
+    assert {"read_ahead_hits", "demand_reads", "prefetched", "prefetch_unused"} <= set(report)

@@ -88,7 +88,8 @@ def _report(engine, ids, tokens, text, last) -> dict:
     mem, how = peak_memory()
     tier = (last.stats if last else None) or {}
     extra = {k: tier[k] for k in ("cache_hit_rate", "store_bytes_read", "store_bytes_per_token",
-                                  "regions", "sparse", "compute") if k in tier}
+                                  "regions", "sparse", "mode", "compute", "read_ahead_hits",
+                                  "demand_reads", "prefetched", "prefetch_unused") if k in tier}
     return {**extra, "text": text, "prompt_tokens": ids, "tokens": tokens,
             "finish_reason": last.finish_reason if last else None,
             "prefill_tok_s": last.prompt_tps if last else 0.0,
@@ -133,9 +134,10 @@ def eval_(model: str = typer.Argument(DEFAULT_MODEL),
                         context=chunk, sparse=sparse, backend=backend, plan=plan)
     ids = tok.encode(_read_text(text))[:max_tokens]
     ppl = perplexity(eng, ids, chunk, progress=not json_out)
+    stats = eng.stats() if hasattr(eng, "stats") else {}
     report = {"perplexity": ppl, "tokens": len(ids), "engine": engine, "ram": ram,
-              **({k: v for k, v in eng.stats().items() if k in ("cache_hit_rate", "sparse", "compute")}
-                 if hasattr(eng, "stats") else {})}
+              **{k: v for k, v in stats.items() if k in ("cache_hit_rate", "sparse", "mode",
+                                                         "compute")}}
     typer.echo(json.dumps(report) if json_out else f"perplexity {ppl:.3f} over {len(ids)} tokens")
 
 
