@@ -155,7 +155,6 @@ class TieredEngine(Engine):
         self._select_mode()
         self.inflight: dict[tuple, Future] = {}
         self.last_active: dict[tuple[int, int], list[int]] = {}
-        self.reset_stats()
         self.budget = self._plan_budget(self._runtime_bytes())  # refuses before loading
         self.streamer = self._streamer()
         self.model = self._build_model()
@@ -786,8 +785,7 @@ class TieredEngine(Engine):
         self.tokens, self.io_wait_s = 0, 0.0
         self.prefetched = self.prefetch_unused = 0  # clusters read ahead; of them, let go
         self.read_ahead_hits = self.demand_reads = 0  # misses already in flight, or not
-        if hasattr(self, "cache"):
-            self.cache.stats.__init__()
+        self.cache.stats.__init__()
         self.reader.stats.__init__()
 
     def stats(self) -> dict:
