@@ -48,7 +48,9 @@ def test_profile_trains_predictors_with_their_recall(relu_store):
     for l, row in enumerate(prof["ffn"]):
         s = row[0]["predictor"]
         assert s["recall"] >= 0.95, s  # held-out tokens, cut set for 0.99 on the rest
-        assert s["clusters_active"] <= s["clusters_predicted"] < 0.9, s
+        # recall under 1 may leave a few active clusters out; most are predicted
+        assert s["cluster_recall"] >= 0.9, s
+        assert 0.9 * s["clusters_active"] <= s["clusters_predicted"] < 0.9, s
         if l:  # layer l's predictor on layer l - 1's input: what decode reads ahead by
             assert s["lookahead_cluster_recall"] >= 0.8, s
         assert predictor_key(l, 0).decode() in store.records

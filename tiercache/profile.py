@@ -194,23 +194,21 @@ def _fit_predictors(store: Store, wraps, orders, prof: dict, rank: int | None, r
     store's new neuron order; the last fifth of the tokens is held out for the figures."""
     a, n = store.args, store.cluster_size
     rank = rank or max(8, min(a.hidden_size, a.intermediate_size) // 4)
-    data = {}
+    data = {}  # (layer, expert) -> (inputs [N, d], activity [N, F] in store order, fit rows)
     for k, w in wraps.items():
         x, y = torch.cat(w.inputs), torch.cat(w.active)[:, orders[k]]
         w.inputs = w.active = None
-        data[k] = (x, y)
+        data[k] = (x, y, max(1, len(x) * 4 // 5))
     out = {}
     for k in tqdm(sorted(data), desc="predictors", disable=not progress):
-        x, y = data[k]
-        split = max(1, len(x) * 4 // 5)
+        x, y, split = data[k]
         gate = wraps[k].mlp.gate_proj.weight.detach()[orders[k]]
         p = out[k] = fit(x[:split], y[:split], rank, gate=gate, recall=recall)
         stats = score(p, x[split:], y[split:], n)
         prof["ffn"][k[0]][k[1]]["predictor"] = {key: round(v, 4) for key, v in stats.items()}
     if not a.is_moe:  # layer l + 1's predictor on layer l's input: what decode reads ahead by
-        for (l, e), (x, _) in data.items():
+        for (l, e), (x, _, split) in data.items():
             if (l + 1, e) in out and len(data[(l + 1, e)][0]) == len(x):
-                split = max(1, len(x) * 4 // 5)
                 s = score(out[(l + 1, e)], x[split:], data[(l + 1, e)][1][split:], n)
                 prof["ffn"][l + 1][e]["predictor"]["lookahead_cluster_recall"] = round(
                     s["cluster_recall"], 4)

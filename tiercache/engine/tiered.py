@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..cache.segmented import SegmentedCache
-from ..errors import BudgetError, StoreError
+from ..errors import BudgetError, StoreError, TiercacheError
 from ..memory import anon_bytes, return_large_frees
 from ..models import Model, materialize
 from ..models.llama import ACTS, MoE, rope_inv_freq
@@ -177,8 +177,8 @@ class TieredEngine(Engine):
         self.thresholds = self._thresholds()
         pred = prof.get("predictor")
         if cfg.select == "predictor" and not pred:
-            raise BudgetError("this store has no activation predictors: `tiercache profile` "
-                              "trains them for ReLU-family models")
+            raise TiercacheError("this store has no activation predictors: `tiercache profile` "
+                                 "trains them for ReLU-family models")
         use = (pred is not None and cfg.sparse is not False and cfg.select != "gate"
                and (cfg.sparse or cfg.select == "predictor"
                     or pred["clusters_predicted"] <= SPARSE_WORTH))
