@@ -83,9 +83,13 @@ def test_foreign_and_mismatched_stores(stores, tmp_path):
     import shutil
     a = tmp_path / "a"
     shutil.copytree(stores("llama"), a)
+    from tiercache.store.integrity import seal
     m = json.loads((a / "manifest.json").read_text())
     m["store_id"] = "0" * 32
     (a / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest.json: corrupt"):  # its own checksum
+        Store(a)
+    (a / "manifest.json").write_text(json.dumps(seal(m)))
     with pytest.raises(StoreError, match="different stores"):
         Store(a)
     (a / "manifest.json").write_text(json.dumps({"format": "something-else"}))

@@ -13,6 +13,15 @@ class UnsupportedModel(TiercacheError):
     """An architecture or tensor layout tiercache does not run."""
 
 
+class TiercacheWarning(UserWarning):
+    """Something the user should know that does not stop the run: the CLI prints one line."""
+
+
+def warn(message: str) -> None:
+    import warnings
+    warnings.warn(message, TiercacheWarning, stacklevel=3)
+
+
 class BudgetError(TiercacheError):
     """A memory budget that cannot hold what the run needs; the message carries the numbers."""
 

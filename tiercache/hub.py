@@ -104,11 +104,17 @@ def resolve_model(model: str | Path, dtype: str | None = None, cluster_size: int
 
     Conversions land in home/stores and are reused by later calls with the same dtype.
     """
-    from .store.format import is_store
+    from .errors import warn
+    from .store.format import MANIFEST, is_store
+    from .store.integrity import sweep
 
     path = Path(model).expanduser()
+    for note in sweep(path):  # a store a killed profile or convert was swapping in
+        warn(note)
     if is_store(path):
         return path
+    if (path / "lmdb").is_dir():
+        raise StoreError(f"{path}: the store's {MANIFEST} is missing (an incomplete copy?)")
     if str(model) in MODELS and not path.exists():
         dtype = dtype or MODELS[str(model)].default_dtype
         return _convert_once(fetch_gguf(str(model)), f"{model}-{dtype}", dtype, cluster_size)
@@ -128,7 +134,10 @@ def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> 
     stale = is_store(out) and format_version(out) not in (None, FORMAT_VERSION)
     if is_store(out) and not stale:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{out.parent}: cannot create the store directory ({e.strerror})") from None
     try:  # a store this tiercache converted in an older format is converted again
         return convert_in_child(src, out, dtype, cluster_size, force=stale)
     except StoreError:

@@ -257,8 +257,7 @@ def _rewrite(store: Store, orders, prof: dict, force: bool, predictors=None,
             f = a.intermediate_size
             t = t[orders[(l, e)]] if isinstance(t, torch.Tensor) else torch.full((f,), t)
             w.put_record(threshold_key(l, e), t.float().numpy().tobytes())
-        files = {f.name: f.read_bytes() for f in store.path.iterdir()
-                 if f.is_file() and f.name != "manifest.json"}
+        files = store.side_files()  # checked: a damaged file is not sealed anew
         extra = {k: v for k, v in store.manifest.items() if k in ("source",)}
         store.close()
         return w.commit({**extra, "profile": prof}, files, force=force)

@@ -11,27 +11,39 @@ from .errors import TiercacheError
 class Tokenizer:
     def __init__(self, path):
         from tokenizers import Tokenizer as _Tok
+        from .store.format import TOKENIZER_FILES, side_files
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
+        files = side_files(path, TOKENIZER_FILES)  # a store's are checked against its manifest
+        if "tokenizer.json" not in files:
             raise TiercacheError(f"{path}: no tokenizer.json (this store has no tokenizer)")
-        self.tok = _Tok.from_file(str(path / "tokenizer.json"))
-        self.config = _read_json(path / "tokenizer_config.json")
-        self.chat_template = self._template(path)
-        gen = _read_json(path / "generation_config.json")
+        try:
+            self.tok = _Tok.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 -- the tokenizers parser raises bare Exception
+            raise TiercacheError(f"{path / 'tokenizer.json'}: cannot load the tokenizer "
+                                 f"({str(e).splitlines()[0][:120] if str(e) else e!r})") from None
+        self.config = _read_json(path / "tokenizer_config.json", files)
+        self.chat_template = self._template(path, files)
+        gen = _read_json(path / "generation_config.json", files)
         self.bos_token = _content(self.config.get("bos_token"))
         self.eos_token = _content(self.config.get("eos_token"))
         self.eos_ids = self._eos_ids(gen)
 
-    def _template(self, path: Path) -> str | None:
-        f = path / "chat_template.jinja"
-        t = f.read_text() if f.is_file() else self.config.get("chat_template")
+    def _template(self, path: Path, files: dict[str, bytes]) -> str | None:
+        t = files.get("chat_template.jinja")
+        t = _text(path / "chat_template.jinja", t) if t is not None else self.config.get("chat_template")
         if isinstance(t, list):  # named templates: take the default one
-            t = next((x["template"] for x in t if x.get("name") == "default"), None)
+            t = next((x.get("template") for x in t if isinstance(x, dict)
+                      and x.get("name") == "default"), None)
+        if t is not None and not isinstance(t, str):
+            raise TiercacheError(f"{path / 'tokenizer_config.json'}: chat_template is not text")
         return t
 
     def _eos_ids(self, gen: dict) -> set[int]:
         ids = gen.get("eos_token_id")
-        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+        if not all(isinstance(i, int) for i in ids):
+            raise TiercacheError(f"generation_config.json: eos_token_id is not a token id ({ids!r:.40})")
+        ids = set(ids)
         for t in (self.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>"):
             i = self.tok.token_to_id(t) if t else None
             if i is not None and (t == self.eos_token or t in (self.chat_template or "")):
@@ -39,6 +51,7 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_utf8(text)
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -86,9 +99,36 @@ def _raise(msg):
     raise TemplateError(msg)
 
 
-def _read_json(p: Path) -> dict:
-    return json.loads(p.read_text()) if p.is_file() else {}
+def _check_utf8(text: str) -> None:
+    """Text from argv or a file decoded with surrogateescape keeps undecodable bytes as lone
+    surrogates, which the tokenizer cannot take: name the first one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else repr(bad)
+        raise TiercacheError(f"the text is not valid UTF-8 ({byte} at character {e.start})") from None
+
+
+def _text(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TiercacheError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_json(path: Path, files: dict[str, bytes]) -> dict:
+    if path.name not in files:
+        return {}
+    try:
+        d = json.loads(_text(path, files[path.name]))
+    except json.JSONDecodeError as e:
+        raise TiercacheError(f"{path}: not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TiercacheError(f"{path}: not a JSON object")
+    return d
 
 
 def _content(tok):
-    return tok.get("content") if isinstance(tok, dict) else tok
+    tok = tok.get("content") if isinstance(tok, dict) else tok
+    return tok if isinstance(tok, str) else None

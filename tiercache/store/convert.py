@@ -1,7 +1,6 @@
 """Convert an HF model directory or a GGUF file into a store (atomically, with a progress bar)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -11,13 +10,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..config import ModelArgs
-from ..errors import StoreError, TiercacheError
+from ..errors import StoreError, TiercacheError, load_json_object
 from ..models.llama import Model, sanitize
 from . import quant
-from .format import FFN_PARTS, StoreWriter
+from .format import FFN_PARTS, TOKENIZER_FILES, StoreWriter, is_store
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
 _FFN = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe\.experts\.(\d+))\.(\w+_proj)\.weight")
 
 
@@ -29,25 +26,30 @@ class HFSource:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise TiercacheError(f"{path}: not an HF model directory (no config.json)")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise TiercacheError(f"{cfg}: invalid JSON ({e})") from None
-        ModelArgs.from_dict(self.config)  # name an unsupported architecture before anything else
+        self.config = load_json_object(cfg, "model config (JSON object)")
+        try:  # name an unsupported architecture or a bad value before anything else
+            ModelArgs.from_dict(self.config)
+        except TiercacheError as e:
+            raise type(e)(f"{cfg}: {e}") from None
         self.files = self._shards()
 
     def _shards(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [self.path / n for n in names]
+            wm = load_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(wm, dict) or not all(isinstance(n, str) for n in wm.values()):
+                raise TiercacheError(f"{index}: no weight_map of tensor -> file names")
+            return [self.path / n for n in sorted(set(wm.values()))]
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise TiercacheError(f"{self.path}: no safetensors weights found")
         return files
 
     def count(self) -> int:
-        return sum(len(safe_open(f, "pt").keys()) for f in self.files)
+        try:
+            return sum(len(safe_open(f, "pt").keys()) for f in self.files)
+        except (OSError, ValueError) as e:  # what safetensors raises for a damaged header
+            raise TiercacheError(f"cannot read safetensors ({e})") from None
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for f in self.files:
@@ -59,7 +61,8 @@ class HFSource:
                 raise TiercacheError(f"{f}: cannot read safetensors ({e})") from None
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        return {n: (self.path / n).read_bytes() for n in TOKENIZER_FILES if (self.path / n).is_file()}
+        return {n: (self.path / n).read_bytes() for n in TOKENIZER_FILES
+                if (self.path / n).is_file()}
 
 
 def open_source(src) -> "HFSource":
@@ -82,6 +85,8 @@ def convert(src, out, dtype: str = "f32", cluster_size: int = 32, force: bool = 
     out = Path(out)
     if out.exists() and not force:
         raise StoreError(f"{out} already exists (use --force to overwrite)")
+    if out.exists() and not is_store(out):  # --force replaces a store, never anything else
+        raise StoreError(f"{out} exists and is not a tiercache store; not replacing it")
     source = open_source(src)
     args = ModelArgs.from_dict(source.config)
     if args.mlp_bias:
@@ -98,6 +103,7 @@ def convert(src, out, dtype: str = "f32", cluster_size: int = 32, force: bool = 
 
 def _write_weights(writer: StoreWriter, args: ModelArgs, source, progress: bool) -> None:
     pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    shapes = _shapes(args)
     bar = tqdm(total=getattr(source, "count", lambda: None)(), unit="tensor",
                desc="convert", disable=not progress)
     for name, w in source.weights():
@@ -105,6 +111,9 @@ def _write_weights(writer: StoreWriter, args: ModelArgs, source, progress: bool)
         name = sanitize(args, name)
         if name is None:
             continue
+        if name in shapes and tuple(w.shape) != shapes[name]:
+            raise StoreError(f"source tensor {name} has shape {list(w.shape)} where its config "
+                             f"says {list(shapes[name])}")
         m = _FFN.fullmatch(name)
         if m is None:
             writer.put_tensor(name, w)
@@ -119,9 +128,14 @@ def _write_weights(writer: StoreWriter, args: ModelArgs, source, progress: bool)
     _check_complete(writer, args, pending)
 
 
-def _check_complete(writer: StoreWriter, args: ModelArgs, pending) -> None:
+def _shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every parameter the config implies."""
     with torch.device("meta"):
-        names = set(dict(Model(args).named_parameters()))
+        return {n: tuple(p.shape) for n, p in Model(args).named_parameters()}
+
+
+def _check_complete(writer: StoreWriter, args: ModelArgs, pending) -> None:
+    names = set(_shapes(args))
     ffn = {n for n in names if _FFN.fullmatch(n)}
     missing = sorted(names - ffn - set(writer.tensors))
     done = {k for k in writer.records if k.startswith("f:")}

@@ -12,7 +12,9 @@ Records (keys sort so that a layer's clusters are contiguous and in order):
                                       part along n, as llama.cpp does, so n is a multiple of 32
     meta:store_id                     the uuid in the manifest; a mismatch means a foreign store
 
-Every record's crc32 is in manifest["records"][key] = [nbytes, crc32] and is checked on read.
+Every record's crc32 is in manifest["records"][key] = [nbytes, crc32] and is checked on read;
+the manifest's own crc32, the side files' and data.mdb's size and B-tree pages are checked when
+the store opens, before LMDB maps anything (integrity.py).
 """
 from __future__ import annotations
 
@@ -22,15 +24,17 @@ import shutil
 import uuid
 import weakref
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import lmdb
+import numpy as np
 import torch
 
 from ..config import ModelArgs
-from ..errors import StoreError, load_json_object
-from . import quant
+from ..errors import StoreError, load_json_object, warn
+from . import integrity, quant
 
 FORMAT = "tiercache-store"
 FORMAT_VERSION = 3  # 2: down columns stored [d, n]; q4k FFN records. 3: q4 stores keep
@@ -38,6 +42,8 @@ FORMAT_VERSION = 3  # 2: down columns stored [d, n]; q4k FFN records. 3: q4 stor
 MANIFEST = "manifest.json"
 FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
 HEAD_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
 
 
 def tensor_key(name: str) -> bytes:
@@ -62,13 +68,19 @@ class Store:
 
     def __init__(self, path, readahead: bool = True):
         self.path = Path(path)
+        for note in integrity.sweep(self.path):
+            warn(note)
         self.manifest = _read_manifest(self.path)
-        self.args = ModelArgs.from_dict(self.manifest["config"])
-        ffn = self.manifest["ffn"]
-        self.cluster_size, self.n_clusters = ffn["cluster_size"], ffn["n_clusters"]
-        self.ffn_dtype = ffn["dtype"]
-        self.records = self.manifest["records"]
+        try:
+            self.args = ModelArgs.from_dict(self.manifest["config"])
+            ffn = self.manifest["ffn"]
+            self.cluster_size, self.n_clusters = int(ffn["cluster_size"]), int(ffn["n_clusters"])
+            self.ffn_dtype = ffn["dtype"]
+            self.records = dict(self.manifest["records"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{self.path / MANIFEST}: malformed ({type(e).__name__}: {e})") from None
         self.readahead = readahead
+        integrity.check_lmdb(self.path, self.manifest.get("lmdb"))
         self.env = _open_env(self.path / "lmdb", readahead)
         sid = self._get(b"meta:store_id", check=False)
         if sid is None or sid.decode() != self.manifest["store_id"]:
@@ -78,8 +90,11 @@ class Store:
     def _get(self, key: bytes, check: bool = True):
         if self.env is None:  # let go of by an engine that reads with pread; map it again
             self.env = _open_env(self.path / "lmdb", self.readahead)
-        with self.env.begin(buffers=False) as txn:
-            buf = txn.get(key)
+        try:
+            with self.env.begin(buffers=False) as txn:
+                buf = txn.get(key)
+        except lmdb.Error as e:  # a damaged page LMDB noticed (the checks above missed it)
+            raise StoreError(f"{self.path}: LMDB data is corrupt ({e})") from None
         if check:
             self._verify(key, buf)
         return buf
@@ -141,6 +156,10 @@ class Store:
     def weight_bytes(self) -> int:
         return self.manifest["weight_bytes"]
 
+    def side_files(self) -> dict[str, bytes]:
+        """Every file next to the manifest (tokenizer.json, ...), checked against it."""
+        return integrity.read_side_files(self.path, self.manifest)
+
     def close(self):
         self.env = None  # shared environments close when their last Store lets go
 
@@ -181,6 +200,41 @@ def _open_env(path: Path, readahead: bool) -> _Env:
     return env
 
 
+def record_offsets(env, data: Path, keys) -> dict[str, tuple[int, int]]:
+    """key -> (file offset, length) of each record, from LMDB's mapping of `data` (data.mdb)."""
+    base = _map_base(env, data)
+    out = {}
+    try:
+        with env.begin(buffers=True) as txn:
+            for key in keys:
+                mv = txn.get(key.encode())
+                if mv is None:
+                    raise StoreError(f"{data.parent.parent}: record {key} is missing")
+                addr = np.frombuffer(mv, dtype=np.uint8).ctypes.data if len(mv) else base
+                out[key] = (addr - base, len(mv))
+    except lmdb.Error as e:
+        raise StoreError(f"{data.parent.parent}: LMDB data is corrupt ({e})") from None
+    return out
+
+
+def _map_base(env, data: Path) -> int:
+    path = str(data.resolve())
+    with env.begin():  # make sure the map exists
+        pass
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5] == path and int(parts[2], 16) == 0:
+            return int(parts[0].split("-")[0], 16)
+    raise StoreError(f"{data}: cannot locate the LMDB mapping (Linux /proc is needed)")
+
+
+def side_files(path, names=TOKENIZER_FILES) -> dict[str, bytes]:
+    """A store's side files checked against its manifest; an HF directory's as they are."""
+    path = Path(path)
+    return integrity.read_side_files(path, _read_manifest(path) if is_store(path) else None,
+                                     names)
+
+
 def ffn_name(args: ModelArgs, layer: int, expert: int, part: str) -> str:
     if args.is_moe:
         return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight"
@@ -190,13 +244,27 @@ def ffn_name(args: ModelArgs, layer: int, expert: int, part: str) -> str:
 def _read_manifest(path: Path) -> dict:
     if not path.exists():
         raise StoreError(f"{path}: no such store")
+    if not (path / MANIFEST).exists() and (path / "lmdb").is_dir():
+        raise StoreError(f"{path}: the store's {MANIFEST} is missing (an incomplete copy?)")
     m = load_json_object(path / MANIFEST, "tiercache store manifest", StoreError)
     if m.get("format") != FORMAT:
         raise StoreError(f"{path}: not a tiercache store (foreign manifest)")
     if m.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {m.get('format_version')} is not "
                          f"supported (this tiercache reads version {FORMAT_VERSION}); reconvert it")
+    integrity.check_manifest(path, m)  # after the version: another version may seal otherwise
     return m
+
+
+@contextmanager
+def writing(out: Path):
+    """OS and LMDB errors while writing the store at `out` -> one line naming it and why."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(f"{out}: cannot write the store ({e.strerror or e})") from None
+    except lmdb.Error as e:
+        raise StoreError(f"{out}: cannot write the store ({e})") from None
 
 
 class StoreWriter:
@@ -204,18 +272,27 @@ class StoreWriter:
 
     def __init__(self, out, args: ModelArgs, dtype: str, cluster_size: int, map_size: int):
         self.out = Path(out)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True)
+        for note in integrity.sweep(self.out):  # what a killed writer of the same store left
+            warn(note)
+        self.tmp = integrity.work_dir(self.out, "tmp", uuid.uuid4().hex[:8])
+        with writing(self.out):
+            self.tmp.mkdir(parents=True)
         self.args, self.dtype, self.cluster_size = args, dtype, cluster_size
-        self.env = lmdb.open(str(self.tmp / "lmdb"), map_size=map_size, subdir=True,
-                             sync=False, writemap=False)
+        self.env = None
+        with writing(self.out):
+            try:
+                self.env = lmdb.open(str(self.tmp / "lmdb"), map_size=map_size, subdir=True,
+                                     sync=False, writemap=False)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
         self.records: dict[str, list[int]] = {}
         self.tensors: dict[str, dict] = {}
         self.store_id = uuid.uuid4().hex
         self._put(b"meta:store_id", self.store_id.encode(), record=False)
 
     def _put(self, key: bytes, value: bytes, record: bool = True):
-        with self.env.begin(write=True) as txn:
+        with writing(self.out), self.env.begin(write=True) as txn:
             txn.put(key, value)
         if record:
             self.records[key.decode()] = [len(value), zlib.crc32(value)]
@@ -263,8 +340,12 @@ class StoreWriter:
         return "q4k" if self.dtype == "q4" and kernel else self.dtype
 
     def commit(self, extra: dict, files: dict[str, bytes], force: bool = False) -> Path:
-        self.env.sync(True)
-        self.env.close()
+        with writing(self.out):
+            self.env.sync(True)
+            self.env.close()
+            return self._commit(extra, files, force)
+
+    def _commit(self, extra: dict, files: dict[str, bytes], force: bool) -> Path:
         f = self.args.intermediate_size
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": self.store_id,
@@ -278,15 +359,26 @@ class StoreWriter:
             "tensors": self.tensors,
             "weight_bytes": sum(n for n, _ in self.records.values()),
             "records": self.records, **extra,
+            "files": integrity.file_sums(files), "lmdb": self._lmdb_facts(),
         }
         for name, data in files.items():
             (self.tmp / name).write_bytes(data)
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        # written last: a manifest that reads whole marks a complete store (integrity.sweep)
+        (self.tmp / MANIFEST).write_text(json.dumps(integrity.seal(manifest), indent=1))
         return _swap_into_place(self.tmp, self.out, force)
+
+    def _lmdb_facts(self) -> dict:
+        data = self.tmp / "lmdb" / "data.mdb"
+        env = lmdb.open(str(data.parent), readonly=True, lock=False)
+        try:
+            return integrity.lmdb_facts(data, record_offsets(env, data, self.records))
+        finally:
+            env.close()
 
     def abort(self):
         try:
-            self.env.close()
+            if self.env is not None:
+                self.env.close()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -300,15 +392,23 @@ def _is_matrix(name: str) -> bool:
 
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> Path:
-    """Rename tmp to out; with force an existing out is moved aside first and removed after."""
+    """Rename tmp to out; with force an existing store at out is moved aside first and removed
+    after. A writer killed in between leaves both named for `integrity.sweep` to finish."""
     old = None
-    if out.exists():
-        if not force:
+    if out.exists() or out.is_symlink():
+        if not force or not is_store(out):
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"{out} already exists (use --force to overwrite)")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            raise StoreError(f"{out} already exists (use --force to overwrite)" if not force
+                             else f"{out} exists and is not a tiercache store; not replacing it")
+        old = integrity.work_dir(out, "old", uuid.uuid4().hex[:8])
         os.rename(out, old)
-    os.rename(tmp, out)
+        os.utime(old)  # its mtime tells `sweep` this process put it aside (not a reused pid)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)  # lose nothing: the old store goes back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out

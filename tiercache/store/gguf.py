@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import ModelArgs
 from ..errors import TiercacheError, UnsupportedModel
 
 # general.architecture -> (HF model_type, HF architecture, q/k rows permuted by llama.cpp)
@@ -42,6 +44,9 @@ LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # regex, as the original HF tokenizers do (Digits(individual_digits)); transformers 5.x does not.
 DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
                    "minerva-7b"}
+# what the gguf package and numpy raise on a damaged header or tensor table
+PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, ArithmeticError, MemoryError,
+                UnicodeDecodeError, struct.error, OSError)
 
 
 class GGUFSource:
@@ -50,6 +55,12 @@ class GGUFSource:
     def __init__(self, path):
         self.path = Path(path)
         self.reader = _open_reader(self.path)
+        try:
+            self._read_header()
+        except PARSE_ERRORS as e:
+            raise TiercacheError(f"{self.path}: corrupt GGUF metadata ({_why(e)})") from None
+
+    def _read_header(self) -> None:
         self.arch = self._str("general.architecture")
         if self.arch not in ARCHS:
             raise UnsupportedModel(
@@ -61,6 +72,10 @@ class GGUFSource:
             raise UnsupportedModel(f"{self.path.name}: unknown tensors {', '.join(unknown[:3])}"
                                    + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
         self.config = self._build_config()
+        try:
+            ModelArgs.from_dict(self.config)
+        except TiercacheError as e:
+            raise type(e)(f"{self.path.name}: {e}") from None
 
     # -- metadata -----------------------------------------------------------------------------
     def meta(self, key: str, default=None):
@@ -137,7 +152,11 @@ class GGUFSource:
         for t in self.reader.tensors:
             if t.name == "rope_freqs.weight":
                 continue  # folded into config["rope_scaling"]
-            for name, w in self._to_hf(t.name, _dequant(t)):
+            try:
+                pairs = list(self._to_hf(t.name, _dequant(t)))
+            except PARSE_ERRORS as e:
+                raise TiercacheError(f"{self.path}: corrupt GGUF tensor {t.name} ({_why(e)})") from None
+            for name, w in pairs:
                 yield name, torch.from_numpy(w)
 
     def count(self) -> int:
@@ -188,10 +207,9 @@ class GGUFSource:
 
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except (ValueError, KeyError, NotImplementedError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        except (NotImplementedError, *PARSE_ERRORS) as e:
             raise UnsupportedModel(
-                f"{self.path.name}: cannot build its tokenizer ({msg})") from None
+                f"{self.path.name}: cannot build its tokenizer ({_why(e)})") from None
         with tempfile.TemporaryDirectory(prefix="tiercache-tok-") as tmp:
             tok.save_pretrained(tmp)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
@@ -271,9 +289,13 @@ def _open_reader(path: Path):
 
     try:
         return GGUFReader(path, "r")
-    except (ValueError, IndexError, OSError) as e:  # what numpy raises on a truncated file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TiercacheError(f"{path}: corrupt GGUF file ({msg})") from None
+    except PARSE_ERRORS as e:
+        raise TiercacheError(f"{path}: corrupt GGUF file ({_why(e)})") from None
+
+
+def _why(e: Exception) -> str:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg[:120]}" if msg else type(e).__name__
 
 
 def _field_value(field):

@@ -13,13 +13,11 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import StoreError
-from .format import Store
+from .format import Store, record_offsets
 
 ALIGN = 4096
 RING = 8  # read buffers in turn; at most RING reads' records may be alive at once
@@ -217,24 +215,4 @@ def aligned_buffer(size: int) -> torch.Tensor:
 
 def _record_offsets(store: Store) -> dict[str, tuple[int, int]]:
     """key -> (file offset, length) of every record, from LMDB's mapping of data.mdb."""
-    base = _map_base(store)
-    out = {}
-    with store.env.begin(buffers=True) as txn:
-        for key in store.records:
-            mv = txn.get(key.encode())
-            if mv is None:
-                raise StoreError(f"{store.path}: record {key} is missing")
-            addr = np.frombuffer(mv, dtype=np.uint8).ctypes.data if len(mv) else base
-            out[key] = (addr - base, len(mv))
-    return out
-
-
-def _map_base(store: Store) -> int:
-    path = str((store.path / "lmdb" / "data.mdb").resolve())
-    with store.env.begin():  # make sure the map exists
-        pass
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5] == path and int(parts[2], 16) == 0:
-            return int(parts[0].split("-")[0], 16)
-    raise StoreError(f"{store.path}: cannot locate the LMDB mapping (Linux /proc is needed)")
+    return record_offsets(store.env, store.path / "lmdb" / "data.mdb", store.records)
