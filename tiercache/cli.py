@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .errors import TiercacheError
+from .errors import TiercacheError, TiercacheWarning, warn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run language models larger than memory from a tiered LMDB store.")
@@ -58,11 +58,15 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template"),
              json_out: bool = typer.Option(False, "--json", help="last stdout line: a JSON report")):
     """Generate text for one prompt, streamed to stdout."""
+    _check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, threads=threads,
+                   context=context)
     from . import api
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
                         context=context, sparse=sparse, backend=backend, plan=plan)
     engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
+    if not ids:
+        raise TiercacheError("the prompt is empty: there is no token to start from")
     tokens, text, last = [], [], None
     for r in api.stream_generate(engine, tok, ids, max_tokens=max_tokens, temp=temp,
                                  top_p=top_p, top_k=top_k, seed=seed):
@@ -113,6 +117,8 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          backend: str = BACKEND, plan: Optional[Path] = PLAN,
          system: Optional[str] = typer.Option(None, help="system prompt")):
     """Chat with a model in the terminal (/exit or Ctrl-D to leave)."""
+    _check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, threads=threads,
+                   context=context)
     from .chat import run_chat
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
@@ -130,9 +136,12 @@ def eval_(model: str = typer.Argument(DEFAULT_MODEL),
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
     from .profile import perplexity
+    _check_options(max_tokens=max_tokens, chunk=chunk, threads=threads)
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
                         context=chunk, sparse=sparse, backend=backend, plan=plan)
     ids = tok.encode(_read_text(text))[:max_tokens]
+    if len(ids) < 2:
+        raise TiercacheError(f"{text}: fewer than 2 tokens to score")
     ppl = perplexity(eng, ids, chunk, progress=not json_out)
     stats = eng.stats() if hasattr(eng, "stats") else {}
     report = {"perplexity": ppl, "tokens": len(ids), "engine": engine, "ram": ram,
@@ -160,6 +169,7 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
     from .hub import resolve_model
     from .profile import profile_store
     from .tokenizer import Tokenizer
+    _check_options(tokens=tokens, budget=budget, threads=threads, rank=rank)
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
     ids = Tokenizer(path).encode(_read_text(text))[:tokens]
@@ -183,6 +193,39 @@ def _read_text(path: Path) -> str:
         raise TiercacheError(f"{path}: not UTF-8 text") from None
 
 
+# option -> (what a valid value is, the test); checked before anything loads
+_RANGES = {
+    "max_tokens": ("an integer >= 1", lambda v: v >= 1),
+    "temp": ("a number >= 0", lambda v: v >= 0),
+    "top_p": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "top_k": ("an integer >= 0 (0: off)", lambda v: v >= 0),
+    "threads": ("an integer >= 1", lambda v: v >= 1),
+    "context": ("an integer >= 1", lambda v: v >= 1),
+    "chunk": ("an integer >= 2", lambda v: v >= 2),
+    "tokens": ("an integer >= 2", lambda v: v >= 2),
+    "budget": ("a number >= 0", lambda v: v >= 0),
+    "rank": ("an integer >= 1", lambda v: v >= 1),
+}
+
+
+def _check_options(**values) -> None:
+    """One line naming an option out of its range (NaN is out of every range); a warning when
+    --threads outnumbers the cores (decode then slows down many times over)."""
+    for name, v in values.items():
+        what, ok = _RANGES[name]
+        if v is not None and not ok(v):
+            raise TiercacheError(f"--{name.replace('_', '-')} must be {what} (got {v})")
+    cores = _cores()
+    if values.get("threads") and values["threads"] > cores:
+        warn(f"--threads {values['threads']} is more than this machine's {cores} cores; "
+             f"threads that share a core slow decode down")
+
+
+def _cores() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _register_planner() -> None:
     """`tiercache plan` and `tiercache device ...` live in planner/ (which never imports us)."""
     from planner.cli import device_app, plan
@@ -193,7 +236,21 @@ def _register_planner() -> None:
 _register_planner()
 
 
+def _one_line_warnings() -> None:
+    """tiercache's own warnings print as `warning: ...`, one line, without a source line."""
+    import warnings
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TiercacheWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+
+
 def main():
+    _one_line_warnings()
     try:
         app()
     except TiercacheError as e:

@@ -106,6 +106,12 @@ def _write_weights(writer: StoreWriter, args: ModelArgs, source, progress: bool)
     shapes = _shapes(args)
     bar = tqdm(total=getattr(source, "count", lambda: None)(), unit="tensor",
                desc="convert", disable=not progress)
+    with bar:  # closed before an error is printed
+        _write_stream(writer, args, source, bar, pending, shapes)
+    _check_complete(writer, args, pending)
+
+
+def _write_stream(writer: StoreWriter, args: ModelArgs, source, bar, pending, shapes) -> None:
     for name, w in source.weights():
         bar.update(1)
         name = sanitize(args, name)
@@ -124,8 +130,6 @@ def _write_weights(writer: StoreWriter, args: ModelArgs, source, progress: bool)
         if len(parts) == 3:  # a layer's (or expert's) FFN is complete: bundle and free it
             writer.put_ffn(*key, *(parts[p] for p in FFN_PARTS))
             del pending[key]
-    bar.close()
-    _check_complete(writer, args, pending)
 
 
 def _shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
