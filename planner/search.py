@@ -504,7 +504,40 @@ def load_plan(path) -> dict:
     plan = load_json_object(path, "plan")
     if plan.get("plan_version") != PLAN_VERSION:
         raise TiercacheError(f"{path}: not a tiercache plan of version {PLAN_VERSION}")
+    _check_plan(path, plan)
     return plan
+
+
+# plan["engine"] keys the engine reads (engine/tiered.py config_from_plan) -> valid values
+_ENGINE_KEYS = {
+    "hot_clusters": ("an integer >= 0", lambda v: v is None or _int(v, 0)),
+    "cold_clusters": ("an integer >= 0", lambda v: v is None or _int(v, 0)),
+    "io_threads": ("an integer in 1..256", lambda v: _int(v, 1) and v <= 256),
+    "prefetch_layers": ("an integer >= 0", lambda v: _int(v, 0)),
+    "context": ("an integer >= 1", lambda v: _int(v, 1)),
+    "compute": ("auto, q4 or f32", lambda v: v in ("auto", "q4", "f32")),
+    "pin_attention": ("an integer >= 0", lambda v: v is None or _int(v, 0)),
+    "pin_head": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
+    "gate_pinned": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _int(v, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _check_plan(path, plan: dict) -> None:
+    """The settings the engine takes from a plan, typed and in range: one line naming a bad
+    one (a hand-edited or damaged plan must not fail deep inside the engine)."""
+    engine, limits = plan.get("engine"), plan.get("limits", {})
+    if not isinstance(engine, dict) or not isinstance(limits, dict):
+        raise TiercacheError(f"{path}: a plan needs 'engine' and 'limits' objects")
+    ram = limits.get("ram_bytes")
+    if ram is not None and not _int(ram, 1):
+        raise TiercacheError(f"{path}: limits.ram_bytes must be a positive integer (got {ram!r:.40})")
+    for key, (what, ok) in _ENGINE_KEYS.items():
+        if key in engine and not ok(engine[key]):
+            raise TiercacheError(f"{path}: engine.{key} must be {what} (got {engine[key]!r:.40})")
 
 
 def sweep(manifest_or_estimate, device="this", budgets=None, vram=None, context: int = 2048,
