@@ -24,6 +24,8 @@ SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the
                            "gate; predictors, for ReLU-family models)")
 PLAN = typer.Option(None, help="a plan from `tiercache plan --out` (sets the RAM regions)")
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
+THREADS = typer.Option(None, help="compute threads (default: half the logical CPUs; 1 on "
+                                      "two or fewer)")
 
 
 @app.command()
@@ -123,6 +125,28 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
              context=context, sparse=sparse, backend=backend, plan=plan)
+
+
+@app.command()
+def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or model name"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (the default is "
+                                                     "this machine only)"),
+          port: int = typer.Option(8080, help="TCP port (0: any free one, printed at start)"),
+          api_key: Optional[str] = typer.Option(None, envvar="TIERCACHE_API_KEY",
+                                                help="require `Authorization: Bearer KEY` on /v1"),
+          max_queue: int = typer.Option(64, "--queue", min=0, help="requests that may wait "
+                                        "behind the running one; more get 429 + Retry-After"),
+          sessions: int = typer.Option(1, min=1, help="conversations whose KV cache is kept "
+                                       "between requests (each reserves --context in --ram)"),
+          threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
+          engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
+          backend: str = BACKEND, plan: Optional[Path] = PLAN):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health, /stats, /metrics)."""
+    from .server import serve as _serve
+    _serve(model, host=host, port=port, api_key=api_key, max_queue=max_queue, sessions=sessions,
+           context=context, ram=ram, threads=threads, dtype=dtype, engine=engine, sparse=sparse,
+           backend=backend, plan=plan)
 
 
 @app.command("eval")
