@@ -117,14 +117,20 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
          engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
          backend: str = BACKEND, plan: Optional[Path] = PLAN,
-         system: Optional[str] = typer.Option(None, help="system prompt")):
-    """Chat with a model in the terminal (/exit or Ctrl-D to leave)."""
+         system: Optional[str] = typer.Option(None, help="system prompt"),
+         prompt: Optional[list[str]] = typer.Argument(None, help="answer this one message and "
+                                                      "exit (also: a message piped to stdin)"),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="no stats line after answers"),
+         interactive: bool = typer.Option(False, "--interactive", "-i",
+                                          help="read messages line by line even from a pipe")):
+    """Chat with a model in the terminal (/help for commands, /exit or Ctrl-D to leave)."""
     _check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, threads=threads,
                    context=context)
     from .chat import run_chat
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
-             context=context, sparse=sparse, backend=backend, plan=plan)
+             context=context, sparse=sparse, backend=backend, plan=plan, prompt=prompt,
+             quiet=quiet, interactive=interactive)
 
 
 @app.command()
