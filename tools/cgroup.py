@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 MEM = Path("/sys/fs/cgroup/memory")
@@ -61,3 +62,30 @@ def run_capped(cmd: list[str], limit: int | None, timeout: float = 600,
                     g.rmdir()
                 except OSError:
                     pass
+
+
+def queue_dir(path: Path) -> Path | None:
+    """The block queue settings of the disk holding `path` (a partition's parent disk's)."""
+    dev = os.stat(path).st_dev
+    sysdev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    for d in (sysdev / "queue", sysdev / ".." / "queue"):
+        if (d / "read_ahead_kb").exists():
+            return d.resolve()
+    return None
+
+
+@contextmanager
+def read_ahead(kb: int, path: Path):
+    """Set read_ahead_kb of the disk holding `path` for the block, then restore it. A fresh
+    VM may have 8192: under a cap every page fault then reads 8 MiB and runs thrash; 128 is a
+    common default. Yields the value in force (None where it cannot be read)."""
+    q = queue_dir(path)
+    f = q / "read_ahead_kb" if q else None
+    old = f.read_text().strip() if f else None
+    try:
+        if f:
+            f.write_text(str(kb))
+        yield int(f.read_text()) if f else None
+    finally:
+        if f and old is not None:
+            f.write_text(old)

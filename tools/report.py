@@ -28,3 +28,31 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()}-core {name}"
+
+
+SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
+        "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> str:
+    """The SIMD flags /proc/cpuinfo reports (the ones kernels are chosen by), e.g. 'avx2 fma'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return "unknown"
+    return " ".join(x for x in SIMD if x in have) or "none of " + "/".join(SIMD[:3])
+
+
+def commit(root: Path, paths=("tiercache", "backends", "planner")) -> str:
+    """HEAD's short hash, plus how many files under `paths` differ from it (the engine measured
+    is the working tree, which others may be editing)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                              text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [ln for ln in git("status", "--porcelain", "--", *paths).splitlines() if ln]
+    return head + (f" + uncommitted changes in {len(dirty)} engine file(s)" if dirty else "")
