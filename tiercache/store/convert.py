@@ -118,8 +118,8 @@ def _write_stream(writer: StoreWriter, args: ModelArgs, source, bar, pending, sh
         if name is None:
             continue
         if name in shapes and tuple(w.shape) != shapes[name]:
-            raise StoreError(f"source tensor {name} has shape {list(w.shape)} where its config "
-                             f"says {list(shapes[name])}")
+            raise StoreError(f"{source.path}: tensor {name} has shape {list(w.shape)} where "
+                             f"the model's config says {list(shapes[name])}")
         m = _FFN.fullmatch(name)
         if m is None:
             writer.put_tensor(name, w)
