@@ -139,3 +139,42 @@ def test_one_shot_from_arguments_and_stdin(store, loaded, env):
     r = subprocess.run(chat_cmd(store, "-q"), input="  \n", env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.strip() == "error: empty prompt on stdin"
+
+
+def test_version_list_rm_and_help_on_every_option(store, tmp_path, monkeypatch):
+    import shutil
+    import typer
+    from typer.testing import CliRunner
+    import tiercache
+    from tiercache.cli import app
+    from tiercache.errors import TiercacheError
+    monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path))
+    run = CliRunner().invoke
+    assert run(app, ["--version"]).output.strip() == f"tiercache {tiercache.__version__}"
+    shutil.copytree(store, tmp_path / "stores" / "mine-f32")
+    listed = [json.loads(line) for line in run(app, ["list", "--json"]).output.splitlines()]
+    mine = next(e for e in listed if e["name"] == "mine-f32")
+    assert mine["kind"] == "store" and mine["dtype"] == "f32" and mine["bytes"] > 0
+    assert {"smollm2-135m-instruct"} <= {e["name"] for e in listed if e["kind"] == "known"}
+    assert "mine-f32" in run(app, ["list"]).output
+    assert isinstance(run(app, ["rm", "nothing-here"]).exception, TiercacheError)
+    assert run(app, ["rm", "mine-f32"]).exit_code == 0
+    assert not (tmp_path / "stores" / "mine-f32").exists()
+    bare = []
+
+    def walk(cmd, path):
+        bare.extend(f"{' '.join(path)} {p.name}" for p in cmd.params if not p.help)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, path + [name])
+    walk(typer.main.get_command(app), ["tiercache"])
+    assert bare == []
+
+
+def test_generate_json_names_the_all_clusters_mode(store, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from tiercache.cli import app
+    monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path))
+    r = CliRunner().invoke(app, ["generate", str(store), "-p", "abc", "-n", "2", "--threads", "1",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.splitlines()[-1])["mode"] == "all-clusters"

@@ -97,6 +97,15 @@ def _planned(path, ram: int, context: int):
         return None
 
 
+MODE_NAMES = {"dense": "all-clusters", "gate": "sparse-gate", "predictor": "predictor"}
+
+
+def mode_name(mode: str) -> str:
+    """The tiered engine's FFN mode as reports name it: its "dense" computes every cluster
+    (read from the cache and the store), which is not the all-in-RAM `--engine dense`."""
+    return MODE_NAMES.get(mode, mode)
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat_template: bool = True) -> list[int]:
     if isinstance(prompt, str):
         if chat_template and tokenizer.chat_template:

@@ -26,6 +26,53 @@ PLAN = typer.Option(None, help="a plan from `tiercache plan --out` (sets the RAM
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 THREADS = typer.Option(None, help="compute threads (default: half the logical CPUs; 1 on "
                                       "two or fewer)")
+MODEL = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or known model name")
+TOP_K = typer.Option(0, help="sample among the K likeliest tokens only (0: no limit)")
+SEED = typer.Option(None, help="random seed for sampling (same seed, same text)")
+
+
+def _temp(default: float):
+    return typer.Option(default, help="sampling temperature (0: greedy, the likeliest token)")
+
+
+def _top_p(default: float):
+    return typer.Option(default, help="sample among the likeliest tokens whose probabilities "
+                                      "add up to P (1: no limit)")
+
+
+def _max_tokens(default: int):
+    return typer.Option(default, "--max-tokens", "-n", help="most tokens to generate")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"tiercache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Run language models larger than memory from a tiered LMDB store."""
+
+
+@app.command("list")
+def list_(json_out: bool = typer.Option(False, "--json", help="one JSON object per line")):
+    """Converted stores and known models in $TIERCACHE_HOME: size, dtype, profile, place."""
+    from .home import entries, table
+    rows = entries()
+    typer.echo("\n".join(json.dumps(e.row()) for e in rows) if json_out else table(rows))
+
+
+@app.command()
+def rm(names: list[str] = typer.Argument(..., help="store names, or a known model's name "
+                                                    "(its stores and GGUF); see tiercache list")):
+    """Delete stores or downloaded models from $TIERCACHE_HOME."""
+    from .home import human, remove
+    for name in names:
+        for e in remove(name):
+            typer.echo(f"removed {e.kind} {e.name} ({human(e.bytes)}, {e.path})", err=True)
 
 
 @app.command()
@@ -42,7 +89,8 @@ def convert(src: Path = typer.Argument(..., help="HF model directory or .gguf fi
 
 
 @app.command()
-def pull(name: str = typer.Argument(DEFAULT_MODEL), dtype: Optional[str] = DTYPE):
+def pull(name: str = typer.Argument(DEFAULT_MODEL, help="a known model (tiercache list)"),
+         dtype: Optional[str] = DTYPE):
     """Download a known model and convert it into $TIERCACHE_HOME once."""
     from .hub import pull as _pull
     typer.echo(str(_pull(name, dtype=dtype)))
@@ -50,14 +98,17 @@ def pull(name: str = typer.Argument(DEFAULT_MODEL), dtype: Optional[str] = DTYPE
 
 @app.command()
 def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or model name"),
-             prompt: str = typer.Option(..., "--prompt", "-p"),
-             max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
-             temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: Optional[int] = None, threads: Optional[int] = None,
+             prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt (a user message "
+                                        "under the chat template unless --no-chat-template)"),
+             max_tokens: int = _max_tokens(256),
+             temp: float = _temp(0.0), top_p: float = _top_p(1.0), top_k: int = TOP_K,
+             seed: Optional[int] = SEED, threads: Optional[int] = THREADS,
              dtype: Optional[str] = DTYPE,
              ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
              sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
-             chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template"),
+             chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
+                                                help="wrap the prompt in the model's chat "
+                                                     "template"),
              json_out: bool = typer.Option(False, "--json", help="last stdout line: a JSON report")):
     """Generate text for one prompt, streamed to stdout."""
     _check_options(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, threads=threads,
@@ -96,6 +147,9 @@ def _report(engine, ids, tokens, text, last) -> dict:
     extra = {k: tier[k] for k in ("cache_hit_rate", "store_bytes_read", "store_bytes_per_token",
                                   "regions", "sparse", "mode", "compute", "read_ahead_hits",
                                   "demand_reads", "prefetched", "prefetch_unused") if k in tier}
+    if "mode" in extra:
+        from .api import mode_name
+        extra["mode"] = mode_name(extra["mode"])
     return {**extra, "text": text, "prompt_tokens": ids, "tokens": tokens,
             "finish_reason": last.finish_reason if last else None,
             "prefill_tok_s": last.prompt_tps if last else 0.0,
@@ -112,9 +166,10 @@ def _phases(engine) -> dict:
 
 @app.command()
 def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or model name"),
-         max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
-         temp: float = 0.7, top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None,
-         threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
+         max_tokens: int = _max_tokens(512),
+         temp: float = _temp(0.7), top_p: float = _top_p(0.9), top_k: int = TOP_K,
+         seed: Optional[int] = SEED,
+         threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
          engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
          backend: str = BACKEND, plan: Optional[Path] = PLAN,
          system: Optional[str] = typer.Option(None, help="system prompt"),
@@ -156,13 +211,14 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
 
 
 @app.command("eval")
-def eval_(model: str = typer.Argument(DEFAULT_MODEL),
+def eval_(model: str = MODEL,
           text: Path = typer.Option(..., "--text", help="UTF-8 text file"),
           max_tokens: int = typer.Option(4096, "--max-tokens", help="tokens of the text to score"),
           chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
-          threads: Optional[int] = None, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
+          threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
           engine: str = ENGINE, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
-          plan: Optional[Path] = PLAN, json_out: bool = typer.Option(False, "--json")):
+          plan: Optional[Path] = PLAN,
+          json_out: bool = typer.Option(False, "--json", help="print a JSON report")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
     from .profile import perplexity
@@ -174,6 +230,8 @@ def eval_(model: str = typer.Argument(DEFAULT_MODEL),
         raise TiercacheError(f"{text}: fewer than 2 tokens to score")
     ppl = perplexity(eng, ids, chunk, progress=not json_out)
     stats = eng.stats() if hasattr(eng, "stats") else {}
+    if "mode" in stats:
+        stats["mode"] = api.mode_name(stats["mode"])
     report = {"perplexity": ppl, "tokens": len(ids), "engine": engine, "ram": ram,
               **{k: v for k, v in stats.items() if k in ("cache_hit_rate", "sparse", "mode",
                                                          "compute")}}
@@ -192,7 +250,7 @@ def profile(model: str = typer.Argument(DEFAULT_MODEL, help="store directory (re
             rank: Optional[int] = typer.Option(None, help="predictor rank (default min(d, F)/4)"),
             criterion: str = typer.Option("weighted", help="weighted: |act(gate x)| times each "
                                           "neuron's E|up x| * |down column|; act: |act| alone"),
-            threads: Optional[int] = None, dtype: Optional[str] = DTYPE):
+            threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE):
     """Record FFN activation statistics, pick sparsity thresholds, order neurons hot -> cold."""
     import torch
     from .api import default_threads

@@ -226,7 +226,10 @@ def _engine_stats(engine) -> dict:
     s = engine.stats() if hasattr(engine, "stats") else {}
     keep = ("cache_hit_rate", "store_bytes_read", "store_bytes_per_token", "mode", "compute",
             "read_ahead_hits", "demand_reads")
-    return {k: s[k] for k in keep if k in s}
+    out = {k: s[k] for k in keep if k in s}
+    if "mode" in out:
+        out["mode"] = api.mode_name(out["mode"])
+    return out
 
 
 def raise_in_log(e: Exception) -> None:
