@@ -132,7 +132,8 @@ def test_mutated_gguf_headers_fail_in_one_line(tmp_path):
         "version": (4, (99).to_bytes(4, "little")),
         "value type": (f.offset + sum(p.nbytes for p in f.parts[:2]), b"\xff\xff\x00\x00"),
         "dimension": (f.offset + sum(p.nbytes for p in f.parts[:3]), (65).to_bytes(4, "little")),
-        "tensor dims": (t.offset + sum(p.nbytes for p in t.parts[:3]), (2 ** 40).to_bytes(8, "little")),
+        "tensor dims": (t.offset + sum(p.nbytes for p in t.parts[:3]),
+                        (2 ** 40).to_bytes(8, "little")),
         "tensor name": (t.offset + 8, b"\xc3\x28"),
     }
     raw = src.read_bytes()

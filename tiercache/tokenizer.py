@@ -30,7 +30,10 @@ class Tokenizer:
 
     def _template(self, path: Path, files: dict[str, bytes]) -> str | None:
         t = files.get("chat_template.jinja")
-        t = _text(path / "chat_template.jinja", t) if t is not None else self.config.get("chat_template")
+        if t is not None:
+            t = _text(path / "chat_template.jinja", t)
+        else:
+            t = self.config.get("chat_template")
         if isinstance(t, list):  # named templates: take the default one
             t = next((x.get("template") for x in t if isinstance(x, dict)
                       and x.get("name") == "default"), None)
@@ -42,7 +45,8 @@ class Tokenizer:
         ids = gen.get("eos_token_id")
         ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
         if not all(isinstance(i, int) for i in ids):
-            raise TiercacheError(f"generation_config.json: eos_token_id is not a token id ({ids!r:.40})")
+            raise TiercacheError(f"generation_config.json: eos_token_id is not a token id "
+                                 f"({ids!r:.40})")
         ids = set(ids)
         for t in (self.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>"):
             i = self.tok.token_to_id(t) if t else None
@@ -107,7 +111,8 @@ def _check_utf8(text: str) -> None:
     except UnicodeEncodeError as e:
         bad = text[e.start]
         byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else repr(bad)
-        raise TiercacheError(f"the text is not valid UTF-8 ({byte} at character {e.start})") from None
+        raise TiercacheError(
+            f"the text is not valid UTF-8 ({byte} at character {e.start})") from None
 
 
 def _text(path: Path, data: bytes) -> str:

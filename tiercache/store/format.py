@@ -78,7 +78,8 @@ class Store:
             self.ffn_dtype = ffn["dtype"]
             self.records = dict(self.manifest["records"])
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{self.path / MANIFEST}: malformed ({type(e).__name__}: {e})") from None
+            why = f"{type(e).__name__}: {e}"
+            raise StoreError(f"{self.path / MANIFEST}: malformed ({why})") from None
         self.readahead = readahead
         integrity.check_lmdb(self.path, self.manifest.get("lmdb"))
         self.env = _open_env(self.path / "lmdb", readahead)

@@ -155,7 +155,8 @@ class GGUFSource:
             try:
                 pairs = list(self._to_hf(t.name, _dequant(t)))
             except PARSE_ERRORS as e:
-                raise TiercacheError(f"{self.path}: corrupt GGUF tensor {t.name} ({_why(e)})") from None
+                raise TiercacheError(
+                    f"{self.path}: corrupt GGUF tensor {t.name} ({_why(e)})") from None
             for name, w in pairs:
                 yield name, torch.from_numpy(w)
 

@@ -109,8 +109,9 @@ def check_lmdb(store: Path, facts: dict | None) -> None:
             if facts is None:
                 return
             if size != facts["bytes"]:
+                how = "truncated: a partial copy?" if size < facts["bytes"] else "altered"
                 raise StoreError(f"{data}: {size} bytes where the store wrote {facts['bytes']} "
-                                 f"(truncated or a partial copy)")
+                                 f"({how})")
             if _crc_pages(f, facts["structure"], facts["page_size"]) != facts["structure_crc32"]:
                 raise StoreError(f"{data}: corrupt LMDB pages (checksum mismatch)")
     except FileNotFoundError:
