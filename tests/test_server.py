@@ -278,6 +278,6 @@ def test_serve_command_on_a_free_port(stores, tmp_path):
         p.send_signal(signal.SIGINT)
         p.wait(60)
     lazy = subprocess.run([sys.executable, "-c", "import sys, tiercache.cli, tiercache.api; "
-                           "print(sorted({'fastapi', 'uvicorn', 'sse_starlette'} & "
+                           "print(sorted({'starlette', 'uvicorn', 'sse_starlette'} & "
                            "set(sys.modules)))"], env=env, capture_output=True, text=True)
     assert lazy.stdout.strip() == "[]", lazy.stderr

@@ -1,4 +1,4 @@
-"""`tiercache serve`: an OpenAI-compatible HTTP server over one engine (FastAPI + uvicorn).
+"""`tiercache serve`: an OpenAI-compatible HTTP server over one engine (Starlette + uvicorn).
 
 Imported only by `tiercache serve` (and tests), so that generate and chat never load the web
 stack. The stack is imported before the engine loads, so the engine's `--ram` budget, which

@@ -184,7 +184,7 @@ class Worker:
         except Exception as e:  # a failed request must not take the server down
             self.counters["errors"] += 1
             job.put(Event("", "error", error=f"{type(e).__name__}: {e}"))
-            raise_in_log(e)
+            log_failure(e)
 
     def _run(self, job: Job) -> None:
         s = job.sampling
@@ -232,7 +232,7 @@ def _engine_stats(engine) -> dict:
     return out
 
 
-def raise_in_log(e: Exception) -> None:
+def log_failure(e: Exception) -> None:
     """The traceback goes to the server's log, never to the client."""
     import logging
     logging.getLogger("tiercache.server").error("request failed", exc_info=e)

@@ -1,0 +1,266 @@
+"""`tiercache serve` against `tiercache generate`: time to first token and decode tok/s through
+the server, then N concurrent streaming clients for a while (errors, lost or changed tokens,
+peak memory against --ram).
+
+Both run the default model with the same --ram, threads and greedy decoding; in a cgroup-v1
+memory group capped at --ram when one can be made (RSS + page cache, as on a device), with
+read_ahead_kb 128. Loopback only: the server listens on 127.0.0.1.
+
+    python tools/bench_server.py [--ram 400M] [--clients 32] [--duration 120] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+TOPICS = ["rivers", "bread", "the moon", "bicycles", "libraries", "volcanoes", "chess", "bees"]
+PROMPT = ("Request {i}. Write a short, plain explanation of {topic} for a curious child, in "
+          "three sentences, without lists or headings. Say what it is, why it matters to "
+          "people, and one surprising fact about it.")
+
+
+def prompt(i: int) -> str:
+    return PROMPT.format(i=i, topic=TOPICS[i % len(TOPICS)])
+
+
+class Capped:
+    """A command run in a memory cgroup capped at `limit` bytes (None: no group)."""
+
+    def __init__(self, cmd: list[str], limit: int | None, env: dict):
+        import cgroup
+        self.group = None
+        if limit and cgroup.available():
+            self.group = cgroup.MEM / f"tiercache-serve-{uuid.uuid4().hex[:8]}"
+            self.group.mkdir()
+            (self.group / "memory.limit_in_bytes").write_text(str(limit))
+            cgroup.drop_caches()
+        procs = self.group / "cgroup.procs" if self.group else None
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=(lambda: procs.write_text(str(os.getpid())))
+                                     if procs else None)
+
+    def memory(self) -> dict:
+        if self.group is None:
+            return {}
+        oom = "oom_kill 1" in (self.group / "memory.oom_control").read_text()
+        return {"cgroup_max_usage": int((self.group / "memory.max_usage_in_bytes").read_text()),
+                "oom_killed": oom}
+
+    def close(self) -> None:
+        if self.group is not None:
+            try:
+                self.group.rmdir()
+            except OSError:
+                pass
+
+
+def generate_runs(store, args, env) -> list[dict]:
+    """`tiercache generate --json` per prompt, capped like the server."""
+    out = []
+    for i in range(args.repeats):
+        cmd = [sys.executable, "-m", "tiercache", "generate", str(store), "-p", prompt(i),
+               "-n", str(args.max_tokens), "--threads", str(args.threads), "--ram", args.ram,
+               "--temp", "0", "--json"]
+        run = Capped(cmd, args.limit, env)
+        stdout, stderr = run.proc.communicate(timeout=600)
+        mem = run.memory()
+        run.close()
+        if run.proc.returncode != 0:
+            raise SystemExit(f"generate failed: {stderr.strip().splitlines()[-1:]}")
+        r = json.loads(stdout.splitlines()[-1])
+        n = len(r["prompt_tokens"])
+        out.append({"ttft_s": n / r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
+                    "prompt_tokens": n, "tokens": len(r["tokens"]),
+                    "peak": mem.get("cgroup_max_usage", r["peak_memory_bytes"])})
+    return out
+
+
+def start_server(store, args, env) -> tuple[Capped, str]:
+    cmd = [sys.executable, "-m", "tiercache", "serve", str(store), "--port", "0",
+           "--threads", str(args.threads), "--ram", args.ram, "--queue", str(args.clients * 2)]
+    srv = Capped(cmd, args.limit, env)
+    for line in srv.proc.stderr:
+        if line.startswith("serving "):
+            import threading  # keep reading its log, so a full pipe never blocks it
+            threading.Thread(target=lambda: sys.stderr.writelines(srv.proc.stderr),
+                             daemon=True).start()
+            return srv, line.split(" at ")[1].split()[0].removesuffix("/v1")
+    raise SystemExit(f"serve exited ({srv.proc.wait()}) before it was ready")
+
+
+async def stream_once(client, url: str, text: str, max_tokens: int) -> dict:
+    """One streamed chat request -> text, timings, usage (or the error)."""
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0, first, parts, usage = time.perf_counter(), None, [], None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"]["message"]}
+            usage = chunk.get("usage") or usage
+            piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if piece:
+                first = first or time.perf_counter()
+                parts.append(piece)
+    end = time.perf_counter()
+    return {"text": "".join(parts), "usage": usage, "ttft_s": (first or end) - t0,
+            "decode_s": end - (first or end)}
+
+
+async def single_client(url: str, args) -> list[dict]:
+    import httpx
+    out = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(args.repeats):
+            r = await stream_once(client, url, prompt(i), args.max_tokens)
+            if "error" in r:
+                raise SystemExit(f"server: {r['error']}")
+            n = r["usage"]["completion_tokens"]
+            r["decode_tok_s"] = (n - 1) / r["decode_s"] if r["decode_s"] else 0.0
+            r["engine"] = (await client.get(url + "/stats")).json()["last_request"]
+            out.append(r)
+    return out
+
+
+async def crowd(url: str, args, expected: dict) -> dict:
+    """`clients` streaming clients, each asking in turn until the deadline."""
+    import httpx
+    deadline = time.monotonic() + args.duration
+    tally = {"requests": 0, "errors": [], "mismatches": 0, "tokens": 0, "ttft": []}
+    limits = httpx.Limits(max_connections=args.clients + 4)
+    async with httpx.AsyncClient(timeout=args.duration + 900, limits=limits) as client:
+        async def one(c: int):
+            k = c
+            while time.monotonic() < deadline:
+                i = k % len(expected)
+                r = await stream_once(client, url, prompt(i), args.crowd_tokens)
+                k += 1
+                tally["requests"] += 1
+                if "error" in r:
+                    tally["errors"].append(r["error"])
+                    continue
+                tally["tokens"] += r["usage"]["completion_tokens"]
+                tally["ttft"].append(r["ttft_s"])
+                want = expected[i]
+                if (r["text"], r["usage"]["completion_tokens"]) != want:
+                    tally["mismatches"] += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(c) for c in range(args.clients)))
+        tally["wall_s"] = time.perf_counter() - t0
+    return tally
+
+
+async def expectations(url: str, args) -> dict:
+    """Each crowd prompt's answer, asked alone first: (text, completion tokens)."""
+    import httpx
+    out = {}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(len(TOPICS)):
+            r = await stream_once(client, url, prompt(i), args.crowd_tokens)
+            out[i] = (r["text"], r["usage"]["completion_tokens"])
+    return out
+
+
+def median(xs, key):
+    return statistics.median(x[key] for x in xs)
+
+
+def report(args, gen, one, tally, mem, rss) -> str:
+    from report import commit, cpu_flags, machine
+    ttft_g, ttft_s = median(gen, "ttft_s"), median(one, "ttft_s")
+    dec_g, dec_s = median(gen, "decode_tok_s"), median(one, "decode_tok_s")
+    ttfts = sorted(tally["ttft"]) or [0.0]
+    cap = (f"cgroup-v1 memory cap {args.ram} (RSS + page cache)" if mem
+           else f"--ram {args.ram}, no cgroup (peak RSS)")
+    peak = mem.get("cgroup_max_usage", rss)
+    lines = [
+        "## Server (tools/bench_server.py)", "",
+        f"{machine()}, flags {cpu_flags()}, {args.threads} thread(s), default model "
+        f"(SmolLM2-135M-Instruct q4), greedy, {cap}, read_ahead_kb 128, loopback; "
+        f"commit {commit(ROOT)}. Each request's prompt is distinct (~{gen[0]['prompt_tokens']} "
+        f"tokens); the server reuses only the shared template prefix "
+        f"(median {median(one, 'cached')} cached tokens).", "",
+        "| path | time to first token | decode tok/s |", "|---|---|---|",
+        f"| tiercache generate (prefill time, {args.repeats} prompts, median) | "
+        f"{ttft_g * 1000:.0f} ms | {dec_g:.1f} |",
+        f"| serve, 1 streaming client (request sent to first content chunk) | "
+        f"{ttft_s * 1000:.0f} ms ({ttft_s / ttft_g - 1:+.0%}) | {dec_s:.1f} "
+        f"({dec_s / dec_g - 1:+.0%}) |", "",
+        f"{args.clients} concurrent streaming clients for {args.duration} s "
+        f"({args.crowd_tokens} tokens each, FIFO queue; {tally['wall_s']:.0f} s with the "
+        f"drain): {tally['requests']} requests, {len(tally['errors'])} errors, "
+        f"{tally['mismatches']} answers differing from the same prompt asked alone "
+        f"(lost, duplicated or changed tokens), {tally['tokens']} tokens "
+        f"({tally['tokens'] / tally['wall_s']:.1f} tok/s in all); time to first token "
+        f"p50 {ttfts[len(ttfts) // 2]:.1f} s, p95 {ttfts[int(len(ttfts) * 0.95)]:.1f} s "
+        f"(queueing); peak memory {peak / 2**20:.0f} MiB of {args.ram}"
+        f"{', OOM-killed' if mem.get('oom_killed') else ''}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--ram", default="400M")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of new requests")
+    ap.add_argument("--crowd-tokens", type=int, default=32)
+    ap.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md's section")
+    args = ap.parse_args(argv)
+    from planner.units import parse_size
+    from tiercache.hub import resolve_model
+    import cgroup
+    args.limit = parse_size(args.ram)
+    store = resolve_model(args.model)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with cgroup.read_ahead(128, store):
+        gen = generate_runs(store, args, env)
+        srv, url = start_server(store, args, env)
+        try:
+            one = asyncio.run(single_client(url, args))
+            for r in one:
+                r["cached"] = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            expected = asyncio.run(expectations(url, args))
+            tally = asyncio.run(crowd(url, args, expected))
+            import httpx
+            rss = httpx.get(url + "/stats").json()["peak_memory_bytes"]
+            mem = srv.memory()
+        finally:
+            srv.proc.send_signal(signal.SIGINT)
+            srv.proc.wait(60)
+            srv.close()
+    text = report(args, gen, one, tally, mem, rss)
+    print(text)
+    print(json.dumps({"generate": gen, "serve_one": [{k: v for k, v in r.items() if k != "text"}
+                                                     for r in one],
+                      "crowd": {**tally, "ttft": None, "errors": tally["errors"][:5]},
+                      "memory": mem, "peak_rss": rss}))
+    if args.write:
+        from report import write_section
+        write_section(ROOT / "BENCHMARKS.md", "## Server (tools/bench_server.py)", text)
+
+
+if __name__ == "__main__":
+    main()
