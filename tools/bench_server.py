@@ -68,25 +68,22 @@ class Capped:
                 pass
 
 
-def generate_runs(store, args, env) -> list[dict]:
-    """`tiercache generate --json` per prompt, capped like the server."""
-    out = []
-    for i in range(args.repeats):
-        cmd = [sys.executable, "-m", "tiercache", "generate", str(store), "-p", prompt(i),
-               "-n", str(args.max_tokens), "--threads", str(args.threads), "--ram", args.ram,
-               "--temp", "0", "--json"]
-        run = Capped(cmd, args.limit, env)
-        stdout, stderr = run.proc.communicate(timeout=600)
-        mem = run.memory()
-        run.close()
-        if run.proc.returncode != 0:
-            raise SystemExit(f"generate failed: {stderr.strip().splitlines()[-1:]}")
-        r = json.loads(stdout.splitlines()[-1])
-        n = len(r["prompt_tokens"])
-        out.append({"ttft_s": n / r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
-                    "prompt_tokens": n, "tokens": len(r["tokens"]),
-                    "peak": mem.get("cgroup_max_usage", r["peak_memory_bytes"])})
-    return out
+def generate_once(store, args, i: int, env) -> dict:
+    """`tiercache generate --json` on prompt i, capped like the server."""
+    cmd = [sys.executable, "-m", "tiercache", "generate", str(store), "-p", prompt(i),
+           "-n", str(args.max_tokens), "--threads", str(args.threads), "--ram", args.ram,
+           "--temp", "0", "--json"]
+    run = Capped(cmd, args.limit, env)
+    stdout, stderr = run.proc.communicate(timeout=600)
+    mem = run.memory()
+    run.close()
+    if run.proc.returncode != 0:
+        raise SystemExit(f"generate failed: {stderr.strip().splitlines()[-1:]}")
+    r = json.loads(stdout.splitlines()[-1])
+    n = len(r["prompt_tokens"])
+    return {"ttft_s": n / r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
+            "prompt_tokens": n, "tokens": len(r["tokens"]),
+            "peak": mem.get("cgroup_max_usage", r["peak_memory_bytes"])}
 
 
 def start_server(store, args, env) -> tuple[Capped, str]:
@@ -126,19 +123,30 @@ async def stream_once(client, url: str, text: str, max_tokens: int) -> dict:
             "decode_s": end - (first or end)}
 
 
-async def single_client(url: str, args) -> list[dict]:
+async def serve_once(url: str, args, i: int) -> dict:
+    """Prompt i through the server, streamed by one client."""
     import httpx
-    out = []
     async with httpx.AsyncClient(timeout=600) as client:
-        for i in range(args.repeats):
-            r = await stream_once(client, url, prompt(i), args.max_tokens)
-            if "error" in r:
-                raise SystemExit(f"server: {r['error']}")
-            n = r["usage"]["completion_tokens"]
-            r["decode_tok_s"] = (n - 1) / r["decode_s"] if r["decode_s"] else 0.0
-            r["engine"] = (await client.get(url + "/stats")).json()["last_request"]
-            out.append(r)
-    return out
+        r = await stream_once(client, url, prompt(i), args.max_tokens)
+        if "error" in r:
+            raise SystemExit(f"server: {r['error']}")
+        n = r["usage"]["completion_tokens"]
+        r["decode_tok_s"] = (n - 1) / r["decode_s"] if r["decode_s"] else 0.0
+        r["cached"] = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+        r["engine"] = (await client.get(url + "/stats")).json()["last_request"]
+        del r["text"]
+    return r
+
+
+def compare(store, args, env) -> tuple[list, list, Capped, str]:
+    """generate and the server in turns on the same prompts (the machine's other load then
+    falls on both alike); the server is left running."""
+    srv, url = start_server(store, args, env)
+    gen, one = [], []
+    for i in range(args.repeats):
+        gen.append(generate_once(store, args, i, env))
+        one.append(asyncio.run(serve_once(url, args, i)))
+    return gen, one, srv, url
 
 
 async def crowd(url: str, args, expected: dict) -> dict:
@@ -184,43 +192,50 @@ def median(xs, key):
     return statistics.median(x[key] for x in xs)
 
 
-def report(args, gen, one, tally, mem, rss) -> str:
+def report(args, results: dict) -> str:
     from report import commit, cpu_flags, machine
-    ttft_g, ttft_s = median(gen, "ttft_s"), median(one, "ttft_s")
-    dec_g, dec_s = median(gen, "decode_tok_s"), median(one, "decode_tok_s")
-    ttfts = sorted(tally["ttft"]) or [0.0]
-    cap = (f"cgroup-v1 memory cap {args.ram} (RSS + page cache)" if mem
-           else f"--ram {args.ram}, no cgroup (peak RSS)")
-    peak = mem.get("cgroup_max_usage", rss)
+    first = next(iter(results.values()))
+    capped = bool(first["memory"])
     lines = [
         "## Server (tools/bench_server.py)", "",
         f"{machine()}, flags {cpu_flags()}, {args.threads} thread(s), default model "
-        f"(SmolLM2-135M-Instruct q4), greedy, {cap}, read_ahead_kb 128, loopback; "
-        f"commit {commit(ROOT)}. Each request's prompt is distinct (~{gen[0]['prompt_tokens']} "
-        f"tokens); the server reuses only the shared template prefix "
-        f"(median {median(one, 'cached')} cached tokens).", "",
-        "| path | time to first token | decode tok/s |", "|---|---|---|",
-        f"| tiercache generate (prefill time, {args.repeats} prompts, median) | "
-        f"{ttft_g * 1000:.0f} ms | {dec_g:.1f} |",
-        f"| serve, 1 streaming client (request sent to first content chunk) | "
-        f"{ttft_s * 1000:.0f} ms ({ttft_s / ttft_g - 1:+.0%}) | {dec_s:.1f} "
-        f"({dec_s / dec_g - 1:+.0%}) |", "",
-        f"{args.clients} concurrent streaming clients for {args.duration} s "
-        f"({args.crowd_tokens} tokens each, FIFO queue; {tally['wall_s']:.0f} s with the "
-        f"drain): {tally['requests']} requests, {len(tally['errors'])} errors, "
-        f"{tally['mismatches']} answers differing from the same prompt asked alone "
-        f"(lost, duplicated or changed tokens), {tally['tokens']} tokens "
-        f"({tally['tokens'] / tally['wall_s']:.1f} tok/s in all); time to first token "
-        f"p50 {ttfts[len(ttfts) // 2]:.1f} s, p95 {ttfts[int(len(ttfts) * 0.95)]:.1f} s "
-        f"(queueing); peak memory {peak / 2**20:.0f} MiB of {args.ram}"
-        f"{', OOM-killed' if mem.get('oom_killed') else ''}.", ""]
+        f"(SmolLM2-135M-Instruct q4), greedy, {args.max_tokens} tokens, "
+        f"{'a cgroup-v1 memory cap equal to --ram (RSS + page cache)' if capped else 'no cgroup'}"
+        f", read_ahead_kb 128, loopback; commit {commit(ROOT)}. generate and the server take "
+        f"turns on the same {args.repeats} prompts (medians shown); each prompt is distinct "
+        f"(~{first['generate'][0]['prompt_tokens']} tokens), so the server reuses only the "
+        f"template's first tokens. Time to first token: generate's prefill time; the server's "
+        f"from sending the request to the first content chunk.", "",
+        "| --ram | generate TTFT | serve TTFT | generate decode tok/s | serve decode tok/s | "
+        "peak memory (serve) |", "|---|---|---|---|---|---|"]
+    for ram, r in results.items():
+        g, s = r["generate"], r["serve"]
+        tg, ts = median(g, "ttft_s"), median(s, "ttft_s")
+        dg, ds = median(g, "decode_tok_s"), median(s, "decode_tok_s")
+        peak = r["memory"].get("cgroup_max_usage", r["peak_rss"])
+        lines.append(f"| {ram} | {tg * 1000:.0f} ms | {ts * 1000:.0f} ms ({ts / tg - 1:+.0%}) | "
+                     f"{dg:.1f} | {ds:.1f} ({ds / dg - 1:+.0%}) | {peak / 2**20:.0f} MiB |")
+    ram, r = list(results.items())[-1]
+    t = r["crowd"]
+    ttfts = sorted(t["ttft"]) or [0.0]
+    peak = r["memory"].get("cgroup_max_usage", r["peak_rss"])
+    lines += ["",
+        f"{args.clients} concurrent streaming clients for {args.duration:.0f} s under --ram "
+        f"{ram} ({args.crowd_tokens} tokens each, FIFO queue; {t['wall_s']:.0f} s with the "
+        f"drain): {t['requests']} requests, {t['n_errors']} errors, {t['mismatches']} answers "
+        f"differing from the same prompt asked alone (lost, duplicated or changed tokens), "
+        f"{t['tokens']} tokens ({t['tokens'] / t['wall_s']:.1f} tok/s in all); time to first "
+        f"token p50 {ttfts[len(ttfts) // 2]:.1f} s, p95 {ttfts[int(len(ttfts) * 0.95)]:.1f} s "
+        f"(queueing); peak memory {peak / 2**20:.0f} MiB"
+        f"{', OOM-killed' if r['memory'].get('oom_killed') else ''}.", ""]
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--ram", default="400M")
+    ap.add_argument("--ram", default="400M", help="one budget, or several: 1G,400M (the crowd "
+                                                  "runs under the last)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -229,37 +244,40 @@ def main(argv=None):
     ap.add_argument("--crowd-tokens", type=int, default=32)
     ap.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md's section")
     args = ap.parse_args(argv)
-    from planner.units import parse_size
     from tiercache.hub import resolve_model
     import cgroup
-    args.limit = parse_size(args.ram)
     store = resolve_model(args.model)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rams, rows, results = args.ram.split(","), [], {}
     with cgroup.read_ahead(128, store):
-        gen = generate_runs(store, args, env)
-        srv, url = start_server(store, args, env)
-        try:
-            one = asyncio.run(single_client(url, args))
-            for r in one:
-                r["cached"] = r["usage"]["prompt_tokens_details"]["cached_tokens"]
-            expected = asyncio.run(expectations(url, args))
-            tally = asyncio.run(crowd(url, args, expected))
-            import httpx
-            rss = httpx.get(url + "/stats").json()["peak_memory_bytes"]
-            mem = srv.memory()
-        finally:
-            srv.proc.send_signal(signal.SIGINT)
-            srv.proc.wait(60)
-            srv.close()
-    text = report(args, gen, one, tally, mem, rss)
+        for n, ram in enumerate(rams):
+            results[ram] = run_budget(store, args, ram, env, crowd_too=n == len(rams) - 1)
+    text = report(args, results)
     print(text)
-    print(json.dumps({"generate": gen, "serve_one": [{k: v for k, v in r.items() if k != "text"}
-                                                     for r in one],
-                      "crowd": {**tally, "ttft": None, "errors": tally["errors"][:5]},
-                      "memory": mem, "peak_rss": rss}))
+    print(json.dumps(results, default=str))
     if args.write:
         from report import write_section
         write_section(ROOT / "BENCHMARKS.md", "## Server (tools/bench_server.py)", text)
+
+
+def run_budget(store, args, ram: str, env, crowd_too: bool) -> dict:
+    from planner.units import parse_size
+    args.ram, args.limit = ram, parse_size(ram)
+    gen, one, srv, url = compare(store, args, env)
+    out = {"generate": gen, "serve": one}
+    try:
+        if crowd_too:
+            expected = asyncio.run(expectations(url, args))
+            tally = asyncio.run(crowd(url, args, expected))
+            out["crowd"] = {**tally, "errors": tally["errors"][:5], "n_errors": len(tally["errors"])}
+        import httpx
+        out["peak_rss"] = httpx.get(url + "/stats").json()["peak_memory_bytes"]
+        out["memory"] = srv.memory()
+    finally:
+        srv.proc.send_signal(signal.SIGINT)
+        srv.proc.wait(60)
+        srv.close()
+    return out
 
 
 if __name__ == "__main__":

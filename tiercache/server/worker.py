@@ -189,7 +189,7 @@ class Worker:
     def _run(self, job: Job) -> None:
         s = job.sampling
         session, cached = self.pool.take(job.ids)
-        stop, n, last, finish = StopMatcher(s.stop), 0, None, None
+        stop, n, last, final = StopMatcher(s.stop), 0, None, None
         for r in api.stream_generate(self.engine, self.tok, job.ids, max_tokens=s.max_tokens,
                                      temp=s.temp, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
                                      session=session):
@@ -197,18 +197,19 @@ class Worker:
             if job.cancelled.is_set():
                 break
             text, hit = stop.feed(r.text)
-            finish = "stop" if hit else r.finish_reason
-            if finish:
-                text += "" if hit else stop.flush()
-                job.put(Event(text, finish, len(job.ids), n, cached))
+            if hit or r.finish_reason:
+                final = Event(text + ("" if hit else stop.flush()),
+                              "stop" if hit else r.finish_reason, len(job.ids), n, cached)
                 break
             if text:
                 job.put(Event(text))
-        self._account(job, n, cached, last, finish)
+        self._account(job, n, cached, last, final is not None)
+        if final is not None:  # after the counters: a client that saw its end sees them too
+            job.put(final)
 
-    def _account(self, job: Job, n: int, cached: int, last, finish) -> None:
+    def _account(self, job: Job, n: int, cached: int, last, finished: bool) -> None:
         c = self.counters
-        c["completed" if finish else "cancelled"] += 1
+        c["completed" if finished else "cancelled"] += 1
         c["prompt_tokens"] += len(job.ids)
         c["cached_tokens"] += cached
         c["completion_tokens"] += n
