@@ -301,7 +301,7 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
     few = ws[:max(2, n_mats // 8)]  # dequantizing is compute-bound: no need to overflow caches
     held = {"f32": ws, "f16": [w.half() for w in ws], "bf16": [w.bfloat16() for w in ws],
             "q8": [_q8(w) for w in few], "q4": [_q4(w) for w in few]}
-    if _HAVE_INT4():  # q4 held the way the engine holds it: torch's int4 CPU kernel
+    if int4_available():  # q4 held the way the engine holds it: torch's int4 CPU kernel
         held["q4"] = [_int4(w) for w in ws]
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):  # q8: int8 rows, torch's int8 kernel
         held["q8"] = [_int8(w) for w in ws]
@@ -309,6 +309,7 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
     X = torch.randn(128, COLS)
     out = {"device": "cpu", "matvec": {}, "matmul": {}, "dequant": {}}
     for dt, mats in held.items():
+        _check(mats[0], ws[0], X[:4], dt)
         nb = sum(_nbytes(m) for m in mats)
         mv = _best(lambda: [_mul(m, x, dt) for m in mats], reps)
         mm = _best(lambda: [_mul(m, X, dt) for m in mats[:4]], reps)
@@ -319,7 +320,7 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
                                                       for w in few]
         out["dequant"][dt] = sum(map(_nbytes, enc)) / _best(lambda: [_deq(m, dt) for m in enc],
                                                             reps)
-    if _HAVE_INT4():  # a miss read into the int4 kernel's layout (unpack + repack)
+    if int4_available():  # a miss read into the int4 kernel's layout (unpack + repack)
         enc = [_q4(w) for w in few]
         out["repack"] = {"q4": sum(map(_nbytes, enc)) / _best(
             lambda: [_repack(m) for m in enc], reps)}
@@ -327,9 +328,22 @@ def _measure_torch(n_mats: int, reps: int) -> dict:
     return out
 
 
-def _HAVE_INT4() -> bool:
-    import torch
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+def int4_available() -> bool:
+    from tiercache.engine.kernels import int4_available as ok
+    return ok()
+
+
+def _check(m, w, X, dt) -> None:
+    """A kernel's result against the float matmul of the weights it was made from, before it
+    is timed: a wrong layout would otherwise be timed (and planned for) as if it worked."""
+    ref = X @ w.T
+    err = float((_mul(m, X, dt) - ref).abs().max())
+    tol = {"f32": 1e-4, "f16": 0.02, "bf16": 0.05, "q8": 0.05, "q4": 0.3}[dt] * float(
+        ref.abs().max())
+    if not err <= tol:
+        from tiercache.errors import TiercacheError
+        raise TiercacheError(f"{dt} kernel gives wrong results on this CPU "
+                         f"(max error {err:.3g} > {tol:.3g}); not timing it")
 
 
 def _int4(w):
@@ -348,13 +362,10 @@ def _int8(w):
 
 def _repack(m):
     import torch
+    from tiercache.engine.kernels import int4_pack, int4_scales
     p, s, mn = m
     q = torch.stack([p & 0xF, p >> 4], -1).view(ROWS, COLS)
-    q = q.view(ROWS // 64, 2, 32, COLS)
-    packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
-    s, mn = s.float(), mn.float()
-    sz = torch.stack([s, mn + 8 * s], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
-    return packed, sz
+    return int4_pack(q), int4_scales(s.float(), mn.float())
 
 
 def _q8(w):
@@ -398,10 +409,8 @@ def _mul(m, x, dt):
         return torch.ops.aten._weight_int8pack_mm(x.view(-1, COLS).to(torch.bfloat16), m[1],
                                                   m[2]).float()
     if dt == "q4" and len(m) == 2:  # int4 kernel: bf16 activations, [T, K] x [N, K]^T
-        packed, sz = m
-        x2 = x.view(-1, COLS).to(torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, packed.view(ROWS, COLS // 2), GROUP, sz).float()
+        from tiercache.engine.kernels import int4_mm
+        return int4_mm(x.view(-1, COLS), *m).float()
     w = _deq(m, dt) if dt in ("q8", "q4") else m
     x = x.to(w.dtype)
     return w @ x if x.dim() == 1 else x @ w.T  # [ROWS] or [T, ROWS]

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite's own home (downloads and converted stores), never the user's ~/.cache: set before
+# any test runs so that subprocesses inherit it. Kept between runs, under the temp directory.
+os.environ["TIERCACHE_HOME"] = str(Path(tempfile.gettempdir()) / "tiercache-test-home")
+
+
+def pytest_report_header(config):
+    """Which CPU kernels this run checks: the int4 layout differs between CPUs."""
+    from tiercache.engine.kernels import cpu_capability
+    return f"tiercache: torch CPU capability {cpu_capability()}, TIERCACHE_HOME={os.environ['TIERCACHE_HOME']}"
 
 VOCAB = 256
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -1,26 +1,66 @@
 """Compute formats for weights held in RAM.
 
 q4 stores run through torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`: bf16 activations,
-groups of 32, x = (q - 8) * scale + zero). Its packed layout, found by probing torch 2.13, is
-[N/64, K, 32] bytes where byte [b, k, j] holds row 64b+j (low nibble) and row 64b+j+32 (high):
-rows move in blocks of 64, and the K axis can be sliced freely in steps of 32.
+groups of 32, x = (q - 8) * scale + zero). Its packed layout depends on the CPU torch runs on:
+rows move in blocks of BN = 64 (AVX-512) or 32 (AVX2 and others), and byte [b, k, j] holds row
+BN*b + j in its low nibble and row BN*b + j + BN/2 in its high one. Stores keep one layout on
+disk whatever the CPU (quant.py's q4k: BN = 64); `int4_layout()` finds this CPU's BN once, by
+checking a small matmul against a float reference, and records are reshuffled into it as they
+are loaded (`q4_copy`: a no-op view on AVX-512, a few byte ops on AVX2). A CPU whose layout is
+neither is not given the int4 kernel at all: its q4 stores compute in float32.
+
+In RAM a canonical block [nb, K, 32] becomes [nb, H, K, 32/H] with H = 64 / BN, so both K and
+whole 64-row blocks slice the same way in either layout.
 Everything else runs as float32 through F.linear: the exact path.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from ..store import quant
 
-_HAVE_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-
-
 _HAVE_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+@functools.cache
+def int4_layout() -> int | None:
+    """H (1: BN 64, 2: BN 32) for which torch's int4 kernel on this CPU matches a float
+    reference on a small block; None when no layout does (or the kernel is absent)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.uint8)
+    scale = torch.rand(128, 2, generator=g) * 0.1 + 0.01
+    mn = -torch.rand(128, 2, generator=g)
+    x = torch.randn(3, 64, generator=g)
+    w = (q.float().view(128, 2, 32) * scale[..., None] + mn[..., None]).view(128, 64)
+    ref = x.bfloat16().float() @ w.T
+    for h in (1, 2):
+        try:
+            y = int4_mm(x, _to_native(_pack64(q), h), int4_scales(scale, mn)).float()
+        except RuntimeError:  # the kernel refused the shape: not this layout
+            continue
+        if (y - ref).abs().max() <= 0.02 * ref.abs().max():
+            return h
+    return None
+
+
+def int4_available() -> bool:
+    return int4_layout() is not None
+
+
 def int4_ok(shape) -> bool:
-    return _HAVE_INT4 and len(shape) == 2 and shape[0] % 64 == 0 and shape[1] % 32 == 0
+    return int4_available() and len(shape) == 2 and shape[0] % 64 == 0 and shape[1] % 32 == 0
+
+
+def cpu_capability() -> str:
+    """What torch dispatches its CPU kernels for (e.g. AVX2, AVX512), and the int4 row block."""
+    h = int4_layout()
+    return f"{torch.backends.cpu.get_cpu_capability()}, int4 " + (
+        f"block {64 // h}" if h else "unavailable")
 
 
 def q4_unpack(buf, shape):
@@ -35,11 +75,54 @@ def q4_unpack(buf, shape):
     return q, scale, mn
 
 
-def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] (N % 64 == 0) -> packed uint8 [N/64, K, 32]."""
+def _pack64(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (N % 64 == 0) -> the canonical (store) layout [N/64, K, 32]."""
     n, k = q.shape
     q = q.view(n // 64, 2, 32, k)
     return (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
+
+
+def native_shape(nb: int, k: int) -> tuple:
+    """This CPU's shape of a canonical [nb, K, 32] block run: [nb, H, K, 32/H]."""
+    h = int4_layout() or 1
+    return (nb, h, k, 32 // h)
+
+
+def q4_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Canonical src [..., K, 32] -> dst [..., H, K, 32/H] in this CPU's layout. Each (block,
+    k) row of 32 bytes maps onto itself, so any slice along K or whole blocks copies alone."""
+    _copy_h(dst, src, int4_layout() or 1)
+
+
+def plain_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """The copy for everything that is not int4 nibbles (scales, int8 rows)."""
+    dst.copy_(src)
+
+
+def _copy_h(dst: torch.Tensor, src: torch.Tensor, h: int) -> None:
+    if h == 1:
+        dst.copy_(src.unsqueeze(-3))
+        return
+    lo, hi = src[..., :16], src[..., 16:]  # rows j (and j+32) | rows j+16 (and j+48)
+    dst[..., 0, :, :] = (lo & 0xF) | (hi << 4)
+    dst[..., 1, :, :] = (lo >> 4) | (hi & 0xF0)
+
+
+def _to_native(packed64: torch.Tensor, h: int) -> torch.Tensor:
+    nb, k, _ = packed64.shape
+    out = torch.empty(nb, h, k, 32 // h, dtype=torch.uint8)
+    _copy_h(out, packed64, h)
+    return out
+
+
+def to_native(packed64: torch.Tensor) -> torch.Tensor:
+    """A new tensor: canonical [nb, K, 32] in this CPU's layout (a copy even when equal)."""
+    return _to_native(packed64, int4_layout() or 1)
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (N % 64 == 0) -> this CPU's packed layout [N/64, H, K, 32/H]."""
+    return to_native(_pack64(q))
 
 
 def int4_scales(scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
@@ -48,10 +131,22 @@ def int4_scales(scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> [T, N] (bf16) for packed [N/64, K, 32], sz [K/32, N, 2]."""
-    nb, k, _ = packed.shape
+    """x [T, K] -> [T, N] (bf16) for packed (this CPU's layout, N*K/2 bytes), sz [K/32, N, 2]."""
+    n, k = sz.shape[1], x.shape[-1]
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(torch.bfloat16), packed.view(nb * 64, k // 2), quant.GROUP, sz)
+        x.to(torch.bfloat16), packed.view(n, k // 2), quant.GROUP, sz)
+
+
+def q4k_native(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """A q4k record (uint8, canonical) -> (packed, sz) in this CPU's layout, reshuffled in place
+    (the record's storage is kept; a transient copy of the packed part only)."""
+    packed64, sz = quant.q4k_views(raw, shape)
+    nb, k, _ = packed64.shape
+    h = int4_layout() or 1
+    if h != 1:
+        tmp = _to_native(packed64, h)
+        raw[:tmp.numel()].copy_(tmp.view(-1))
+    return raw[:packed64.numel()].view(native_shape(nb, k)), sz
 
 
 class QLinear(nn.Module):
@@ -60,16 +155,22 @@ class QLinear(nn.Module):
     def __init__(self, buf, shape, bias: torch.Tensor | None = None):
         super().__init__()
         q, scale, mn = q4_unpack(buf, shape)
-        self.packed, self.sz = int4_pack(q), int4_scales(scale, mn)
+        self.packed, self.sz = int4_pack(q), int4_scales(scale, mn)  # [N/64, H, K, 32/H]
         self.bias = bias
         self.shape = tuple(shape)
 
     @classmethod
-    def from_q4k(cls, raw: torch.Tensor, shape, bias: torch.Tensor | None = None) -> "QLinear":
-        """A q4k record (uint8 tensor, kept as the weights' storage): nothing repacked."""
+    def from_q4k(cls, raw: torch.Tensor, shape, bias: torch.Tensor | None = None,
+                 native: bool = False) -> "QLinear":
+        """A q4k record (uint8 tensor, kept as the weights' storage), reshuffled in place into
+        this CPU's layout unless `native` says its bytes already are."""
         m = nn.Module.__new__(cls)
         nn.Module.__init__(m)
-        m.packed, m.sz = quant.q4k_views(raw, shape)
+        if native:
+            packed64, m.sz = quant.q4k_views(raw, shape)
+            m.packed = raw[:packed64.numel()].view(native_shape(*packed64.shape[:2]))
+        else:
+            m.packed, m.sz = q4k_native(raw, shape)
         m.bias, m.shape = bias, tuple(shape)
         return m
 
@@ -81,9 +182,11 @@ class QLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows [len(ids), K] (an embedding lookup on the same bytes)."""
+        h = self.packed.shape[1]
+        bn = 64 // h
         b, j = ids // 64, ids % 64
-        byte = self.packed[b, :, j % 32]                       # [n, K]
-        q = torch.where((j >= 32).unsqueeze(1), byte >> 4, byte & 0xF).float()
+        byte = self.packed[b, j // bn, :, j % (bn // 2)]       # [n, K]
+        q = torch.where((j % bn >= bn // 2).unsqueeze(1), byte >> 4, byte & 0xF).float()
         s = self.sz[:, ids].float().repeat_interleave(quant.GROUP, dim=0).transpose(0, 1)  # [n, K, 2]
         return (q - 8) * s[..., 0] + s[..., 1]
 
@@ -144,6 +247,33 @@ def _q8_rows(mv, shape, lo: int, n: int) -> torch.Tensor:
     off = 2 * rows * g
     q = torch.frombuffer(bytearray(mv[off + lo * cols: off + (lo + n) * cols]), dtype=torch.int8)
     return (q.float().view(n, g, quant.GROUP) * sc.float().view(n, g, 1)).view(n, cols)
+
+
+# Logits from the int4/int8 kernels come back in bf16 (8 bits of mantissa: 0.125 apart at 25),
+# which turned near-ties into wrong greedy tokens on the default model (25.19 vs 25.15 became
+# 25.125 and 25.125). The head's top candidates are recomputed in float32 from the same rows.
+REFINE_TOP = 16
+
+
+class ExactTop(nn.Module):
+    """A quantized head whose top REFINE_TOP logits per position are recomputed in float32
+    (x in f32 against the dequantized rows): greedy and top-k choices then equal the float32
+    reference on the same weights; the other logits keep the kernel's bf16 precision."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h):
+        y = self.head(h)
+        x, flat = h.reshape(-1, h.shape[-1]).float(), y.view(-1, y.shape[-1])
+        top = flat.topk(min(REFINE_TOP, flat.shape[-1]), dim=-1).indices  # [T, k]
+        ids = top.unique()                                              # sorted
+        exact = x @ self.head.rows(ids).T                               # [T, u]
+        if getattr(self.head, "bias", None) is not None:
+            exact += self.head.bias[ids]
+        flat.scatter_(1, top, exact.gather(1, torch.searchsorted(ids, top)))
+        return y
 
 
 class QEmbedding(nn.Module):

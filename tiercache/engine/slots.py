@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store import quant
-from .kernels import int4_mm
+from .kernels import int4_available, int4_mm, native_shape, plain_copy, q4_copy, to_native
 
 
 class Float32Slots:
@@ -53,23 +53,23 @@ class Float32Slots:
 
 class Int4Slots:
     """q4k stores: torch's int4 CPU kernel on bf16 activations. Records are in the kernel's
-    layout (quant.py, q4k), so a miss is a copy into its slot, not a repack; slots are
-    slot-major so that copy is contiguous."""
+    canonical layout (quant.py, q4k), so a miss is a copy into its slot (reshuffled into this
+    CPU's row block by `q4_copy`), not a repack; slots are slot-major so that copy is
+    contiguous."""
 
     def __init__(self, n_slots: int, n: int, d: int, ffn_dtype: str = "q4k", row_parts: int = 1):
         self.n, self.d = n, d
         g = quant.GROUP
-        self.row_q = [torch.zeros(n_slots, n // 64, d, 32, dtype=torch.uint8)
+        self.row_q = [torch.zeros(n_slots, *native_shape(n // 64, d), dtype=torch.uint8)
                       for _ in range(row_parts)]
         self.row_sz = [torch.zeros(n_slots, d // g, n, 2, dtype=torch.bfloat16)
                        for _ in range(row_parts)]
-        self.down_q = torch.zeros(n_slots, d // 64, n, 32, dtype=torch.uint8)
+        self.down_q = torch.zeros(n_slots, *native_shape(d // 64, n), dtype=torch.uint8)
         self.down_sz = torch.zeros(n_slots, n // g, d, 2, dtype=torch.bfloat16)
 
     @staticmethod
     def supports(n: int, d: int, ffn_dtype: str, intermediate: int) -> bool:
-        from .kernels import _HAVE_INT4
-        return _HAVE_INT4 and ffn_dtype == "q4k"
+        return int4_available() and ffn_dtype == "q4k"
 
     @staticmethod
     def slot_bytes(n: int, d: int, row_parts: int = 1) -> int:
@@ -85,21 +85,22 @@ class Int4Slots:
     def write(self, slot: int, prepared) -> None:
         *rows, (dq, dsz) = prepared
         for q_pool, sz_pool, (q, sz) in zip(self.row_q, self.row_sz, rows):
-            q_pool[slot] = q
+            q4_copy(q_pool[slot], q)
             sz_pool[slot] = sz
-        self.down_q[slot] = dq
+        q4_copy(self.down_q[slot], dq)
         self.down_sz[slot] = dsz
 
     def rows(self, x, slots, part: int = 0):
         k = len(slots) * self.n
-        q = _take(self.row_q[part], slots).view(k // 64, self.d, 32)
+        q = _take(self.row_q[part], slots)  # [s, n/64, H, d, 32/H]
         sz = self.row_sz[part].index_select(0, slots).transpose(0, 1).reshape(
             self.d // quant.GROUP, k, 2)
         return int4_mm(x, q, sz).float()
 
     def down(self, h, slots):
         k = len(slots) * self.n
-        q = self.down_q.index_select(0, slots).transpose(0, 1).reshape(self.d // 64, k, 32)
+        q = self.down_q.index_select(0, slots).permute(1, 2, 0, 3, 4)  # [d/64, H, s, n, 32/H]
+        q = q.reshape(self.d // 64, q.shape[1], k, q.shape[-1])
         sz = _take(self.down_sz, slots).reshape(k // quant.GROUP, self.d, 2)
         return int4_mm(h, q, sz).float()
 
@@ -107,7 +108,7 @@ class Int4Slots:
     def gate(rows: list[tuple], dtype: str):
         views = [quant.q4k_views(torch.frombuffer(bytearray(b), dtype=torch.uint8), s)
                  for s, b in rows]
-        packed = torch.cat([q for q, _ in views])
+        packed = to_native(torch.cat([q for q, _ in views]))
         sz = torch.cat([z for _, z in views], dim=1)
         return lambda x: int4_mm(x, packed, sz).float()
 
@@ -124,46 +125,49 @@ class Block:
         joined by `torch.cat`. parts: [(shape, offset, nbytes)] of the row parts kept (gate,
         up) and then down."""
         b, copies = cls.joining(records, parts, n, d, _empty)
-        for dst, src in copies:
-            dst.copy_(src)
+        for copy, dst, src in copies:
+            copy(dst, src)
         return b
 
     @classmethod
     def joining(cls, records: list[torch.Tensor], parts: list, n: int, d: int,
                 alloc) -> tuple["Block", list]:
-        """-> (a Block whose tensors come from alloc(shape, dtype), [(dst, src)] copies that
-        fill it from the records). A streamer keeps both, to redo only the copies each token."""
+        """-> (a Block whose tensors come from alloc(shape, dtype), [(copy, dst, src)] copies
+        that fill it from the records). A streamer keeps both, to redo only the copies each
+        token."""
         g, k, half = quant.GROUP, len(records), n * d // 2
         b = cls.__new__(cls)
         b.int4 = True
         *rows, (_, off, nb) = parts
-        b.row_q = [alloc((k * n // 64, d, 32), torch.uint8) for _ in rows]  # [n, d] parts
+        b.row_q = [alloc(native_shape(k * n // 64, d), torch.uint8) for _ in rows]  # [n, d]
         b.row_sz = [alloc((d // g, k * n, 2), torch.bfloat16) for _ in rows]
-        b.down_q = alloc((d // 64, k * n, 32), torch.uint8)  # down [d, n]: joined along n
+        b.down_q = alloc(native_shape(d // 64, k * n), torch.uint8)  # down [d, n]: along n
+        h = b.down_q.shape[1]
         b.down_sz = alloc((k * n // g, d, 2), torch.bfloat16)
         copies = []
         for lo, recs in _runs(records):
             j, hi = len(recs), lo + len(recs)
             for (_, o, size), out_q, out_sz in zip(rows, b.row_q, b.row_sz):
                 q = recs[:, o:o + half].view(j, n // 64, d, 32)
-                copies.append((out_q[lo * n // 64:hi * n // 64].view(q.shape), q))
+                dst = out_q[lo * n // 64:hi * n // 64].view(j, n // 64, h, d, 32 // h)
+                copies.append((q4_copy, dst, q))
                 sz = recs[:, o + half:o + size].view(torch.bfloat16).view(j, d // g, n, 2)
-                copies.append((out_sz[:, lo * n:hi * n].view(d // g, j, n, 2),
+                copies.append((plain_copy, out_sz[:, lo * n:hi * n].view(d // g, j, n, 2),
                                sz.permute(1, 0, 2, 3)))
             q = recs[:, off:off + half].view(j, d // 64, n, 32)
-            copies.append((b.down_q[:, lo * n:hi * n].view(d // 64, j, n, 32),
-                           q.permute(1, 0, 2, 3)))
+            dst = b.down_q[:, :, lo * n:hi * n].view(d // 64, h, j, n, 32 // h).transpose(1, 2)
+            copies.append((q4_copy, dst, q.permute(1, 0, 2, 3)))
             sz = recs[:, off + half:off + nb].view(torch.bfloat16).view(j, n // g, d, 2)
-            copies.append((b.down_sz[lo * n // g:hi * n // g].view(sz.shape), sz))
+            copies.append((plain_copy, b.down_sz[lo * n // g:hi * n // g].view(sz.shape), sz))
         return b, copies
 
     def __init__(self, slots_cls, prepared: list):
         self.int4 = slots_cls is Int4Slots
         *rows, down = zip(*prepared)
         if self.int4:
-            self.row_q = [torch.cat([q for q, _ in r]) for r in rows]
+            self.row_q = [to_native(torch.cat([q for q, _ in r])) for r in rows]
             self.row_sz = [torch.cat([sz for _, sz in r], dim=1) for r in rows]
-            self.down_q = torch.cat([q for q, _ in down], dim=1)
+            self.down_q = to_native(torch.cat([q for q, _ in down], dim=1))
             self.down_sz = torch.cat([sz for _, sz in down])
         else:
             self.row_w = [torch.cat(r) for r in rows]

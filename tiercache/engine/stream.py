@@ -21,7 +21,7 @@ from torch import nn
 
 from ..store.format import cluster_key, tensor_key
 from ..store.reader import aligned_buffer
-from .kernels import QLinear
+from .kernels import QLinear, native_shape, plain_copy, q4_copy
 from .slots import Block
 
 HEAD_SLICE = 2 << 20  # bytes of head rows per unit: about one layer's streamed weights
@@ -136,8 +136,8 @@ class Streamer:
             if key not in self.bound:
                 self.bound[key] = self._bind(i, buf, arena.reset())
             out, copies, fresh = self.bound[key]
-            for dst, src in copies:
-                dst.copy_(src)
+            for copy, dst, src in copies:
+                copy(dst, src)
             if fresh is not None:  # float32 slots decode: a new Block each read, no arena
                 out = {**out, "ffn": self.engine.join_clusters(self.units[i].ffn, fresh)}
             fut.set_result(out)
@@ -153,12 +153,15 @@ class Streamer:
             lo, hi = unit.rows
             src = buf[plan.at[0]:plan.at[0] + (hi - lo) * eng.d].view(torch.int8)
             out["head"] = arena.take((hi - lo, eng.d), torch.int8)
-            return out, [(out["head"], src.view(hi - lo, eng.d))], None
+            return out, [(plain_copy, out["head"], src.view(hi - lo, eng.d))], None
         recs = [buf[at:at + eng.store.records[k][0]] for k, at in zip(plan.keys, plan.at)]
         for (mod, (t, shape)), rec in zip(unit.attn.items(), recs):
             dst = arena.take(rec.shape, torch.uint8)
-            copies.append((dst, rec))
-            out[mod] = QLinear.from_q4k(dst, shape, eng.bias(t))
+            half = shape[0] * shape[1] // 2  # packed nibbles (reshuffled for this CPU) | scales
+            packed = rec[:half].view(shape[0] // 64, shape[1], 32)
+            copies.append((q4_copy, dst[:half].view(native_shape(*packed.shape[:2])), packed))
+            copies.append((plain_copy, dst[half:], rec[half:]))
+            out[mod] = QLinear.from_q4k(dst, shape, eng.bias(t), native=True)
         ffn = recs[len(unit.attn):]
         if ffn and not eng.int4:
             return out, copies, ffn
@@ -187,9 +190,15 @@ class StreamedHead(nn.Module):
     """A q8r head whose rows are read slice by slice each token (scales stay pinned): logits
     [.., V] filled slice by slice through torch's int8 kernel."""
 
-    def __init__(self, streamer: Streamer, units: list[int], scale: torch.Tensor, shape):
+    def __init__(self, streamer: Streamer, units: list[int], scale: torch.Tensor, shape,
+                 reader, name: str):
         super().__init__()
         self.streamer, self.units, self.scale, self.shape = streamer, units, scale, tuple(shape)
+        self.reader, self.key = reader, tensor_key(name).decode()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows [len(ids), d] (the head's top candidates): small private reads."""
+        return _q8r_rows(self.reader, self.key, self.scale, ids.tolist(), self.shape[1])
 
     def forward(self, h):
         x = h.reshape(-1, h.shape[-1]).to(torch.bfloat16)
@@ -210,12 +219,17 @@ class StreamedEmbedding(nn.Module):
         self.d = shape[1]
 
     def forward(self, ids):
-        flat = ids.reshape(-1).tolist()
-        rows = torch.empty(len(flat), self.d)
-        for j, t in enumerate(flat):
-            raw = self.reader.read_range(self.key, t * self.d, self.d, private=True)
-            rows[j] = raw.view(torch.int8).float() * self.scale[t].float()
+        rows = _q8r_rows(self.reader, self.key, self.scale, ids.reshape(-1).tolist(), self.d)
         return rows.view(*ids.shape, self.d)
+
+
+def _q8r_rows(reader, key: str, scale: torch.Tensor, ids: list[int], d: int) -> torch.Tensor:
+    """Rows of a streamed q8r matrix as float32 [len(ids), d]: one small private read each."""
+    out = torch.empty(len(ids), d)
+    for j, t in enumerate(ids):
+        raw = reader.read_range(key, t * d, d, private=True)
+        out[j] = raw.view(torch.int8).float() * scale[t].float()
+    return out
 
 
 def q8r_scales(reader, name: str, shape) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
 from .dense import Engine
 from ..models.kv import KVCache
-from .kernels import _HAVE_INT8, Q8Linear, QEmbedding, QLinear, int4_ok
+from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok
 from .predictor import Predictor, predictor_key, record_bytes
 from .slots import Block, Float32Slots, Int4Slots
 from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, Unit,
@@ -439,7 +439,8 @@ class TieredEngine(Engine):
             shape = self.tensors[self.head_name]["shape"]
             scale = q8r_scales(self.reader, self.head_name, shape)
             heads = [i for i, u in enumerate(st.units) if u.rows]
-            model.lm_head = StreamedHead(st, heads, scale, shape)
+            model.lm_head = ExactTop(StreamedHead(st, heads, scale, shape, self.reader,
+                                                  self.head_name))
             if a.tie_word_embeddings:
                 model.model.embed_tokens = StreamedEmbedding(self.reader, self.head_name, scale,
                                                              shape)
@@ -447,7 +448,7 @@ class TieredEngine(Engine):
             head = self._q4_linear("model.embed_tokens.weight")
             if head is not None:
                 model.model.embed_tokens = QEmbedding(head)
-                model.lm_head = head
+                model.lm_head = ExactTop(head)
         if not a.tie_word_embeddings:
             emb = self.tensors["model.embed_tokens.weight"]
             if emb["dtype"] in ("q8r", "q4k"):  # no float copy of it
@@ -455,7 +456,7 @@ class TieredEngine(Engine):
             if b.head_pinned:
                 q = self._q4_linear("lm_head.weight")
                 if q is not None:
-                    model.lm_head = q
+                    model.lm_head = ExactTop(q)
         for l, layer in enumerate(model.model.layers):
             att = layer.self_attn
             unit = st.unit_of(l)

@@ -1,0 +1,84 @@
+"""The CPU kernels against float references, on this CPU: the int4 kernel's packed layout
+differs between CPUs (row blocks of 64 on AVX-512, 32 on AVX2), so the layout the engine uses
+is checked here, not assumed."""
+import pytest
+import torch
+
+from tiercache.engine import kernels
+from tiercache.engine.slots import Block, Float32Slots, Int4Slots
+from tiercache.store import quant
+
+needs_int4 = pytest.mark.skipif(not kernels.int4_available(),
+                                reason=f"no int4 layout verified on this CPU "
+                                       f"({torch.backends.cpu.get_cpu_capability()})")
+
+
+def _q4k(rows, cols, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    raw = torch.frombuffer(bytearray(quant.encode(w, "q4k")), dtype=torch.uint8)
+    return raw, quant.decode(raw.clone(), (rows, cols), "q4k")
+
+
+def _check(got, ref, what, rel=0.02):
+    err = (got - ref).abs()
+    assert err.max() <= rel * ref.abs().max(), (
+        f"{what} on {kernels.cpu_capability()}: max {err.max():.3g} mean {err.mean():.3g} "
+        f"against |ref| max {ref.abs().max():.3g}")
+
+
+def test_layout_verified_when_the_kernel_exists():
+    """The self-check finds a layout wherever torch has the kernel (a CPU where neither known
+    layout verifies would silently lose the int4 path: that should be noticed)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("torch has no int4 CPU kernel")
+    assert kernels.int4_layout() in (1, 2), kernels.cpu_capability()
+
+
+@needs_int4
+def test_pack_equals_torchs_own_conversion():
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        pytest.skip("torch has no int4 conversion op")
+    q = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(3),
+                      dtype=torch.uint8)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    assert torch.equal(kernels.int4_pack(q).reshape(ref.shape), ref)
+
+
+@needs_int4
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_qlinear_from_store_record_matches_dequantized(tokens):
+    raw, w = _q4k(128, 96)
+    lin = kernels.QLinear.from_q4k(raw, (128, 96))
+    x = torch.randn(tokens, 96)
+    _check(lin(x), x.bfloat16().float() @ w.T, "QLinear")
+    ids = torch.tensor([0, 17, 31, 32, 63, 64, 100, 127])
+    assert torch.allclose(lin.rows(ids), w[ids], atol=1e-2), "embedding rows"
+
+
+@needs_int4
+def test_slots_and_blocks_match_float32_slots():
+    """Clusters through the int4 slot pool, a Block joined from records (the streamer's path)
+    and one built from prepared slots all equal the float32 slots on the same records."""
+    n, d, k = 64, 128, 3
+    gate_up = [_q4k(n, d, seed=i)[0] for i in range(k)]
+    down = [_q4k(d, n, seed=10 + i)[0] for i in range(k)]
+    parts = [[((n, d), bytes(g.numpy())), ((d, n), bytes(dn.numpy()))]
+             for g, dn in zip(gate_up, down)]
+    ref = Float32Slots(k, n, d, "q4k")
+    fast = Int4Slots(k, n, d)
+    for i, p in enumerate(parts):
+        ref.write(i, ref.prepare(p))
+        fast.write(i, fast.prepare(p))
+    slots = torch.tensor([2, 0])
+    x, h = torch.randn(2, d), torch.randn(2, 2 * n)
+    _check(fast.rows(x, slots), ref.rows(x.bfloat16().float(), slots), "Int4Slots.rows")
+    _check(fast.down(h, slots), ref.down(h.bfloat16().float(), slots), "Int4Slots.down")
+    recs = [torch.cat([g, dn]) for g, dn in zip(gate_up, down)]
+    half = n * d // 2 + n * d // 32 * 4
+    joined = Block.joined(recs, [((n, d), 0, half), ((d, n), half, half)], n, d)
+    built = Block(Int4Slots, [fast.prepare(p) for p in parts])
+    all3 = torch.arange(k)
+    for b, what in ((joined, "Block.joined"), (built, "Block")):
+        _check(b.rows(x), ref.rows(x.bfloat16().float(), all3), what + ".rows")
+        h3 = torch.randn(2, k * n)
+        _check(b.down(h3), ref.down(h3.bfloat16().float(), all3), what + ".down")
