@@ -237,6 +237,9 @@ def test_api_key_and_body_limit(loaded):
         r = _post(url, json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}),
                   {"authorization": "Bearer s3cret"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        chunked = httpx.post(url + "/v1/chat/completions", content=iter([b"{" + b" " * 3000] * 3),
+                             headers={"authorization": "Bearer s3cret"})  # no Content-Length
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
         assert chat(client(url, "s3cret"), "abc", max_tokens=3).choices[0].message.content == \
             reference(loaded, "abc", 3)
     worker.close()

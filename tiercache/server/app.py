@@ -287,7 +287,22 @@ class Guard:
             refusal = self._refusal(scope)
             if refusal is not None:
                 return await refusal(scope, receive, send)
+            receive = self._counted(receive)
         await self.app(scope, receive, send)
+
+    def _counted(self, receive):
+        """A body sent without Content-Length (chunked) is cut off at max_body as it comes."""
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise ApiError(413, f"request body over {self.max_body} bytes",
+                               code="request_too_large")
+            return message
+        return counted
 
     def _refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
