@@ -54,7 +54,7 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
     if engine == "dense":
-        eng = load_dense(Store(path))
+        eng = load_dense(Store(path), context=context)
     else:
         if plan is not None:
             from planner.search import load_plan

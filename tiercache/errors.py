@@ -22,6 +22,10 @@ def warn(message: str) -> None:
     warnings.warn(message, TiercacheWarning, stacklevel=3)
 
 
+class ContextError(TiercacheError):
+    """More positions than the context (--context, or the model's own limit) holds."""
+
+
 class BudgetError(TiercacheError):
     """A memory budget that cannot hold what the run needs; the message carries the numbers."""
 

@@ -101,14 +101,23 @@ def _chunks(ids: list[int], size: int):
     return [ids[i:i + size] for i in range(0, len(ids) - 1, size) if len(ids[i:i + size]) > 1]
 
 
+EVAL_LOGIT_BYTES = 8 << 20
+
+
 @torch.inference_mode()
 def perplexity(engine, ids: list[int], chunk: int = 256, progress: bool = False) -> float:
     """exp(mean NLL) of each chunk's next tokens, each chunk from an empty cache."""
     nll, n = 0.0, 0
+    # logits [rows, V] and their log-softmax stay within EVAL_LOGIT_BYTES (a whole chunk's
+    # were 50 MB each on SmolLM2: past a RAM budget's working space, OOM-killed under a cap)
+    rows = max(1, EVAL_LOGIT_BYTES // (8 * engine.args.vocab_size))
     for c in tqdm(_chunks(ids, chunk), desc="eval", unit="chunk", disable=not progress):
-        logits = engine.logits(engine.new_session(), c[:-1])
-        nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(c[1:]),
-                                                 reduction="sum").item()
+        session = engine.new_session()
+        for lo in range(0, len(c) - 1, rows):
+            logits = engine.logits(session, c[lo:min(lo + rows, len(c) - 1)])
+            target = torch.tensor(c[lo + 1:lo + 1 + len(logits)])
+            nll += torch.nn.functional.cross_entropy(logits.float(), target,
+                                                     reduction="sum").item()
         n += len(c) - 1
     return math.exp(nll / n)
 

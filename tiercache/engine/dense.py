@@ -14,14 +14,16 @@ class Engine:
 
     backend = "torch"
 
-    def __init__(self, store: Store, model: Model):
+    def __init__(self, store: Store, model: Model, context: int | None = None):
         self.store, self.model, self.args = store, model, model.args
+        self.context = context_limit(model.args, context)
 
     def new_session(self) -> Session:
-        return Session(self, self.model.make_cache())
+        return Session(self, self.model.make_cache(), limit=self.context)
 
     def forward_ids(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Run new ids through the model (torch); -> logits [V] of the last position."""
+        session.check(len(ids))
         x = torch.tensor([ids], dtype=torch.long)
         logits = self.model(x, session.caches, last_only=True)
         session.tokens.extend(ids)
@@ -37,13 +39,20 @@ class Engine:
     @torch.inference_mode()
     def logits(self, session: Session, ids: list[int]) -> torch.Tensor:
         """All positions' logits [T, V] (for evaluation and parity tests)."""
+        session.check(len(ids))
         x = torch.tensor([ids], dtype=torch.long)
         out = self.model(x, session.caches)
         session.tokens.extend(ids)
         return out[0]
 
 
-def load_dense(store: Store, dtype=torch.float32) -> Engine:
+def context_limit(args, context: int | None) -> int:
+    """Positions a session may hold: the asked context, never past the model's own."""
+    limit = args.max_position_embeddings
+    return limit if context is None else min(context, limit)
+
+
+def load_dense(store: Store, dtype=torch.float32, context: int | None = None) -> Engine:
     with torch.device("meta"):
         model = Model(store.args)
     model = materialize(model, dtype)
@@ -52,7 +61,7 @@ def load_dense(store: Store, dtype=torch.float32) -> Engine:
     missing = model.missing(loaded)
     if missing:
         raise StoreError(f"{store.path}: store lacks {len(missing)} weights, e.g. {missing[0]}")
-    return Engine(store, model.eval())
+    return Engine(store, model.eval(), context)
 
 
 def _rope(store: Store):

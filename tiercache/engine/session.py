@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from ..errors import ContextError
 from .sample import Sampler
 
 
@@ -15,6 +16,21 @@ class Session:
     engine: "object"
     caches: list
     tokens: list[int] = field(default_factory=list)
+    limit: int = 1 << 62  # positions the KV cache may hold: the context
+
+    def check(self, new: int, generate: int = 0) -> None:
+        """Refuse, before any compute, `new` positions and `generate` tokens to follow them
+        (the last never fed back) that would take the cache past its context."""
+        have = len(self.tokens)
+        if have + new + max(0, generate - 1) <= self.limit:
+            return
+        what = f"{have} cached + " if have else ""
+        fits = (f"; at most {self.limit - have - new + 1} new tokens fit"
+                if generate and have + new < self.limit else "")
+        raise ContextError(f"{what}{new} prompt tokens + {generate} to generate exceed the "
+                           f"context of {self.limit} tokens{fits} (a larger --context, up to "
+                           f"the model's {self.engine.args.max_position_embeddings}, costs "
+                           f"KV memory)")
 
     def reuse_prefix(self, ids: list[int]) -> list[int]:
         """Keep the cached prefix shared with `ids`; return the ids still to be prefilled."""
@@ -60,6 +76,7 @@ def generate_step(session: Session, prompt: list[int], sampler: Sampler, max_tok
     engine = session.engine
     stats = stats if stats is not None else StepStats()
     new = session.reuse_prefix(prompt)
+    session.check(len(new), max_tokens)
     t0 = time.perf_counter()
     logits = engine.prefill(session, new)
     stats.prompt_tokens, stats.prefill_s = len(new), time.perf_counter() - t0

@@ -31,7 +31,7 @@ from ..models.llama import ACTS, MoE, rope_inv_freq
 from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
-from .dense import Engine
+from .dense import Engine, context_limit
 from ..models.kv import KVCache
 from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok
 from .predictor import Predictor, predictor_key, record_bytes
@@ -140,6 +140,7 @@ class TieredEngine(Engine):
 
     def __init__(self, store: Store, cfg: TierConfig):
         self.cfg, self.store, self.args = cfg, store, store.args
+        self.context = context_limit(store.args, cfg.context)
         a = store.args
         self.n, self.d = store.cluster_size, a.hidden_size
         self.n_clusters = store.n_clusters
@@ -343,7 +344,7 @@ class TieredEngine(Engine):
         return (one + per_neuron) * units
 
     def _kv_bytes(self) -> int:
-        positions = -(-self.cfg.context // KVCache.step) * KVCache.step  # it grows in steps
+        positions = -(-self.context // KVCache.step) * KVCache.step  # it grows in steps
         return self._kv_bytes_for(positions)
 
     def _kv_bytes_for(self, positions: int) -> int:
@@ -771,6 +772,7 @@ class TieredEngine(Engine):
     def prefill(self, session, ids: list[int]) -> torch.Tensor:
         """The prompt in chunks under a RAM budget: activations stay inside SLACK whatever
         its length (streamed weights are then read once per chunk)."""
+        session.check(len(ids))  # all of it, before a chunk is computed
         step = PREFILL_CHUNK if self.cfg.ram_bytes is not None else max(1, len(ids))
         chunks = [ids[lo:lo + step] for lo in range(0, len(ids), step)] or [ids]
         for chunk in chunks[:-1]:
