@@ -256,13 +256,18 @@ def test_live_writers_and_unknown_leftovers(store, tmp_path):
 
 
 # -- options ---------------------------------------------------------------------------------------
-def test_out_of_range_options_and_bad_prompts(store, tmp_path):
+def test_out_of_range_options_and_bad_prompts(store, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from tiercache.cli import app
+    monkeypatch.setenv("TIERCACHE_HOME", str(tmp_path / "home"))
+    for flags, words in ((["-n", "-1"], "--max-tokens must be an integer >= 1"),
+                         (["--temp", "-1"], "--temp must be"), (["--threads", "0"], "--threads"),
+                         (["--top-p", "nan"], "--top-p"),
+                         (["-p", "", "--no-chat-template"], "the prompt is empty")):
+        res = CliRunner().invoke(app, ["generate", str(store), "-p", "hi", *flags])
+        assert isinstance(res.exception, TiercacheError), res.output  # main() prints one line
+        assert words in str(res.exception) and "\n" not in str(res.exception)
     home = tmp_path / "home"
-    for flags, words in ((["-n", "-1"], "--max-tokens"), (["--temp", "-1"], "--temp"),
-                         (["--threads", "0"], "--threads")):
-        one_line_error(run_cli("generate", str(store), "-p", "hi", *flags, home=home), *words)
-    r = run_cli("generate", str(store), "-p", "", "--no-chat-template", home=home)
-    one_line_error(r, "prompt is empty")
     r = subprocess.run([sys.executable, "-m", "tiercache", "generate", str(store), "-p",
                         b"caf\xe9 \xff", "-n", "1", "--threads", "999"], capture_output=True,
                        env={**os.environ, "TIERCACHE_HOME": str(home)}, timeout=300)
