@@ -458,29 +458,35 @@ def _prefill_lines(res: dict) -> list[str]:
 
 def _memory_table(res: dict) -> list[str]:
     """Each engine's pages by kind at the largest cap (everything fits): the runtime before the
-    model loads, and after decoding; non-weight = resident - weight bytes, valid only where
-    every weight is resident."""
-    out = ["Memory by kind at the largest cap (from /proc/PID/status and smaps, first run "
-           "of each thread count; MiB). Non-weight footprint = RssAnon + RssFile - weight bytes "
-           "(GGUF size for llama.cpp, the store's weight bytes for tiercache), given only where "
-           "every weight is resident.", "",
-           "| engine | threads | runtime before load: anon / file | after decode: anon / file "
-           "| of which mapped model file | weights | non-weight footprint |",
+    model loads, and after decoding. Non-weight = anonymous pages less the weights held there
+    (llama.cpp: its CPU_REPACK buffer, Q4_0 repacked for this CPU; tiercache: its resident
+    weight bytes) + file-backed pages less the model file's."""
+    out = ["Memory by kind at the largest cap (/proc/PID/status and smaps; MiB). Weights in anon: "
+           "llama.cpp's CPU_REPACK buffer (it copies Q4_0 matrices into anonymous memory, "
+           "repacked for AVX2; the embedding stays mapped from the file), tiercache's store "
+           "weight bytes. Non-weight footprint = (anon - weights in anon) + (file - model "
+           "file pages), given only where every weight is resident. The runtime's shared "
+           "libraries may already be in the page cache through other processes on this machine, "
+           "so a cgroup's peak can be below its RSS.", "",
+           "| engine | threads | before load: anon / file | after decode: anon / file | model "
+           "file pages | weights in anon | non-weight: anon + file = total |",
            "|---|---|---|---|---|---|---|"]
     run = res["runs"][0]
     for row in (r for r in run["rows"] if r["cap"] == run["rows"][0]["cap"]):
-        for eng, label in (("llama", "llama.cpp"), ("tiercache", "tiercache")):
+        for eng in ("llama", "tiercache"):
             r = row[eng]
             if r.get("error") or "memory" not in r:
                 continue
             b, f = r["memory"]["before_load"], r["memory"]["after"]
-            w = run["gguf_bytes"] if eng == "llama" else r.get("weight_bytes", 0)
+            w = (sum(v for k, v in r.get("buffers", {}).items() if k.endswith("REPACK model"))
+                 if eng == "llama" else r.get("weight_bytes", 0))
+            anon, file = (f["RssAnon"] - w) / MB, (f["RssFile"] - f["model_file"]) / MB
             resident = eng == "llama" or r.get("store_bytes_per_token", 1) == 0
-            nw = (f"{(f['RssAnon'] + f['RssFile'] - w) / MB:.0f}" if resident
-                  else "- (weights streamed)")
-            out.append(f"| {label} | {row['threads']} | {b['RssAnon'] / MB:.0f} / "
-                       f"{b['RssFile'] / MB:.0f} | {f['RssAnon'] / MB:.0f} / {f['RssFile'] / MB:.0f}"
-                       f" | {f['model_file'] / MB:.0f} | {w / MB:.0f} | {nw} |")
+            nw = f"{anon:.0f} + {file:.0f} = {anon + file:.0f}" if resident else "- (streamed)"
+            out.append(f"| {'llama.cpp' if eng == 'llama' else eng} | {row['threads']} | "
+                       f"{b['RssAnon'] / MB:.0f} / {b['RssFile'] / MB:.0f} | "
+                       f"{f['RssAnon'] / MB:.0f} / {f['RssFile'] / MB:.0f} | "
+                       f"{f['model_file'] / MB:.0f} | {w / MB:.0f} | {nw} |")
     return out
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import tempfile
 import time
 
 MODEL_FILES = ("data.mdb",)  # a tiercache store's mapped file; a GGUF is mapped by its path
@@ -51,11 +53,39 @@ def memory(before: dict, model: str) -> dict:
     return {"before_load": before, "after": {**rss(), "model_file": mapped_rss(model)}}
 
 
+BUFFER_RE = re.compile(r"(\S+) (model|KV|compute|output) buffer size =\s*([\d.]+) MiB")
+
+
+def llama_buffers(log: str) -> dict:
+    """llama.cpp's own buffers from its load log, bytes: 'CPU_REPACK model' is weights copied
+    into anonymous memory (Q4_0 repacked for this CPU), 'CPU_Mapped model' the mmapped file."""
+    out = {}
+    for kind, what, mib in BUFFER_RE.findall(log):
+        key = f"{kind} {what}"
+        out[key] = out.get(key, 0) + int(float(mib) * 2**20)
+    return out
+
+
+def with_stderr(fn):
+    """fn() -> (its result, what was written to fd 2 meanwhile): llama.cpp logs from C."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        return result, tmp.read().decode(errors="replace")
+
+
 def run_llama(a, ids):
     import llama_cpp
     before = rss()
-    llm = llama_cpp.Llama(a.model, n_ctx=len(ids) + a.decode + 8, n_threads=a.threads,
-                          n_threads_batch=a.threads, n_batch=512, verbose=False)
+    llm, log = with_stderr(lambda: llama_cpp.Llama(
+        a.model, n_ctx=len(ids) + a.decode + 8, n_threads=a.threads,
+        n_threads_batch=a.threads, n_batch=512, verbose=True))
     t0 = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - t0
@@ -71,7 +101,7 @@ def run_llama(a, ids):
     return {"prefill_tok_s": len(ids) / prefill, "decode_tok_s": n / took if n else 0.0,
             "decode_tok_s_median": _median_rate(steps), "decode_tokens": n, "tokens": tokens,
             "prompt_tokens": len(ids), "memory": memory(before, a.model),
-            "version": llama_cpp.__version__}
+            "buffers": llama_buffers(log), "version": llama_cpp.__version__}
 
 
 def _median_rate(steps: list[float]) -> float:
