@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -95,13 +96,16 @@ def disk_bytes(path: Path) -> int:
 
 def measure(engine: str, model: Path, prompt: Path, cap: int | None, threads: int,
             decode: int = 64, ram: int | None = None, read_bps=None, timeout: float = 240,
-            max_seconds: float = 60) -> dict:
+            max_seconds: float = 60, src: Path | None = None) -> dict:
     cmd = [sys.executable, str(ROOT / "tools" / "bench_worker.py"), engine, str(model),
            "--prompt-ids", str(prompt), "--threads", str(threads), "--decode", str(decode),
            "--max-seconds", str(max_seconds)]
     if engine == "tiercache" and ram:
         cmd += ["--ram", str(ram)]
-    r = cgroup.run_capped(cmd, cap, read_bps=read_bps, timeout=timeout)
+    env = None
+    if src is not None and engine == "tiercache":  # the engine as committed, not as edited
+        env = {**os.environ, "PYTHONPATH": str(src)}
+    r = cgroup.run_capped(cmd, cap, read_bps=read_bps, timeout=timeout, env=env)
     out = {"cap": cap, "max_usage": r["max_usage"], "oom": r["oom"], "rc": r["rc"]}
     if r["rc"] == 0:
         out.update(json.loads(r["stdout"].strip().splitlines()[-1]))
@@ -311,7 +315,7 @@ def both(m: dict, cap: int, threads: int, a, n_prompt: int = 128, decode: int | 
     """llama.cpp then tiercache (--ram = cap) at one cap: {engine: measured}."""
     decode = a.decode if decode is None else decode
     return {eng: measure(eng, model, m["prompts"][n_prompt], cap, threads, decode=decode,
-                         ram=cap, timeout=a.timeout, max_seconds=a.max_seconds)
+                         ram=cap, timeout=a.timeout, max_seconds=a.max_seconds, src=a.src)
             for eng, model in (("llama", m["gguf"]), ("tiercache", m["store"]))}
 
 
@@ -340,17 +344,35 @@ def caps_main(a):
     skews = a.skews or ([1.0, 4.0] if shape == "moe" else [1.0])
     caps = sorted((int(c * MB) for c in (a.caps or DEFAULT_CAPS[shape])), reverse=True)
     models = [synth_model(work, shape, s) for s in skews]  # before the clock and the settings
+    a.src, measured = engine_source(a.rev, work)
     t0 = time.time()
     with cgroup.read_ahead(a.read_ahead_kb, work) as ra:
         runs = [sweep(m, caps, a) for m in models]
     s = synth.SHAPES[shape]
     result = {"shape": shape, "note": s.note, "params": s.params(49152), "threads": a.threads,
               "read_ahead_kb": ra, "machine": machine(), "cpu_flags": cpu_flags(),
-              "commit": commit(ROOT), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "commit": measured, "date": time.strftime("%Y-%m-%d %H:%M"),
               "seconds": time.time() - t0, "decode": a.decode, "runs": runs,
               "skew_experts": 2, "dims": vars(s)}
     (work / f"bench-caps-{shape}.json").write_text(json.dumps(result, indent=1))
     write_caps_report(result, a.out)
+
+
+def engine_source(rev: str, work: Path) -> tuple[Path | None, str]:
+    """(PYTHONPATH for tiercache runs, the commit measured). A revision is exported with
+    `git archive` (the repository is only read), so that engine edits in progress in the
+    working tree do not leak into the figures; 'worktree' measures the working tree as is."""
+    if rev == "worktree":
+        return None, commit(ROOT) + " (working tree)"
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dest = work / "src" / sha
+    if not (dest / "tiercache").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "tiercache", "backends",
+                              "planner"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return dest, sha
 
 
 def caps_title(shape: str) -> str:
@@ -503,6 +525,8 @@ def main():
     c.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     c.add_argument("--decode", type=int, default=32)
     c.add_argument("--read-ahead-kb", type=int, default=128)
+    c.add_argument("--rev", default="HEAD", help="tiercache revision to measure (exported with "
+                   "git archive), or 'worktree' for the working tree as is")
     c.add_argument("--no-prefill512", action="store_true")
     c.add_argument("--timeout", type=float, default=400, help="seconds per run")
     c.add_argument("--max-seconds", type=float, default=90, help="decoding stops after this")

@@ -26,7 +26,8 @@ def drop_caches() -> None:
 
 
 def run_capped(cmd: list[str], limit: int | None, timeout: float = 600,
-               read_bps: int | None = None, device: str = "254:0") -> dict:
+               read_bps: int | None = None, device: str = "254:0",
+               env: dict | None = None) -> dict:
     """Run cmd with memory (and read bandwidth) capped -> {rc, stdout, stderr, max_usage, oom}."""
     name = f"tiercache-bench-{uuid.uuid4().hex[:8]}"
     mem = MEM / name
@@ -47,7 +48,7 @@ def run_capped(cmd: list[str], limit: int | None, timeout: float = 600,
         drop_caches()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                               preexec_fn=enter)
+                               preexec_fn=enter, env=env)
             rc, out, err = r.returncode, r.stdout, r.stderr
         except subprocess.TimeoutExpired as e:
             rc, out, err = 124, e.stdout or "", e.stderr or ""
