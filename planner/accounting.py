@@ -18,6 +18,7 @@ import numpy as np
 
 from tiercache.config import ModelArgs
 from tiercache.engine import tiered as _engine
+from tiercache.engine.dense import context_limit
 from tiercache.engine.slots import Float32Slots, Int4Slots
 from tiercache.store import quant
 
@@ -123,6 +124,7 @@ class Layout:
         if (hot, key) not in self._memo:
             view = self._view
             view.cfg = cfg  # sparse None: its thresholds do not depend on the rest of cfg
+            view.context = context_limit(view.args, cfg.context)
             self._memo[(hot, key)] = view._plan_budget(runtime + FILE_RESERVE)
         return self._memo[(hot, key)]
 
@@ -251,6 +253,7 @@ def _engine_view(lay: Layout, cfg):
         store.records = {f"f:0000:000:{c:05d}": [lay.record, 0] for c in range(lay.n_clusters)}
     eng = _engine.TieredEngine.__new__(_engine.TieredEngine)
     eng.cfg, eng.store, eng.args = cfg, store, store.args
+    eng.context = context_limit(store.args, cfg.context)
     eng.n, eng.d, eng.n_clusters = store.cluster_size, store.args.hidden_size, store.n_clusters
     eng.int4 = lay.int4
     eng.slots_cls = Int4Slots if lay.int4 else Float32Slots

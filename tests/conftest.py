@@ -27,7 +27,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 def tiny_config(kind: str):
     import transformers as T
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
                   eos_token_id=2)
     if kind == "llama":
         return T.LlamaConfig(intermediate_size=160, tie_word_embeddings=True, **common)

@@ -33,12 +33,19 @@ def test_prompt_plus_new_tokens_must_fit_the_context(stores):
     assert s.tokens == [] and s.caches[0].offset == 0  # refused before anything ran
 
 
+def test_empty_prompt_is_refused_in_one_line(stores):
+    from tiercache.errors import TiercacheError
+    eng = load_dense(Store(stores("qwen2")))
+    with pytest.raises(TiercacheError, match="empty prompt"):
+        next(generate_step(eng.new_session(), [], make_sampler(), 4))
+
+
 def test_model_positions_are_a_hard_limit(stores):
-    """The tiny models allow 256 positions: a larger --context is capped there."""
-    eng = load_dense(Store(stores("llama")), context=10_000)
-    assert eng.context == 256
-    with pytest.raises(ContextError, match="the model's 256"):
-        next(generate_step(eng.new_session(), _ids(250), make_sampler(), 8))
+    """The tiny models allow 4096 positions: a larger --context is capped there."""
+    eng = load_dense(Store(stores("llama3")), context=10_000)
+    assert eng.context == 4096
+    with pytest.raises(ContextError, match="the model's 4096"):
+        next(generate_step(eng.new_session(), _ids(4090), make_sampler(), 8))
 
 
 def test_cli_refuses_a_prompt_past_the_context_in_one_line(stores):
@@ -51,6 +58,8 @@ def test_cli_refuses_a_prompt_past_the_context_in_one_line(stores):
 
 
 def test_eval_in_pieces_equals_one_pass(stores, monkeypatch):
+    import gc
+    gc.collect()  # the engine of the test before may still hold this store open
     eng = load_dense(Store(stores("qwen2")))
     ids = _ids(40, seed=3)
     logits = eng.logits(eng.new_session(), ids[:-1])

@@ -82,3 +82,50 @@ def test_slots_and_blocks_match_float32_slots():
         _check(b.rows(x), ref.rows(x.bfloat16().float(), all3), what + ".rows")
         h3 = torch.randn(2, k * n)
         _check(b.down(h3), ref.down(h3.bfloat16().float(), all3), what + ".down")
+
+
+needs_nbits = pytest.mark.skipif(not __import__("tiercache.engine.nbits", fromlist=["x"]).available(),
+                                 reason="ONNX Runtime's MatMulNBits is not installed or did not verify")
+
+
+def _q4_grid(rows, cols, seed, symmetric):
+    """Weights already on a Q4_0 grid (zero = 0: no correction term) or free floats (q4's
+    min/max grid for most groups: the correction term runs)."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    if symmetric:  # through the gguf package's own Q4_0, as a GGUF file holds them
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize, quantize
+        w = torch.from_numpy(dequantize(quantize(w.numpy(), Q.Q4_0), Q.Q4_0).copy())
+    raw = torch.frombuffer(bytearray(quant.encode(w, "q4k")), dtype=torch.uint8)
+    return raw, quant.decode(raw.clone(), (rows, cols), "q4k")
+
+
+@needs_nbits
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_nbits_matmul_matches_dequantized(symmetric):
+    """MatMulNBits quantizes activations to int8 per group of 32: ~1% of the output range."""
+    from tiercache.engine import nbits
+    raw, w = _q4_grid(192, 128, 1, symmetric)
+    wt = nbits.q4k_weight(raw, (192, 128))
+    assert (wt["zero"] is None) == symmetric
+    bias = torch.randn(192)
+    x = torch.randn(5, 128)
+    _check(nbits.NBitsMatmul([wt], bias)(x), x @ w.T + bias, "NBitsMatmul", rel=0.03)
+
+
+@needs_nbits
+def test_nbits_ffn_block_matches_float():
+    """One ORT call for a block of clusters (gate|up joined along N, down along K)."""
+    from tiercache.engine import nbits
+    n, d, k = 64, 128, 3
+    gate, up, down = ([_q4_grid(*shape, seed=10 * p + i, symmetric=p == 1) for i in range(k)]
+                      for p, shape in enumerate([(n, d), (n, d), (d, n)]))
+    prepared = [tuple(quant.q4k_views(raw, raw_shape) for raw, raw_shape in
+                      ((gate[i][0], (n, d)), (up[i][0], (n, d)), (down[i][0], (d, n))))
+                for i in range(k)]
+    block = nbits.NBitsBlock(prepared, "silu")
+    x = torch.randn(4, d)
+    g, u = torch.cat([w for _, w in gate]), torch.cat([w for _, w in up])
+    dn = torch.cat([w for _, w in down], dim=1)
+    ref = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ dn.T
+    _check(block.ffn(x), ref, "NBitsBlock.ffn", rel=0.03)

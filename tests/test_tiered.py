@@ -33,17 +33,26 @@ def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
     assert a == b
 
 
-def test_int4_path_matches_dense_within_bf16_tolerance(hf_models, tmp_path):
-    """q4 store with clusters of 64 runs the int4 kernel; dense runs the same values in f32."""
+# max |logit difference| / std against the f32 reference on the same q4 values: torch's int4
+# kernel rounds activations to bf16 (measured 0.03-0.04); ORT's MatMulNBits (accuracy_level 4)
+# quantizes them to int8 per group of 32 (measured 0.05-0.06)
+KERNEL_TOL = {"torch": 0.05, "auto": 0.1}
+
+
+@pytest.mark.parametrize("compute", list(KERNEL_TOL))
+def test_int4_path_matches_dense_within_kernel_tolerance(hf_models, tmp_path, compute):
+    """q4 store with clusters of 64 runs the int4 kernels (auto: the resident weights on ORT's
+    MatMulNBits where it is installed); dense runs the same values in f32."""
+    from tiercache.engine import nbits
     from tiercache.store.convert import convert
     out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
                   progress=False)
     dense = _logits(load_dense(Store(out)))
-    eng = load_tiered(Store(out), TierConfig())
-    assert eng.int4
+    eng = load_tiered(Store(out), TierConfig(compute=compute))
+    assert eng.int4 and eng.nbits == (compute == "auto" and nbits.available())
     got = _logits(eng)
     rel = (got - dense).abs().max() / dense.std()
-    assert rel < 0.05, f"max diff {rel:.3g} x std (bf16 activations)"
+    assert rel < KERNEL_TOL[compute], f"{compute}: max diff {rel:.3g} x std"
     assert (got.argmax(-1) == dense.argmax(-1)).float().mean() > 0.9
 
 
@@ -53,7 +62,7 @@ def test_int4_streaming_matches_int4_resident(hf_models, tmp_path):
     from tiercache.store.convert import convert
     out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
                   progress=False)
-    resident = _logits(load_tiered(Store(out), TierConfig(sparse=False)))
+    resident = _logits(load_tiered(Store(out), TierConfig(sparse=False, compute="torch")))
     for hot in (0, 3):
         eng = load_tiered(Store(out), TierConfig(sparse=False, hot_clusters=hot, cold_clusters=0))
         got = _logits(eng)
@@ -127,7 +136,7 @@ def test_streamed_attention_and_head_match_resident(hf_models, tmp_path):
     from tiercache.store.convert import convert
     out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
                   progress=False)
-    resident = _logits(load_tiered(Store(out), TierConfig(sparse=False)))
+    resident = _logits(load_tiered(Store(out), TierConfig(sparse=False, compute="torch")))
     cfg = TierConfig(sparse=False, hot_clusters=0, cold_clusters=0, pin_attention=1,
                      pin_head=False)
     eng = load_tiered(Store(out), cfg)

@@ -50,6 +50,17 @@ def anon_bytes() -> int:
 M_MMAP_THRESHOLD = -3
 
 
+def trim_heap() -> None:
+    """Give free pages inside malloc's heap back to the OS (glibc's malloc_trim). Building
+    ONNX Runtime sessions leaves hundreds of MB of small freed blocks there (synthetic 1B
+    model: 345 MB of anonymous memory, gone after a trim)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def return_large_frees(threshold: int = 1 << 20) -> bool:
     """Make glibc map every allocation of `threshold` bytes or more on its own, so that freeing
     it gives the memory back. By default the threshold grows with each large free, after which

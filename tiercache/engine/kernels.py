@@ -56,6 +56,16 @@ def int4_ok(shape) -> bool:
     return int4_available() and len(shape) == 2 and shape[0] % 64 == 0 and shape[1] % 32 == 0
 
 
+def resident_kernel() -> str:
+    """The kernel for q4 weights that stay in RAM for the run: ONNX Runtime's MatMulNBits
+    where it is installed and verifies here (prepacked, ~3x torch's int4 kernel's weight rate
+    on AVX2), else torch's int4 kernel. Cached and streamed weights always take torch's."""
+    from . import nbits
+    if nbits.available():
+        return "ort-nbits"
+    return "torch-int4" if int4_available() else "f32"
+
+
 def cpu_capability() -> str:
     """What torch dispatches its CPU kernels for (e.g. AVX2, AVX512), and the int4 row block."""
     h = int4_layout()

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import ContextError
+from ..errors import ContextError, TiercacheError
 from .sample import Sampler
 
 
@@ -75,6 +75,8 @@ def generate_step(session: Session, prompt: list[int], sampler: Sampler, max_tok
     """
     engine = session.engine
     stats = stats if stats is not None else StepStats()
+    if not prompt:
+        raise TiercacheError("empty prompt: generation needs at least one token to start from")
     new = session.reuse_prefix(prompt)
     session.check(len(new), max_tokens)
     t0 = time.perf_counter()

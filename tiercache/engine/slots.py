@@ -183,6 +183,10 @@ class Block:
             return int4_mm(h, self.down_q, self.down_sz).float()
         return F.linear(h, self.down_w)
 
+    def ffn(self, x, act):
+        """Every neuron of the block: down(act(gate x) * up x)."""
+        return self.down(act(self.rows(x, 0)) * self.rows(x, 1))
+
 
 def _runs(records: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
     """Equal-length records -> [(index of the first, [j, len] uint8)]: strided views (no copy)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError, TiercacheError
-from ..memory import anon_bytes, return_large_frees
+from ..memory import anon_bytes, return_large_frees, trim_heap
 from ..models import Model, materialize
 from ..models.llama import ACTS, MoE, rope_inv_freq
 from ..store import quant
@@ -33,7 +33,10 @@ from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
 from .dense import Engine, context_limit
 from ..models.kv import KVCache
-from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok
+from .kernels import (_HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok,
+                      resident_kernel)
+from .nbits import EXTRA as NBITS_EXTRA
+from .nbits import NBitsBlock, NBitsFFN, NBitsLinear
 from .predictor import Predictor, predictor_key, record_bytes
 from .slots import Block, Float32Slots, Int4Slots
 from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, Unit,
@@ -72,7 +75,9 @@ class TierConfig:
     select: str | None = None      # sparse neurons picked by "gate" or "predictor"; None: the
                                    # predictor where the profile has one
     context: int = 2048            # KV cache reserved in the budget
-    compute: str = "auto"          # auto (int4 kernel for q4k stores) | f32
+    compute: str = "auto"          # auto: q4k stores on the int4 kernels, pinned weights on
+                                   # ORT's MatMulNBits where it verifies | torch: torch's int4
+                                   # kernel only | f32
 
 
 @dataclass
@@ -90,9 +95,11 @@ class Budget:
     cold_slots: int
     attn_pinned: frozenset = frozenset()  # layers whose attention is pinned
     head_pinned: bool = True
+    prepacked: int = 0  # what ORT's prepacked kernels hold beyond the stored bytes
 
     def lines(self) -> dict:
         return {"runtime": self.runtime, "fixed": self.fixed, "attention": self.attention,
+                "prepacked": self.prepacked,
                 "head": self.head, "gates": self.gates, "kv": self.kv, "slack": self.slack,
                 "streaming": self.streaming, "hot": self.hot_slots * self.slot_bytes,
                 "cold": self.cold_slots * self.slot_bytes}
@@ -146,6 +153,7 @@ class TieredEngine(Engine):
         self.n_clusters = store.n_clusters
         fast = Int4Slots.supports(self.n, self.d, store.ffn_dtype, a.intermediate_size)
         self.int4 = fast and cfg.compute != "f32"  # q4k stores run the int4 kernel
+        self.nbits = self.int4 and cfg.compute == "auto" and resident_kernel() == "ort-nbits"
         self.slots_cls = Int4Slots if self.int4 else Float32Slots
         self.act = ACTS[a.hidden_act]
         self.reader = RecordReader(store, threads=cfg.io_threads)
@@ -157,6 +165,7 @@ class TieredEngine(Engine):
         self.inflight: dict[tuple, Future] = {}
         self.last_active: dict[tuple[int, int], list[int]] = {}
         self.budget = self._plan_budget(self._runtime_bytes())  # refuses before loading
+        self.nbits = self.nbits and self.budget.prepacked > 0
         self.streamer = self._streamer()
         self.model = self._build_model()
         self.cache = SegmentedCache(self.budget.slot_bytes, self.budget.hot_slots,
@@ -168,6 +177,7 @@ class TieredEngine(Engine):
         self.predictors = self._load_predictors()
         self._load_thresholds()
         self._load_ffn()
+        trim_heap()  # what loading (and ORT's session builds) freed goes back to the OS
         self.reset_stats()  # count what decoding reads, not the load
 
     # -- what is pinned and what streams ----------------------------------------------------
@@ -242,10 +252,16 @@ class TieredEngine(Engine):
         elif cfg.hot_bytes is not None or cfg.cold_bytes is not None:
             hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
         elif cfg.ram_bytes is None:
-            hot, cold = total, 0
+            return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
+                          prepacked=self._prepacked(sum(attn_bytes.values()) + total * slot))
         else:
             room = cfg.ram_bytes - (runtime + fixed + gates + kv + SLACK)
-            if room >= head + sum(attn_bytes.values()) + total * slot:
+            resident = sum(attn_bytes.values()) + total * slot
+            extra = self._prepacked(resident)
+            if room >= head + resident + extra:
+                return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
+                              prepacked=extra)
+            if room >= head + resident:
                 return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0)
             if self.mode != "dense":  # gates or predictors pick clusters, a cold LRU holds misses
                 room -= head + sum(attn_bytes.values())
@@ -272,6 +288,14 @@ class TieredEngine(Engine):
         if cfg.ram_bytes is not None and b.total > cfg.ram_bytes:  # regions as a plan gave them
             self._refuse(b, "regions as the plan gives them", b.total - cfg.ram_bytes)
         return b
+
+    def _prepacked(self, resident: int) -> int:
+        """ORT's prepacked copies of resident weights beyond their bytes; 0 when they would
+        not be used. Every other budget turns them off: with a part streamed, the RAM they
+        take is worth more as pinned weights. (The planner's engine view has no `nbits`.)"""
+        if getattr(self, "nbits", False) and resident:
+            return int(resident * NBITS_EXTRA)
+        return 0
 
     def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:
         stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok))
@@ -395,6 +419,9 @@ class TieredEngine(Engine):
         if not (self.int4 and meta):
             return None
         shape, dt = meta["shape"], meta["dtype"]
+        if dt == "q4k" and self.nbits and ".self_attn." in name:
+            return NBitsLinear(self.reader.read_into(tensor_key(name).decode()), shape,
+                               self.bias(name))
         if dt == "q4k":
             return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
                                     self.bias(name))
@@ -535,7 +562,10 @@ class TieredEngine(Engine):
         clusters = [c for c, _ in hot]
         neurons = torch.cat([torch.arange(c * self.n, c * self.n + self.store.cluster_rows(c))
                              for c in clusters])
-        return Block(self.slots_cls, [p for _, p in hot]), set(clusters), neurons
+        prepared = [p for _, p in hot]
+        if self.nbits and self.mode == "dense" and self.args.hidden_act in NBitsFFN.ACTS:
+            return NBitsBlock(prepared, self.args.hidden_act), set(clusters), neurons
+        return Block(self.slots_cls, prepared), set(clusters), neurons
 
     def _parts(self, buf, c: int):
         """A record (bytes or a uint8 tensor) -> [(shape, slice)] of gate, up and down."""
@@ -618,7 +648,7 @@ class TieredEngine(Engine):
         block, hot, _ = self.hot.get((layer, expert), (None, (), None))
         y = 0
         if block is not None:
-            y = block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
+            y = block.ffn(x, self.act)
         streamed = self.n_clusters - len(hot)
         self.cache.stats.hot_hits += len(hot)
         if streamed:
@@ -630,7 +660,7 @@ class TieredEngine(Engine):
                 self.io_wait_s += time.perf_counter() - t0
             else:
                 block = self.streamer.get(self.streamer.unit_of(layer))["ffn"]
-            y = y + block.down(self.act(block.rows(x, 0)) * block.rows(x, 1))
+            y = y + block.ffn(x, self.act)
         return y
 
     def routed(self, layer: int, experts: list[int], x: torch.Tensor) -> None:
@@ -801,7 +831,8 @@ class TieredEngine(Engine):
                 "prefetched": self.prefetched, "prefetch_unused": self.prefetch_unused,
                 "read_ahead_hits": self.read_ahead_hits, "demand_reads": self.demand_reads,
                 "sparse": self.mode != "dense", "mode": self.mode,
-                "compute": "int4" if self.int4 else "f32"}
+                "compute": "int4" if self.int4 else "f32",
+                "pinned_kernel": "ort-nbits" if self.nbits else "torch"}
 
 
 def _at(t, neurons: torch.Tensor):

@@ -54,12 +54,8 @@ def encode(x: torch.Tensor, dtype: str) -> bytes:
         q = torch.round(g / s).clamp(-127, 127).to(torch.int8)
         return _cat(scale, q)
     if dtype == "q4":
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15.0).to(torch.float16)
-        mn = lo.to(torch.float16)
-        s = scale.float().clamp_min(1e-12).unsqueeze(-1)
-        q = torch.round((g - mn.float().unsqueeze(-1)) / s).clamp(0, 15).to(torch.uint8)
-        q = q.view(rows, cols // 2, 2)
+        scale, mn, q = _q4_groups(g)
+        q = q.to(torch.uint8).view(rows, cols // 2, 2)
         packed = q[..., 0] | (q[..., 1] << 4)
         return _cat(scale, mn, packed)
     if dtype == "q4k":
@@ -71,15 +67,36 @@ def encode(x: torch.Tensor, dtype: str) -> bytes:
     raise ValueError(f"unknown dtype {dtype}")
 
 
+def _q4_groups(g: torch.Tensor):
+    """Groups g [R, G, 32] -> (scale f16, min f16, q [R, G, 32] in 0..15), x ~ q * scale + min.
+    Each group takes the better of two grids: min/max (Q4_1's: exact for Q4_1 data) or one
+    centred on zero, min = -8 * scale with the largest |x| at q = 0 (Q4_0's: exact for Q4_0
+    data, and zero = min + 8 * scale is then 0, which the resident int4 kernel needs no
+    correction term for). Either way the error is no larger than min/max's alone."""
+    lo, hi = g.amin(-1), g.amax(-1)
+    asym = ((hi - lo) / 15.0).to(torch.float16), lo.to(torch.float16)
+    far = torch.where(hi.abs() > lo.abs(), hi, lo)             # signed value of largest |x|
+    d = (far / -8.0).to(torch.float16)
+    sym = d, (-8.0 * d.float()).to(torch.float16)
+    fits = []
+    for scale, mn in (asym, sym):
+        s, m = scale.float().unsqueeze(-1), mn.float().unsqueeze(-1)
+        safe = torch.where(s.abs() < 1e-12, torch.ones_like(s), s)
+        q = torch.round((g - m) / safe).clamp(0, 15)
+        fits.append((scale, mn, q, (q * s + m - g).abs().amax(-1)))
+    (sa, ma, qa, ea), (ss, ms, qs, es) = fits
+    pick = es <= ea                                             # [R, G]
+    return (torch.where(pick, ss, sa), torch.where(pick, ms, ma),
+            torch.where(pick.unsqueeze(-1), qs, qa))
+
+
 def _encode_q4k(g: torch.Tensor, rows: int, cols: int):
     """Groups g [R, C/32, 32] -> (packed [R/64, C, 32] u8, sz [C/32, R, 2] bf16). The nibbles
     are q4's (f16 scale and min), so values already on a Q4_1 grid (a GGUF) keep their q; only
     the kernel's bf16 (scale, zero = min + 8 * scale) pair is rounded."""
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15.0).to(torch.float16).float()
-    mn = lo.to(torch.float16).float()
-    q = torch.round((g - mn.unsqueeze(-1)) / scale.clamp_min(1e-12).unsqueeze(-1))
-    q = q.clamp(0, 15).to(torch.uint8).view(rows // 64, 2, 32, cols)
+    scale, mn, q = _q4_groups(g)
+    scale, mn = scale.float(), mn.float()
+    q = q.to(torch.uint8).view(rows // 64, 2, 32, cols)
     packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2)
     sz = torch.stack([scale, mn + 8 * scale], dim=-1).to(torch.bfloat16)
     return packed, sz.transpose(0, 1)
