@@ -178,3 +178,14 @@ def test_generate_json_names_the_all_clusters_mode(store, tmp_path, monkeypatch)
                                  "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.splitlines()[-1])["mode"] == "all-clusters"
+
+
+def test_a_turn_past_the_context_is_refused_and_the_chat_goes_on(loaded):
+    import io
+    from tiercache.chat import Chat, Settings
+    from tiercache.errors import TiercacheError
+    chat = Chat(*loaded, Settings(max_tokens=4, temp=0))
+    with pytest.raises(TiercacheError, match="/reset starts over"):
+        chat.ask("x" * 2100, out=io.StringIO())
+    assert chat.messages == []
+    assert chat.ask("abc", out=io.StringIO()) == reference(loaded, [user("abc")], 4)

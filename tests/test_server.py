@@ -165,8 +165,9 @@ def test_disconnect_mid_stream_cancels_and_others_finish(server, loaded):
             wait_for(lambda: worker.queue_depth() == 2, "the others to queue")
         # the stream is closed here, long before its CONTEXT - 40 tokens could be made
         assert [f.result() for f in others] == [reference(loaded, p) for p in PROMPTS[:2]]
-    assert worker.counters["cancelled"] == before["cancelled"] + 1
-    assert worker.counters["completed"] == before["completed"] + 2
+    after = worker.counters
+    assert (after["cancelled"], after["completed"]) == \
+        (before["cancelled"] + 1, before["completed"] + 2), (before, after)
 
 
 def test_full_queue_gets_429_with_retry_after(loaded):
@@ -215,11 +216,15 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("case", sorted(BAD) + ["token id past the vocabulary"])
 def test_bad_input_gets_openai_error_and_server_lives(server, loaded, case):
     url, _ = server
-    data, status, code = BAD[case]
-    r = _post(url, data)
+    if case in BAD:
+        data, status, code = BAD[case]
+        r = _post(url, data)
+    else:
+        status, code = 400, "invalid_value"
+        r = httpx.post(url + "/v1/completions", json={"prompt": [5, 10**6]}, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"] and "Traceback" not in r.text
@@ -284,3 +289,21 @@ def test_serve_command_on_a_free_port(stores, tmp_path):
                            "print(sorted({'starlette', 'uvicorn', 'sse_starlette'} & "
                            "set(sys.modules)))"], env=env, capture_output=True, text=True)
     assert lazy.stdout.strip() == "[]", lazy.stderr
+
+
+def test_session_pool_keeps_conversations_apart():
+    from tiercache.server.worker import SessionPool
+
+    class Fake:
+        def new_session(self):
+            return type("S", (), {"tokens": []})()
+    pool = SessionPool(Fake(), 2)
+    a, n = pool.take([1, 2, 3])
+    a.tokens[:] = [1, 2, 3, 9]  # what a session holds after answering: prompt + answer
+    b, n = pool.take([1, 5, 6])  # another conversation while there is room: its own session
+    assert b is not a and n == 0
+    b.tokens[:] = [1, 5, 6, 7]
+    assert pool.take([1, 2, 3, 9, 4, 4]) == (a, 4)  # a extended: a's cache, 4 positions reused
+    assert pool.take([1, 5, 6, 7, 8]) == (b, 4)
+    c, n = pool.take([1, 8])  # full: the longest shared prefix, least recently used among equals
+    assert c is a and n == 1 and len(pool.sessions) == 2

@@ -86,15 +86,20 @@ class Chat:
         before, parts, last = _engine_stats(self.engine), [], None
         s = self.settings
         with interrupt_flag() as stop:
-            for r in api.stream_generate(self.engine, self.tok, self.messages,
-                                         max_tokens=s.max_tokens, temp=s.temp, top_p=s.top_p,
-                                         top_k=s.top_k, seed=s.seed, session=self.session):
-                out.write(r.text)
-                out.flush()
-                parts.append(r.text)
-                last = r
-                if stop.is_set():
-                    break
+            try:
+                for r in api.stream_generate(self.engine, self.tok, self.messages,
+                                             max_tokens=s.max_tokens, temp=s.temp,
+                                             top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                                             session=self.session):
+                    out.write(r.text)
+                    out.flush()
+                    parts.append(r.text)
+                    last = r
+                    if stop.is_set():
+                        break
+            except TiercacheError as e:  # refused before any compute (a full context)
+                self.messages.pop()
+                raise TiercacheError(f"{e} (/reset starts over)") from None
         self.last = _turn(last, before, _engine_stats(self.engine), stop.is_set())
         reply = "".join(parts)
         self.messages.append({"role": "assistant", "content": reply})

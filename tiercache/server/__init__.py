@@ -30,7 +30,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     from .worker import Worker
     sock = bind(host, port)  # before loading: a port in use fails at once
     print(f"loading {model} ...", file=sys.stderr, flush=True)
+    # the engine reserves KV positions for every kept session inside `ram`
     engine, tok = api.load(model, ram=ram, context=context * max(1, sessions), **load_kwargs)
+    context = min(context, engine.args.max_position_embeddings)  # a request's own limit
     worker = Worker(engine, tok, max_queue=max_queue, sessions=sessions)
     app = create_app(worker, model_name(model, engine), context, api_key,
                      aliases=(str(model),))

@@ -66,7 +66,7 @@ def create_app(worker: Worker, model_id: str, context: int, api_key: str | None 
     async def complete(request):
         req = await _parse(request, CompletionRequest)
         _check_model(req.model, names)
-        ids = _encode_raw(worker.tok, req.prompt)
+        ids = _encode_raw(worker.tok, req.prompt, worker.engine.args.vocab_size)
         return await _respond(worker, request, req, ids, context, model_id, chat=False)
 
     routes = [Route("/health", health), Route("/v1/models", models),
@@ -108,8 +108,12 @@ def _encode_chat(tok, req: ChatRequest) -> list[int]:
         raise ApiError(422, str(e), param="messages") from None
 
 
-def _encode_raw(tok, prompt) -> list[int]:
+def _encode_raw(tok, prompt, vocab: int) -> list[int]:
     if isinstance(prompt, list) and isinstance(prompt[0], int):
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                           code="invalid_value", param="prompt")
         return list(prompt)
     return tok.encode(prompt[0] if isinstance(prompt, list) else prompt)
 
@@ -196,7 +200,8 @@ async def _whole(job: Job, request: Request, shape: _Shape) -> dict:
                 return {}
             continue
         if e.error:
-            raise ApiError(500, e.error, "server_error")
+            raise ApiError(e.error_status, e.error,
+                           "server_error" if e.error_status >= 500 else "invalid_request_error")
         parts.append(e.text)
         if e.finish_reason:
             return shape.whole("".join(parts), e)
@@ -209,7 +214,8 @@ async def _sse(job: Job, shape: _Shape, include_usage: bool):
         while True:
             e = await job.events.get()
             if e.error:
-                yield json.dumps(error_body(e.error, "server_error"))
+                kind = "server_error" if e.error_status >= 500 else "invalid_request_error"
+                yield json.dumps(error_body(e.error, kind))
                 return
             if shape.chat and first:  # OpenAI's first chunk names the role
                 yield json.dumps(shape.chunk("", None, first=True))

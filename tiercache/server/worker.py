@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .. import api
+from ..errors import TiercacheError
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Event:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # 400 for a request the engine refuses (TiercacheError)
 
 
 class Job:
@@ -75,8 +77,10 @@ class StopMatcher:
 
 
 class SessionPool:
-    """KV caches kept between requests: a request takes the one sharing the longest prefix
-    with its prompt (an extended conversation prefills only its new tokens)."""
+    """KV caches kept between requests, at most `size`. A request whose prompt extends a kept
+    conversation takes that session and prefills only its new tokens; another takes a fresh
+    session while there is room, else the one sharing the longest prefix (the least recently
+    used among equals)."""
 
     def __init__(self, engine, size: int):
         self.engine, self.size, self.sessions = engine, max(1, size), []
@@ -84,16 +88,20 @@ class SessionPool:
     def take(self, ids: list[int]):
         """-> (session, how many of `ids` its cache already holds)."""
         best, best_n = None, -1
-        for s in self.sessions:
+        for s in self.sessions:  # oldest first, so ties go to the least recently used
             n = shared_prefix(s.tokens, ids)
             if n > best_n:
                 best, best_n = s, n
-        if best is None or (best_n == 0 and len(self.sessions) < self.size):
+        extends = best is not None and best_n >= len(best.tokens) - 1
+        if best is None or (not extends and len(self.sessions) < self.size):
             best, best_n = self.engine.new_session(), 0
         else:
-            self.sessions.remove(best)
-        self.sessions.append(best)  # most recently used last; the pool never grows past size
+            self.drop(best)
+        self.sessions.append(best)  # most recently used last
         return best, best_n
+
+    def drop(self, session) -> None:
+        self.sessions = [s for s in self.sessions if s is not session]
 
 
 def shared_prefix(cached: list[int], ids: list[int]) -> int:
@@ -179,16 +187,20 @@ class Worker:
         if job.cancelled.is_set():  # its client left while it waited
             self.counters["cancelled"] += 1
             return
+        session, cached = self.pool.take(job.ids)
         try:
-            self._run(job)
+            self._run(job, session, cached)
         except Exception as e:  # a failed request must not take the server down
+            self.pool.drop(session)  # its caches may have stopped part-way through a layer
             self.counters["errors"] += 1
+            if isinstance(e, TiercacheError):  # the engine's one-line refusal, for the client
+                job.put(Event("", "error", error=str(e), error_status=400))
+                return
             job.put(Event("", "error", error=f"{type(e).__name__}: {e}"))
             log_failure(e)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, session, cached: int) -> None:
         s = job.sampling
-        session, cached = self.pool.take(job.ids)
         stop, n, last, final = StopMatcher(s.stop), 0, None, None
         for r in api.stream_generate(self.engine, self.tok, job.ids, max_tokens=s.max_tokens,
                                      temp=s.temp, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
