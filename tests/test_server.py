@@ -307,3 +307,26 @@ def test_session_pool_keeps_conversations_apart():
     assert pool.take([1, 5, 6, 7, 8]) == (b, 4)
     c, n = pool.take([1, 8])  # full: the longest shared prefix, least recently used among equals
     assert c is a and n == 1 and len(pool.sessions) == 2
+
+
+def test_messages_the_template_refuses_get_422(loaded, stores, tmp_path):
+    """A chat template that raises (here: on a 'tool' message) is the client's problem, 422."""
+    import shutil
+    from tiercache.tokenizer import Tokenizer
+    from tiercache.server.app import create_app
+    from tiercache.server.worker import Worker
+    src = stores("llama")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                            "{{ raise_exception('no tools here') }}{% endif %}{% endfor %}"
+                            + cfg["chat_template"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    worker = Worker(loaded[0], Tokenizer(tmp_path))
+    with running(create_app(worker, MODEL, CONTEXT)) as url:
+        r = _post(url, json.dumps({"messages": [{"role": "tool", "content": "x"}]}))
+        assert r.status_code == 422 and "no tools here" in r.json()["error"]["message"]
+        assert chat(client(url), "abc", max_tokens=3).choices[0].message.content == \
+            reference(loaded, "abc", 3)
+    worker.close()

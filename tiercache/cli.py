@@ -204,6 +204,7 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
           backend: str = BACKEND, plan: Optional[Path] = PLAN):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /stats, /metrics)."""
+    _check_options(threads=threads, context=context)
     from .server import serve as _serve
     _serve(model, host=host, port=port, api_key=api_key, max_queue=max_queue, sessions=sessions,
            context=context, ram=ram, threads=threads, dtype=dtype, engine=engine, sparse=sparse,
