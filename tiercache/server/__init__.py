@@ -33,6 +33,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     # the engine reserves KV positions for every kept session inside `ram`
     engine, tok = api.load(model, ram=ram, context=context * max(1, sessions), **load_kwargs)
     context = min(context, engine.args.max_position_embeddings)  # a request's own limit
+    if ram is not None and context * sessions > engine.context:
+        from ..errors import warn
+        warn(f"--ram reserves KV for {engine.context // context} of the {sessions} sessions "
+             f"(the model holds {engine.context} positions); the rest grow past the budget")
     worker = Worker(engine, tok, max_queue=max_queue, sessions=sessions)
     app = create_app(worker, model_name(model, engine), context, api_key,
                      aliases=(str(model),))
