@@ -32,7 +32,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     # the engine reserves KV positions for every kept session inside `ram`
     engine, tok = api.load(model, ram=ram, context=context * max(1, sessions), **load_kwargs)
-    context = min(context, engine.args.max_position_embeddings)  # a request's own limit
+    context = min(context, engine.context)  # a request's own limit (a plan may set less)
     if ram is not None and context * sessions > engine.context:
         from ..errors import warn
         warn(f"--ram reserves KV for {engine.context // context} of the {sessions} sessions "
