@@ -185,14 +185,14 @@ class Worker:
 
     def _run_safely(self, job: Job) -> None:
         if job.cancelled.is_set():  # its client left while it waited
-            self.counters["cancelled"] += 1
+            self._count(cancelled=1)
             return
         session, cached = self.pool.take(job.ids)
         try:
             self._run(job, session, cached)
         except Exception as e:  # a failed request must not take the server down
             self.pool.drop(session)  # its caches may have stopped part-way through a layer
-            self.counters["errors"] += 1
+            self._count(errors=1)
             if isinstance(e, TiercacheError):  # the engine's one-line refusal, for the client
                 job.put(Event("", "error", error=str(e), error_status=400))
                 return
@@ -219,12 +219,14 @@ class Worker:
         if final is not None:  # after the counters: a client that saw its end sees them too
             job.put(final)
 
+    def _count(self, **add: int) -> None:
+        with self.cond:  # the event loop's thread counts too (requests, rejected, cancelled)
+            for k, v in add.items():
+                self.counters[k] += v
+
     def _account(self, job: Job, n: int, cached: int, last, finished: bool) -> None:
-        c = self.counters
-        c["completed" if finished else "cancelled"] += 1
-        c["prompt_tokens"] += len(job.ids)
-        c["cached_tokens"] += cached
-        c["completion_tokens"] += n
+        self._count(**{"completed" if finished else "cancelled": 1},
+                    prompt_tokens=len(job.ids), cached_tokens=cached, completion_tokens=n)
         if last is not None:
             self.last = {"prompt_tokens": len(job.ids), "cached_tokens": cached,
                          "completion_tokens": n, "prefill_tok_s": last.prompt_tps,
