@@ -51,6 +51,7 @@ def test_slash_commands_and_multiline_input(store, loaded, env, tmp_path):
         "/help", "/nonsense", "/stats", "/system be brief", "abc", "/stats",
         '"""', "line one", "line two", '"""', "x\\", "y",
         f"/save {saved}", "/reset", "/save", f"/load {tmp_path / 'missing.json'}",
+        f"/load {tmp_path}", f"/save {tmp_path / 'no' / 'dir.json'}",
         f"/load {saved}", "/exit", "never sent"]) + "\n"
     r = subprocess.run(chat_cmd(store, "-i", "-n", "6"), input=script, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -59,6 +60,7 @@ def test_slash_commands_and_multiline_input(store, loaded, env, tmp_path):
     for said in ("/system TEXT", "unknown command /nonsense", "no answer yet",
                  "system prompt set", "saved 7 messages", "conversation cleared",
                  "/save needs a file name", "missing.json: no such saved conversation",
+                 f"{tmp_path}: cannot read", "dir.json: cannot write",
                  "loaded 7 messages"):
         assert said in err
     assert "Traceback" not in err

@@ -83,35 +83,44 @@ class Chat:
     def ask(self, text: str, out=sys.stdout) -> str:
         """Stream the answer to `text` into `out`; Ctrl-C stops it between tokens."""
         self.messages.append({"role": "user", "content": text})
-        before, parts, last = _engine_stats(self.engine), [], None
-        s = self.settings
+        before = _engine_stats(self.engine)
         with interrupt_flag() as stop:
             try:
-                for r in api.stream_generate(self.engine, self.tok, self.messages,
-                                             max_tokens=s.max_tokens, temp=s.temp,
-                                             top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                                             session=self.session):
-                    out.write(r.text)
-                    out.flush()
-                    parts.append(r.text)
-                    last = r
-                    if stop.is_set():
-                        break
+                reply, last = self._stream(out, stop)
             except TiercacheError as e:  # refused before any compute (a full context)
                 self.messages.pop()
                 raise TiercacheError(f"{e} (/reset starts over)") from None
         self.last = _turn(last, before, _engine_stats(self.engine), stop.is_set())
-        reply = "".join(parts)
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 
+    def _stream(self, out, stop: threading.Event):
+        """-> (the answer's text, its last response)."""
+        s, parts, last = self.settings, [], None
+        for r in api.stream_generate(self.engine, self.tok, self.messages,
+                                     max_tokens=s.max_tokens, temp=s.temp, top_p=s.top_p,
+                                     top_k=s.top_k, seed=s.seed, session=self.session):
+            out.write(r.text)
+            out.flush()
+            parts.append(r.text)
+            last = r
+            if stop.is_set():
+                break
+        return "".join(parts), last
+
     def save(self, path: str) -> None:
-        Path(path).expanduser().write_text(json.dumps({"messages": self.messages}, indent=1,
-                                                      ensure_ascii=False))
+        try:
+            Path(path).expanduser().write_text(json.dumps({"messages": self.messages},
+                                                          indent=1, ensure_ascii=False))
+        except OSError as e:
+            raise TiercacheError(f"{path}: cannot write ({e.strerror})") from None
 
     def load(self, path: str) -> None:
         from .errors import load_json_object
-        d = load_json_object(Path(path).expanduser(), "saved conversation")
+        try:
+            d = load_json_object(Path(path).expanduser(), "saved conversation")
+        except OSError as e:
+            raise TiercacheError(f"{path}: cannot read ({e.strerror})") from None
         msgs = d.get("messages")
         if not isinstance(msgs, list) or not all(_is_message(m) for m in msgs):
             raise TiercacheError(f"{path}: not a saved conversation (no list of "
