@@ -48,7 +48,8 @@ class Capped:
             (self.group / "memory.limit_in_bytes").write_text(str(limit))
             cgroup.drop_caches()
         procs = self.group / "cgroup.procs" if self.group else None
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+        # run where the measured tiercache is: python puts the cwd ahead of PYTHONPATH
+        self.proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      preexec_fn=(lambda: procs.write_text(str(os.getpid())))
                                      if procs else None)
@@ -193,7 +194,7 @@ def median(xs, key):
 
 
 def report(args, results: dict) -> str:
-    from report import commit, cpu_flags, machine
+    from report import cpu_flags, machine
     first = next(iter(results.values()))
     capped = bool(first["memory"])
     lines = [
@@ -202,7 +203,7 @@ def report(args, results: dict) -> str:
         f"(SmolLM2-135M-Instruct q4), greedy, {args.max_tokens} tokens, "
         f"{'a cgroup-v1 memory cap equal to --ram (RSS + page cache)' if capped else 'no cgroup'}"
         f", read_ahead_kb 128, loopback; load average {os.getloadavg()[1]:.1f} at the end "
-        f"(other work on the machine); commit {commit(ROOT)}. generate and the server take "
+        f"(other work on the machine); tiercache {args.measured}. generate and the server take "
         f"turns on the same {args.repeats} prompts (medians shown); each prompt is distinct "
         f"(~{first['generate'][0]['prompt_tokens']} tokens), so the server reuses only the "
         f"template's first tokens. Time to first token: generate's prefill time; the server's "
@@ -243,12 +244,17 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of new requests")
     ap.add_argument("--crowd-tokens", type=int, default=32)
+    ap.add_argument("--rev", default="HEAD", help="tiercache revision to measure (exported "
+                    "with git archive; 'worktree': the working tree as is)")
     ap.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md's section")
     args = ap.parse_args(argv)
     from tiercache.hub import resolve_model
     import cgroup
+    from bench import engine_source
+    import tempfile
     store = resolve_model(args.model)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    src, args.measured = engine_source(args.rev, Path(tempfile.mkdtemp(prefix="bench-server-")))
+    env = {**os.environ, "PYTHONPATH": str(src or ROOT)}
     rams, rows, results = args.ram.split(","), [], {}
     with cgroup.read_ahead(128, store):
         for n, ram in enumerate(rams):
