@@ -91,21 +91,25 @@ def test_tiered_streaming_matches_transformers(default_store, reference):
     assert engine.stats()["store_bytes_read"] > 0
 
 
-# The int4 kernel runs on bf16 activations: its logits differ from the float32 reference by
-# ~1-3% of their spread (measured 0.016-0.03 x std on AVX2). Greedy tokens must then agree
+# torch's int4 kernel runs on bf16 activations: its logits differ from the float32 reference by
+# ~1-3% of their spread (measured 0.016-0.03 x std on AVX2); ORT's MatMulNBits, which runs the
+# resident weights, quantizes activations to int8 per group of 32, and SmolLM2's outlier
+# channels make that coarser (max 0.22, mean 0.04 x std; dev-eval perplexity 25.25 against
+# 25.14 on torch's kernel and 25.11 dense, 2048 tokens). Greedy tokens must then agree
 # except at a near-tie: where the engine picks another token, the reference must have scored
 # it within Q4_TIE x std of its own choice (SmolLM2 on "What is the capital of France?" has
 # "The" 25.19 vs "L" 25.15, a 0.005 x std tie, at the first step), and the check stops there.
-Q4_LOGIT_TOL = 0.1
+Q4_LOGIT_TOL = {"torch": 0.1, "ort-nbits": 0.3}
 Q4_TIE = 0.05
 
 
 def _check_q4(engine, q4_reference, dense, prompts=PROMPTS):
+    tol = Q4_LOGIT_TOL[engine.stats()["pinned_kernel"]]
     for p in prompts:
         ids, want, ref = q4_reference[p]
         got = engine.logits(engine.new_session(), ids)[-1]
         diff = (got - ref).abs() / ref.std()
-        assert diff.max() < Q4_LOGIT_TOL, f"{p!r}: max {diff.max():.3g} mean {diff.mean():.3g} x std"
+        assert diff.max() < tol, f"{p!r}: max {diff.max():.3g} mean {diff.mean():.3g} x std"
         tokens = _greedy(engine, ids)
         if tokens == want:
             continue
@@ -121,8 +125,12 @@ def q4_dense(q4_store):
     return load_dense(Store(q4_store))
 
 
-def test_q4_tiered_resident_matches_dense(q4_store, q4_reference, q4_dense):
-    engine = load_tiered(Store(q4_store), TierConfig(context=256))
+@pytest.mark.parametrize("compute", ["auto", "torch"])
+def test_q4_tiered_resident_matches_dense(q4_store, q4_reference, q4_dense, compute):
+    """auto: what users run (ORT's MatMulNBits for what is resident, where installed)."""
+    import gc
+    gc.collect()  # the other parametrization's engine may still hold the store open
+    engine = load_tiered(Store(q4_store), TierConfig(context=256, compute=compute))
     assert engine.stats()["compute"] == "int4"
     _check_q4(engine, q4_reference, q4_dense)
 

@@ -35,8 +35,9 @@ def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
 
 # max |logit difference| / std against the f32 reference on the same q4 values: torch's int4
 # kernel rounds activations to bf16 (measured 0.03-0.04); ORT's MatMulNBits (accuracy_level 4)
-# quantizes them to int8 per group of 32 (measured 0.05-0.06)
-KERNEL_TOL = {"torch": 0.05, "auto": 0.1}
+# quantizes them to int8 per group of 32, as llama.cpp's q8 activations do (measured 0.05-0.10
+# on these random d=64-128 models; accuracy_level 1 keeps f32 but ran 3-4x slower than torch)
+KERNEL_TOL = {"torch": 0.05, "auto": 0.15}
 
 
 @pytest.mark.parametrize("compute", list(KERNEL_TOL))
@@ -301,3 +302,30 @@ def test_prefill_in_chunks_under_a_budget_matches_one_pass(stores):
         tiered.PREFILL_CHUNK = old
     assert calls == [16, 16, 16, 9] and len(session.tokens) == len(ids)
     assert (chunked - one).abs().max() < 1e-4
+
+
+def test_fused_qkv_on_nbits_matches_dense(tmp_path):
+    """q|k|v as one MatMulNBits call (every projection q4k: rows in blocks of 64)."""
+    import transformers as T
+    from conftest import write_tokenizer
+    from tiercache.engine import nbits
+    from tiercache.store.convert import convert
+    if not nbits.available():
+        pytest.skip("ONNX Runtime's MatMulNBits is not installed or did not verify")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, tie_word_embeddings=True)
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf")
+    out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
+    eng = load_tiered(Store(out), TierConfig())
+    assert eng.nbits and eng.model.model.layers[0].self_attn.qkv_proj is not None
+    got, dense = _logits(eng), _logits(load_dense(Store(out)))
+    rel = (got - dense).abs().max() / dense.std()
+    assert rel < KERNEL_TOL["auto"], f"max diff {rel:.3g} x std"

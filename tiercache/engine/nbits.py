@@ -218,12 +218,12 @@ class NBitsBlock:
 
 
 class NBitsLinear(torch.nn.Module):
-    """A pinned q4k projection on MatMulNBits; f32 in, f32 out."""
+    """Pinned q4k projections with one input (q|k|v: joined along N) on MatMulNBits; f32 in,
+    f32 out."""
 
-    def __init__(self, raw: torch.Tensor, shape, bias: torch.Tensor | None = None):
+    def __init__(self, records: list[tuple[torch.Tensor, tuple]], bias=None):
         super().__init__()
-        self.mm = NBitsMatmul([q4k_weight(raw, shape)], bias)
-        self.shape = tuple(shape)
+        self.mm = NBitsMatmul([q4k_weight(raw, shape) for raw, shape in records], bias)
 
     def forward(self, x):
         return self.mm(x)

@@ -420,7 +420,7 @@ class TieredEngine(Engine):
             return None
         shape, dt = meta["shape"], meta["dtype"]
         if dt == "q4k" and self.nbits and ".self_attn." in name:
-            return NBitsLinear(self.reader.read_into(tensor_key(name).decode()), shape,
+            return NBitsLinear([(self.reader.read_into(tensor_key(name).decode()), shape)],
                                self.bias(name))
         if dt == "q4k":
             return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
@@ -488,7 +488,12 @@ class TieredEngine(Engine):
         for l, layer in enumerate(model.model.layers):
             att = layer.self_attn
             unit = st.unit_of(l)
+            qkv = self._fused_qkv(l) if self.nbits else None
+            if qkv is not None:  # all resident: q|k|v as one MatMulNBits call
+                att.qkv_proj, att.q_proj, att.k_proj, att.v_proj = qkv, None, None, None
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                if getattr(att, p) is None:
+                    continue
                 if unit is not None and p in st.units[unit].attn:
                     self.bias(f"model.layers.{l}.self_attn.{p}.weight")  # pinned (in `fixed`)
                     setattr(att, p, StreamedLinear(st, unit, p))
@@ -496,6 +501,17 @@ class TieredEngine(Engine):
                 q = self._q4_linear(f"model.layers.{l}.self_attn.{p}.weight")
                 if q is not None:
                     setattr(att, p, q)
+
+    def _fused_qkv(self, layer: int) -> NBitsLinear | None:
+        """q|k|v of a layer as one MatMulNBits session, when all three are q4k."""
+        names = [f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in "qkv"]
+        if any(self.tensors[n]["dtype"] != "q4k" for n in names):
+            return None
+        raws = [(self.reader.read_into(tensor_key(n).decode()), self.tensors[n]["shape"])
+                for n in names]
+        biases = [self.bias(n) for n in names]
+        bias = None if biases[0] is None else torch.cat(biases)
+        return NBitsLinear(raws, bias)
 
     def _thresholds(self) -> dict[tuple[int, int], float]:
         """Profiled thresholds, when skipping by them saves reads: a cluster is read if any of

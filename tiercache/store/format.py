@@ -187,7 +187,8 @@ _ENVS: "weakref.WeakValueDictionary[tuple, _Env]" = weakref.WeakValueDictionary(
 
 def _open_env(path: Path, readahead: bool) -> _Env:
     try:
-        key = (str(path.resolve()), (path / "data.mdb").stat().st_ino, readahead)
+        # not keyed by readahead (a hint): LMDB cannot open the same files twice in a process
+        key = (str(path.resolve()), (path / "data.mdb").stat().st_ino)
     except FileNotFoundError:
         raise StoreError(f"{path.parent}: LMDB data is missing") from None
     env = _ENVS.get(key)
