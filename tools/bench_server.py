@@ -206,8 +206,10 @@ def report(args, results: dict) -> str:
         f"(other work on the machine); tiercache {args.measured}. generate and the server take "
         f"turns on the same {args.repeats} prompts (medians shown); each prompt is distinct "
         f"(~{first['generate'][0]['prompt_tokens']} tokens), so the server reuses only the "
-        f"template's first tokens. Time to first token: generate's prefill time; the server's "
-        f"from sending the request to the first content chunk.", "",
+        f"template's first tokens (median {median(first['serve'], 'cached'):.0f}). Time to "
+        f"first token: generate's prefill time, in a fresh process (its first prefill); the "
+        f"server's from sending the request to the first content chunk, in a warm process. "
+        f"Under a cap the cgroup's peak includes page cache, which grows up to the cap.", "",
         "| --ram | generate TTFT | serve TTFT | generate decode tok/s | serve decode tok/s | "
         "peak memory (serve) |", "|---|---|---|---|---|---|"]
     for ram, r in results.items():
