@@ -5,8 +5,8 @@ initializers (fed at run time, the same kernel took 136 ms): so only what stays 
 run (pinned attention, whole pinned FFN layers) comes here; cached and streamed clusters keep
 torch's kernel, which computes on the bytes as read.
 
-Prepacked weights take ~1.2x their stored bytes (plus their scales as mapped file pages): the
-engine uses this kernel only when everything fits with that (`EXTRA`), else torch's.
+Prepacked weights take ~1.45x their stored bytes (plus clean, reclaimable pages of a deleted
+file): the engine uses this kernel only when everything fits with that (`EXTRA`), else torch's.
 
 A q4k record (x = (q - 8) * scale + zero, per group of 32) maps onto MatMulNBits' default
 zero point 8 exactly; a nonzero `zero` (Q4_1-style stores) adds sum_b zero[n, b] * A_b, with
@@ -22,11 +22,12 @@ import tempfile
 import numpy as np
 import torch
 
+from ..memory import trim_heap
 from ..store import quant
 
 GROUP = quant.GROUP
-EXTRA = 0.3  # RAM beyond the stored bytes, per stored byte (measured 0.2 anonymous + 0.2 of
-             # scales kept as file pages of a deleted temporary file, which a cap can reclaim)
+EXTRA = 0.5  # anonymous RAM beyond the stored bytes, per stored byte: measured 0.45 on the 1B
+             # shape (AVX2 packing for int8 compute keeps per-group sums beside the scales)
 OPSET = [("", 17), ("com.microsoft", 1)]
 
 
@@ -151,18 +152,34 @@ class _Graph:
         model.ir_version = 10  # ORT 1.31 rejects newer IR versions
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = _threads(), 1
+        so.enable_cpu_mem_arena = False  # its arena kept ~120 MB of scratch after one prefill
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # torch shares cores
         self.nodes = self.inits = None
-        # Loaded from a file with external data, ORT maps the weights and lets them go once
-        # prepacked: 1.2x the stored bytes stay (the packed int4 + int8-compute sums), against
-        # 2.4x from an in-memory model (its proto and tensor copies stay in the heap).
+        # Loaded from a file with external data, ORT maps the weights (a reclaimable file
+        # mapping) instead of keeping a heap copy of them beside the packed ones: 1.2x the
+        # stored bytes of anonymous memory on one matrix, against 2.4x from in-memory bytes.
         import onnx
         with tempfile.TemporaryDirectory(prefix="tiercache-ort-") as tmp:
             path = os.path.join(tmp, "g.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="g.data",
                             all_tensors_to_one_file=True, size_threshold=1024)
             del model
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            _clean(os.path.join(tmp, "g.data"))
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        trim_heap()  # each build frees ~1x its weights in small blocks: return them now,
+        return sess  # not after the last layer (the 1B shape peaked 345 MB over its budget)
+
+
+def _clean(path: str) -> None:
+    """Written out and dropped from the page cache: ORT keeps the file mapped for the session's
+    life, and under a memory cap its dirty pages (the whole model's weights, written faster
+    than a cgroup-v1 group writes back) got the run OOM-killed; clean, they are reclaimable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _run(sess, x: torch.Tensor) -> list[torch.Tensor]:
