@@ -191,3 +191,21 @@ def test_a_turn_past_the_context_is_refused_and_the_chat_goes_on(loaded):
         chat.ask("x" * 2100, out=io.StringIO())
     assert chat.messages == []
     assert chat.ask("abc", out=io.StringIO()) == reference(loaded, [user("abc")], 4)
+
+
+def test_a_full_context_drops_the_oldest_exchanges(store):
+    """--context bounds the conversation: the oldest turns go (and the chat says so), the
+    system prompt stays, and the answer is still given."""
+    import io
+    from tiercache import api
+    from tiercache.chat import Chat, Settings
+    engine, tok = api.load(str(store), threads=1, context=96)
+    chat = Chat(engine, tok, Settings(max_tokens=8, temp=0.0), system="sys")
+    note = io.StringIO()
+    for i in range(6):
+        chat.ask(f"question number {i} " * 2, out=io.StringIO(), note=note)
+    assert "the oldest exchange was dropped" in note.getvalue()
+    assert chat.messages[0] == {"role": "system", "content": "sys"}
+    assert chat.messages[1]["content"].startswith("question number") and \
+        "question number 0" not in chat.messages[1]["content"]
+    assert chat.messages[-2]["content"].startswith("question number 5")

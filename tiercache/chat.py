@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import api
-from .errors import TiercacheError
+from .errors import ContextError, TiercacheError
 
 HELP = """commands:
   /help            this list
@@ -80,19 +80,37 @@ class Chat:
         self.messages, self.session = [], self.engine.new_session()
         self.set_system(self.system)
 
-    def ask(self, text: str, out=sys.stdout) -> str:
-        """Stream the answer to `text` into `out`; Ctrl-C stops it between tokens."""
+    def ask(self, text: str, out=sys.stdout, note=sys.stderr) -> str:
+        """Stream the answer to `text` into `out`; Ctrl-C stops it between tokens. When the
+        conversation no longer fits the context, its oldest exchanges are dropped (the system
+        prompt stays) and `note` says so."""
         self.messages.append({"role": "user", "content": text})
         before = _engine_stats(self.engine)
         with interrupt_flag() as stop:
-            try:
-                reply, last = self._stream(out, stop)
-            except TiercacheError as e:  # refused before any compute (a full context)
-                self.messages.pop()
-                raise TiercacheError(f"{e} (/reset starts over)") from None
+            while True:
+                try:
+                    reply, last = self._stream(out, stop)
+                    break
+                except ContextError as e:  # refused before any compute
+                    if not self._drop_oldest():
+                        self.messages.pop()
+                        raise TiercacheError(f"{e} (/reset starts over)") from None
+                    note.write("[context full: the oldest exchange was dropped]\n")
+                except TiercacheError as e:
+                    self.messages.pop()
+                    raise TiercacheError(f"{e} (/reset starts over)") from None
         self.last = _turn(last, before, _engine_stats(self.engine), stop.is_set())
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+    def _drop_oldest(self) -> bool:
+        """Remove the oldest user message and the replies after it; False when only the
+        message being asked is left."""
+        turns = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if len(turns) < 2:
+            return False
+        del self.messages[turns[0]:turns[1]]
+        return True
 
     def _stream(self, out, stop: threading.Event):
         """-> (the answer's text, its last response)."""
