@@ -244,7 +244,8 @@ class TieredEngine(Engine):
         attn_bytes = {l: sum(sizes[n] for n in names) for l, names in attn.items()}
         head = sizes[self.head_name]
         fixed = sum(sizes.values()) - sum(attn_bytes.values()) - head
-        base = dict(runtime=runtime, fixed=fixed, gates=gates, kv=kv, slack=SLACK, slot_bytes=slot)
+        slack = slack_bytes(a)
+        base = dict(runtime=runtime, fixed=fixed, gates=gates, kv=kv, slack=slack, slot_bytes=slot)
         everything = dict(attention=sum(attn_bytes.values()), head=head,
                           attn_pinned=frozenset(range(a.num_hidden_layers)), head_pinned=True)
         if cfg.hot_clusters is not None or cfg.cold_clusters is not None:
@@ -255,7 +256,7 @@ class TieredEngine(Engine):
             return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
                           prepacked=self._prepacked(sum(attn_bytes.values()) + total * slot))
         else:
-            room = cfg.ram_bytes - (runtime + fixed + gates + kv + SLACK)
+            room = cfg.ram_bytes - (runtime + fixed + gates + kv + slack)
             resident = sum(attn_bytes.values()) + total * slot
             extra = self._prepacked(resident)
             if room >= head + resident + extra:
@@ -853,6 +854,16 @@ class TieredEngine(Engine):
 
 def _at(t, neurons: torch.Tensor):
     return t.index_select(0, neurons) if isinstance(t, torch.Tensor) else t
+
+
+def slack_bytes(args) -> int:
+    """Working space beyond the KV cache and streaming buffers: a PREFILL_CHUNK-token chunk's
+    activations (~32 B per FFN neuron and token: gate, up, their product, bf16 copies for the
+    int4 kernel; ~64 B per hidden unit for attention and the residual) over 16 MiB of
+    allocator slop. The fixed 16 MiB, measured on SmolLM2 (F 1536), left the 1B shape (F 8192)
+    ~32 MiB of anonymous memory past its budget: OOM-killed at a cap of 800 MiB."""
+    ffn = args.intermediate_size * max(1, args.num_experts_per_tok)
+    return SLACK + PREFILL_CHUNK * (32 * ffn + 64 * args.hidden_size)
 
 
 def spread_layers(n: int) -> list[int]:
