@@ -36,6 +36,7 @@ from ..models.kv import KVCache
 from .kernels import (_HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok,
                       resident_kernel)
 from .nbits import EXTRA as NBITS_EXTRA
+from .nbits import WORKSPACE as NBITS_WORKSPACE
 from .nbits import NBitsBlock, NBitsFFN, NBitsLinear
 from .predictor import Predictor, predictor_key, record_bytes
 from .slots import Block, Float32Slots, Int4Slots
@@ -295,7 +296,7 @@ class TieredEngine(Engine):
         not be used. Every other budget turns them off: with a part streamed, the RAM they
         take is worth more as pinned weights. (The planner's engine view has no `nbits`.)"""
         if getattr(self, "nbits", False) and resident:
-            return int(resident * NBITS_EXTRA)
+            return int(resident * NBITS_EXTRA) + NBITS_WORKSPACE
         return 0
 
     def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:
