@@ -62,11 +62,6 @@ def _self_check() -> bool:
     return bool((y - ref).abs().max() <= 0.03 * ref.abs().max())
 
 
-@functools.cache
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 def q4k_weight(raw: torch.Tensor, shape) -> dict:
     """A canonical q4k record -> MatMulNBits inputs (see `weight`)."""
     return weight(*quant.q4k_views(raw, shape))
@@ -153,7 +148,7 @@ class _Graph:
         model = h.make_model(g, opset_imports=[h.make_opsetid(d, v) for d, v in OPSET])
         model.ir_version = 10  # ORT 1.31 rejects newer IR versions
         so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = _threads(), 1
+        so.intra_op_num_threads, so.inter_op_num_threads = max(1, torch.get_num_threads()), 1
         so.enable_cpu_mem_arena = False  # its arena kept ~120 MB of scratch after one prefill
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # torch shares cores
         self.nodes = self.inits = None
