@@ -73,11 +73,9 @@ def weight(packed: torch.Tensor, sz: torch.Tensor) -> dict:
     (zero None when all zero)."""
     nb, cols, _ = packed.shape
     rows = nb * 64
-    q = torch.stack([packed & 0xF, packed >> 4], dim=1)          # [N/64, 2, K, 32]
-    q = q.permute(0, 1, 3, 2).reshape(rows, cols // 2, 2)        # row 64b + 32h + j
     s = sz.float().permute(1, 0, 2)                               # [N, K/32, 2]
     zero = s[..., 1].contiguous()
-    return {"B": (q[..., 0] | (q[..., 1] << 4)).view(rows, cols // GROUP, GROUP // 2),
+    return {"B": quant.q4k_rows(packed).view(rows, cols // GROUP, GROUP // 2),
             "scales": s[..., 0].contiguous(), "zero": zero if bool(zero.any()) else None,
             "shape": (rows, cols)}
 

@@ -422,8 +422,7 @@ class TieredEngine(Engine):
             return None
         shape, dt = meta["shape"], meta["dtype"]
         if dt == "q4k" and self.nbits and ".self_attn." in name:
-            return NBitsLinear([(self.reader.read_into(tensor_key(name).decode()), shape)],
-                               self.bias(name))
+            return self._nbits_linear([name])
         if dt == "q4k":
             return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
                                     self.bias(name))
@@ -509,11 +508,14 @@ class TieredEngine(Engine):
         names = [f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in "qkv"]
         if any(self.tensors[n]["dtype"] != "q4k" for n in names):
             return None
+        return self._nbits_linear(names)
+
+    def _nbits_linear(self, names: list[str]) -> NBitsLinear:
+        """q4k projections of one input, joined along N, as one MatMulNBits session."""
         raws = [(self.reader.read_into(tensor_key(n).decode()), self.tensors[n]["shape"])
                 for n in names]
         biases = [self.bias(n) for n in names]
-        bias = None if biases[0] is None else torch.cat(biases)
-        return NBitsLinear(raws, bias)
+        return NBitsLinear(raws, None if biases[0] is None else torch.cat(biases))
 
     def _thresholds(self) -> dict[tuple[int, int], float]:
         """Profiled thresholds, when skipping by them saves reads: a cluster is read if any of

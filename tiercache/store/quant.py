@@ -114,15 +114,21 @@ def q4k_views(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
             raw[half:].view(torch.bfloat16).view(cols // GROUP, rows, 2))
 
 
+def q4k_rows(packed: torch.Tensor) -> torch.Tensor:
+    """q4k's packed [R/64, C, 32] -> q4's nibbles, row-major [R, C/2] (element 2j low): the
+    layout of q4 records and of ONNX Runtime's MatMulNBits."""
+    nb, cols, _ = packed.shape
+    q = torch.stack([packed & 0xF, packed >> 4], dim=1)          # [R/64, 2, C, 32]
+    q = q.permute(0, 1, 3, 2).reshape(nb * 64, cols // 2, 2)     # row 64b + 32h + j
+    return q[..., 0] | (q[..., 1] << 4)
+
+
 def q4k_to_q4(raw: torch.Tensor, shape) -> bytes:
     """A q4k record as q4 bytes (same nibbles; min = zero - 8 * scale rounded to f16)."""
-    rows, cols = shape
     packed, sz = q4k_views(raw, shape)
-    q = torch.stack([packed & 0xF, packed >> 4], dim=1)          # [R/64, 2, C, 32]
-    q = q.permute(0, 1, 3, 2).reshape(rows, cols // 2, 2)
     s = sz.float().permute(1, 0, 2)                               # [R, C/32, 2]
     scale, mn = s[..., 0].to(torch.float16), (s[..., 1] - 8 * s[..., 0]).to(torch.float16)
-    return _cat(scale, mn, q[..., 0] | (q[..., 1] << 4))
+    return _cat(scale, mn, q4k_rows(packed))
 
 
 def decode_q4k(raw: torch.Tensor, shape) -> torch.Tensor:
