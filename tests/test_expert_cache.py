@@ -71,3 +71,16 @@ def test_pin_with_a_value_and_explicit_evict():
     assert c.evict((0, 0)) and (0, 0) not in c and not c.evict((0, 0))
     with pytest.raises(ValueError):
         ExpertCache(MB, 1, policy="fifo")
+
+
+def test_frequency_pins_leave_experts_pinned_for_good():
+    c = ExpertCache(3 * MB, layers=1, policy="freq+lru", pinned_bytes=2 * MB)
+    assert c.pin((0, 5), "resident", MB).ok
+    for e in [1, 1, 2, 2, 2, 3]:
+        c.get((0, e))
+    assert c.pin_hottest(MB) == [(0, 2)]  # one MiB of the pinned region is left
+    c.put((0, 2), "two", MB)
+    assert c.report()["pinned"] == [[2, 5]]
+    for _ in range(5):
+        c.get((0, 3))
+    assert c.pin_hottest(MB) == [(0, 3)] and (0, 5) in c.pinned and (0, 2) in c.lru

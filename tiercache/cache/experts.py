@@ -62,6 +62,7 @@ class ExpertCache:
         self.pinned: dict[Key, tuple[Any, int]] = {}  # key -> (value, bytes)
         self.lru: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # least recent first
         self.want_pinned: set[Key] = set()  # pinned by frequency, not read yet
+        self.by_freq: set[Key] = set()  # pinned by frequency (pin_hottest), not for good
 
     # -- bytes -----------------------------------------------------------------------------
     @property
@@ -159,6 +160,7 @@ class ExpertCache:
     def evict(self, key: Key) -> bool:
         """Drop `key` whatever its region; -> whether it was held."""
         self.want_pinned.discard(key)
+        self.by_freq.discard(key)
         entry = self.pinned.pop(key, None) or self.lru.pop(key, None)
         if entry is not None:
             self.stats.evictions[key[0]] += 1
@@ -171,16 +173,20 @@ class ExpertCache:
     def pin_hottest(self, expert_bytes: int, counts: dict[Key, int] | None = None) -> list[Key]:
         """freq+lru: pin the most often routed experts that fit the pinned region, by `counts`
         (a profile's) or the uses seen so far (warm-up routing). Earlier frequency pins that
-        are no longer among the hottest go back to the LRU tail. -> the keys pinned."""
+        are no longer among the hottest go back to the LRU tail; experts pinned with a value
+        (`pin`) stay. -> the keys pinned by frequency."""
         if self.policy != "freq+lru" or expert_bytes <= 0:
             return []
         counts = self.counts if counts is None else counts
-        n = self.pinned_budget // expert_bytes
-        hot = sorted(counts, key=lambda k: (-counts[k], k))[:n]
-        for k in [k for k in self.pinned if k not in hot]:
-            self.lru[k] = self.pinned.pop(k)  # kept, now evictable
-            self.lru.move_to_end(k, last=False)
-        self.want_pinned = set()
+        held = sum(n for k, (_, n) in self.pinned.items() if k not in self.by_freq)
+        hot = [k for k in sorted(counts, key=lambda k: (-counts[k], k))
+               if k not in self.pinned or k in self.by_freq]
+        hot = hot[:max(0, self.pinned_budget - held) // expert_bytes]
+        for k in [k for k in self.by_freq if k not in hot]:
+            if k in self.pinned:
+                self.lru[k] = self.pinned.pop(k)  # kept, now evictable first
+                self.lru.move_to_end(k, last=False)
+        self.want_pinned, self.by_freq = set(), set(hot)
         for k in hot:
             self.pin(k)
         room = self.budget_bytes - self.pinned_budget

@@ -32,6 +32,7 @@ from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
 from .dense import Engine, context_limit
+from . import experts as moe_experts
 from ..models.kv import KVCache
 from .kernels import (_HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok,
                       resident_kernel)
@@ -79,6 +80,10 @@ class TierConfig:
     compute: str = "auto"          # auto: q4k stores on the int4 kernels, pinned weights on
                                    # ORT's MatMulNBits where it verifies | torch: torch's int4
                                    # kernel only | f32
+    experts: str | None = None     # MoE expert cache: lru | freq+lru | None: by the budget
+                                   # (engine/experts.py: choose_policy, measured)
+    expert_cache_bytes: int | None = None  # with region sizes: whole experts cached
+    expert_cut: float = 0.0        # MoE read-ahead: only experts the next router gives >= this
 
 
 @dataclass
@@ -97,10 +102,11 @@ class Budget:
     attn_pinned: frozenset = frozenset()  # layers whose attention is pinned
     head_pinned: bool = True
     prepacked: int = 0  # what ORT's prepacked kernels hold beyond the stored bytes
+    experts: int = 0    # MoE: whole streamed experts kept in the expert cache
 
     def lines(self) -> dict:
         return {"runtime": self.runtime, "fixed": self.fixed, "attention": self.attention,
-                "prepacked": self.prepacked,
+                "prepacked": self.prepacked, "experts": self.experts,
                 "head": self.head, "gates": self.gates, "kv": self.kv, "slack": self.slack,
                 "streaming": self.streaming, "hot": self.hot_slots * self.slot_bytes,
                 "cold": self.cold_slots * self.slot_bytes}
@@ -178,6 +184,7 @@ class TieredEngine(Engine):
         self.predictors = self._load_predictors()
         self._load_thresholds()
         self._load_ffn()
+        self.expert_cache, self.ahead = self._experts()
         trim_heap()  # what loading (and ORT's session builds) freed goes back to the OS
         self.reset_stats()  # count what decoding reads, not the load
 
@@ -286,7 +293,8 @@ class TieredEngine(Engine):
         stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok)) if streams else 0
         b = Budget(**base, attention=sum(attn_bytes.get(l, 0) for l in pinned),
                    head=head if head_pinned else 0, attn_pinned=pinned, head_pinned=head_pinned,
-                   streaming=stream, hot_slots=hot, cold_slots=cold)
+                   streaming=stream, hot_slots=hot, cold_slots=cold,
+                   experts=(cfg.expert_cache_bytes or 0) if a.is_moe else 0)
         if cfg.ram_bytes is not None and b.total > cfg.ram_bytes:  # regions as a plan gave them
             self._refuse(b, "regions as the plan gives them", b.total - cfg.ram_bytes)
         return b
@@ -313,9 +321,12 @@ class TieredEngine(Engine):
         head_pinned = head <= room or not head_ok
         room -= head if head_pinned else 0
         hot = max(0, min(total, room // base["slot_bytes"]))
+        experts = 0
+        if self.args.is_moe:  # whole experts in the expert cache, not clusters pinned in order
+            hot, experts = 0, max(0, room)
         b = Budget(**base, attention=att, head=head if head_pinned else 0, streaming=stream,
                    hot_slots=hot, cold_slots=0, attn_pinned=frozenset(pinned),
-                   head_pinned=head_pinned)
+                   head_pinned=head_pinned, experts=experts)
         if room < 0:
             self._refuse(b, "", -room)
         return b
@@ -673,43 +684,87 @@ class TieredEngine(Engine):
         self.cache.stats.hot_hits += len(hot)
         if streamed:
             self.cache.stats.misses += streamed
-            if self.args.is_moe:  # read once routed (`routed`), or ahead by the router
-                t0 = time.perf_counter()
-                block = self._submit_layer(layer, expert).result()
-                del self.inflight[(layer, expert)]
-                self.io_wait_s += time.perf_counter() - t0
+            if self.args.is_moe:  # cached, or read once routed (`routed`) or ahead
+                block = self._expert_block(layer, expert)
             else:
                 block = self.streamer.get(self.streamer.unit_of(layer))["ffn"]
             y = y + block.ffn(x, self.act)
         return y
 
     def routed(self, layer: int, experts: list[int], x: torch.Tensor) -> None:
-        """MoE, experts streamed: a layer's routed experts are known. At decode, read them all
-        now (each overlaps the others' compute) and, ahead, those layer + 1's router picks
-        from this layer's input; let go of experts read ahead for this layer but not routed."""
-        if self.mode != "dense" or self.budget.hot_slots >= self._total_clusters():
+        """MoE: a layer's routed experts are known; each use is a hit or a miss of the expert
+        cache. At decode, read the misses now (each overlaps the others' compute) and, ahead,
+        those layer + 1's router picks from this layer's input with a probability of at least
+        cfg.expert_cut; let go of experts read ahead for this layer but not routed."""
+        if self.mode != "dense" or self.expert_cache is None:
             return
-        for e in experts:
-            if (layer, e) in self.inflight:
-                self.read_ahead_hits += self._streamed_clusters(layer, e)
+        keys = self._routed_now = [(layer, e) for e in experts]
+        held = {k for k in keys if self.expert_cache.get(k) is not None}
+        if x.shape[0] > 1 and layer == self.args.num_hidden_layers - 1:
+            self.expert_cache.pin_hottest(self._expert_bytes())  # warm-up: the prompt's routing
+        if self.budget.hot_slots >= self._total_clusters():
+            return
+        for k in keys:
+            if k in held:
+                continue
+            ahead = k in self.inflight
+            if ahead:
+                self.read_ahead_hits += self._streamed_clusters(*k)
             else:
-                self.demand_reads += self._streamed_clusters(layer, e)
+                self.demand_reads += self._streamed_clusters(*k)
+            (self.ahead.used if ahead else self.ahead.demand)[layer] += 1
         if x.shape[0] > 1:  # prefill: one expert at a time (the budget holds 2 k of them)
             return
         stale = [k for k in self.inflight if len(k) == 2 and k[0] == layer and k[1] not in experts]
         for k in stale:
             del self.inflight[k]
             self.prefetch_unused += self._streamed_clusters(*k)
-        for e in experts:
-            if self._streamed_clusters(layer, e):
-                self._submit_layer(layer, e)
+            self.ahead.unused[layer] += 1
+        for k in keys:
+            if k not in held and self._streamed_clusters(*k):
+                self._submit_layer(*k)
         nxt = layer + 1
         if self.cfg.prefetch and nxt < self.args.num_hidden_layers:
-            _, idx = self.model.model.layers[nxt].block_sparse_moe.route(x)
-            for e in idx.unique().tolist():
-                if (nxt, e) not in self.inflight and self._streamed_clusters(nxt, e):
-                    self.prefetched += self._streamed_clusters(nxt, e)
-                    self._submit_layer(nxt, e)
+            moe = self.model.model.layers[nxt].block_sparse_moe
+            for e in moe_experts.likely_experts(moe, x, self.cfg.expert_cut):
+                k = (nxt, e)
+                if (k in self.inflight or not self._streamed_clusters(*k)
+                        or self.expert_cache.touch(k)):  # cached: kept past this layer's puts
+                    continue
+                self.prefetched += self._streamed_clusters(*k)
+                self.ahead.read[nxt] += 1
+                self._submit_layer(*k)
+
+    def _expert_block(self, layer: int, expert: int):
+        """A routed expert's streamed part: from the expert cache, else its read (submitted by
+        `routed`), then offered to the cache (kept if the budget holds it)."""
+        key = (layer, expert)
+        block = self.expert_cache.peek(key)
+        if block is not None:
+            return block
+        t0 = time.perf_counter()
+        block = self._submit_layer(layer, expert).result()
+        del self.inflight[key]
+        self.io_wait_s += time.perf_counter() - t0
+        self.expert_cache.put(key, block, moe_experts.block_bytes(block),
+                              in_use=getattr(self, "_routed_now", ()))
+        return block
+
+    def _experts(self):
+        """MoE: (the expert cache over Budget.experts, read-ahead counters); experts resident
+        in full (hot) are pinned in it, so that it counts every routed use."""
+        a = self.args
+        if not a.is_moe:
+            return None, None
+        resident = {k: v for k, v in self.hot.items() if len(v[1]) == self.n_clusters}
+        cache = moe_experts.expert_cache(self.cfg.experts, self.budget.experts,
+                                         self._expert_bytes(), a.num_hidden_layers,
+                                         a.num_experts_per_tok, resident)
+        return cache, moe_experts.ReadAheadStats(a.num_hidden_layers)
+
+    def _expert_bytes(self) -> int:
+        records = self.store.records
+        return sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
 
     def _total_clusters(self) -> int:
         return self.args.num_hidden_layers * self.args.n_experts * self.n_clusters
@@ -840,6 +895,9 @@ class TieredEngine(Engine):
         self.read_ahead_hits = self.demand_reads = 0  # misses already in flight, or not
         self.cache.stats.__init__()
         self.reader.stats.__init__()
+        if self.expert_cache is not None:
+            self.expert_cache.reset_stats()
+            self.ahead.__post_init__()
 
     def stats(self) -> dict:
         s, io = self.cache.stats, self.reader.stats
@@ -852,7 +910,10 @@ class TieredEngine(Engine):
                 "read_ahead_hits": self.read_ahead_hits, "demand_reads": self.demand_reads,
                 "sparse": self.mode != "dense", "mode": self.mode,
                 "compute": "int4" if self.int4 else "f32",
-                "pinned_kernel": "ort-nbits" if self.nbits else "torch"}
+                "pinned_kernel": "ort-nbits" if self.nbits else "torch",
+                **({"experts": moe_experts.report(self.expert_cache, self.ahead,
+                                                  self.cfg.expert_cut)}
+                   if self.expert_cache is not None else {})}
 
 
 def _at(t, neurons: torch.Tensor):

@@ -1,0 +1,113 @@
+"""MoE experts in the tiered engine: whole experts kept in the expert cache, the next router's
+read-ahead and its counters, and stats()["experts"] (tiny Mixtral: 2 layers, 4 experts top-2)."""
+import pytest
+import torch
+
+from tiercache.engine import load_dense
+from tiercache.engine.tiered import TierConfig, load_tiered
+from tiercache.store.format import Store
+
+PROMPT = list(range(3, 20))
+TOKENS = list(range(40, 64))
+FIELDS = {"policy", "budget_bytes", "used_bytes", "hits", "misses", "bytes_read", "resident",
+          "pinned", "evictions", "hit_rate", "readahead_read", "readahead_used",
+          "readahead_unused", "demand_stalls", "readahead_cut"}
+
+
+@torch.inference_mode()
+def _run(store, **cfg):
+    eng = load_tiered(Store(store), TierConfig(sparse=False, **cfg))
+    s = eng.new_session()
+    eng.prefill(s, PROMPT)
+    eng.reset_stats()
+    logits = torch.stack([eng.decode(s, t) for t in TOKENS])
+    return logits, eng.stats(), eng
+
+
+@pytest.fixture(scope="module")
+def mixtral(stores):
+    store = stores("mixtral", "f32")
+    return store, _decode_logits_dense(store)
+
+
+@torch.inference_mode()
+def _decode_logits_dense(store):
+    eng = load_dense(Store(store))
+    s = eng.new_session()
+    eng.prefill(s, PROMPT)
+    return torch.stack([eng.decode(s, t) for t in TOKENS])
+
+
+def _uses(eng) -> int:  # decode: top-2 distinct experts per layer and token
+    return eng.args.num_experts_per_tok * eng.args.num_hidden_layers * len(TOKENS)
+
+
+def test_stats_fields_with_every_expert_resident(mixtral):
+    store, ref = mixtral
+    got, st, eng = _run(store)
+    e = st["experts"]
+    assert FIELDS <= set(e) and (got - ref).abs().max() < 1e-4
+    assert sum(e["misses"]) == 0 and sum(e["hits"]) == _uses(eng) and e["hit_rate"] == 1.0
+    assert e["resident"] == [list(range(eng.args.n_experts))] * eng.args.num_hidden_layers
+    assert sum(e["bytes_read"]) == 0 == st["store_bytes_read"]
+
+
+def test_expert_cache_keeps_experts_and_counts_each_use(mixtral):
+    """A cache of 4 of the 8 experts: hits + misses = routed uses, every miss reads one whole
+    expert, fewer store bytes than with no cache, logits unchanged, the budget held."""
+    store, ref = mixtral
+    _, none, eng = _run(store, hot_clusters=0, cold_clusters=0)
+    one = none["experts"]["bytes_read"][0] // none["experts"]["misses"][0]
+    got, st, eng = _run(store, hot_clusters=0, cold_clusters=0, expert_cache_bytes=4 * one,
+                        experts="lru")
+    e = st["experts"]
+    assert (got - ref).abs().max() < 1e-4
+    assert sum(e["hits"]) + sum(e["misses"]) == _uses(eng)
+    assert sum(none["experts"]["misses"]) == _uses(eng)  # no cache: every use reads
+    assert sum(e["hits"]) > 0 and e["bytes_read"] == [m * one for m in e["misses"]]
+    assert st["store_bytes_read"] < none["store_bytes_read"]
+    assert e["used_bytes"] <= e["budget_bytes"] == 4 * one
+    assert sum(map(len, e["resident"])) == 4 and e["policy"] == "lru"
+    assert st["regions"]["experts"] == 4 * one
+
+
+def test_read_ahead_counters_move_with_the_router_cut(mixtral):
+    """No cache, every expert streamed: layer 0 is never read ahead; for the later layers each
+    expert read ahead is used or let go, and a cut above every probability reads none ahead."""
+    store, ref = mixtral
+    got, on, eng = _run(store, hot_clusters=0, cold_clusters=0)
+    _, cut, _ = _run(store, hot_clusters=0, cold_clusters=0, expert_cut=1.01)
+    _, off, _ = _run(store, hot_clusters=0, cold_clusters=0, prefetch=False)
+    e, c, o = on["experts"], cut["experts"], off["experts"]
+    assert (got - ref).abs().max() < 1e-4
+    assert e["readahead_read"][0] == 0 and e["demand_stalls"][0] == e["misses"][0]
+    for l in range(eng.args.num_hidden_layers):
+        assert e["readahead_read"][l] == e["readahead_used"][l] + e["readahead_unused"][l]
+        assert e["readahead_used"][l] + e["demand_stalls"][l] == e["misses"][l]
+    assert sum(e["readahead_used"]) > 0 and sum(e["demand_stalls"]) < sum(o["demand_stalls"])
+    assert sum(c["readahead_read"]) == 0 == sum(o["readahead_read"])
+    assert c["demand_stalls"] == c["misses"] and o["demand_stalls"] == o["misses"]
+    assert on["read_ahead_hits"] == sum(e["readahead_used"]) * eng.n_clusters
+
+
+def test_small_budget_pins_the_prompts_hottest_experts(mixtral):
+    """Fewer cached experts than one token routes (k x layers): an LRU would cycle, so the
+    engine pins the experts the prompt routed to most (measured: tools/expert_trace.py)."""
+    store, ref = mixtral
+    _, none, eng = _run(store, hot_clusters=0, cold_clusters=0)
+    one = none["experts"]["bytes_read"][0] // none["experts"]["misses"][0]
+    got, st, eng = _run(store, hot_clusters=0, cold_clusters=0, expert_cache_bytes=3 * one)
+    e = st["experts"]
+    assert (got - ref).abs().max() < 1e-4
+    assert e["policy"] == "freq+lru" and sum(map(len, e["pinned"])) == 3
+    assert sum(e["hits"]) + sum(e["misses"]) == _uses(eng) and sum(e["hits"]) > 0
+    assert e["evictions"] == [0, 0] and e["used_bytes"] <= e["budget_bytes"]
+
+
+def test_api_load_reports_experts(stores):
+    from tiercache import api
+    eng, tok = api.load(str(stores("mixtral", "f32")), threads=1)
+    text = api.generate(eng, tok, "hello", max_tokens=4, chat_template=False)
+    assert isinstance(text, str)
+    e = eng.stats()["experts"]
+    assert FIELDS <= set(e) and sum(e["misses"]) == 0 and sum(e["hits"]) > 0
