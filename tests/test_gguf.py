@@ -454,6 +454,88 @@ def test_moe_experts_split(tmp_path):
             assert torch.equal(got[f"{p}experts.{e}.{hf_part}.weight"], ref)
 
 
+MOE_GGUF = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+MOE_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "block_sparse_moe.gate": "ffn_gate_inp"}
+
+
+def write_mixtral_gguf(path: Path, weights: dict[str, torch.Tensor], cfg: dict) -> None:
+    """A Mixtral as llama.cpp writes it: architecture llama, q/k rows permuted, each layer's
+    experts stacked into ffn_{gate,up,down}_exps, expert_count / expert_used_count."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(cfg["num_local_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    specials, merges = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], _byte_vocab()[1]
+    merged = [m.replace(" ", "") for m in merges]
+    tokens = specials + _byte_symbols()[:cfg["vocab_size"] - 3 - len(merged)] + merged
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    for name, t in weights.items():
+        a = t.numpy()
+        if name in MOE_GGUF:
+            w.add_tensor(MOE_GGUF[name], a)
+            continue
+        _, _, i, rest = name.split(".", 3)
+        stem = rest.rsplit(".", 1)[0]
+        if stem in MOE_LAYER:
+            proj = stem.split(".")[-1]
+            w.add_tensor(f"blk.{i}.{MOE_LAYER[stem]}.weight",
+                         llama_cpp_permute(a, heads[proj]) if proj in heads else a)
+    for i in range(cfg["num_hidden_layers"]):
+        for part, gguf_part in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
+                                ("down_proj", "ffn_down_exps")):
+            stacked = [weights[f"model.layers.{i}.block_sparse_moe.experts.{e}.{part}.weight"].numpy()
+                       for e in range(cfg["num_local_experts"])]
+            w.add_tensor(f"blk.{i}.{gguf_part}.weight", np.stack(stacked))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_mixtral_gguf_converts_to_its_hf_twin(hf_models, stores, tmp_path):
+    """The tiny HF Mixtral written as llama.cpp would write it (stacked experts, permuted q/k)
+    converts to a store whose logits equal transformers' on the HF original."""
+    from tiercache.engine import load_dense
+    from tiercache.store.convert import convert
+    from tiercache.store.format import Store
+    hf, _ = hf_models["mixtral"]
+    twin = Store(stores("mixtral", "f32"))
+    weights = dict(twin.weights())
+    path = tmp_path / "mixtral.gguf"
+    write_mixtral_gguf(path, weights, twin.manifest["config"])
+    out = convert(path, tmp_path / "store", dtype="f32", progress=False)
+    store = Store(out)
+    assert store.args.is_moe and store.args.n_experts == twin.args.n_experts
+    got = dict(store.weights())
+    assert set(got) == set(weights)
+    for name, ref in weights.items():
+        assert torch.equal(got[name], ref), name
+    ids = torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    eng = load_dense(store)
+    diff = (eng.logits(eng.new_session(), ids[0].tolist()) - ref).abs()
+    assert diff.max() < 2e-4 * ref.std(), f"max {diff.max():.3g} mean {diff.mean():.3g}"
+
+
 def test_llama3_rope_freqs_and_eot(tmp_path):
     """Llama 3.1's rope_freqs tensor maps back to its rope_scaling; eot joins the stop ids."""
     theta, hd, s = 500000.0, TINY["head_dim"], dict(factor=8.0, low=1.0, high=4.0, old=8192)
