@@ -111,3 +111,19 @@ def test_api_load_reports_experts(stores):
     assert isinstance(text, str)
     e = eng.stats()["experts"]
     assert FIELDS <= set(e) and sum(e["misses"]) == 0 and sum(e["hits"]) > 0
+
+
+def test_generate_json_reports_experts_and_refuses_a_bad_policy(stores):
+    import json
+    import subprocess
+    import sys
+    store = str(stores("mixtral", "f32"))
+    base = [sys.executable, "-m", "tiercache", "generate", store, "-p", "ab cd", "-n", "4",
+            "--no-chat-template", "--json", "--threads", "1"]
+    r = subprocess.run(base + ["--experts", "lru", "--expert-cut", "0.1"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout.strip().splitlines()[-1])["experts"]
+    assert e["readahead_cut"] == 0.1 and FIELDS <= set(e)
+    r = subprocess.run(base + ["--experts", "fifo"], capture_output=True, text=True)
+    assert r.returncode != 0 and "lru, freq+lru" in r.stderr and "Traceback" not in r.stderr

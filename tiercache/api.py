@@ -38,7 +38,8 @@ def default_threads() -> int:
 def load(model: str, threads: int | None = None, dtype: str | None = None, ram: int | str | None = None,
          engine: str = "tiered", context: int = 2048, io_threads: int = 2,
          sparse: bool | None = None, backend: str = "auto",
-         plan: str | None = None) -> tuple[Engine, Tokenizer]:
+         plan: str | None = None, experts: str | None = None,
+         expert_cut: float = 0.0) -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
@@ -46,10 +47,18 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
     plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads.
+    MoE stores (Mixtral family): experts (lru | freq+lru; None: by the budget) is the expert
+    cache's policy, expert_cut the router probability below which an expert is not read ahead;
+    `engine.stats()["experts"]` reports hits, misses, bytes read and read-ahead per layer.
     """
     from .hub import resolve_model
     from .engine.tiered import TierConfig, config_from_plan, load_tiered
     from planner.units import parse_size
+    from .cache.experts import POLICIES
+    if experts not in (None, *POLICIES):
+        from .errors import TiercacheError
+        raise TiercacheError(f"--experts {experts}: the expert cache's policy is one of "
+                             + ", ".join(POLICIES))
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
@@ -59,10 +68,12 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
         if plan is not None:
             from planner.search import load_plan
             cfg = config_from_plan(load_plan(plan))
+            cfg.experts, cfg.expert_cut = experts, expert_cut
             ram = cfg.ram_bytes
         else:  # planned for this machine where it is probed; else the engine sizes itself
             own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
-                             context=context, io_threads=io_threads, sparse=sparse)
+                             context=context, io_threads=io_threads, sparse=sparse,
+                             experts=experts, expert_cut=expert_cut)
             cfg = (_planned(path, parse_size(ram), context) if ram is not None and sparse is None
                    else None) or own
         try:

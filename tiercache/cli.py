@@ -23,6 +23,11 @@ SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the
                       help="skip FFN neurons the profile marks inactive (thresholds on the "
                            "gate; predictors, for ReLU-family models)")
 PLAN = typer.Option(None, help="a plan from `tiercache plan --out` (sets the RAM regions)")
+EXPERTS = typer.Option(None, help="MoE expert cache policy: lru | freq+lru (default: by the "
+                                  "budget, measured: frequency pins below one token's routed "
+                                  "experts, else LRU)")
+EXPERT_CUT = typer.Option(0.0, help="MoE: do not read ahead experts the next layer's router "
+                                    "gives a probability below this")
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 THREADS = typer.Option(None, help="compute threads (default: half the logical CPUs; 1 on "
                                       "two or fewer)")
@@ -106,6 +111,7 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              dtype: Optional[str] = DTYPE,
              ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
              sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
+             experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
                                                 help="wrap the prompt in the model's chat "
                                                      "template"),
@@ -115,7 +121,8 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
                    context=context)
     from . import api
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=context, sparse=sparse, backend=backend, plan=plan)
+                        context=context, sparse=sparse, backend=backend, plan=plan,
+                        experts=experts, expert_cut=expert_cut)
     engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
     if not ids:
@@ -146,7 +153,8 @@ def _report(engine, ids, tokens, text, last) -> dict:
     tier = (last.stats if last else None) or {}
     extra = {k: tier[k] for k in ("cache_hit_rate", "store_bytes_read", "store_bytes_per_token",
                                   "regions", "sparse", "mode", "compute", "read_ahead_hits",
-                                  "demand_reads", "prefetched", "prefetch_unused") if k in tier}
+                                  "demand_reads", "prefetched", "prefetch_unused", "experts")
+             if k in tier}
     if "mode" in extra:
         from .api import mode_name
         extra["mode"] = mode_name(extra["mode"])
