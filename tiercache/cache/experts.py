@@ -84,10 +84,11 @@ class ExpertCache:
         return len(self.pinned) + len(self.lru)
 
     # -- the protocol ----------------------------------------------------------------------
-    def get(self, key: Key):
+    def get(self, key: Key, tokens: int = 1):
         """The value held for `key` (refreshing its LRU place) or None: a routed use of the
-        expert, counted as a hit or a miss of its layer."""
-        self.counts[key] = self.counts.get(key, 0) + 1
+        expert, counted as a hit or a miss of its layer; `tokens` routed to it (a prompt's
+        many) weigh it in the routing counts `pin_hottest` pins by."""
+        self.counts[key] = self.counts.get(key, 0) + tokens
         entry = self.pinned.get(key)
         if entry is None and key in self.lru:
             self.lru.move_to_end(key)

@@ -22,7 +22,7 @@ def choose_policy(policy: str | None, budget_bytes: int, expert_bytes: int, laye
     """-> (policy, share of the budget pinned). None: the measured rule above."""
     if policy is not None:
         return policy, 0.5 if policy == "freq+lru" else 0.0
-    if expert_bytes and budget_bytes // expert_bytes < layers * top_k:
+    if 0 < budget_bytes // max(1, expert_bytes) < layers * top_k:
         return "freq+lru", 1.0
     return "lru", 0.0
 
@@ -47,6 +47,15 @@ def likely_experts(moe, x: torch.Tensor, cut: float) -> list[int]:
     p = F.softmax(moe.gate(x).float(), dim=-1)
     w, idx = p.topk(moe.top_k, dim=-1)
     return [int(e) for e, q in zip(idx[0], w[0]) if q >= cut]
+
+
+def routed_tokens(moe, x: torch.Tensor) -> list[int]:
+    """Tokens of x [T, d] routed to each expert: one each at decode, counted at prefill (the
+    warm-up counts that frequency pins come from)."""
+    if x.shape[0] == 1:
+        return [1] * len(moe.experts)
+    _, idx = moe.route(x)
+    return torch.bincount(idx.flatten(), minlength=len(moe.experts)).tolist()
 
 
 def block_bytes(block) -> int:

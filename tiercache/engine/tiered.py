@@ -699,7 +699,8 @@ class TieredEngine(Engine):
         if self.mode != "dense" or self.expert_cache is None:
             return
         keys = self._routed_now = [(layer, e) for e in experts]
-        held = {k for k in keys if self.expert_cache.get(k) is not None}
+        tokens = moe_experts.routed_tokens(self.model.model.layers[layer].block_sparse_moe, x)
+        held = {k for k in keys if self.expert_cache.get(k, tokens[k[1]]) is not None}
         if x.shape[0] > 1 and layer == self.args.num_hidden_layers - 1:
             self.expert_cache.pin_hottest(self._expert_bytes())  # warm-up: the prompt's routing
         if self.budget.hot_slots >= self._total_clusters():
