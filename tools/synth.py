@@ -10,7 +10,9 @@ quality or activation sparsity; they are for tok/s, bytes read and memory only.
     python tools/synth.py --list
 
 --skew S scales the router rows of --skew-experts experts per layer by S: those experts win
-the top-k more often (a router with locality, unlike a random one, which spreads tokens evenly).
+the top-k more often. A random router is expected to spread tokens evenly, but on text the
+random-weight models route most tokens of a layer to a few experts anyway (measured with
+tools/expert_trace.py: the 2 most used of 8 take 0.60-0.83 of the uses, even is 0.25).
 """
 from __future__ import annotations
 
