@@ -764,6 +764,7 @@ class TieredEngine(Engine):
         return cache, moe_experts.ReadAheadStats(a.num_hidden_layers)
 
     def _expert_bytes(self) -> int:
+        """Bytes of one whole expert as stored (and as a kernel-ready block)."""
         records = self.store.records
         return sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
 
@@ -898,7 +899,7 @@ class TieredEngine(Engine):
         self.reader.stats.__init__()
         if self.expert_cache is not None:
             self.expert_cache.reset_stats()
-            self.ahead.__post_init__()
+            self.ahead = moe_experts.ReadAheadStats(self.args.num_hidden_layers)
 
     def stats(self) -> dict:
         s, io = self.cache.stats, self.reader.stats
