@@ -758,6 +758,10 @@ class TieredEngine(Engine):
         if not a.is_moe:
             return None, None
         resident = {k: v for k, v in self.hot.items() if len(v[1]) == self.n_clusters}
+        if self.budget.experts:  # cached experts live long among short-lived reads: their
+            # 0.45 MiB scale tensors left malloc arenas holes (synthetic Mixtral at --ram 650M:
+            # anonymous memory 567-595 MiB, OOM-killed at that cgroup cap); mapped: 513 flat
+            return_large_frees(128 << 10)
         cache = moe_experts.expert_cache(self.cfg.experts, self.budget.experts,
                                          self._expert_bytes(), a.num_hidden_layers,
                                          a.num_experts_per_tok, resident)
