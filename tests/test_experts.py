@@ -66,6 +66,7 @@ def test_expert_cache_keeps_experts_and_counts_each_use(mixtral):
     assert sum(none["experts"]["misses"]) == _uses(eng)  # no cache: every use reads
     assert sum(e["hits"]) > 0 and e["bytes_read"] == [m * one for m in e["misses"]]
     assert st["store_bytes_read"] < none["store_bytes_read"]
+    assert st["cache_hit_rate"] == pytest.approx(e["hit_rate"])  # the clusters of those experts
     assert e["used_bytes"] <= e["budget_bytes"] == 4 * one
     assert sum(map(len, e["resident"])) == 4 and e["policy"] == "lru"
     assert st["regions"]["experts"] == 4 * one
@@ -127,3 +128,16 @@ def test_generate_json_reports_experts_and_refuses_a_bad_policy(stores):
     assert e["readahead_cut"] == 0.1 and FIELDS <= set(e)
     r = subprocess.run(base + ["--experts", "fifo"], capture_output=True, text=True)
     assert r.returncode != 0 and "lru, freq+lru" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_under_a_ram_budget_experts_take_the_room_pinned_clusters_took(stores):
+    """--ram below the whole model: no clusters pinned in layer order; the room is the expert
+    cache's (Budget.experts), the same bytes in all."""
+    from planner.accounting import plan_budget
+    m = Store(stores("mixtral", "f32")).manifest
+    everything = plan_budget(m, TierConfig(sparse=False), runtime=0)
+    ram = everything.total - 1  # just short of everything resident
+    b = plan_budget(m, TierConfig(sparse=False, ram_bytes=ram), runtime=0)
+    assert b.hot_slots == 0 and 0 < b.experts < everything.hot_slots * everything.slot_bytes
+    assert b.total <= ram and b.streaming > 0
+    assert b.lines()["experts"] == b.experts

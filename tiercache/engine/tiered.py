@@ -683,10 +683,10 @@ class TieredEngine(Engine):
         streamed = self.n_clusters - len(hot)
         self.cache.stats.hot_hits += len(hot)
         if streamed:
-            self.cache.stats.misses += streamed
             if self.args.is_moe:  # cached, or read once routed (`routed`) or ahead
                 block = self._expert_block(layer, expert)
             else:
+                self.cache.stats.misses += streamed
                 block = self.streamer.get(self.streamer.unit_of(layer))["ffn"]
             y = y + block.ffn(x, self.act)
         return y
@@ -739,10 +739,12 @@ class TieredEngine(Engine):
     def _expert_block(self, layer: int, expert: int):
         """A routed expert's streamed part: from the expert cache, else its read (submitted by
         `routed`), then offered to the cache (kept if the budget holds it)."""
-        key = (layer, expert)
+        key, streamed = (layer, expert), self._streamed_clusters(layer, expert)
         block = self.expert_cache.peek(key)
-        if block is not None:
+        if block is not None:  # its clusters count as cache hits, as pinned ones do
+            self.cache.stats.cold_hits += streamed
             return block
+        self.cache.stats.misses += streamed
         t0 = time.perf_counter()
         block = self._submit_layer(layer, expert).result()
         del self.inflight[key]
