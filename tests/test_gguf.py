@@ -454,11 +454,12 @@ def test_moe_experts_split(tmp_path):
             assert torch.equal(got[f"{p}experts.{e}.{hf_part}.weight"], ref)
 
 
-MOE_GGUF = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}
+MOE_GGUF = {"model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 MOE_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "block_sparse_moe.gate": "ffn_gate_inp"}
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "block_sparse_moe.gate": "ffn_gate_inp"}
 
 
 def write_mixtral_gguf(path: Path, weights: dict[str, torch.Tensor], cfg: dict) -> None:
@@ -501,7 +502,8 @@ def write_mixtral_gguf(path: Path, weights: dict[str, torch.Tensor], cfg: dict) 
     for i in range(cfg["num_hidden_layers"]):
         for part, gguf_part in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
                                 ("down_proj", "ffn_down_exps")):
-            stacked = [weights[f"model.layers.{i}.block_sparse_moe.experts.{e}.{part}.weight"].numpy()
+            p = f"model.layers.{i}.block_sparse_moe.experts"
+            stacked = [weights[f"{p}.{e}.{part}.weight"].numpy()
                        for e in range(cfg["num_local_experts"])]
             w.add_tensor(f"blk.{i}.{gguf_part}.weight", np.stack(stacked))
     w.write_header_to_file()
