@@ -17,10 +17,12 @@ def _logits(engine, ids=IDS):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
-    """Threshold 0, a cold LRU smaller than the model: every cluster still read via the cache."""
+    """Threshold 0, a cold LRU smaller than the model: every cluster still read via the cache.
+    (KV in f32 as the reference's: this checks the tiering, tests/test_kv.py the f16 cache.)"""
     store = stores(kind, "f32")
     dense = _logits(load_dense(Store(store)))
-    cfg = TierConfig(hot_bytes=0, cold_bytes=Store(store).n_clusters * 2 * 32 * 64 * 4 * 2)
+    cfg = TierConfig(hot_bytes=0, cold_bytes=Store(store).n_clusters * 2 * 32 * 64 * 4 * 2,
+                     kv="f32")
     eng = load_tiered(Store(store), cfg)
     got = _logits(eng)
     diff = (got - dense).abs()

@@ -5,6 +5,7 @@ import torch
 
 from ..errors import StoreError
 from ..models import Model, materialize
+from ..models.kv import kv_dtype
 from ..store.format import Store
 from .session import Session
 
@@ -13,13 +14,15 @@ class Engine:
     """Runs a `Model` over token ids; subclasses change where the FFN weights come from."""
 
     backend = "torch"
+    kv = "f32"  # the KV cache's dtype (models.kv.DTYPES)
 
-    def __init__(self, store: Store, model: Model, context: int | None = None):
+    def __init__(self, store: Store, model: Model, context: int | None = None, kv: str = "f32"):
         self.store, self.model, self.args = store, model, model.args
         self.context = context_limit(model.args, context)
+        self.kv = kv
 
     def new_session(self) -> Session:
-        return Session(self, self.model.make_cache(), limit=self.context)
+        return Session(self, self.model.make_cache(dtype=kv_dtype(self.kv)), limit=self.context)
 
     def forward_ids(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Run new ids through the model (torch); -> logits [V] of the last position."""
@@ -52,7 +55,10 @@ def context_limit(args, context: int | None) -> int:
     return limit if context is None else min(context, limit)
 
 
-def load_dense(store: Store, dtype=torch.float32, context: int | None = None) -> Engine:
+def load_dense(store: Store, dtype=torch.float32, context: int | None = None,
+               kv: str = "f32") -> Engine:
+    """The reference: every weight in `dtype`, the KV cache in f32 unless asked."""
+    kv_dtype(kv)  # refuse an unknown name before loading
     with torch.device("meta"):
         model = Model(store.args)
     model = materialize(model, dtype)
@@ -61,7 +67,7 @@ def load_dense(store: Store, dtype=torch.float32, context: int | None = None) ->
     missing = model.missing(loaded)
     if missing:
         raise StoreError(f"{store.path}: store lacks {len(missing)} weights, e.g. {missing[0]}")
-    return Engine(store, model.eval(), context)
+    return Engine(store, model.eval(), context, kv)
 
 
 def _rope(store: Store):

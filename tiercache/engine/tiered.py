@@ -32,7 +32,7 @@ from ..store import quant
 from ..store.format import Store, cluster_key, tensor_key, threshold_key
 from ..store.reader import RecordReader
 from .dense import Engine, context_limit
-from ..models.kv import KVCache
+from ..models.kv import KVCache, kv_bytes, kv_dtype
 from .kernels import (_HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok,
                       resident_kernel)
 from .nbits import EXTRA as NBITS_EXTRA
@@ -76,6 +76,7 @@ class TierConfig:
     select: str | None = None      # sparse neurons picked by "gate" or "predictor"; None: the
                                    # predictor where the profile has one
     context: int = 2048            # KV cache reserved in the budget
+    kv: str = "f16"                # the KV cache's dtype (models.kv.DTYPES)
     compute: str = "auto"          # auto: q4k stores on the int4 kernels, pinned weights on
                                    # ORT's MatMulNBits where it verifies | torch: torch's int4
                                    # kernel only | f32
@@ -149,6 +150,8 @@ class TieredEngine(Engine):
     def __init__(self, store: Store, cfg: TierConfig):
         self.cfg, self.store, self.args = cfg, store, store.args
         self.context = context_limit(store.args, cfg.context)
+        self.kv = cfg.kv
+        kv_dtype(cfg.kv)  # refuse an unknown name before loading
         a = store.args
         self.n, self.d = store.cluster_size, a.hidden_size
         self.n_clusters = store.n_clusters
@@ -374,8 +377,7 @@ class TieredEngine(Engine):
         return self._kv_bytes_for(positions)
 
     def _kv_bytes_for(self, positions: int) -> int:
-        a = self.args
-        return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4 * positions
+        return kv_bytes(self.args, positions, self.cfg.kv)
 
     def _streamer(self) -> Streamer:
         """Units in forward order: each layer's streamed attention and (dense, not MoE) FFN
