@@ -37,7 +37,7 @@ from .kernels import (_HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_
                       resident_kernel)
 from .nbits import EXTRA as NBITS_EXTRA
 from .nbits import WORKSPACE as NBITS_WORKSPACE
-from .nbits import NBitsBlock, NBitsFFN, NBitsLinear
+from .nbits import NBitsBlock, NBitsFFN, NBitsLinear, NBitsQKV
 from .predictor import Predictor, predictor_key, record_bytes
 from .slots import Block, Float32Slots, Int4Slots
 from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, Unit,
@@ -424,7 +424,7 @@ class TieredEngine(Engine):
             return None
         shape, dt = meta["shape"], meta["dtype"]
         if dt == "q4k" and self.nbits and ".self_attn." in name:
-            return self._nbits_linear([name])
+            return self._nbits_linear(name)
         if dt == "q4k":
             return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
                                     self.bias(name))
@@ -492,8 +492,9 @@ class TieredEngine(Engine):
             att = layer.self_attn
             unit = st.unit_of(l)
             qkv = self._fused_qkv(l) if self.nbits else None
-            if qkv is not None:  # all resident: q|k|v as one MatMulNBits call
+            if qkv is not None:  # all resident: norm, q|k|v and RoPE as one ORT call
                 att.qkv_proj, att.q_proj, att.k_proj, att.v_proj = qkv, None, None, None
+                layer.input_layernorm = nn.Identity()
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if getattr(att, p) is None:
                     continue
@@ -505,19 +506,24 @@ class TieredEngine(Engine):
                 if q is not None:
                     setattr(att, p, q)
 
-    def _fused_qkv(self, layer: int) -> NBitsLinear | None:
-        """q|k|v of a layer as one MatMulNBits session, when all three are q4k."""
+    def _fused_qkv(self, layer: int) -> NBitsQKV | None:
+        """A layer's input norm, q|k|v and RoPE as one ORT session, when all three are q4k."""
+        a = self.args
         names = [f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in "qkv"]
         if any(self.tensors[n]["dtype"] != "q4k" for n in names):
             return None
-        return self._nbits_linear(names)
-
-    def _nbits_linear(self, names: list[str]) -> NBitsLinear:
-        """q4k projections of one input, joined along N, as one MatMulNBits session."""
         raws = [(self.reader.read_into(tensor_key(n).decode()), self.tensors[n]["shape"])
                 for n in names]
         biases = [self.bias(n) for n in names]
-        return NBitsLinear(raws, None if biases[0] is None else torch.cat(biases))
+        norm = (self._read_tensor(f"model.layers.{layer}.input_layernorm.weight"),
+                a.rms_norm_eps)
+        return NBitsQKV(raws, norm, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                        None if biases[0] is None else torch.cat(biases))
+
+    def _nbits_linear(self, name: str) -> NBitsLinear:
+        """A q4k projection as one MatMulNBits session."""
+        raw = self.reader.read_into(tensor_key(name).decode())
+        return NBitsLinear([(raw, self.tensors[name]["shape"])], self.bias(name))
 
     def _thresholds(self) -> dict[tuple[int, int], float]:
         """Profiled thresholds, when skipping by them saves reads: a cluster is read if any of
@@ -578,15 +584,20 @@ class TieredEngine(Engine):
                 if self.pinned_gate:
                     self.gates[(l, e)] = self.slots_cls.gate(rows, self.store.ffn_dtype)
                 if hot:
-                    self.hot[(l, e)] = self._hot_block(hot)
+                    self.hot[(l, e)] = self._hot_block(l, hot)
 
-    def _hot_block(self, hot: list) -> tuple:
+    def _hot_block(self, layer: int, hot: list) -> tuple:
         clusters = [c for c, _ in hot]
         neurons = torch.cat([torch.arange(c * self.n, c * self.n + self.store.cluster_rows(c))
                              for c in clusters])
         prepared = [p for _, p in hot]
         if self.nbits and self.mode == "dense" and self.args.hidden_act in NBitsFFN.ACTS:
-            return NBitsBlock(prepared, self.args.hidden_act), set(clusters), neurons
+            norm = None
+            if len(clusters) == self.n_clusters and not self.args.is_moe:  # the whole FFN:
+                block = self.model.model.layers[layer]  # its input norm runs in the same call
+                norm = (block.post_attention_layernorm.weight.detach(), self.args.rms_norm_eps)
+                block.post_attention_layernorm = nn.Identity()
+            return NBitsBlock(prepared, self.args.hidden_act, norm), set(clusters), neurons
         return Block(self.slots_cls, prepared), set(clusters), neurons
 
     def _parts(self, buf, c: int):
