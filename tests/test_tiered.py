@@ -328,6 +328,7 @@ def test_fused_qkv_on_nbits_matches_dense(tmp_path):
     out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
     eng = load_tiered(Store(out), TierConfig())
     assert eng.nbits and eng.model.model.layers[0].self_attn.qkv_proj is not None
+    assert isinstance(eng.model.lm_head.head, nbits.NBitsHead)  # the tied q8r head too
     got, dense = _logits(eng), _logits(load_dense(Store(out)))
     rel = (got - dense).abs().max() / dense.std()
     assert rel < KERNEL_TOL["auto"], f"max diff {rel:.3g} x std"

@@ -198,7 +198,7 @@ class StreamedHead(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows [len(ids), d] (the head's top candidates): small private reads."""
-        return _q8r_rows(self.reader, self.key, self.scale, ids.tolist(), self.shape[1])
+        return q8r_rows(self.reader, self.key, self.scale, ids.tolist(), self.shape[1])
 
     def forward(self, h):
         x = h.reshape(-1, h.shape[-1]).to(torch.bfloat16)
@@ -219,11 +219,11 @@ class StreamedEmbedding(nn.Module):
         self.d = shape[1]
 
     def forward(self, ids):
-        rows = _q8r_rows(self.reader, self.key, self.scale, ids.reshape(-1).tolist(), self.d)
+        rows = q8r_rows(self.reader, self.key, self.scale, ids.reshape(-1).tolist(), self.d)
         return rows.view(*ids.shape, self.d)
 
 
-def _q8r_rows(reader, key: str, scale: torch.Tensor, ids: list[int], d: int) -> torch.Tensor:
+def q8r_rows(reader, key: str, scale: torch.Tensor, ids: list[int], d: int) -> torch.Tensor:
     """Rows of a streamed q8r matrix as float32 [len(ids), d]: one small private read each."""
     out = torch.empty(len(ids), d)
     for j, t in enumerate(ids):

@@ -37,11 +37,11 @@ from .kernels import (_HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_
                       resident_kernel)
 from .nbits import EXTRA as NBITS_EXTRA
 from .nbits import WORKSPACE as NBITS_WORKSPACE
-from .nbits import NBitsBlock, NBitsFFN, NBitsLinear, NBitsQKV
+from .nbits import NBitsBlock, NBitsFFN, NBitsHead, NBitsLinear, NBitsQKV
 from .predictor import Predictor, predictor_key, record_bytes
 from .slots import Block, Float32Slots, Int4Slots
 from .stream import (HEAD_SLICE, StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, Unit,
-                     q8r_scales)
+                     q8r_rows, q8r_scales)
 
 MB = 1 << 20
 # activations, logits and allocator slop beyond the KV cache and the streaming buffers: a
@@ -258,11 +258,12 @@ class TieredEngine(Engine):
             hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
         elif cfg.ram_bytes is None:
             return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
-                          prepacked=self._prepacked(sum(attn_bytes.values()) + total * slot))
+                          prepacked=self._prepacked(sum(attn_bytes.values()) + total * slot
+                                                    + head))
         else:
             room = cfg.ram_bytes - (runtime + fixed + gates + kv + slack)
             resident = sum(attn_bytes.values()) + total * slot
-            extra = self._prepacked(resident)
+            extra = self._prepacked(resident + head)  # the head too (NBitsHead)
             if room >= head + resident + extra:
                 return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
                               prepacked=extra)
@@ -428,6 +429,11 @@ class TieredEngine(Engine):
         if dt == "q4k":
             return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
                                     self.bias(name))
+        if dt == "q8r" and self.nbits and name == self.head_name and self.bias(name) is None:
+            scale = q8r_scales(self.reader, name, shape)
+            key = tensor_key(name).decode()
+            return NBitsHead(self.reader.read_into(key), shape, lambda ids: q8r_rows(
+                self.reader, key, scale, ids.tolist(), shape[1]))
         if dt == "q8r" and _HAVE_INT8:
             return Q8Linear.from_q8r(self.reader.read_into(tensor_key(name).decode()), shape,
                                      self.bias(name))
