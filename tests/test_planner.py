@@ -307,9 +307,17 @@ def test_memory_adds_up(laptop):
 
 
 def _engine_budget(manifest: dict, cfg):
-    """What the engine itself counts for `cfg`, with its runtime measurement replaced."""
-    from planner.accounting import _engine_view, layout_of
-    return _engine_view(layout_of(manifest), cfg)._plan_budget(0)
+    """What the engine itself counts for `cfg` (`layout.place`, as the engine calls it with
+    the kernels the planner models), with its runtime measurement replaced."""
+    from tiercache.engine.layout import Capacities, Kernels, StoreFacts, place
+    from tiercache.engine.slots import Int4Slots
+    facts = StoreFacts.from_manifest(manifest)
+    a = facts.args
+    int4 = Int4Slots.supports(facts.cluster_size, a.hidden_size, facts.ffn_dtype,
+                              a.intermediate_size)
+    kernels = Kernels.here(facts, cfg.compute, nbits=False)
+    assert kernels.int4 == int4
+    return place(facts, cfg, Capacities(ram=cfg.ram_bytes), kernels).budget
 
 
 def test_memory_is_what_the_engine_counts(laptop):
