@@ -2,7 +2,9 @@
 
   get_backend("auto" | "torch" | "torch:cuda" | "ort" | "ort:PROVIDER[@BUCKET]", threads)
   make_prefill(engine, spec, threads) -> callable(session, ids) -> logits [V]
-  install(engine, spec, threads)      -> prefill through `spec`, decode on torch; returns the report
+  phases(spec, threads, decode)       -> what an engine is handed when it is built
+                                         (load_dense / load_tiered `backends=`): it binds the
+                                         prefill (and decode) phase to the engine's model
   phase_report(engine)                -> {"prefill": {...}, "decode": {...}} for `generate --json`
 
 `auto` is a rule measured on this VM with tools/bench_prefill.py (1 thread, 512-token prompt,
@@ -17,6 +19,7 @@ Decode is always torch.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
 
 import torch
 
@@ -91,37 +94,52 @@ class Phase:
 
 def make_prefill(engine, spec: str = "auto", threads: int = 1, **ort_options) -> Phase:
     """Prefill of `engine`'s model through `spec`, writing the session's KV caches."""
+    return prefill_phase(engine.model, engine.store, spec, threads, **ort_options)
+
+
+def prefill_phase(model, store, spec: str = "auto", threads: int = 1, **ort_options) -> Phase:
     if spec == "auto":
-        spec = "auto:" + engine.store.manifest.get("dtype", "f32")  # the rule depends on weights
-    backend = get_backend(spec, threads, **ort_options).bind(engine.model, engine.store)
+        spec = "auto:" + store.manifest.get("dtype", "f32")  # the rule depends on weights
+    backend = get_backend(spec, threads, **ort_options).bind(model, store)
     short = None
     if spec.startswith("auto") and backend.name == "ort":
-        short = TorchBackend(str(backend.device), threads).bind(engine.model, engine.store)
-    return Phase(engine.model, backend, spec, short, AUTO_MIN_TOKENS if short else 0)
+        short = TorchBackend(str(backend.device), threads).bind(model, store)
+    return Phase(model, backend, spec, short, AUTO_MIN_TOKENS if short else 0)
 
 
 def make_decode(engine, device: str = "cpu", threads: int = 1) -> Phase:
     """Decode on torch, on the device where prefill left the model and the KV caches."""
-    backend = TorchBackend(device, threads).bind(engine.model, engine.store)
-    return Phase(engine.model, backend, f"torch:{device}")
+    return decode_phase(engine.model, engine.store, device, threads)
 
 
-def install(engine, backend: str = "auto", threads: int = 1, decode: bool = True,
-            **ort_options) -> dict:
-    """Route `engine.prefill` through `backend`; -> the phase report.
+def decode_phase(model, store, device: str = "cpu", threads: int = 1) -> Phase:
+    backend = TorchBackend(device, threads).bind(model, store)
+    return Phase(model, backend, f"torch:{device}")
 
-    decode=True also pins `engine.decode` to torch (the dense Engine's decode goes through
-    self.prefill, which would otherwise send single tokens to ORT); pass False for an engine
-    whose decode has its own path (the tiered sparse decode). Only instance attributes change.
-    """
-    prefill = make_prefill(engine, backend, threads, **ort_options)
-    engine.prefill = prefill
-    engine.phases = {"prefill": prefill}
-    if decode:
-        device = prefill.backend.device.type
-        dec = engine.phases["decode"] = make_decode(engine, device, threads)
-        engine.decode = lambda session, token: dec(session, [token])
-    return phase_report(engine)
+
+@dataclass(frozen=True)
+class Phases:
+    """Backends handed to an engine when it is built: `bind(model, store)` -> the phases it
+    runs ("prefill", and "decode" with decode=True: torch on the device prefill left the
+    model on). decode=False leaves decode to the engine's own path (the tiered FFN)."""
+    spec: str = "auto"
+    threads: int = 1
+    decode: bool = True
+    ort_options: dict = field(default_factory=dict)
+
+    def bind(self, model, store) -> dict:
+        prefill = prefill_phase(model, store, self.spec, self.threads, **self.ort_options)
+        out = {"prefill": prefill}
+        if self.decode:
+            device = prefill.backend.device.type
+            out["decode"] = decode_phase(model, store, device, self.threads)
+        return out
+
+
+def phases(spec: str = "auto", threads: int = 1, decode: bool = True, **ort_options) -> Phases:
+    """What to hand an engine (load_dense / load_tiered `backends=`) to run prefill through
+    `spec` (and decode on torch where decode=True)."""
+    return Phases(spec, threads, decode, ort_options)
 
 
 _TORCH_CPU = {"spec": "torch", "backend": "torch", "provider": "torch:cpu", "device": "cpu"}

@@ -115,8 +115,7 @@ def test_prefill_matches_torch(stores, model, spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_greedy_tokens_match_torch(stores, spec):
     store = stores["llama-f32"]
-    ref, eng = load_dense(store), load_dense(store)
-    backends.install(eng, spec)
+    ref, eng = load_dense(store), load_dense(store, backends=backends.phases(spec))
     want = list(generate_step(ref.new_session(), IDS, make_sampler(), 12))
     got = list(generate_step(eng.new_session(), IDS, make_sampler(), 12))
     assert got == want
@@ -257,8 +256,8 @@ def test_graphs_cached_next_to_store(stores, monkeypatch):
 
 @needs_ort
 def test_phase_report_names_what_ran(stores):
-    eng = load_dense(stores["llama-f32"])
-    report = backends.install(eng, "auto" if not torch.cuda.is_available() else "ort:CPU")
+    spec = "auto" if not torch.cuda.is_available() else "ort:CPU"
+    eng = load_dense(stores["llama-f32"], backends=backends.phases(spec))
     eng.prefill(eng.new_session(), IDS)
     report = backends.phase_report(eng)
     assert report["prefill"]["provider"] == "CPUExecutionProvider"

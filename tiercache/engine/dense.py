@@ -14,9 +14,15 @@ class Engine:
 
     backend = "torch"
 
-    def __init__(self, store: Store, model: Model, context: int | None = None):
+    def __init__(self, store: Store, model: Model, context: int | None = None, backends=None):
         self.store, self.model, self.args = store, model, model.args
         self.context = context_limit(model.args, context)
+        self.phases = self._bind(backends)
+
+    def _bind(self, backends) -> dict:
+        """The phases the backends handed over run ("prefill", "decode": callables
+        (session, ids) -> logits [V]; see backends.phases); none: torch, here."""
+        return {} if backends is None else backends.bind(self.model, self.store)
 
     def new_session(self) -> Session:
         return Session(self, self.model.make_cache(), limit=self.context)
@@ -30,11 +36,16 @@ class Engine:
         return logits[0, -1]
 
     def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
-        """The prompt's new ids (a backend may take this phase over: backends.install)."""
-        return self.forward_ids(session, ids)
+        """The prompt's new ids, through the prefill backend where one was handed over."""
+        run = self.phases.get("prefill")
+        if run is None:
+            return self.forward_ids(session, ids)
+        session.check(len(ids))
+        return run(session, ids)
 
     def decode(self, session: Session, token: int) -> torch.Tensor:
-        return self.forward_ids(session, [token])
+        run = self.phases.get("decode")
+        return self.forward_ids(session, [token]) if run is None else run(session, [token])
 
     @torch.inference_mode()
     def logits(self, session: Session, ids: list[int]) -> torch.Tensor:
@@ -52,7 +63,9 @@ def context_limit(args, context: int | None) -> int:
     return limit if context is None else min(context, limit)
 
 
-def load_dense(store: Store, dtype=torch.float32, context: int | None = None) -> Engine:
+def load_dense(store: Store, dtype=torch.float32, context: int | None = None,
+               backends=None) -> Engine:
+    """backends: what runs the phases (backends.phases(...)); None: torch on the CPU."""
     with torch.device("meta"):
         model = Model(store.args)
     model = materialize(model, dtype)
@@ -61,7 +74,7 @@ def load_dense(store: Store, dtype=torch.float32, context: int | None = None) ->
     missing = model.missing(loaded)
     if missing:
         raise StoreError(f"{store.path}: store lacks {len(missing)} weights, e.g. {missing[0]}")
-    return Engine(store, model.eval(), context)
+    return Engine(store, model.eval(), context, backends)
 
 
 def _rope(store: Store):

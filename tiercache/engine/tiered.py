@@ -43,7 +43,7 @@ from .stream import StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, q
 class TieredEngine(Engine):
     backend = "torch (tiered)"
 
-    def __init__(self, store: Store, cfg: TierConfig):
+    def __init__(self, store: Store, cfg: TierConfig, backends=None):
         self.cfg, self.store, self.args = cfg, store, store.args
         self.context = context_limit(store.args, cfg.context)
         a = store.args
@@ -69,6 +69,7 @@ class TieredEngine(Engine):
         self.clusters = ClusterFFN(lay, store, self.reader, self.streamer, join, cfg.prefetch)
         self.model = self._build_model()
         self.clusters.load()
+        self.phases = self._bind(backends)  # decode stays on the tiered FFN's own path
         trim_heap()  # what loading (and ORT's session builds) freed goes back to the OS
         self.reset_stats()  # count what decoding reads, not the load
 
@@ -207,6 +208,8 @@ class TieredEngine(Engine):
         """The prompt in chunks under a RAM budget: activations stay inside SLACK whatever
         its length (streamed weights are then read once per chunk)."""
         session.check(len(ids))  # all of it, before a chunk is computed
+        if "prefill" in self.phases:  # a backend's prefill runs the prompt whole
+            return self.phases["prefill"](session, ids)
         step = PREFILL_CHUNK if self.cfg.ram_bytes is not None else max(1, len(ids))
         chunks = [ids[lo:lo + step] for lo in range(0, len(ids), step)] or [ids]
         for chunk in chunks[:-1]:
@@ -258,5 +261,6 @@ def config_from_plan(plan: dict) -> TierConfig:
                       select="gate")  # the planner models sparse decode with pinned gates
 
 
-def load_tiered(store: Store, cfg: TierConfig | None = None) -> TieredEngine:
-    return TieredEngine(store, cfg or TierConfig())
+def load_tiered(store: Store, cfg: TierConfig | None = None, backends=None) -> TieredEngine:
+    """backends: what runs prefill (backends.phases(..., decode=False)); None: torch."""
+    return TieredEngine(store, cfg or TierConfig(), backends)
