@@ -19,10 +19,10 @@ from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError
 from ..models.llama import ACTS, MoE
 from ..store import quant
-from ..store.format import cluster_key, threshold_key
+from ..store.format import cluster_key, predictor_key, threshold_key
 from .layout import Layout
 from .nbits import NBitsBlock, NBitsFFN
-from .predictor import Predictor, predictor_key
+from .predictor import Predictor
 from .slots import Block, Float32Slots
 
 
