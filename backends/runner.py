@@ -19,24 +19,27 @@ Decode is always torch.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from tiercache.errors import TiercacheError
 
-from .base import Backend
+from .base import Backend, BackendFallbackWarning, BackendUnsupported
 from .torch_backend import TorchBackend
 
 AUTO_MIN_TOKENS = 8
 SPECS = "auto, torch, torch:cuda, ort, ort:PROVIDER, ort:PROVIDER@BUCKET (static shapes)"
 
 
-def get_backend(spec: str = "auto", threads: int = 1, **ort_options) -> Backend:
-    """A backend by name; `ort_options` (bucket, max_len, spinning, ...) go to OrtBackend."""
+def get_backend(spec: str = "auto", threads: int = 1, gpu: bool = True,
+                **ort_options) -> Backend:
+    """A backend by name; `ort_options` (bucket, max_len, spinning, ...) go to OrtBackend.
+    gpu=False: `auto` chooses among the CPU backends."""
     kind, _, arg = spec.partition(":")
     if kind == "auto":
-        return get_backend(auto_spec("prefill", arg or None), threads, **ort_options)
+        return get_backend(auto_spec("prefill", arg or None, gpu), threads, **ort_options)
     if kind == "torch":
         return TorchBackend(arg or "cpu", threads)
     if kind == "ort":
@@ -50,9 +53,10 @@ def get_backend(spec: str = "auto", threads: int = 1, **ort_options) -> Backend:
     raise TiercacheError(f"unknown backend '{spec}' (choose from {SPECS})")
 
 
-def auto_spec(phase: str, weights: str | None = None) -> str:
-    """What `auto` means for `phase` ("prefill" | "decode") on a store of `weights` dtype."""
-    if torch.cuda.is_available():
+def auto_spec(phase: str, weights: str | None = None, gpu: bool = True) -> str:
+    """What `auto` means for `phase` ("prefill" | "decode") on a store of `weights` dtype
+    (gpu=False: for an engine that computes on the CPU only)."""
+    if gpu and torch.cuda.is_available():
         return "torch:cuda"
     ort = importlib.util.find_spec("onnxruntime") is not None
     if phase == "prefill" and ort and weights not in ("q8", "q4"):
@@ -83,7 +87,23 @@ class Phase:
     def __call__(self, session, ids: list[int]) -> torch.Tensor:
         use_short = self.short is not None and len(ids) < self.min_tokens
         self.last = self.short if use_short else self.backend
-        return forward_last(self.model, self.last, session, ids)
+        if self.last.name != "ort":
+            return forward_last(self.model, self.last, session, ids)
+        offsets = [c.offset for c in session.caches]
+        try:
+            return forward_last(self.model, self.last, session, ids)
+        except TiercacheError:
+            raise
+        except Exception as e:  # a node the provider rejects at run time: torch from now on
+            for cache, offset in zip(session.caches, offsets):
+                cache.offset = offset  # what the failed call wrote is dropped
+            why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            warnings.warn(f"backend {self.spec}: ONNX Runtime failed ({why}); prefill runs on "
+                          "torch", BackendFallbackWarning, stacklevel=2)
+            self.backend = self.short or TorchBackend(str(self.last.device), self.last.threads
+                                                      ).bind(self.model)
+            self.short, self.last = None, self.backend
+            return forward_last(self.model, self.last, session, ids)
 
     def describe(self) -> dict:
         d = {"spec": self.spec, **self.backend.describe()}
@@ -97,10 +117,24 @@ def make_prefill(engine, spec: str = "auto", threads: int = 1, **ort_options) ->
     return prefill_phase(engine.model, engine.store, spec, threads, **ort_options)
 
 
-def prefill_phase(model, store, spec: str = "auto", threads: int = 1, **ort_options) -> Phase:
+def prefill_phase(model, store, spec: str = "auto", threads: int = 1, cpu_only: bool = False,
+                  **ort_options) -> Phase:
+    """A backend that cannot run this model (BackendUnsupported: a graph its provider
+    rejects) leaves prefill on torch, with a one-line warning. cpu_only: the engine's modules
+    compute on the CPU (`auto` picks a CPU backend; one on another device is refused)."""
+    asked = spec
     if spec == "auto":
         spec = "auto:" + store.manifest.get("dtype", "f32")  # the rule depends on weights
-    backend = get_backend(spec, threads, **ort_options).bind(model, store)
+    try:
+        backend = get_backend(spec, threads, not cpu_only, **ort_options)
+        if cpu_only and backend.device.type != "cpu":
+            raise TiercacheError(f"backend {asked} computes on {backend.device.type}, but the "
+                                 "tiered engine computes on the CPU (--engine dense runs there)")
+        backend = backend.bind(model, store)
+    except BackendUnsupported as e:
+        warnings.warn(f"backend {asked}: {e}; prefill runs on torch", BackendFallbackWarning,
+                      stacklevel=2)
+        return Phase(model, TorchBackend("cpu", threads).bind(model, store), spec)
     short = None
     if spec.startswith("auto") and backend.name == "ort":
         short = TorchBackend(str(backend.device), threads).bind(model, store)
@@ -127,8 +161,9 @@ class Phases:
     decode: bool = True
     ort_options: dict = field(default_factory=dict)
 
-    def bind(self, model, store) -> dict:
-        prefill = prefill_phase(model, store, self.spec, self.threads, **self.ort_options)
+    def bind(self, model, store, cpu_only: bool = False) -> dict:
+        prefill = prefill_phase(model, store, self.spec, self.threads, cpu_only,
+                                **self.ort_options)
         out = {"prefill": prefill}
         if self.decode:
             device = prefill.backend.device.type

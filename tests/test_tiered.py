@@ -335,3 +335,18 @@ def test_fused_qkv_on_nbits_matches_dense(tmp_path):
     got, dense = _logits(eng), _logits(load_dense(Store(out)))
     rel = (got - dense).abs().max() / dense.std()
     assert rel < KERNEL_TOL["auto"], f"max diff {rel:.3g} x std"
+
+
+def test_a_gpu_backend_asked_by_name_fails_in_one_line(stores, tmp_path):
+    """Without CUDA, torch:cuda is refused in one line; with it, the tiered engine (which
+    computes on the CPU) refuses it in one line instead of crashing on mixed devices."""
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tiercache", "generate", str(stores("llama", "f32")),
+                        "-p", "hi", "-n", "2", "--no-chat-template", "--backend", "torch:cuda"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TIERCACHE_HOME": str(tmp_path)})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-800:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cuda" in lines[0].lower(), lines

@@ -13,6 +13,7 @@ class Engine:
     """Runs a `Model` over token ids; subclasses change where the FFN weights come from."""
 
     backend = "torch"
+    cpu_only = False  # whether its modules compute on the CPU only (the tiered engine's do)
 
     def __init__(self, store: Store, model: Model, context: int | None = None, backends=None):
         self.store, self.model, self.args = store, model, model.args
@@ -22,7 +23,14 @@ class Engine:
     def _bind(self, backends) -> dict:
         """The phases the backends handed over run ("prefill", "decode": callables
         (session, ids) -> logits [V]; see backends.phases); none: torch, here."""
-        return {} if backends is None else backends.bind(self.model, self.store)
+        if backends is None:
+            return {}
+        return backends.bind(self.model, self.store, cpu_only=self.cpu_only)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (a backend may have moved it): ids go there."""
+        return self.model.model.norm.weight.device
 
     def new_session(self) -> Session:
         return Session(self, self.model.make_cache(), limit=self.context)
@@ -30,7 +38,7 @@ class Engine:
     def forward_ids(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Run new ids through the model (torch); -> logits [V] of the last position."""
         session.check(len(ids))
-        x = torch.tensor([ids], dtype=torch.long)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
         logits = self.model(x, session.caches, last_only=True)
         session.tokens.extend(ids)
         return logits[0, -1]
@@ -51,7 +59,7 @@ class Engine:
     def logits(self, session: Session, ids: list[int]) -> torch.Tensor:
         """All positions' logits [T, V] (for evaluation and parity tests)."""
         session.check(len(ids))
-        x = torch.tensor([ids], dtype=torch.long)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(x, session.caches)
         session.tokens.extend(ids)
         return out[0]

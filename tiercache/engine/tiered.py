@@ -42,6 +42,7 @@ from .stream import StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, q
 
 class TieredEngine(Engine):
     backend = "torch (tiered)"
+    cpu_only = True  # slots, int4 kernels and streamed units live in RAM
 
     def __init__(self, store: Store, cfg: TierConfig, backends=None):
         self.cfg, self.store, self.args = cfg, store, store.args
