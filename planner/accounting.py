@@ -17,7 +17,8 @@ import numpy as np
 
 from tiercache.config import ModelArgs
 from tiercache.engine import layout as _layout
-from tiercache.engine.layout import Capacities, Kernels, StoreFacts, TierConfig, place
+from tiercache.engine.layout import (Capacities, Kernels, StoreFacts, TierConfig, place,
+                                     sparsity_mode)
 from tiercache.engine.slots import Float32Slots, Int4Slots
 from tiercache.store import quant
 
@@ -40,15 +41,10 @@ READ_GAP = 64 << 10
 
 
 def dense_mode(manifest: dict) -> bool:
-    """The engine streams gate|up|down of every cluster (no thresholds to skip by) unless the
-    profile's thresholds leave at most SPARSE_WORTH of the clusters active per token."""
-    prof = manifest.get("profile") or {}
-    rows = [ex for row in prof.get("ffn") or [[lay] for lay in prof.get("layers") or []]
-            for ex in row]
-    if not rows or not any(ex.get("threshold", 0) > 0 for ex in rows):
-        return True
-    acts = [ex.get("cluster_active", [0.0]) for ex in rows]
-    return sum(map(sum, acts)) / max(1, sum(map(len, acts))) > SPARSE_WORTH
+    """Whether the engine streams gate|up|down of every cluster (no thresholds to skip by, or
+    they leave more than SPARSE_WORTH of the clusters active per token): `layout`'s own
+    decision, for the sparse decode plans model (pinned gates, as config_from_plan asks)."""
+    return sparsity_mode(StoreFacts.from_manifest(manifest), TierConfig(select="gate")) == "dense"
 
 
 @dataclass(frozen=True)

@@ -293,7 +293,8 @@ class QEmbedding(nn.Module):
         super().__init__()
         self.table = table
         # its bytes are plain attributes (Module.to does not move them): ids go to them
-        self.device = next(t.device for t in vars(table).values() if isinstance(t, torch.Tensor))
+        self.device = next((t.device for t in (getattr(table, k, None) for k in ("packed", "q"))
+                            if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     def forward(self, ids):
         rows = self.table.rows(ids.reshape(-1).to(self.device))

@@ -219,6 +219,11 @@ def place(facts: StoreFacts, cfg: TierConfig, caps: Capacities, kernels: Kernels
     return _Placer(facts, cfg, caps, kernels).layout()
 
 
+def sparsity_mode(facts: StoreFacts, cfg: TierConfig) -> str:
+    """The FFN mode `place` decides ("dense" | "gate" | "predictor"), without a budget."""
+    return _Placer(facts, cfg, Capacities(), Kernels()).mode
+
+
 def kv_bytes(args, positions: int) -> int:
     """The KV cache's bytes for `positions` (all layers, K and V)."""
     return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 4 * positions
