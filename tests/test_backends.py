@@ -329,7 +329,8 @@ def test_ort_failing_at_run_time_falls_back_and_keeps_the_caches(stores, monkeyp
     _close(prefill(s, IDS[:20]), ref.prefill(s_ref, IDS[:20]), what="before")
 
     def rejects(self, layers, h, cos, sin, caches):
-        caches[0].update_and_fetch(torch.zeros(1, 2, h.shape[1], 16), torch.zeros(1, 2, h.shape[1], 16))
+        kv = torch.zeros(1, 2, h.shape[1], 16)  # a write the failed call leaves behind
+        caches[0].update_and_fetch(kv, kv)
         raise RuntimeError("Non-zero status code returned while running SomeNode")
     monkeypatch.setattr(OrtBackend, "prefill_layers", rejects)
     with pytest.warns(BackendFallbackWarning, match="SomeNode"):

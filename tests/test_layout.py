@@ -53,8 +53,15 @@ def test_units_for_given_capacities():
         assert len(u.ffn) == (0 if u.layer in hot_layers else 16)
         assert set(u.attn) == (set() if u.layer < 3 else {"q_proj", "k_proj", "v_proj", "o_proj"})
     heads = [u.rows for u in lay.units if u.rows]
-    assert heads[0][0] == 0 and heads[-1][1] == 2048 and len(heads) == -(-2048 // lay.head_slice_rows)
+    assert heads[0][0] == 0 and heads[-1][1] == 2048
+    assert len(heads) == -(-2048 // lay.head_slice_rows)
     assert b.streaming == lay.unit_bytes * (1 + 2 + 2)  # in use, 2 ahead, 2 I/O buffers
+    assert lay.where("head") == "flash" and lay.where(("attn", 2)) == "ram"
+    assert lay.where(("attn", 3)) == "flash" and lay.where((0, 0, 5)) == "ram"
+    assert lay.where((1, 0, 5)) == "flash" and lay.computed_on((1, 0, 5)) == "cpu"
+    sparse = _place(sparse_manifest(), hot_clusters=10, cold_clusters=40)
+    assert sparse.mode == "gate"
+    assert {sparse.where(k) for k in sparse.hot_order} == {"ram", "cache"}
     # without the int8 kernel the head cannot stream: it stays pinned whatever the plan says
     assert _place(m, kernels=Kernels(int4=True), hot_clusters=0, pin_head=False).budget.head_pinned
 

@@ -89,9 +89,9 @@ class Joiner:
     def __call__(self, keys, bufs) -> Block:
         if self.int4:
             return Block.joined(bufs, self.cluster_parts(0), self.n, self.d)
-        return Block(Float32Slots, [
-            tuple(quant.decode(b, s, self.dtype) for s, b in record_parts(self.cluster_parts, buf, key[2]))
-            for key, buf in zip(keys, bufs)])
+        parts = [record_parts(self.cluster_parts, buf, key[2]) for key, buf in zip(keys, bufs)]
+        return Block(Float32Slots, [tuple(quant.decode(b, s, self.dtype) for s, b in p)
+                                    for p in parts])
 
 
 class ClusterFFN:

@@ -211,6 +211,23 @@ class Layout:
     def hot(self) -> frozenset:
         return frozenset(self.hot_order[:self.budget.hot_slots])
 
+    def where(self, unit) -> str:
+        """Where a unit lives: "ram" (pinned), "cache" (read into the cold LRU when used, kept
+        while it is used) or "flash" (read every time it is used). unit: a cluster key
+        (layer, expert, cluster), ("attn", layer) or "head". No unit is in "vram" yet."""
+        b = self.budget
+        if unit == "head":
+            return "ram" if b.head_pinned else "flash"
+        if unit[0] == "attn":
+            return "ram" if unit[1] in b.attn_pinned else "flash"
+        if unit in self.hot:
+            return "ram"
+        return "cache" if b.cold_slots else "flash"
+
+    def computed_on(self, unit) -> str:
+        """Where a unit is computed: next to its weights, on the CPU (no GPU tier yet)."""
+        return "cpu"
+
 
 def place(facts: StoreFacts, cfg: TierConfig, caps: Capacities, kernels: Kernels) -> Layout:
     """Where every weight of the store lives for these settings and this room (see the
@@ -236,7 +253,8 @@ class _Placer:
         self.facts, self.cfg, self.caps = facts, cfg, caps
         self.args, self.tensors, self.profile = facts.args, facts.tensors, facts.profile
         self.context = context_limit(facts.args, cfg.context)
-        self.n, self.d, self.n_clusters = facts.cluster_size, facts.args.hidden_size, facts.n_clusters
+        self.n, self.d = facts.cluster_size, facts.args.hidden_size
+        self.n_clusters = facts.n_clusters
         self.int4 = kernels.int4 and cfg.compute != "f32"  # q4k stores run the int4 kernel
         self.int8 = kernels.int8
         self.nbits = self.int4 and cfg.compute == "auto" and kernels.nbits
@@ -250,7 +268,8 @@ class _Placer:
         return Layout(budget=budget, mode=self.mode, int4=self.int4,
                       nbits=self.nbits and budget.prepacked > 0, thresholds=self.thresholds,
                       stream_attn=attn, head_streamable=head_ok,
-                      head_slice_rows=self._head_slice_rows(), units=tuple(self._units(budget, attn)),
+                      head_slice_rows=self._head_slice_rows(),
+                      units=tuple(self._units(budget, attn)),
                       unit_bytes=budget.streaming // self._stream_units(),  # as counted
                       read_ahead=self.cfg.read_ahead, order=self._hotness_order)
 
