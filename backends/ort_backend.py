@@ -7,6 +7,7 @@ handed over by pointer; nothing is copied on the way in or out.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -169,10 +170,20 @@ class OrtBackend(Backend):
         return out[:, :T]
 
     def _run(self, sess, x, cache, tables, n_real):
-        """One layer graph; the new K/V go straight into cache.k/cache.v."""
-        if cache.dtype != torch.float32:
-            raise TiercacheError("the ONNX Runtime backend computes in float32 (KV cache is "
-                                 f"{cache.dtype})")
+        """One layer graph; the new K/V go straight into cache.k/cache.v (float32 caches) or
+        into a float32 copy of the layer's cache, whose new positions are then kept."""
+        if cache.dtype == torch.float32:
+            return self._run_f32(sess, x, cache, tables, n_real)
+        self._reserve(cache, cache.offset + x.shape[1])
+        staged = copy.copy(cache)
+        staged.dtype, staged.k, staged.v = torch.float32, cache.k.float(), cache.v.float()
+        out = self._run_f32(sess, x, staged, tables, n_real)
+        lo, hi = cache.offset, staged.offset
+        cache.k[:, :, lo:hi], cache.v[:, :, lo:hi] = staged.k[:, :, lo:hi], staged.v[:, :, lo:hi]
+        cache.offset = hi
+        return out
+
+    def _run_f32(self, sess, x, cache, tables, n_real):
         total = cache.offset + x.shape[1]
         self._reserve(cache, total)
         out = torch.empty_like(x)

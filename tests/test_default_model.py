@@ -95,11 +95,14 @@ def test_tiered_streaming_matches_transformers(default_store, reference):
 # ~1-3% of their spread (measured 0.016-0.03 x std on AVX2); ORT's MatMulNBits, which runs the
 # resident weights, quantizes activations to int8 per group of 32, and SmolLM2's outlier
 # channels make that coarser (max 0.22, mean 0.04 x std; dev-eval perplexity 25.25 against
-# 25.14 on torch's kernel and 25.11 dense, 2048 tokens). Greedy tokens must then agree
+# 25.14 on torch's kernel and 25.11 dense, 2048 tokens). Its int8 rounding also amplifies any
+# small change upstream: rounding layer 0's keys to f16 (the default KV cache) moves the last
+# logits by 0.36 x std on it, by 0.004 on the float32 kernels; with an f16 cache the France
+# prompt's logits are max 0.32, mean 0.17 x std from the reference. Greedy tokens must then agree
 # except at a near-tie: where the engine picks another token, the reference must have scored
 # it within Q4_TIE x std of its own choice (SmolLM2 on "What is the capital of France?" has
 # "The" 25.19 vs "L" 25.15, a 0.005 x std tie, at the first step), and the check stops there.
-Q4_LOGIT_TOL = {"torch": 0.1, "ort-nbits": 0.3}
+Q4_LOGIT_TOL = {"torch": 0.1, "ort-nbits": 0.4}
 Q4_TIE = 0.05
 
 

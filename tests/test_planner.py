@@ -298,8 +298,9 @@ def test_memory_adds_up(laptop):
     pred = cm.predict(c)
     mem = pred.memory
     assert mem["runtime"] == laptop.runtime_anon == laptop.runtime_overhead_bytes
-    # K and V, 4 layers, 2 kv heads, head_dim 32, grown in steps of 256 positions (KVCache)
-    assert mem["kv"] == 1024 * 2 * 4 * 2 * 32 * 4
+    # K and V in f16, 4 layers, 2 kv heads, head_dim 32, grown in steps of 256 positions
+    # (KVCache), plus one layer read back as f32 (kv.Scratch)
+    assert mem["kv"] == 1024 * 2 * 2 * 32 * (4 * 2 + 4)
     nb = cm.cached_bytes(64, None)
     # no profile: the engine runs dense, where cold clusters are pinned too
     assert mem["hot"] == int(25 * nb) and mem["cold"] == 0
@@ -695,10 +696,10 @@ def test_ram_alone_plans_for_this_machine_once_probed(tmp_path, monkeypatch, lap
     m = small_manifest()
     (store / "manifest.json").write_text(json.dumps(m))
     ram = int(least_ram(m, laptop) + 3e6)
-    assert _planned(store, ram, 256) is None  # nothing probed: no probe is started either
+    assert _planned(store, ram, 256, "f16") is None  # nothing probed: no probe is started either
     dataclasses.replace(laptop, host="").to_json(tmp_path / "device.json")
-    cfg = _planned(store, ram, 256)
+    cfg = _planned(store, ram, 256, "f16")
     want = make_plan(m, laptop, ram=ram, context=256)["engine"]
     assert cfg is not None and cfg.ram_bytes == ram and cfg.context == 256
     assert cfg.hot_clusters == want["hot_clusters"] and cfg.io_threads == want["io_threads"]
-    assert _planned(store, 1_000_000, 256) is None  # the planner refuses: the engine decides
+    assert _planned(store, 1_000_000, 256, "f16") is None  # the planner refuses: the engine decides

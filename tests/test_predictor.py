@@ -135,7 +135,7 @@ def test_moe_experts_are_read_ahead_by_the_next_router(stores):
 
     def run(prefetch):
         eng = load_tiered(Store(store), TierConfig(sparse=False, hot_clusters=0, cold_clusters=0,
-                                                   prefetch=prefetch))
+                                                   prefetch=prefetch, kv="f32"))
         s = eng.new_session()
         with torch.inference_mode():
             eng.prefill(s, PROMPT)

@@ -4,8 +4,9 @@ import torch
 
 from tiercache.cache.segmented import SegmentedCache
 from tiercache.engine import generate_step, load_dense, make_sampler
-from tiercache.engine.layout import Capacities, kv_bytes, place
+from tiercache.engine.layout import Capacities, place
 from tiercache.engine.tiered import TierConfig, load_tiered
+from tiercache.models.kv import kv_bytes
 from tiercache.errors import BudgetError
 from tiercache.store.format import Store
 
@@ -18,10 +19,12 @@ def _logits(engine, ids=IDS):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
-    """Threshold 0, a cold LRU smaller than the model: every cluster still read via the cache."""
+    """Threshold 0, a cold LRU smaller than the model: every cluster still read via the cache.
+    (KV in f32 as the reference's: this checks the tiering, tests/test_kv.py the f16 cache.)"""
     store = stores(kind, "f32")
     dense = _logits(load_dense(Store(store)))
-    cfg = TierConfig(hot_bytes=0, cold_bytes=Store(store).n_clusters * 2 * 32 * 64 * 4 * 2)
+    cfg = TierConfig(hot_bytes=0, cold_bytes=Store(store).n_clusters * 2 * 32 * 64 * 4 * 2,
+                     kv="f32")
     eng = load_tiered(Store(store), cfg)
     got = _logits(eng)
     diff = (got - dense).abs()
@@ -233,7 +236,7 @@ def test_refuses_budget_with_numbers(stores):
     store = stores("llama", "q4", 64)
     eng = load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=10 << 30, context=256))
     need = place(eng.facts, eng.cfg, Capacities(eng._runtime_bytes()), eng.kernels).budget.total
-    ram = need + 3 * kv_bytes(eng.args, 256)  # room for 4 steps of KV, not for 100
+    ram = need + 3 * kv_bytes(eng.args, 256, eng.cfg.kv)  # room for 4 steps of KV, not for 100
     with pytest.raises(BudgetError, match=r"--context (\d+) would fit") as e:
         load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=ram, context=100 * 256))
     context = int(e.value.args[0].rsplit("--context ", 1)[1].split()[0])

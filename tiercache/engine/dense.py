@@ -5,6 +5,7 @@ import torch
 
 from ..errors import StoreError
 from ..models import Model, materialize
+from ..models.kv import kv_dtype
 from ..store.format import Store
 from .session import Session
 
@@ -14,10 +15,13 @@ class Engine:
 
     backend = "torch"
     cpu_only = False  # whether its modules compute on the CPU only (the tiered engine's do)
+    kv = "f32"  # the KV cache's dtype (models.kv.DTYPES)
 
-    def __init__(self, store: Store, model: Model, context: int | None = None, backends=None):
+    def __init__(self, store: Store, model: Model, context: int | None = None, kv: str = "f32",
+                 backends=None):
         self.store, self.model, self.args = store, model, model.args
         self.context = context_limit(model.args, context)
+        self.kv = kv
         self.phases = self._bind(backends)
 
     def _bind(self, backends) -> dict:
@@ -33,7 +37,7 @@ class Engine:
         return self.model.model.norm.weight.device
 
     def new_session(self) -> Session:
-        return Session(self, self.model.make_cache(), limit=self.context)
+        return Session(self, self.model.make_cache(dtype=kv_dtype(self.kv)), limit=self.context)
 
     def forward_ids(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Run new ids through the model (torch); -> logits [V] of the last position."""
@@ -72,8 +76,10 @@ def context_limit(args, context: int | None) -> int:
 
 
 def load_dense(store: Store, dtype=torch.float32, context: int | None = None,
-               backends=None) -> Engine:
-    """backends: what runs the phases (backends.phases(...)); None: torch on the CPU."""
+               kv: str = "f32", backends=None) -> Engine:
+    """The reference: every weight in `dtype`, the KV cache in f32 unless asked. backends:
+    what runs the phases (backends.phases(...)); None: torch on the CPU."""
+    kv_dtype(kv)  # refuse an unknown name before loading
     with torch.device("meta"):
         model = Model(store.args)
     model = materialize(model, dtype)
@@ -82,7 +88,7 @@ def load_dense(store: Store, dtype=torch.float32, context: int | None = None,
     missing = model.missing(loaded)
     if missing:
         raise StoreError(f"{store.path}: store lacks {len(missing)} weights, e.g. {missing[0]}")
-    return Engine(store, model.eval(), context, backends)
+    return Engine(store, model.eval(), context, kv, backends)
 
 
 def _rope(store: Store):

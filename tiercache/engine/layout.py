@@ -20,7 +20,7 @@ from typing import Callable
 
 from ..config import ModelArgs
 from ..errors import BudgetError, TiercacheError
-from ..models.kv import KVCache
+from ..models.kv import KVCache, kv_bytes
 from ..store import quant
 from ..store.format import cluster_key
 from .dense import context_limit
@@ -65,6 +65,7 @@ class TierConfig:
     select: str | None = None      # sparse neurons picked by "gate" or "predictor"; None: the
                                    # predictor where the profile has one
     context: int = 2048            # KV cache reserved in the budget
+    kv: str = "f16"                # the KV cache's dtype (models.kv.DTYPES)
     compute: str = "auto"          # auto: q4k stores on the int4 kernels, pinned weights on
                                    # ORT's MatMulNBits where it verifies | torch: torch's int4
                                    # kernel only | f32
@@ -239,11 +240,6 @@ def place(facts: StoreFacts, cfg: TierConfig, caps: Capacities, kernels: Kernels
 def sparsity_mode(facts: StoreFacts, cfg: TierConfig) -> str:
     """The FFN mode `place` decides ("dense" | "gate" | "predictor"), without a budget."""
     return _Placer(facts, cfg, Capacities(), Kernels()).mode
-
-
-def kv_bytes(args, positions: int) -> int:
-    """The KV cache's bytes for `positions` (all layers, K and V)."""
-    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 4 * positions
 
 
 class _Placer:
@@ -464,7 +460,7 @@ class _Placer:
         return self._kv_bytes_for(positions)
 
     def _kv_bytes_for(self, positions: int) -> int:
-        return kv_bytes(self.args, positions)
+        return kv_bytes(self.args, positions, self.cfg.kv)
 
     def _hotness_order(self) -> list[Key]:
         """All clusters in the order they are pinned. Dense (every cluster computed every

@@ -31,6 +31,7 @@ from ..store import quant
 from ..store.format import Store, tensor_key
 from ..store.reader import RecordReader
 from .dense import Engine, context_limit
+from ..models.kv import kv_dtype
 from .ffn import ClusterFFN, Joiner, TieredMLP, TieredMoE
 from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok
 from .layout import (FILE_RESERVE, MB, PREFILL_CHUNK, SLACK, SPARSE_WORTH,  # noqa: F401
@@ -47,6 +48,8 @@ class TieredEngine(Engine):
     def __init__(self, store: Store, cfg: TierConfig, backends=None):
         self.cfg, self.store, self.args = cfg, store, store.args
         self.context = context_limit(store.args, cfg.context)
+        self.kv = cfg.kv
+        kv_dtype(cfg.kv)  # refuse an unknown name before loading
         a = store.args
         self.n, self.d = store.cluster_size, a.hidden_size
         self.n_clusters = store.n_clusters

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
-from .kv import KVCache
+from .kv import KVCache, Scratch
 
 ACTS = {
     "silu": F.silu,
@@ -197,10 +197,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def make_cache(self, batch: int = 1) -> list[KVCache]:
-        a = self.args
-        return [KVCache(batch, a.num_key_value_heads, a.head_dim, self.dtype)
-                for _ in range(a.num_hidden_layers)]
+    def make_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> list[KVCache]:
+        a, scratch = self.args, Scratch()  # the layers share one read-back buffer
+        return [KVCache(batch, a.num_key_value_heads, a.head_dim, dtype or self.dtype,
+                        scratch=scratch) for _ in range(a.num_hidden_layers)]
 
     @property
     def dtype(self):
