@@ -13,10 +13,10 @@ import warnings
 import numpy as np
 import torch
 
-from tiercache.errors import TiercacheError
+from tiercache.errors import TiercacheError, TiercacheWarning
 
 from . import nbits
-from .base import Backend, QuantWeight
+from .base import Backend, BackendUnsupported, QuantWeight
 
 MISSING = "ONNX Runtime is not installed: pip install 'tiercache[cpu]' (or [gpu])"
 CPU = "CPUExecutionProvider"
@@ -34,7 +34,7 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int
 CHUNK = 128
 
 
-class ProviderFallbackWarning(RuntimeWarning):
+class ProviderFallbackWarning(TiercacheWarning, RuntimeWarning):
     """The execution provider asked for is not the one that runs."""
 
 
@@ -115,6 +115,10 @@ class OrtBackend(Backend):
 
     # -- prefill ---------------------------------------------------------------------------------
     def bind(self, model, store=None) -> "OrtBackend":
+        head_dim = model.args.head_dim
+        if head_dim % 8:  # checked before the model moves or a graph is exported
+            raise BackendUnsupported(f"ONNX Runtime's GroupQueryAttention needs a head size that "
+                                     f"is a multiple of 8 (this model's is {head_dim})")
         super().bind(model.to(self.device), store)
         kind = store.manifest.get("dtype") if store is not None else "f32"
         self.kind = kind if kind in ("q8", "q4") else "f32"  # f16 has no fast CPU kernels

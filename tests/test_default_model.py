@@ -177,3 +177,10 @@ def test_chat_answer_is_sensible():
     # not PROMPTS[0]: its first token is a near-tie that bf16 activations tip to "L'Étoile..."
     text = api.generate(engine, tok, "What is the capital of Germany?", max_tokens=16)
     assert "Berlin" in text
+
+
+def test_planner_predicts_the_engines_budget_on_the_default_model(q4_store):
+    """layout.place as the planner calls it equals the engine's own budget on SmolLM2 (torch's
+    int4 kernel: the planner does not model MatMulNBits's prepacked copies)."""
+    from test_layout import planner_matches_engine
+    planner_matches_engine(q4_store, "torch")

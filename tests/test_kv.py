@@ -81,8 +81,8 @@ def test_ort_prefill_writes_an_f16_cache(stores):
     import backends
     store = Store(stores("llama", "f32"))
     ref = load_tiered(store, TierConfig())
-    eng = load_tiered(Store(stores("llama", "f32")), TierConfig())
-    backends.install(eng, "ort:CPU", decode=False)
+    eng = load_tiered(Store(stores("llama", "f32")), TierConfig(),
+                      backends.phases("ort:CPU", decode=False))
     s_ref, s = ref.new_session(), eng.new_session()
     with torch.inference_mode():
         a, b = ref.prefill(s_ref, IDS), eng.prefill(s, IDS)

@@ -55,30 +55,36 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
     if engine == "dense":
-        eng = load_dense(Store(path), context=context, kv=kv)
-    else:
-        if plan is not None:
-            from planner.search import load_plan
-            cfg = config_from_plan(load_plan(plan))
-            ram = cfg.ram_bytes
-        else:  # planned for this machine where it is probed; else the engine sizes itself
-            own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
-                             context=context, kv=kv, io_threads=io_threads, sparse=sparse)
-            cfg = (_planned(path, parse_size(ram), context, kv)
-                   if ram is not None and sparse is None else None) or own
-        try:
-            eng = load_tiered(Store(path, readahead=False), cfg)
-        except BudgetError:
-            if plan is not None or cfg is own:
-                raise
-            # the plan's regions do not fit what this process measures: size them here
-            eng = load_tiered(Store(path, readahead=False), own)
-        if backend == "auto" and ram is not None:
-            backend = "torch"
-    if backend != "torch":
-        import backends
-        backends.install(eng, backend, threads or default_threads(), decode=False)
+        return (load_dense(Store(path), context=context, kv=kv,
+                           backends=_handed(backend, threads)), tok)
+    if plan is not None:
+        from planner.search import load_plan
+        cfg = config_from_plan(load_plan(plan))
+        ram = cfg.ram_bytes
+    else:  # planned for this machine where it is probed; else the engine sizes itself
+        own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
+                         context=context, kv=kv, io_threads=io_threads, sparse=sparse)
+        cfg = (_planned(path, parse_size(ram), context, kv)
+               if ram is not None and sparse is None else None) or own
+    if backend == "auto" and ram is not None:
+        backend = "torch"
+    hand = _handed(backend, threads)
+    try:
+        eng = load_tiered(Store(path, readahead=False), cfg, hand)
+    except BudgetError:
+        if plan is not None or cfg is own:
+            raise
+        # the plan's regions do not fit what this process measures: size them here
+        eng = load_tiered(Store(path, readahead=False), own, hand)
     return eng, tok
+
+
+def _handed(backend: str, threads: int | None):
+    """The prefill backend handed to the engine when it is built (None: torch)."""
+    if backend == "torch":
+        return None
+    import backends
+    return backends.phases(backend, threads or default_threads(), decode=False)
 
 
 def _planned(path, ram: int, context: int, kv: str):
