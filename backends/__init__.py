@@ -3,8 +3,9 @@
 onnxruntime is imported only when an `ort` backend is asked for.
 """
 from .base import Backend, QuantWeight
-from .runner import auto_spec, get_backend, install, make_decode, make_prefill, phase_report
+from .runner import (Phases, auto_spec, get_backend, make_decode, make_prefill, phase_report,
+                     phases)
 from .torch_backend import TorchBackend
 
-__all__ = ["Backend", "QuantWeight", "TorchBackend", "auto_spec", "get_backend", "install",
-           "make_decode", "make_prefill", "phase_report"]
+__all__ = ["Backend", "Phases", "QuantWeight", "TorchBackend", "auto_spec", "get_backend",
+           "make_decode", "make_prefill", "phase_report", "phases"]

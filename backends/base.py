@@ -14,8 +14,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tiercache.errors import TiercacheError, TiercacheWarning
 from tiercache.models.llama import ACTS
 from tiercache.store import quant
+
+
+class BackendUnsupported(TiercacheError):
+    """This backend cannot run this model (e.g. a graph its provider rejects)."""
+
+
+class BackendFallbackWarning(TiercacheWarning):
+    """A phase runs on torch instead of the backend asked for (the CLI prints one line)."""
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,16 @@ handed over by pointer; nothing is copied on the way in or out.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
 import torch
 
-from tiercache.errors import TiercacheError
+from tiercache.errors import TiercacheError, TiercacheWarning
 
 from . import nbits
-from .base import Backend, QuantWeight
+from .base import Backend, BackendUnsupported, QuantWeight
 
 MISSING = "ONNX Runtime is not installed: pip install 'tiercache[cpu]' (or [gpu])"
 CPU = "CPUExecutionProvider"
@@ -33,7 +34,7 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int
 CHUNK = 128
 
 
-class ProviderFallbackWarning(RuntimeWarning):
+class ProviderFallbackWarning(TiercacheWarning, RuntimeWarning):
     """The execution provider asked for is not the one that runs."""
 
 
@@ -114,6 +115,10 @@ class OrtBackend(Backend):
 
     # -- prefill ---------------------------------------------------------------------------------
     def bind(self, model, store=None) -> "OrtBackend":
+        head_dim = model.args.head_dim
+        if head_dim % 8:  # checked before the model moves or a graph is exported
+            raise BackendUnsupported(f"ONNX Runtime's GroupQueryAttention needs a head size that "
+                                     f"is a multiple of 8 (this model's is {head_dim})")
         super().bind(model.to(self.device), store)
         kind = store.manifest.get("dtype") if store is not None else "f32"
         self.kind = kind if kind in ("q8", "q4") else "f32"  # f16 has no fast CPU kernels
@@ -165,10 +170,20 @@ class OrtBackend(Backend):
         return out[:, :T]
 
     def _run(self, sess, x, cache, tables, n_real):
-        """One layer graph; the new K/V go straight into cache.k/cache.v."""
-        if cache.dtype != torch.float32:
-            raise TiercacheError("the ONNX Runtime backend computes in float32 (KV cache is "
-                                 f"{cache.dtype})")
+        """One layer graph; the new K/V go straight into cache.k/cache.v (float32 caches) or
+        into a float32 copy of the layer's cache, whose new positions are then kept."""
+        if cache.dtype == torch.float32:
+            return self._run_f32(sess, x, cache, tables, n_real)
+        self._reserve(cache, cache.offset + x.shape[1])
+        staged = copy.copy(cache)
+        staged.dtype, staged.k, staged.v = torch.float32, cache.k.float(), cache.v.float()
+        out = self._run_f32(sess, x, staged, tables, n_real)
+        lo, hi = cache.offset, staged.offset
+        cache.k[:, :, lo:hi], cache.v[:, :, lo:hi] = staged.k[:, :, lo:hi], staged.v[:, :, lo:hi]
+        cache.offset = hi
+        return out
+
+    def _run_f32(self, sess, x, cache, tables, n_real):
         total = cache.offset + x.shape[1]
         self._reserve(cache, total)
         out = torch.empty_like(x)

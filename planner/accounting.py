@@ -1,12 +1,11 @@
 """The tiered engine's own memory accounting, as pure functions of a store manifest.
 
-tiercache/engine/tiered.py decides at load time what it pins and streams inside `--ram`
-(`_refuse_early`, `_plan_budget`, `_stream_bytes`); a plan that asks for more than that is
-refused, one that asks for less leaves memory unused. So the planner counts as the engine does,
-with the engine's constants (FILE_RESERVE, SLACK, SPARSE_WORTH), slot sizes (the slot pools'
-`slot_bytes`), per-tensor RAM sizes (`_ram_bytes`) and hot order (most active clusters first).
-The one figure the engine measures instead of computing, its process's anonymous memory before
-loading, comes from the device profile (`runtime_anon`) plus the tokenizer.
+The engine decides at load time what it pins and streams inside `--ram` by calling
+`tiercache.engine.layout.place`; a plan that asks for more than that is refused, one that asks
+for less leaves memory unused. So the planner calls the same function (with the engine's
+constants FILE_RESERVE, SLACK, SPARSE_WORTH from there). The one figure the engine measures
+instead of computing, its process's anonymous memory before loading, comes from the device
+profile (`runtime_anon`) plus the tokenizer.
 """
 from __future__ import annotations
 
@@ -17,14 +16,15 @@ from functools import cached_property
 import numpy as np
 
 from tiercache.config import ModelArgs
-from tiercache.engine import tiered as _engine
-from tiercache.engine.dense import context_limit
+from tiercache.engine import layout as _layout
+from tiercache.engine.layout import (Capacities, Kernels, StoreFacts, TierConfig, place,
+                                     sparsity_mode)
 from tiercache.engine.slots import Float32Slots, Int4Slots
 from tiercache.store import quant
 
-FILE_RESERVE = _engine.FILE_RESERVE
-SLACK = _engine.SLACK
-SPARSE_WORTH = _engine.SPARSE_WORTH
+FILE_RESERVE = _layout.FILE_RESERVE
+SLACK = _layout.SLACK
+SPARSE_WORTH = _layout.SPARSE_WORTH
 # RssAnon a loaded HF `tokenizers` tokenizer adds per vocabulary entry, on top of a runtime that
 # has set up a model (SmolLM2's 49,152 entries: +15 MiB after malloc_trim, measured on the
 # reference VM once the set-up stopped importing sympy; 240 before). The engine loads it before
@@ -41,22 +41,19 @@ READ_GAP = 64 << 10
 
 
 def dense_mode(manifest: dict) -> bool:
-    """The engine streams gate|up|down of every cluster (no thresholds to skip by) unless the
-    profile's thresholds leave at most SPARSE_WORTH of the clusters active per token."""
-    prof = manifest.get("profile") or {}
-    rows = [ex for row in prof.get("ffn") or [[lay] for lay in prof.get("layers") or []]
-            for ex in row]
-    if not rows or not any(ex.get("threshold", 0) > 0 for ex in rows):
-        return True
-    acts = [ex.get("cluster_active", [0.0]) for ex in rows]
-    return sum(map(sum, acts)) / max(1, sum(map(len, acts))) > SPARSE_WORTH
+    """Whether the engine streams gate|up|down of every cluster (no thresholds to skip by, or
+    they leave more than SPARSE_WORTH of the clusters active per token): `layout`'s own
+    decision, for the sparse decode plans model (pinned gates, as config_from_plan asks)."""
+    return sparsity_mode(StoreFacts.from_manifest(manifest), TierConfig(select="gate")) == "dense"
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How the engine will hold one store: what it pins, each slot's size, its hot order."""
+class Holding:
+    """How the engine will hold one store (`layout.place` for the planner's configurations):
+    what it pins, each slot's size, its hot order."""
     manifest: dict
     int4: bool  # FFN and attention on the int4 kernel (q4k stores, compute auto)
+    int8: bool = False  # torch's int8 kernel here (a streamed q8r head)
 
     @cached_property
     def args(self) -> ModelArgs:
@@ -104,11 +101,11 @@ class Layout:
     def budget(self, runtime: int, context: int, hot: int | None = None, cold: int = 0,
                prefetch_layers: int = 2, io_threads: int = 2, ram: int | None = None,
                pin_attention: int | None = None, pin_head: bool | None = None):
-        """The engine's Budget (tiered.py `_plan_budget`) for a plan of `hot` + `cold` clusters,
+        """The engine's Budget (`layout.place`) for a plan of `hot` + `cold` clusters,
         the first `pin_attention` layers' attention and (pin_head) the head pinned, or, with hot
         None, for `--ram ram` alone; raises BudgetError as the engine would.
         `runtime`: the process's anonymous memory before any weight (the engine measures it)."""
-        cfg = _engine.TierConfig(ram_bytes=ram, hot_clusters=hot,
+        cfg = TierConfig(ram_bytes=ram, hot_clusters=hot,
                                  cold_clusters=None if hot is None else cold,
                                  io_threads=io_threads, prefetch=prefetch_layers > 0,
                                  prefetch_layers=max(1, prefetch_layers), context=context,
@@ -122,10 +119,8 @@ class Layout:
                                pin_attention, pin_head)
             return dataclasses.replace(zero, hot_slots=hot)
         if (hot, key) not in self._memo:
-            view = self._view
-            view.cfg = cfg  # sparse None: its thresholds do not depend on the rest of cfg
-            view.context = context_limit(view.args, cfg.context)
-            self._memo[(hot, key)] = view._plan_budget(runtime + FILE_RESERVE)
+            caps = Capacities(runtime=runtime + FILE_RESERVE, ram=ram)
+            self._memo[(hot, key)] = place(self.facts, cfg, caps, self.kernels).budget
         return self._memo[(hot, key)]
 
     @cached_property
@@ -133,10 +128,21 @@ class Layout:
         return {}
 
     @cached_property
-    def _view(self):
-        # plans model sparse decode with pinned gates (config_from_plan asks the engine so)
-        return _engine_view(self, _engine.TierConfig(compute="auto" if self.int4 else "f32",
-                                                     select="gate"))
+    def facts(self) -> StoreFacts:
+        return StoreFacts.from_manifest(self.manifest)
+
+    @property
+    def kernels(self) -> Kernels:
+        # the planner does not model MatMulNBits's prepacked copies (nbits off)
+        return Kernels(int4=self.int4, int8=self.int8)
+
+    @cached_property
+    def _placed(self):
+        """The layout with every weight resident: what does not depend on the budget (hot
+        order, what may stream). Plans model sparse decode with pinned gates
+        (config_from_plan asks the engine so)."""
+        cfg = TierConfig(compute="auto" if self.int4 else "f32", select="gate")
+        return place(self.facts, cfg, Capacities(), self.kernels)
 
     def regions(self, runtime: int, context: int, hot: int, cold: int,
                 prefetch_layers: int, io_threads: int = 2, pin_attention: int | None = None,
@@ -169,22 +175,22 @@ class Layout:
         """Cluster ids ((layer * experts + expert) * n_clusters + c) in the order the engine
         pins them (its `_hotness_order`: whole layers, spread out, in dense mode)."""
         e, c = self.args.n_experts, self.n_clusters
-        return np.asarray([(l * e + x) * c + k for l, x, k in self._view._hotness_order()],
+        return np.asarray([(l * e + x) * c + k for l, x, k in self._placed.hot_order],
                           dtype=np.int64)
 
     @cached_property
     def streamable(self) -> tuple[dict, int, int]:
-        """What may stream besides FFN clusters, as the engine decides it (`_streamable`):
+        """What may stream besides FFN clusters, as the engine decides it (`place`):
         ({layer: its attention's stored bytes}, the head's row bytes or 0, rows per head
         slice). Stored and held bytes are equal: q4k and q8r run as stored; a streamed head
         reads its int8 rows, its row scales stay pinned."""
-        eng = self._view
-        attn, head_ok = eng._streamable()
+        lay = self._placed
+        attn, head_ok = lay.stream_attn, lay.head_streamable
         t = self.manifest["tensors"]
         layers = {l: sum(quant.nbytes(t[n]["shape"], t[n]["dtype"]) for n in names)
                   for l, names in attn.items()}
-        rows, d = t[eng.head_name]["shape"]
-        return layers, rows * d if head_ok else 0, eng._head_slice_rows() if head_ok else 0
+        rows, d = t[self.facts.head_name]["shape"]
+        return layers, rows * d if head_ok else 0, lay.head_slice_rows if head_ok else 0
 
     def streamed(self, hot: int, pin_attention: int | None = None,
                  pin_head: bool | None = None) -> dict:
@@ -221,54 +227,21 @@ class Layout:
                 "runs": runs}
 
 
-class _StoreView:
-    """What the engine's budget reads of a Store, from its manifest (no LMDB opened)."""
-
-    def __init__(self, manifest: dict):
-        self.manifest = manifest
-        self.args = ModelArgs.from_dict(manifest["config"])
-        ffn = manifest["ffn"]
-        self.cluster_size = ffn["cluster_size"]
-        self.n_clusters = ffn.get("n_clusters") or -(-self.args.intermediate_size
-                                                      // self.cluster_size)
-        self.ffn_dtype = ffn["dtype"]
-        self.records = manifest.get("records") or {}
-        self.path = manifest.get("name", "store")
-
-
-def plan_budget(manifest: dict, cfg, runtime: int):
+def plan_budget(manifest: dict, cfg: TierConfig, runtime: int):
     """The engine's regions for TierConfig `cfg` on a store (or an estimate of one) given
     only its manifest, with the process's measured `runtime` (anonymous memory before any
-    weight, plus FILE_RESERVE) supplied: tiered.py's own `_plan_budget`, nothing loaded.
-    Raises BudgetError as the engine would."""
-    lay = layout_of(manifest, cfg.compute)
-    return _engine_view(lay, cfg)._plan_budget(runtime)
+    weight, plus FILE_RESERVE) supplied: `layout.place`, as the engine calls it, nothing
+    loaded (MatMulNBits's prepacked copies not modelled). Raises BudgetError as the engine
+    would."""
+    hold = layout_of(manifest, cfg.compute)
+    return place(hold.facts, cfg, Capacities(runtime=runtime, ram=cfg.ram_bytes),
+                 hold.kernels).budget
 
 
-def _engine_view(lay: Layout, cfg):
-    """A TieredEngine with only what its `_plan_budget` reads set (nothing loaded): the
-    planner asks the engine's own code what it would pin and stream."""
-    store = _StoreView(lay.manifest)
-    if not store.records:  # an estimate: records as convert would write them
-        store.records = {f"f:0000:000:{c:05d}": [lay.record, 0] for c in range(lay.n_clusters)}
-    eng = _engine.TieredEngine.__new__(_engine.TieredEngine)
-    eng.cfg, eng.store, eng.args = cfg, store, store.args
-    eng.context = context_limit(store.args, cfg.context)
-    eng.n, eng.d, eng.n_clusters = store.cluster_size, store.args.hidden_size, store.n_clusters
-    eng.int4 = lay.int4
-    eng.slots_cls = Int4Slots if lay.int4 else Float32Slots
-    eng.tensors = lay.manifest["tensors"]
-    prof = lay.manifest.get("profile")
-    if prof and "ffn" not in prof and prof.get("layers"):  # the older per-layer layout
-        prof = {**prof, "ffn": [[lay] for lay in prof["layers"]]}
-    eng.profile = prof
-    eng._select_mode()
-    return eng
-
-
-def layout_of(manifest: dict, compute: str = "auto") -> Layout:
-    """The engine's layout for a store (or for an estimate of one)."""
+def layout_of(manifest: dict, compute: str = "auto") -> Holding:
+    """How the engine holds a store (or an estimate of one), with this machine's kernels."""
+    from tiercache.engine.kernels import _HAVE_INT8
     a = ModelArgs.from_dict(manifest["config"])
     n = int(manifest["ffn"]["cluster_size"])
     fast = Int4Slots.supports(n, a.hidden_size, manifest["ffn"]["dtype"], a.intermediate_size)
-    return Layout(manifest, fast and compute != "f32")
+    return Holding(manifest, fast and compute != "f32", _HAVE_INT8)

@@ -68,7 +68,7 @@ def _kib(b: int) -> str:
 def format_plan(plan: dict) -> str:
     """The readable table: memory per region, what streams, predicted speeds."""
     e, p, m = plan["engine"], plan["predicted"], plan["model"]
-    mem = p["memory"]
+    mem, how = p["memory"], p["assumes"]
     lines = [f"plan for {m['name']} ({m['params'] / 1e6:.0f}M params, {m['dtype']}, "
              f"{mb(m['weight_bytes']):.0f} MB of weights"
              + (", estimate only" if m.get("estimate_only") else "")
@@ -76,9 +76,9 @@ def format_plan(plan: dict) -> str:
              "", f"{'region':<14}{'MB':>9}  where / what"]
     rows = [("runtime", mem["runtime"] + mem["tokenizer"], "python + torch + tokenizer"),
             ("fixed", mem["fixed"] or e["fixed_bytes"],
-             f"{e['placement']['attention']}: embeddings, attention, norms"
+             f"{how['placement']['attention']}: embeddings, attention, norms"
              + (", gate" if e["gate_pinned"] else "") + f", compute {e['compute']}"),
-            ("ffn hot", e["hot_bytes"], f"{e['placement']['ffn_hot']}: {e['hot_clusters']} "
+            ("ffn hot", e["hot_bytes"], f"{how['placement']['ffn_hot']}: {e['hot_clusters']} "
                                         f"clusters pinned, as {e['hold']['ffn']}"),
             ("ffn cold LRU", e["cold_bytes"], f"ram: {e['cold_clusters']} clusters"),
             ("kv cache", e["kv_bytes"], f"{plan['limits']['context']} tokens"),
@@ -90,12 +90,12 @@ def format_plan(plan: dict) -> str:
     lines += [f"{name:<14}{mb(v):>9.1f}  {what}" for name, v, what in rows]
     lines += ["", f"streams from flash: {mb(p['store_bytes_per_token']):.2f} MB/token in "
                   f"{p['reads_per_token']:.0f} reads of {e['read_cluster_bytes'] / 1024:.1f} KiB "
-                  f"({e['io_mode']}, {e['io_threads']} I/O threads, lookahead "
+                  f"({how['io_mode']}, {e['io_threads']} I/O threads, lookahead "
                   f"{e['prefetch_layers']}); hit rate {p['hit_rate']:.1%}",
               f"decode   {p['decode_tok_s']:>8.1f} tok/s  bottleneck {p['bottleneck']:<8}"
-              f"backend {e['decode_backend']}",
+              f"backend {how['decode_backend']}",
               f"prefill  {p['prefill_tok_s']:>8.1f} tok/s  ({p['prompt_tokens']}-token prompt, "
-              f"{e['prefill_cluster_bytes'] // 1024} KiB reads)  backend {e['prefill_backend']}",
+              f"{e['prefill_cluster_bytes'] // 1024} KiB reads)  backend {how['prefill_backend']}",
               "", *[f"- {line}" for line in plan["explanation"]]]
     return "\n".join(lines)
 

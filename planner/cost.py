@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .accounting import (FILE_EXTRA, FILE_RESERVE, SLACK, TOKENIZER_BYTES_PER_TOKEN, Layout,
+from .accounting import (FILE_EXTRA, FILE_RESERVE, SLACK, TOKENIZER_BYTES_PER_TOKEN, Holding,
                          layout_of)
 from .profiles import PAGE, DeviceProfile
 from .sizes import KERNEL_LAYOUTS, ModelSizes, engine_dtype
@@ -205,10 +205,10 @@ class CostModel:
     def __init__(self, sizes: ModelSizes, device: DeviceProfile):
         self.m, self.dev = sizes, device
         self._act: dict[int, Activity] = {}
-        self._lay: dict[str, Layout] = {}
+        self._lay: dict[str, Holding] = {}
         self._tio: dict[tuple, float] = {}  # dense stream: read time per token by what streams
 
-    def layout(self, c: Config | None = None, hold: str | None = None) -> Layout | None:
+    def layout(self, c: Config | None = None, hold: str | None = None) -> Holding | None:
         """The engine's own accounting for this model, where the tiered engine runs it (a store,
         or an estimate of one, with its weights in RAM); None for placements it lacks (VRAM)."""
         if c is not None:
@@ -336,7 +336,7 @@ class CostModel:
             bottleneck=_bottleneck(t_dec), decode_s=t_dec, prefill_s=t_pre,
             need_bytes=peak)
 
-    def _dense_decode_time(self, c: Config, lay: Layout, hot: int):
+    def _dense_decode_time(self, c: Config, lay: Holding, hot: int):
         """Dense-stream decode: fixed matvecs, every cluster's gate|up|down through the int4
         (or f32) kernel, and what is not pinned (FFN clusters, attention layers, head slices)
         read each token, 1 + prefetch_layers units' jobs in flight on the I/O threads, copied

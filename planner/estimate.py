@@ -8,7 +8,6 @@ a manifest-like dict (config, tensors, ffn layout, weight_bytes) for the store t
 from __future__ import annotations
 
 import json
-import re
 import struct
 from collections import Counter
 from pathlib import Path
@@ -17,25 +16,14 @@ import numpy as np
 
 from tiercache.config import ModelArgs
 from tiercache.errors import StoreError, TiercacheError
+from tiercache.store import format as fmt  # the store's facts: dtype rules, GGUF names
+from tiercache.store import gguf as store_gguf
 from tiercache.store import quant
 
 from .sizes import category, nbytes_as
 
 DEFAULT_CLUSTER = 32  # neurons per cluster when a model is not converted yet
 _ST_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
-_GGUF_NAMES = [  # GGUF tensor name -> HF name (llama.cpp's convert_hf_to_gguf mapping)
-    (r"^token_embd\.", "model.embed_tokens."), (r"^output_norm\.", "model.norm."),
-    (r"^output\.", "lm_head."), (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^blk\.(\d+)\.attn_q\.", r"model.layers.\1.self_attn.q_proj."),
-    (r"^blk\.(\d+)\.attn_k\.", r"model.layers.\1.self_attn.k_proj."),
-    (r"^blk\.(\d+)\.attn_v\.", r"model.layers.\1.self_attn.v_proj."),
-    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^blk\.(\d+)\.ffn_gate_inp\.", r"model.layers.\1.block_sparse_moe.gate."),
-    (r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.", r"model.layers.\1.block_sparse_moe.experts.\2."),
-    (r"^blk\.(\d+)\.ffn_(gate|up|down)\.", r"model.layers.\1.mlp.\2_proj."),
-]
-
 
 def load_model(model) -> dict:
     """A store's manifest, or an estimate for an HF directory or a GGUF file."""
@@ -53,8 +41,7 @@ def load_model(model) -> dict:
 
 
 def read_manifest(path: Path) -> dict:
-    from tiercache.store import format as fmt  # the store's own checks and messages
-    m = fmt._read_manifest(Path(path))
+    m = fmt._read_manifest(Path(path))  # the store's own checks and messages
     m.setdefault("name", Path(path).name)
     return m
 
@@ -95,8 +82,8 @@ def _as_manifest(path, kind, args, tensors, dtype, cluster_size) -> dict:
     dtype = dtype or _dominant(tensors)
     if dtype not in quant.DTYPES:
         raise TiercacheError(f"unknown dtype {dtype} (one of {', '.join(quant.DTYPES)})")
-    ffn_dtype = _ffn_dtype(args, dtype, cluster_size)
-    stored = {n: {"shape": list(s), "dtype": _store_dtype(n, s, dtype)}
+    ffn_dtype = fmt.ffn_dtype(args, dtype, cluster_size)
+    stored = {n: {"shape": list(s), "dtype": fmt.tensor_dtype(n, tuple(s), dtype)}
               for n, (s, _, _) in tensors.items() if category(n) != "ffn"}
     F, d, units = args.intermediate_size, args.hidden_size, args.num_hidden_layers * args.n_experts
     n_clusters = -(-F // cluster_size)
@@ -121,8 +108,8 @@ def restate(manifest: dict, dtype: str) -> dict:
     """The same estimate for a store converted to another dtype (no file is read again)."""
     args = ModelArgs.from_dict(manifest["config"])
     ffn = dict(manifest["ffn"])
-    ffn["dtype"] = _ffn_dtype(args, dtype, ffn["cluster_size"])
-    tensors = {n: {"shape": t["shape"], "dtype": _store_dtype(n, t["shape"], dtype)}
+    ffn["dtype"] = fmt.ffn_dtype(args, dtype, ffn["cluster_size"])
+    tensors = {n: {"shape": t["shape"], "dtype": fmt.tensor_dtype(n, tuple(t["shape"]), dtype)}
                for n, t in manifest["tensors"].items()}
     cs, F, d = ffn["cluster_size"], ffn["intermediate_size"], ffn["hidden_size"]
     units = ffn["layers"] * ffn["experts"]
@@ -131,36 +118,6 @@ def restate(manifest: dict, dtype: str) -> dict:
     weight = sum(nbytes_as(t["shape"], t["dtype"]) for t in tensors.values()) + ffn_bytes
     return {**manifest, "dtype": dtype, "ffn": ffn, "tensors": tensors,
             "weight_bytes": int(weight)}
-
-
-def _ffn_dtype(args: ModelArgs, dtype: str, cluster_size: int) -> str:
-    """StoreWriter.ffn_dtype: q8/q4 need groups of 32 along d and along each cluster; q4 in
-    whole blocks of 64 neurons is stored in the int4 kernel's layout (q4k, same bytes)."""
-    ok = all(v % quant.GROUP == 0 for v in (args.hidden_size, cluster_size,
-                                            args.intermediate_size))
-    if dtype not in ("q8", "q4"):
-        return dtype
-    if not ok:
-        return "f16"
-    kernel = (cluster_size % 64 == 0 and args.hidden_size % 64 == 0
-              and args.intermediate_size % cluster_size == 0)
-    return "q4k" if dtype == "q4" and kernel else dtype
-
-
-def _store_dtype(name: str, shape, dtype: str) -> str:
-    """The dtype StoreWriter.put_tensor gives a non-FFN tensor (store format 3: q4 stores keep
-    the head in q8r and attention in q4k, the int8 / int4 kernels' layouts)."""
-    from tiercache.store import format as fmt
-    if dtype in ("q8", "q4"):
-        is_matrix = name.endswith(".weight") and "norm" not in name
-        if not (quant.can_quantize(shape) and is_matrix):
-            return "f16" if len(shape) == 2 else "f32"
-    if dtype == "q4" and name in getattr(fmt, "HEAD_TENSORS", ()):
-        return "q8r"
-    if dtype == "q4" and ".self_attn." in name and name.endswith("_proj.weight") \
-            and shape[0] % 64 == 0:
-        return "q4k"
-    return dtype
 
 
 def _dominant(tensors: dict) -> str:
@@ -240,8 +197,16 @@ def _gguf(path: Path) -> tuple[dict, dict]:
         block, size = gguf.GGML_QUANT_SIZES[qt]
         n = int(np.prod(dims)) if dims else 1
         shape = tuple(reversed(dims))  # GGUF lists ne0 (columns) first
-        tensors[gguf_to_hf(name)] = (shape, qt.name, n // block * size)
-    return _gguf_config(fields, tensors), tensors
+        stacked = store_gguf.hf_names(name, dims[-1]) if "_exps." in name else None
+        if stacked:  # [n_expert, out, in]: one HF tensor per expert, as convert writes them
+            for hf in stacked:
+                tensors[hf] = (shape[1:], qt.name, n // block * size // len(stacked))
+        else:
+            for hf in store_gguf.hf_names(name) or ([] if name == "rope_freqs.weight" else [name]):
+                tensors[hf] = (shape, qt.name, n // block * size)
+    shapes = {name: tuple(dims) for name, dims, _ in infos}
+    arch = fields.get("general.architecture", "")
+    return store_gguf.hf_config(arch, fields.get, shapes, path.name), tensors
 
 
 # GGUF value types -> struct codes (strings and arrays handled apart)
@@ -313,34 +278,5 @@ class _Cursor:
                 self._skip(etype, n)
                 return n
             return [self.value(etype) for _ in range(n)]
-        return self.unpack("<" + _GGUF_SCALARS[vtype])
-
-
-def gguf_to_hf(name: str) -> str:
-    for pat, rep in _GGUF_NAMES:
-        if re.match(pat, name):
-            return re.sub(pat, rep, name)
-    return name
-
-
-def _gguf_config(fields: dict, tensors: dict) -> dict:
-    def get(key, default=None):
-        return fields.get(key, default)
-
-    arch = get("general.architecture", "")
-    n_exp = int(get(f"{arch}.expert_count", 0) or 0)
-    tokens = get("tokenizer.ggml.tokens", 0)
-    vocab = get(f"{arch}.vocab_size") or (tokens if isinstance(tokens, int) else len(tokens))
-    return {
-        "model_type": "mixtral" if n_exp else arch, "hidden_size": get(f"{arch}.embedding_length"),
-        "num_hidden_layers": get(f"{arch}.block_count"),
-        "intermediate_size": get(f"{arch}.feed_forward_length"),
-        "num_attention_heads": get(f"{arch}.attention.head_count"),
-        "num_key_value_heads": get(f"{arch}.attention.head_count_kv"),
-        "head_dim": get(f"{arch}.attention.key_length"), "vocab_size": vocab,
-        "max_position_embeddings": get(f"{arch}.context_length", 4096),
-        "rope_theta": get(f"{arch}.rope.freq_base", 10000.0),
-        "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "num_local_experts": n_exp, "num_experts_per_tok": int(get(f"{arch}.expert_used_count", 0)),
-    }
+        v = self.unpack("<" + _GGUF_SCALARS[vtype])
+        return store_gguf.shortest_f32(v) if vtype == 6 else v  # as the store reads float32

@@ -47,9 +47,9 @@ def _activity_line(m) -> str:
 
 
 def _ffn_line(e, p, best) -> str:
-    act = best.cost.activity(e["decode_cluster_size"])
+    act = best.cost.activity(best.config.decode_cluster)
     share = act.hot_hits(e["hot_clusters"]) / max(act.active_clusters(), 1e-9)
-    return (f"FFN: {e['hot_clusters']} of {act.n} clusters of {e['decode_cluster_size']} "
+    return (f"FFN: {e['hot_clusters']} of {act.n} clusters of {p['assumes']['decode_cluster_size']} "
             f"neurons pinned hot ({mb(e['hot_bytes']):.1f} MB, {share:.0%} of accesses), cold "
             f"LRU of {e['cold_clusters']} clusters ({mb(e['cold_bytes']):.1f} MB); expected hit "
             f"rate {p['hit_rate']:.1%}, {p['reads_per_token']:.0f} reads of "
@@ -73,7 +73,7 @@ def _stream_line(e, p, best) -> str:
 
 def _binding_line(plan, best, budget) -> str:
     e = plan["engine"]
-    act = best.cost.activity(e["decode_cluster_size"])
+    act = best.cost.activity(best.config.decode_cluster)
     if e["hot_clusters"] + e["cold_clusters"] >= act.n:
         return "RAM does not bind: every FFN cluster is resident; more RAM would not help."
     more = _faster_with_more(best, budget)
@@ -113,7 +113,7 @@ def _decode_line(p) -> str:
 
 def _prefill_line(e, p) -> str:
     ms = p["prefill_ms"]
-    return (f"Prefill {p['prefill_tok_s']:.0f} tok/s on {e['prefill_backend']} for a "
+    return (f"Prefill {p['prefill_tok_s']:.0f} tok/s on {p['assumes']['prefill_backend']} for a "
             f"{p['prompt_tokens']}-token prompt (matmul {ms['matmul']:.1f} ms, reads "
             f"{ms['io']:.1f} ms in {e['prefill_cluster_bytes'] / 1024:.0f} KiB blocks, "
             "overlapped with two alternating layer buffers).")
@@ -123,7 +123,7 @@ def _io_line(e, best) -> str:
     dev = best.cost.dev
     rec = e["read_cluster_bytes"]
     bw = dev.flash_bw(rec, e["io_threads"])
-    return (f"I/O: {e['io_mode']} reads on {e['io_threads']} thread(s), lookahead "
+    return (f"I/O: {best.config.io_mode} reads on {e['io_threads']} thread(s), lookahead "
             f"{e['prefetch_layers']} layer(s); the flash curve gives {mb(bw):.0f} MB/s at "
             f"{rec / 1024:.1f} KiB (vs {mb(dev.flash_bw(1 << 20, e['io_threads'])):.0f} MB/s "
             f"at 1 MiB); each miss also costs {dev.miss_overhead_s * 1e3:.2f} ms of software "

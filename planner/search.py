@@ -432,15 +432,13 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "cold_bytes": int(c.cold_clusters * cb),
         "kv_bytes": int(c.context * m.kv_bytes_per_token()),
         "io_threads": c.io_threads, "prefetch_layers": c.prefetch_layers,
-        "decode_cluster_size": c.decode_cluster,
         "prefill_cluster_bytes": int(min(c.prefill_block, m.F * m.neuron_bytes())),
-        "prefill_backend": c.prefill_backend, "decode_backend": c.decode_backend,
-        "placement": place, "quantization": m.dtype,
+        "quantization": m.dtype,
         "compute": "q4" if cm.hold_dtype(c.hold_ffn) == "q4" else "f32",  # TierConfig.compute
         "hold": {"fixed": "as stored (q4/q8 on torch's int4/int8 kernels, others f32)"
                  if c.hold_fixed is None and m.dtype in ("q4", "q8") else "f32",
                  "ffn": cm.hold_dtype(c.hold_ffn)},
-        "io_mode": c.io_mode, "gate_pinned": m.gate_pinned,
+        "gate_pinned": m.gate_pinned,
         "hot_clusters": c.hot_clusters, "cold_clusters": c.cold_clusters,
         "streamed_clusters": int(lay.total - min(lay.total, c.hot_clusters + c.cold_clusters))
         if (lay := cm.layout(c)) is not None and lay.dense else 0,
@@ -468,6 +466,12 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "decode_ms": {k: round(v * 1e3, 3) for k, v in p.decode_s.items()},
         "prefill_ms": {k: round(v * 1e3, 3) for k, v in p.prefill_s.items()},
         "prompt_tokens": c.prompt_tokens,
+        # what these figures assume of the run, not settings (the engine takes none of them:
+        # --backend picks prefill's backend, decode is torch on the CPU, reads are pread in
+        # the store's clusters)
+        "assumes": {"decode_cluster_size": c.decode_cluster, "prefill_backend": c.prefill_backend,
+                    "decode_backend": c.decode_backend, "io_mode": c.io_mode,
+                    "placement": place},
     }
     plan = {
         "plan_version": PLAN_VERSION, "model": {**m.summary(), **_source(manifest)},

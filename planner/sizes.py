@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from tiercache.config import ModelArgs
+from tiercache.models.kv import kv_bytes
 from tiercache.store import quant
 
 from .accounting import dense_mode
@@ -187,9 +188,8 @@ class ModelSizes:
         dense = sum(self.parts[k].elements for k in ("attn", "router", "other")) + head.elements
         return dense + self.layers * self.experts_per_tok * 3 * self.F * self.d
 
-    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
-        a = self.args
-        return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * itemsize
+    def kv_bytes_per_token(self, dtype: str = "f16") -> int:
+        return kv_bytes(self.args, 1, dtype)
 
     # -- activity -------------------------------------------------------------------------------
     @property

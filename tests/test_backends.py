@@ -115,8 +115,7 @@ def test_prefill_matches_torch(stores, model, spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_greedy_tokens_match_torch(stores, spec):
     store = stores["llama-f32"]
-    ref, eng = load_dense(store), load_dense(store)
-    backends.install(eng, spec)
+    ref, eng = load_dense(store), load_dense(store, backends=backends.phases(spec))
     want = list(generate_step(ref.new_session(), IDS, make_sampler(), 12))
     got = list(generate_step(eng.new_session(), IDS, make_sampler(), 12))
     assert got == want
@@ -257,8 +256,8 @@ def test_graphs_cached_next_to_store(stores, monkeypatch):
 
 @needs_ort
 def test_phase_report_names_what_ran(stores):
-    eng = load_dense(stores["llama-f32"])
-    report = backends.install(eng, "auto" if not torch.cuda.is_available() else "ort:CPU")
+    spec = "auto" if not torch.cuda.is_available() else "ort:CPU"
+    eng = load_dense(stores["llama-f32"], backends=backends.phases(spec))
     eng.prefill(eng.new_session(), IDS)
     report = backends.phase_report(eng)
     assert report["prefill"]["provider"] == "CPUExecutionProvider"
@@ -287,3 +286,66 @@ def test_q4_graph_runs_every_projection_through_matmulnbits(stores):
     path = next((stores["llama-q4"].path / "onnx").glob("llama-q4-layer-dyn-*/layer0.onnx"))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("MatMulNBits") == 5 and "MatMul" not in ops, ops
+
+
+# -- auto never crashes ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def head_dim_4(tmp_path_factory):
+    """A tiny Llama whose head size (4) ONNX Runtime's GroupQueryAttention rejects."""
+    root = tmp_path_factory.mktemp("hd4")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    T.LlamaForCausalLM(cfg).save_pretrained(root / "hf")
+    return Store(convert(root / "hf", root / "store", dtype="f32", progress=False))
+
+
+@needs_ort
+@pytest.mark.parametrize("spec", ["auto", "ort"])
+def test_a_graph_ort_rejects_falls_back_to_torch_with_one_warning(head_dim_4, spec):
+    from backends.base import BackendFallbackWarning
+    if spec == "auto" and torch.cuda.is_available():
+        pytest.skip("auto picks torch:cuda with a GPU")
+    ref = load_dense(head_dim_4)
+    with pytest.warns(BackendFallbackWarning, match="multiple of 8") as seen:
+        eng = load_dense(head_dim_4, backends=backends.phases(spec))
+    assert len([w for w in seen if issubclass(w.category, BackendFallbackWarning)]) == 1
+    assert "\n" not in str(seen[0].message)
+    assert backends.phase_report(eng)["prefill"]["backend"] == "torch"
+    want = list(generate_step(ref.new_session(), IDS, make_sampler(), 6))
+    assert list(generate_step(eng.new_session(), IDS, make_sampler(), 6)) == want
+
+
+@needs_ort
+def test_ort_failing_at_run_time_falls_back_and_keeps_the_caches(stores, monkeypatch):
+    """A node the provider rejects only when it runs: the call's KV writes are dropped, it
+    reruns on torch (one warning), and every later call stays on torch."""
+    from backends.base import BackendFallbackWarning
+    from backends.ort_backend import OrtBackend
+    store = stores["llama-f32"]
+    ref, eng = load_dense(store), load_dense(store)
+    prefill = backends.make_prefill(eng, "ort:CPU")
+    s_ref, s = ref.new_session(), eng.new_session()
+    _close(prefill(s, IDS[:20]), ref.prefill(s_ref, IDS[:20]), what="before")
+
+    def rejects(self, layers, h, cos, sin, caches):
+        kv = torch.zeros(1, 2, h.shape[1], 16)  # a write the failed call leaves behind
+        caches[0].update_and_fetch(kv, kv)
+        raise RuntimeError("Non-zero status code returned while running SomeNode")
+    monkeypatch.setattr(OrtBackend, "prefill_layers", rejects)
+    with pytest.warns(BackendFallbackWarning, match="SomeNode"):
+        got = prefill(s, IDS[20:])
+    _close(got, ref.prefill(s_ref, IDS[20:]), what="after the fallback")
+    assert [c.offset for c in s.caches] == [len(IDS)] * 2
+    assert prefill.last.name == "torch" and prefill.backend.name == "torch"
+
+
+def test_a_backend_this_machine_lacks_fails_in_one_line(stores, monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(TiercacheError, match="no CUDA GPU") as e:
+            load_dense(stores["llama-f32"], backends=backends.phases("torch:cuda"))
+        assert "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(TiercacheError, match="ONNX Runtime is not installed") as e:
+        backends.get_backend("ort:CPU")
+    assert "\n" not in str(e.value)

@@ -95,11 +95,17 @@ def test_tiered_streaming_matches_transformers(default_store, reference):
 # ~1-3% of their spread (measured 0.016-0.03 x std on AVX2); ORT's MatMulNBits, which runs the
 # resident weights, quantizes activations to int8 per group of 32, and SmolLM2's outlier
 # channels make that coarser (max 0.22, mean 0.04 x std; dev-eval perplexity 25.25 against
-# 25.14 on torch's kernel and 25.11 dense, 2048 tokens). Greedy tokens must then agree
+# 25.14 on torch's kernel and 25.11 dense, 2048 tokens). Its int8 rounding also amplifies any
+# small change upstream: rounding layer 0's keys to f16 (the default KV cache) moves the last
+# logits by 0.36 x std on it, by 0.004 on the float32 kernels; with an f16 cache, and the
+# norms and RoPE computed in ORT, the France prompt's logits are max 0.45, mean 0.22 x std
+# from the reference. That is rounding noise, not lost quality: dev-eval perplexity (2048
+# tokens, windows of 512) is 19.60 on this path and 19.61 dense, so the perplexity test below
+# holds it to 1% of the reference, and the logits to Q4_LOGIT_TOL. Greedy tokens must then agree
 # except at a near-tie: where the engine picks another token, the reference must have scored
 # it within Q4_TIE x std of its own choice (SmolLM2 on "What is the capital of France?" has
 # "The" 25.19 vs "L" 25.15, a 0.005 x std tie, at the first step), and the check stops there.
-Q4_LOGIT_TOL = {"torch": 0.1, "ort-nbits": 0.3}
+Q4_LOGIT_TOL = {"torch": 0.1, "ort-nbits": 0.6}
 Q4_TIE = 0.05
 
 
@@ -135,6 +141,21 @@ def test_q4_tiered_resident_matches_dense(q4_store, q4_reference, q4_dense, comp
     _check_q4(engine, q4_reference, q4_dense)
 
 
+def test_q4_default_engine_perplexity_matches_dense(q4_store, q4_dense):
+    """The default engine (tiered, resident, ORT's MatMulNBits where it verifies, f16 KV)
+    scores a text within 1% of the dense float32 reference's perplexity (README.md: text the
+    model was not tuned on; 512 tokens in windows of 256)."""
+    import gc
+    from pathlib import Path
+    from tiercache.profile import perplexity
+    gc.collect()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    ids = Tokenizer(q4_store).encode(readme)[:512]
+    engine = load_tiered(Store(q4_store), TierConfig(context=256))
+    got, want = perplexity(engine, ids, 256), perplexity(q4_dense, ids, 256)
+    assert abs(got / want - 1) < 0.01, f"perplexity {got:.3f} vs dense {want:.3f}"
+
+
 def test_q4_tiered_streaming_matches_dense(q4_store, q4_reference, q4_dense):
     """Half the layers' clusters and attention pinned, the head streamed: the rest streams
     through the arenas (the AVX2 reshuffle runs on every read)."""
@@ -156,3 +177,10 @@ def test_chat_answer_is_sensible():
     # not PROMPTS[0]: its first token is a near-tie that bf16 activations tip to "L'Étoile..."
     text = api.generate(engine, tok, "What is the capital of Germany?", max_tokens=16)
     assert "Berlin" in text
+
+
+def test_planner_predicts_the_engines_budget_on_the_default_model(q4_store):
+    """layout.place as the planner calls it equals the engine's own budget on SmolLM2 (torch's
+    int4 kernel: the planner does not model MatMulNBits's prepacked copies)."""
+    from test_layout import planner_matches_engine
+    planner_matches_engine(q4_store, "torch")

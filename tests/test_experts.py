@@ -16,7 +16,8 @@ FIELDS = {"policy", "budget_bytes", "used_bytes", "hits", "misses", "bytes_read"
 
 @torch.inference_mode()
 def _run(store, **cfg):
-    eng = load_tiered(Store(store), TierConfig(sparse=False, **cfg))
+    # KV in f32, as the dense reference keeps it: this checks the experts, not the f16 cache
+    eng = load_tiered(Store(store), TierConfig(sparse=False, kv="f32", **cfg))
     s = eng.new_session()
     eng.prefill(s, PROMPT)
     eng.reset_stats()

@@ -571,3 +571,19 @@ def test_unknown_tensor_fails_up_front(tmp_path):
     with pytest.raises(UnsupportedModel, match="attn_q_norm") as e:
         GGUFSource(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4"])
+def test_planner_estimate_equals_the_store_convert_writes(tiny, tmp_path, dtype):
+    """planner/estimate.py reads a GGUF with the store's own tables (config, names, dtype
+    rules): its estimate is the manifest convert writes, config and tensors included."""
+    from planner.estimate import estimate_from_source, read_manifest
+    from tiercache.store.convert import convert
+    path, arch, tied, _ = tiny
+    est = estimate_from_source(path, dtype=dtype, cluster_size=32)
+    convert(path, tmp_path / "store", dtype=dtype, cluster_size=32, progress=False)
+    real = read_manifest(tmp_path / "store")
+    assert est["config"] == real["config"]
+    assert est["ffn"] == real["ffn"] and est["weight_bytes"] == real["weight_bytes"]
+    assert est["tensors"] == real["tensors"]
+    assert est["estimate"]["source_tensors"] == GGUFSource(path).count()

@@ -129,3 +129,22 @@ def test_nbits_ffn_block_matches_float():
     dn = torch.cat([w for _, w in down], dim=1)
     ref = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ dn.T
     _check(block.ffn(x), ref, "NBitsBlock.ffn", rel=0.03)
+
+
+@needs_nbits
+def test_nbits_head_matches_the_int8_head():
+    """The resident q8r head on 8-bit MatMulNBits (int8 activations) against the float32
+    product of the same int8 rows; its rows come from the source it is given."""
+    from tiercache.engine import nbits
+    rows, cols = 320, 128
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    raw = torch.frombuffer(bytearray(quant.encode(w, "q8r")), dtype=torch.uint8)
+    ref_w = quant.decode(raw.clone(), (rows, cols), "q8r")
+    head = nbits.NBitsHead(raw.clone(), (rows, cols), lambda ids: ref_w[ids])
+    x = torch.randn(3, cols)
+    _check(head(x), x @ ref_w.T, "NBitsHead", rel=0.03)
+    top = kernels.ExactTop(head)(x)  # the top logits exact, from the rows
+    best = (x @ ref_w.T).argmax(-1)
+    assert torch.equal(top.argmax(-1), best)
+    assert torch.allclose(top.gather(1, best[:, None]), (x @ ref_w.T).gather(1, best[:, None]),
+                          atol=1e-4)

@@ -298,8 +298,9 @@ def test_memory_adds_up(laptop):
     pred = cm.predict(c)
     mem = pred.memory
     assert mem["runtime"] == laptop.runtime_anon == laptop.runtime_overhead_bytes
-    # K and V, 4 layers, 2 kv heads, head_dim 32, grown in steps of 256 positions (KVCache)
-    assert mem["kv"] == 1024 * 2 * 4 * 2 * 32 * 4
+    # K and V in f16, 4 layers, 2 kv heads, head_dim 32, grown in steps of 256 positions
+    # (KVCache), plus one layer read back as f32 (kv.Scratch)
+    assert mem["kv"] == 1024 * 2 * 2 * 32 * (4 * 2 + 4)
     nb = cm.cached_bytes(64, None)
     # no profile: the engine runs dense, where cold clusters are pinned too
     assert mem["hot"] == int(25 * nb) and mem["cold"] == 0
@@ -307,9 +308,17 @@ def test_memory_adds_up(laptop):
 
 
 def _engine_budget(manifest: dict, cfg):
-    """What the engine itself counts for `cfg`, with its runtime measurement replaced."""
-    from planner.accounting import _engine_view, layout_of
-    return _engine_view(layout_of(manifest), cfg)._plan_budget(0)
+    """What the engine itself counts for `cfg` (`layout.place`, as the engine calls it with
+    the kernels the planner models), with its runtime measurement replaced."""
+    from tiercache.engine.layout import Capacities, Kernels, StoreFacts, place
+    from tiercache.engine.slots import Int4Slots
+    facts = StoreFacts.from_manifest(manifest)
+    a = facts.args
+    int4 = Int4Slots.supports(facts.cluster_size, a.hidden_size, facts.ffn_dtype,
+                              a.intermediate_size)
+    kernels = Kernels.here(facts, cfg.compute, nbits=False)
+    assert kernels.int4 == int4
+    return place(facts, cfg, Capacities(ram=cfg.ram_bytes), kernels).budget
 
 
 def test_memory_is_what_the_engine_counts(laptop):
@@ -564,10 +573,14 @@ def test_plan_json_round_trip_and_fields(laptop, tmp_path):
     assert p["limits"]["ram_bytes"] == ram and p["limits"]["context"] == 512
     e, pr = p["engine"], p["predicted"]
     for key in ("fixed_bytes", "hot_bytes", "cold_bytes", "kv_bytes", "io_threads",
-                "prefetch_layers", "decode_cluster_size", "prefill_cluster_bytes",
-                "prefill_backend", "decode_backend", "placement", "quantization"):
+                "prefetch_layers", "prefill_cluster_bytes", "quantization"):
         assert key in e, key
-    assert e["decode_cluster_size"] % 16 == 0 and e["placement"]["ffn_cold"] == "flash"
+    # what the prediction assumes is not written as an engine setting (the engine takes none)
+    how = pr["assumes"]
+    assert not {"decode_cluster_size", "prefill_backend", "decode_backend", "placement",
+                "io_mode"} & set(e)
+    assert how["decode_cluster_size"] % 16 == 0 and how["placement"]["ffn_cold"] == "flash"
+    assert how["prefill_backend"] and how["decode_backend"]
     for key in ("peak_memory_bytes", "decode_tok_s", "prefill_tok_s", "store_bytes_per_token",
                 "bottleneck", "hit_rate"):
         assert key in pr, key
@@ -610,8 +623,8 @@ def test_gpu_preset_places_weights_in_vram():
     p = make_plan(big, "desktop-rtx4090-24gb", ram="2G")
     cpu_only = make_plan(big, "laptop-8gb-nvme", ram="2G")
     assert p["predicted"]["decode_tok_s"] > cpu_only["predicted"]["decode_tok_s"]
-    assert p["engine"]["decode_backend"] == "torch:cuda"
-    assert p["engine"]["placement"]["attention"] == "vram"
+    assert p["predicted"]["assumes"]["decode_backend"] == "torch:cuda"
+    assert p["predicted"]["assumes"]["placement"]["attention"] == "vram"
     assert p["predicted"]["peak_vram_bytes"] > 0
 
 
@@ -624,12 +637,12 @@ def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):
                                                                           "dtype": "f16"}
     p = make_plan(m, laptop, ram=int(least_ram(m, laptop) + 1e6), context=256)
     assert p["model"]["mean_active_fraction"] == pytest.approx(2 / 8)
-    assert p["engine"]["placement"]["router"] == "ram"
+    assert p["predicted"]["assumes"]["placement"]["router"] == "ram"
     assert not p["engine"]["gate_pinned"]  # no profile, routed experts run dense
     assert p["predicted"]["store_bytes_per_token"] > 0
     ram = int(least_ram(small_manifest(), laptop, io_mode="buffered") + 1.5e6)
     b = make_plan(small_manifest(), laptop, ram=ram, context=256, io_mode="buffered")
-    assert b["engine"]["io_mode"] == "buffered"
+    assert b["predicted"]["assumes"]["io_mode"] == "buffered"
     pr = b["predicted"]
     assert pr["anon_memory_bytes"] <= pr["peak_memory_bytes"] <= ram
 
@@ -683,10 +696,10 @@ def test_ram_alone_plans_for_this_machine_once_probed(tmp_path, monkeypatch, lap
     m = small_manifest()
     (store / "manifest.json").write_text(json.dumps(m))
     ram = int(least_ram(m, laptop) + 3e6)
-    assert _planned(store, ram, 256) is None  # nothing probed: no probe is started either
+    assert _planned(store, ram, 256, "f16") is None  # nothing probed: no probe is started either
     dataclasses.replace(laptop, host="").to_json(tmp_path / "device.json")
-    cfg = _planned(store, ram, 256)
+    cfg = _planned(store, ram, 256, "f16")
     want = make_plan(m, laptop, ram=ram, context=256)["engine"]
     assert cfg is not None and cfg.ram_bytes == ram and cfg.context == 256
     assert cfg.hot_clusters == want["hot_clusters"] and cfg.io_threads == want["io_threads"]
-    assert _planned(store, 1_000_000, 256) is None  # the planner refuses: the engine decides
+    assert _planned(store, 1_000_000, 256, "f16") is None  # the planner refuses: the engine decides

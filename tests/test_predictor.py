@@ -67,9 +67,10 @@ def test_predictor_mode_picks_clusters_without_a_pinned_gate(relu_store):
     ref = _decode_logits(gate, tokens)
 
     every = load_tiered(Store(out), TierConfig(**regions))
-    assert every.mode == "predictor" and not every.pinned_gate and not every.gates
+    assert every.mode == "predictor" and not every.clusters.pinned_gate
+    assert not every.clusters.gates
     assert every.budget.gates < gate.budget.gates  # predictors are smaller than the gates
-    for p in every.predictors.values():
+    for p in every.clusters.predictors.values():
         p.cut = -math.inf
     got = _decode_logits(every, tokens)
     assert (got - ref).abs().max() < 1e-4
@@ -94,15 +95,16 @@ def test_next_layer_is_read_ahead_by_prediction(relu_store):
     def decode_stats(cfg, by_last_token=False):
         eng = load_tiered(Store(out), cfg)
         if by_last_token:  # read ahead what the layer used at the previous token instead
-            prefetch, preds = eng._prefetch, eng.predictors
+            ffn = eng.clusters
+            prefetch, preds = ffn._prefetch, ffn.predictors
 
             def last_token(*args):
-                eng.predictors = {}
+                ffn.predictors = {}
                 try:
                     prefetch(*args)
                 finally:
-                    eng.predictors = preds
-            eng._prefetch = last_token
+                    ffn.predictors = preds
+            ffn._prefetch = last_token
         s = eng.new_session()
         eng.prefill(s, PROMPT)
         eng.reset_stats()
@@ -133,7 +135,7 @@ def test_moe_experts_are_read_ahead_by_the_next_router(stores):
 
     def run(prefetch):
         eng = load_tiered(Store(store), TierConfig(sparse=False, hot_clusters=0, cold_clusters=0,
-                                                   prefetch=prefetch))
+                                                   prefetch=prefetch, kv="f32"))
         s = eng.new_session()
         with torch.inference_mode():
             eng.prefill(s, PROMPT)
@@ -150,7 +152,7 @@ def test_moe_experts_are_read_ahead_by_the_next_router(stores):
     # layer 0's experts are never read ahead; the later layers' mostly are
     assert on["demand_reads"] < off["demand_reads"] * (1 + 0.5 * (layers - 1)) / layers, (on, off)
     k = eng.args.num_experts_per_tok
-    assert len(eng.inflight) <= k  # the last layer's k; stale reads ahead were let go
+    assert len(eng.clusters.inflight) <= k  # the last layer's k; stale reads ahead were let go
 
 
 def test_generate_json_reports_the_mode_and_read_ahead(relu_store):

@@ -4,7 +4,9 @@ import torch
 
 from tiercache.cache.segmented import SegmentedCache
 from tiercache.engine import generate_step, load_dense, make_sampler
+from tiercache.engine.layout import Capacities, place
 from tiercache.engine.tiered import TierConfig, load_tiered
+from tiercache.models.kv import kv_bytes
 from tiercache.errors import BudgetError
 from tiercache.store.format import Store
 
@@ -17,10 +19,12 @@ def _logits(engine, ids=IDS):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
 def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
-    """Threshold 0, a cold LRU smaller than the model: every cluster still read via the cache."""
+    """Threshold 0, a cold LRU smaller than the model: every cluster still read via the cache.
+    (KV in f32 as the reference's: this checks the tiering, tests/test_kv.py the f16 cache.)"""
     store = stores(kind, "f32")
     dense = _logits(load_dense(Store(store)))
-    cfg = TierConfig(hot_bytes=0, cold_bytes=Store(store).n_clusters * 2 * 32 * 64 * 4 * 2)
+    cfg = TierConfig(hot_bytes=0, cold_bytes=Store(store).n_clusters * 2 * 32 * 64 * 4 * 2,
+                     kv="f32")
     eng = load_tiered(Store(store), cfg)
     got = _logits(eng)
     diff = (got - dense).abs()
@@ -123,7 +127,8 @@ def test_dense_mode_pins_whole_layers_spread_out(tmp_path):
     eng = load_tiered(Store(out), TierConfig(sparse=False, hot_clusters=2 * c + 1,
                                              cold_clusters=0))
     L, order = eng.args.num_hidden_layers, spread_layers(6)
-    pinned = {l: len(eng.hot[(l, 0)][1]) for l in range(L) if (l, 0) in eng.hot}
+    hot = eng.clusters.hot
+    pinned = {l: len(hot[(l, 0)][1]) for l in range(L) if (l, 0) in hot}
     streamed = {u.layer: len(u.ffn) for u in eng.streamer.units if u.ffn}
     assert pinned == {order[0]: c, order[1]: c, order[2]: 1}, pinned
     assert order[:2] == [0, 3]
@@ -170,7 +175,11 @@ def test_budget_pins_more_as_ram_grows_and_stays_inside(tmp_path):
     write_tokenizer(tmp_path / "hf")
     out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
     eng = load_tiered(Store(out), TierConfig(sparse=False, prefetch=False, io_threads=1))
-    runtime, full = 200 * 2**20, eng._plan_budget(0).lines()
+
+    def budget(runtime):
+        caps = Capacities(runtime=runtime, ram=eng.cfg.ram_bytes)
+        return place(eng.facts, eng.cfg, caps, eng.kernels).budget
+    runtime, full = 200 * 2**20, budget(0).lines()
     layer_attn = full["attention"] // eng.args.num_hidden_layers
     floor = full["fixed"] + full["kv"] + full["slack"]
     weights = full["attention"] + full["head"] + full["hot"]
@@ -178,7 +187,7 @@ def test_budget_pins_more_as_ram_grows_and_stays_inside(tmp_path):
     for extra in range(floor, floor + weights + 2**16, 1024):
         eng.cfg = replace(eng.cfg, ram_bytes=runtime + extra)
         try:
-            b = eng._plan_budget(runtime)
+            b = budget(runtime)
         except BudgetError as e:
             assert "needs at least" in str(e) and last == -1, str(e)  # only below a minimum
             continue
@@ -226,8 +235,8 @@ def test_refuses_budget_with_numbers(stores):
     # where a smaller KV cache alone would fit, the refusal says which context does, and it does
     store = stores("llama", "q4", 64)
     eng = load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=10 << 30, context=256))
-    need = eng._plan_budget(eng._runtime_bytes()).total
-    ram = need + 3 * eng._kv_bytes_for(256)  # room for 4 steps of KV, not for 100
+    need = place(eng.facts, eng.cfg, Capacities(eng._runtime_bytes()), eng.kernels).budget.total
+    ram = need + 3 * kv_bytes(eng.args, 256, eng.cfg.kv)  # room for 4 steps of KV, not for 100
     with pytest.raises(BudgetError, match=r"--context (\d+) would fit") as e:
         load_tiered(Store(store), TierConfig(sparse=False, ram_bytes=ram, context=100 * 256))
     context = int(e.value.args[0].rsplit("--context ", 1)[1].split()[0])
@@ -254,8 +263,8 @@ def test_profile_reorders_and_sparsifies(hf_models, tmp_path):
     for row in prof["ffn"]:
         assert all(0 <= a <= 1 for a in row[0]["cluster_active"])
     engine = load_tiered(Store(out), TierConfig(sparse=True))
-    assert engine.thresholds and engine.pinned_gate and "predictor" not in prof  # SiLU: gates
-    t = engine.thresholds[(0, 0)]  # per neuron: the layer's t over each neuron's weight
+    assert engine.clusters.thresholds and engine.clusters.pinned_gate and "predictor" not in prof  # SiLU: gates
+    t = engine.clusters.thresholds[(0, 0)]  # per neuron: the layer's t over each neuron's weight
     assert t.shape == (160,) and (t > 0).all() and t.unique().numel() > 1
     sparse = perplexity(engine, held, 100)
     dense = perplexity(load_tiered(Store(out), TierConfig(sparse=False)), held, 100)
@@ -326,6 +335,22 @@ def test_fused_qkv_on_nbits_matches_dense(tmp_path):
     out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
     eng = load_tiered(Store(out), TierConfig())
     assert eng.nbits and eng.model.model.layers[0].self_attn.qkv_proj is not None
+    assert isinstance(eng.model.lm_head.head, nbits.NBitsHead)  # the tied q8r head too
     got, dense = _logits(eng), _logits(load_dense(Store(out)))
     rel = (got - dense).abs().max() / dense.std()
     assert rel < KERNEL_TOL["auto"], f"max diff {rel:.3g} x std"
+
+
+def test_a_gpu_backend_asked_by_name_fails_in_one_line(stores, tmp_path):
+    """Without CUDA, torch:cuda is refused in one line; with it, the tiered engine (which
+    computes on the CPU) refuses it in one line instead of crashing on mixed devices."""
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tiercache", "generate", str(stores("llama", "f32")),
+                        "-p", "hi", "-n", "2", "--no-chat-template", "--backend", "torch:cuda"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TIERCACHE_HOME": str(tmp_path)})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-800:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cuda" in lines[0].lower(), lines

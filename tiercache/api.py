@@ -36,7 +36,7 @@ def default_threads() -> int:
 
 
 def load(model: str, threads: int | None = None, dtype: str | None = None, ram: int | str | None = None,
-         engine: str = "tiered", context: int = 2048, io_threads: int = 2,
+         engine: str = "tiered", context: int = 2048, kv: str = "f16", io_threads: int = 2,
          sparse: bool | None = None, backend: str = "auto",
          plan: str | None = None, experts: str | None = None,
          expert_cut: float = 0.0) -> tuple[Engine, Tokenizer]:
@@ -44,6 +44,7 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
 
     engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
     resident when ram is None); engine="dense" is the naive all-in-RAM float32 reference.
+    kv: the KV cache's dtype, f16 (default) or f32.
     backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
     plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads.
@@ -63,35 +64,41 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
     if engine == "dense":
-        eng = load_dense(Store(path), context=context)
-    else:
-        if plan is not None:
-            from planner.search import load_plan
-            cfg = config_from_plan(load_plan(plan))
-            cfg.experts, cfg.expert_cut = experts, expert_cut
-            ram = cfg.ram_bytes
-        else:  # planned for this machine where it is probed; else the engine sizes itself
-            own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
-                             context=context, io_threads=io_threads, sparse=sparse,
-                             experts=experts, expert_cut=expert_cut)
-            cfg = (_planned(path, parse_size(ram), context) if ram is not None and sparse is None
-                   else None) or own
-        try:
-            eng = load_tiered(Store(path, readahead=False), cfg)
-        except BudgetError:
-            if plan is not None or cfg is own:
-                raise
-            # the plan's regions do not fit what this process measures: size them here
-            eng = load_tiered(Store(path, readahead=False), own)
-        if backend == "auto" and ram is not None:
-            backend = "torch"
-    if backend != "torch":
-        import backends
-        backends.install(eng, backend, threads or default_threads(), decode=False)
+        return (load_dense(Store(path), context=context, kv=kv,
+                           backends=_handed(backend, threads)), tok)
+    if plan is not None:
+        from planner.search import load_plan
+        cfg = config_from_plan(load_plan(plan))
+        cfg.experts, cfg.expert_cut = experts, expert_cut
+        ram = cfg.ram_bytes
+    else:  # planned for this machine where it is probed; else the engine sizes itself
+        own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
+                         context=context, kv=kv, io_threads=io_threads, sparse=sparse,
+                         experts=experts, expert_cut=expert_cut)
+        cfg = (_planned(path, parse_size(ram), context, kv)
+               if ram is not None and sparse is None else None) or own
+    if backend == "auto" and ram is not None:
+        backend = "torch"
+    hand = _handed(backend, threads)
+    try:
+        eng = load_tiered(Store(path, readahead=False), cfg, hand)
+    except BudgetError:
+        if plan is not None or cfg is own:
+            raise
+        # the plan's regions do not fit what this process measures: size them here
+        eng = load_tiered(Store(path, readahead=False), own, hand)
     return eng, tok
 
 
-def _planned(path, ram: int, context: int):
+def _handed(backend: str, threads: int | None):
+    """The prefill backend handed to the engine when it is built (None: torch)."""
+    if backend == "torch":
+        return None
+    import backends
+    return backends.phases(backend, threads or default_threads(), decode=False)
+
+
+def _planned(path, ram: int, context: int, kv: str):
     """`--ram` alone: the planner's regions for this machine, when its probe is cached
     (`tiercache device probe`). None when there is no probe or no plan fits: then the engine
     sizes its regions itself, and refuses a budget too small with its own numbers."""
@@ -103,9 +110,11 @@ def _planned(path, ram: int, context: int):
     if dev is None:
         return None
     try:
-        return config_from_plan(make_plan(str(path), dev, ram=ram, context=context))
+        cfg = config_from_plan(make_plan(str(path), dev, ram=ram, context=context))
     except TiercacheError:
         return None
+    cfg.kv = kv  # plans count an f16 cache; the engine refuses a larger one that does not fit
+    return cfg
 
 
 MODE_NAMES = {"dense": "all-clusters", "gate": "sparse-gate", "predictor": "predictor"}

@@ -276,8 +276,8 @@ def _handle(chat: Chat, line: str, quiet: bool) -> bool:
 def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float = 0.9,
              top_k: int = 0, seed: int | None = None, threads: int | None = None,
              dtype: str | None = None, system: str | None = None, ram=None, engine: str = "tiered",
-             context: int = 2048, sparse: bool | None = None, backend: str = "auto",
-             plan=None, prompt: list[str] | None = None, quiet: bool = False,
+             context: int = 2048, kv: str = "f16", sparse: bool | None = None,
+             backend: str = "auto", plan=None, prompt: list[str] | None = None, quiet: bool = False,
              interactive: bool = False) -> None:
     """The terminal chat, or one answer when a prompt is given (arguments, or piped stdin
     unless `interactive`)."""
@@ -288,7 +288,7 @@ def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float 
     if not quiet:
         say(f"loading {model} ...")
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=context, sparse=sparse, backend=backend, plan=plan)
+                        context=context, kv=kv, sparse=sparse, backend=backend, plan=plan)
     chat = Chat(eng, tok, Settings(max_tokens, temp, top_p, top_k, seed), system)
     if one_shot is not None:
         chat.ask(one_shot.strip())

@@ -19,6 +19,7 @@ DTYPE = typer.Option(None, help="store dtype when MODEL needs converting (defaul
 RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
 ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
+KV = typer.Option("f16", "--kv", help="KV cache dtype: f16 (half the memory) or f32")
 SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the profile says it pays",
                       help="skip FFN neurons the profile marks inactive (thresholds on the "
                            "gate; predictors, for ReLU-family models)")
@@ -110,8 +111,9 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              seed: Optional[int] = SEED, threads: Optional[int] = THREADS,
              dtype: Optional[str] = DTYPE,
              ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
-             sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
-             experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
+             kv: str = KV, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
+             plan: Optional[Path] = PLAN, experts: Optional[str] = EXPERTS,
+             expert_cut: float = EXPERT_CUT,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
                                                 help="wrap the prompt in the model's chat "
                                                      "template"),
@@ -121,7 +123,7 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
                    context=context)
     from . import api
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=context, sparse=sparse, backend=backend, plan=plan,
+                        context=context, kv=kv, sparse=sparse, backend=backend, plan=plan,
                         experts=experts, expert_cut=expert_cut)
     engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
@@ -178,8 +180,8 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          temp: float = _temp(0.7), top_p: float = _top_p(0.9), top_k: int = TOP_K,
          seed: Optional[int] = SEED,
          threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
-         engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
-         backend: str = BACKEND, plan: Optional[Path] = PLAN,
+         engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
+         sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
          system: Optional[str] = typer.Option(None, help="system prompt"),
          prompt: Optional[list[str]] = typer.Argument(None, help="answer this one message and "
                                                       "exit (also: a message piped to stdin)"),
@@ -192,7 +194,7 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
     from .chat import run_chat
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
-             context=context, sparse=sparse, backend=backend, plan=plan, prompt=prompt,
+             context=context, kv=kv, sparse=sparse, backend=backend, plan=plan, prompt=prompt,
              quiet=quiet, interactive=interactive)
 
 
@@ -208,15 +210,15 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
           sessions: int = typer.Option(1, min=1, help="conversations whose KV cache is kept "
                                        "between requests (each reserves --context in --ram)"),
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
-          engine: str = ENGINE, context: int = CONTEXT, sparse: Optional[bool] = SPARSE,
-          backend: str = BACKEND, plan: Optional[Path] = PLAN):
+          engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
+          sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /stats, /metrics)."""
     _check_options(threads=threads, context=context)
     from .server import serve as _serve
     _serve(model, host=host, port=port, api_key=api_key, max_queue=max_queue, sessions=sessions,
            context=context, ram=ram, threads=threads, dtype=dtype, engine=engine, sparse=sparse,
-           backend=backend, plan=plan)
+           backend=backend, plan=plan, kv=kv)
 
 
 @app.command("eval")
@@ -225,15 +227,15 @@ def eval_(model: str = MODEL,
           max_tokens: int = typer.Option(4096, "--max-tokens", help="tokens of the text to score"),
           chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
-          engine: str = ENGINE, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
-          plan: Optional[Path] = PLAN,
+          engine: str = ENGINE, kv: str = KV, sparse: Optional[bool] = SPARSE,
+          backend: str = BACKEND, plan: Optional[Path] = PLAN,
           json_out: bool = typer.Option(False, "--json", help="print a JSON report")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
     from .profile import perplexity
     _check_options(max_tokens=max_tokens, chunk=chunk, threads=threads)
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=chunk, sparse=sparse, backend=backend, plan=plan)
+                        context=chunk, kv=kv, sparse=sparse, backend=backend, plan=plan)
     ids = tok.encode(_read_text(text))[:max_tokens]
     if len(ids) < 2:
         raise TiercacheError(f"{text}: fewer than 2 tokens to score")

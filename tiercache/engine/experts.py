@@ -41,21 +41,18 @@ def expert_cache(policy: str | None, budget_bytes: int, expert_bytes: int, layer
     return cache
 
 
-def likely_experts(moe, x: torch.Tensor, cut: float) -> list[int]:
-    """The experts `moe`'s router picks for x [1, d] (its top-k) whose router probability is
-    at least `cut`: read ahead only what is likely."""
+def top_probs(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, d] -> (router probabilities of the top-k [N, k], expert ids [N, k]): `route`
+    without renormalizing over the k, so that a cut compares like with like across tokens."""
     p = F.softmax(moe.gate(x).float(), dim=-1)
-    w, idx = p.topk(moe.top_k, dim=-1)
+    return p.topk(moe.top_k, dim=-1)
+
+
+def likely_experts(route_next, x: torch.Tensor, cut: float) -> list[int]:
+    """The experts the next router (`top_probs` of it) picks for x [1, d] whose probability is
+    at least `cut`: read ahead only what is likely."""
+    w, idx = route_next(x)
     return [int(e) for e, q in zip(idx[0], w[0]) if q >= cut]
-
-
-def routed_tokens(moe, x: torch.Tensor) -> list[int]:
-    """Tokens of x [T, d] routed to each expert: one each at decode, counted at prefill (the
-    warm-up counts that frequency pins come from)."""
-    if x.shape[0] == 1:
-        return [1] * len(moe.experts)
-    _, idx = moe.route(x)
-    return torch.bincount(idx.flatten(), minlength=len(moe.experts)).tolist()
 
 
 def block_bytes(block) -> int:

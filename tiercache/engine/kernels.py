@@ -292,7 +292,11 @@ class QEmbedding(nn.Module):
     def __init__(self, table: QLinear):
         super().__init__()
         self.table = table
+        # its bytes are plain attributes (Module.to does not move them): ids go to them
+        self.device = next((t.device for t in (getattr(table, k, None) for k in ("packed", "q"))
+                            if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     def forward(self, ids):
-        return self.table.rows(ids.reshape(-1)).view(*ids.shape, -1)
+        rows = self.table.rows(ids.reshape(-1).to(self.device))
+        return rows.view(*ids.shape, -1).to(ids.device)
 

@@ -119,6 +119,24 @@ class _Graph:
         self.nodes.append(self.h.make_node(kind, inputs, [out], domain=domain, **attrs))
         return out
 
+    def rms_norm(self, x: str, norm: tuple[torch.Tensor, float]) -> str:
+        """RMSNorm (weight, eps) over the last axis: one ORT kernel instead of ~7 torch ops."""
+        weight, eps = norm
+        return self.op("SimplifiedLayerNormalization", [x, self.const(weight.float(), "norm")],
+                       axis=-1, epsilon=float(eps))
+
+    def rope(self, y: str, heads: int, hd: int) -> str:
+        """y [T, heads*hd] -> [T, heads, hd] rotated by the graph's cos/sin [T, hd] (HF's
+        convention: the two halves of hd rotate together), as models.llama.apply_rope."""
+        t = self.op("Reshape", [y, self.const(np.array([0, heads, hd]), "shape")])
+        x1, x2 = self.name("x1"), self.name("x2")
+        self.nodes.append(self.h.make_node("Split", [t, self.const(np.array([hd // 2] * 2),
+                                                                   "halves")], [x1, x2], axis=2))
+        rot = self.op("Concat", [self.op("Neg", [x2]), x1], axis=2)
+        axis = self.const(np.array([1]), "axis")
+        cos, sin = (self.op("Unsqueeze", [n, axis]) for n in ("cos", "sin"))  # [T, 1, hd]
+        return self.op("Add", [self.op("Mul", [t, cos]), self.op("Mul", [rot, sin])])
+
     def matmul(self, a: str, w: dict, bias: torch.Tensor | None = None) -> str:
         """a [T, K] @ W^T (+ the zero term) (+ bias) -> [T, N]."""
         n, k = w["shape"]
@@ -137,12 +155,15 @@ class _Graph:
             y = self.op("Add", [y, self.const(bias.float(), "bias")])
         return y
 
-    def session(self, k: int, outputs: list[tuple[str, int]]):
+    def session(self, k: int, outputs: list[tuple[str, list]], rope: int = 0):
+        """Inputs x [T, k] (and cos, sin [T, rope] when rope); outputs (name, dims after T)."""
         from onnx import TensorProto
         h, ort = self.h, _ort()
-        g = h.make_graph(self.nodes, "tiercache", [h.make_tensor_value_info(
-            "x", TensorProto.FLOAT, ["T", k])], [h.make_tensor_value_info(
-                o, TensorProto.FLOAT, ["T", n]) for o, n in outputs], self.inits)
+        inputs = [h.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])]
+        inputs += [h.make_tensor_value_info(n, TensorProto.FLOAT, ["T", rope])
+                   for n in ("cos", "sin") if rope]
+        g = h.make_graph(self.nodes, "tiercache", inputs, [h.make_tensor_value_info(
+            o, TensorProto.FLOAT, ["T", *dims]) for o, dims in outputs], self.inits)
         model = h.make_model(g, opset_imports=[h.make_opsetid(d, v) for d, v in OPSET])
         model.ir_version = 10  # ORT 1.31 rejects newer IR versions
         so = ort.SessionOptions()
@@ -177,8 +198,9 @@ def _clean(path: str) -> None:
         os.close(fd)
 
 
-def _run(sess, x: torch.Tensor) -> list[torch.Tensor]:
-    return [torch.from_numpy(y) for y in sess.run(None, {"x": x.detach().float().numpy()})]
+def _run(sess, x: torch.Tensor, **more: torch.Tensor) -> list[torch.Tensor]:
+    feed = {"x": x.detach().float().numpy(), **{k: v.float().numpy() for k, v in more.items()}}
+    return [torch.from_numpy(y) for y in sess.run(None, feed)]
 
 
 class NBitsMatmul:
@@ -189,28 +211,29 @@ class NBitsMatmul:
         g = _Graph()
         y = g.matmul("x", w, bias)
         self.n, self.k = w["shape"]
-        self.sess = g.session(self.k, [(y, self.n)])
+        self.sess = g.session(self.k, [(y, [self.n])])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _run(self.sess, x.reshape(-1, self.k))[0].view(*x.shape[:-1], self.n)
 
 
 class NBitsFFN:
-    """A whole FFN in one call: act(x @ gate^T) * (x @ up^T) @ down^T."""
+    """A whole FFN in one call: act(x @ gate^T) * (x @ up^T) @ down^T, of RMSNorm(x) when a
+    norm (weight, eps) is given (the layer's post-attention norm, folded in)."""
 
     ACTS = ("silu", "relu")
 
-    def __init__(self, gate: dict, up: dict, down: dict, act: str):
+    def __init__(self, gate: dict, up: dict, down: dict, act: str, norm=None):
         g = _Graph()
         f = gate["shape"][0]
-        gu = g.matmul("x", join([gate, up]))
+        gu = g.matmul(g.rms_norm("x", norm) if norm is not None else "x", join([gate, up]))
         a, b = g.name("a"), g.name("b")
         g.nodes.append(g.h.make_node("Split", [gu, g.const(np.array([f, f]), "split")], [a, b],
                                      axis=1))
         act_a = g.op("Mul", [a, g.op("Sigmoid", [a])]) if act == "silu" else g.op("Relu", [a])
         y = g.matmul(g.op("Mul", [act_a, b]), down)
         self.d = down["shape"][0]
-        self.sess = g.session(gate["shape"][1], [(y, self.d)])
+        self.sess = g.session(gate["shape"][1], [(y, [self.d])])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _run(self.sess, x)[0]
@@ -220,10 +243,11 @@ class NBitsBlock:
     """A pinned FFN block (clusters in order) for modes that compute every neuron: `ffn` only,
     one ORT call (the sparse modes mask activations between gate and down: torch's Block)."""
 
-    def __init__(self, prepared: list, act: str):
-        """prepared: per cluster ((gate packed, sz), (up packed, sz), (down packed, sz))."""
+    def __init__(self, prepared: list, act: str, norm=None):
+        """prepared: per cluster ((gate packed, sz), (up packed, sz), (down packed, sz));
+        norm: the RMSNorm (weight, eps) before the FFN, computed here (see NBitsFFN)."""
         gate, up, down = ([weight(*p) for p in part] for part in zip(*prepared))
-        self._ffn = NBitsFFN(join(gate), join(up), join(down, dim=1), act)
+        self._ffn = NBitsFFN(join(gate), join(up), join(down, dim=1), act, norm)
 
     def ffn(self, x: torch.Tensor, act=None) -> torch.Tensor:
         return self._ffn(x)
@@ -239,3 +263,58 @@ class NBitsLinear(torch.nn.Module):
 
     def forward(self, x):
         return self.mm(x)
+
+
+class NBitsQKV(torch.nn.Module):
+    """A layer's attention input in one call: RMSNorm(x) (the input norm, folded in) ->
+    q|k|v -> RoPE on q and k. Attention's `qkv_proj` protocol: (x [B, T, d], cos, sin
+    [T, hd]) -> q [B, H, T, hd], k and v [B, Hkv, T, hd]."""
+
+    def __init__(self, records: list[tuple[torch.Tensor, tuple]], norm, heads: int, kv_heads: int,
+                 head_dim: int, bias=None):
+        super().__init__()
+        w = join([q4k_weight(raw, shape) for raw, shape in records])
+        g = _Graph()
+        qkv = g.matmul(g.rms_norm("x", norm), w, bias)
+        q, k, v = g.name("q"), g.name("k"), g.name("v")
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        g.nodes.append(g.h.make_node("Split", [qkv, g.const(np.array(sizes), "split")],
+                                     [q, k, v], axis=1))
+        v3 = g.op("Reshape", [v, g.const(np.array([0, kv_heads, head_dim]), "shape")])
+        outs = [g.rope(q, heads, head_dim), g.rope(k, kv_heads, head_dim), v3]
+        self.k, self.hd = w["shape"][1], head_dim
+        self.sess = g.session(self.k, [(o, [n, head_dim]) for o, n in
+                                       zip(outs, (heads, kv_heads, kv_heads))], rope=head_dim)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        if B > 1:  # the graph is [T, ...]: every sequence of the batch at the same positions
+            cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
+        ys = _run(self.sess, x.reshape(B * T, self.k), cos=cos, sin=sin)
+        return [y.view(B, T, -1, self.hd).transpose(1, 2) for y in ys]
+
+
+class NBitsHead(torch.nn.Module):
+    """A resident q8r head (int8 rows, one bf16 scale per row) on 8-bit MatMulNBits: ~1.5x
+    torch's int8 kernel here (1 thread, [1, 2048] x [49152, 2048]: 27 vs 42 ms under load),
+    for ~1.4x the int8 bytes of prepacked memory. The rows themselves (the tied embedding's
+    lookups, ExactTop's float32 recomputation) are read from the store, a few per token."""
+
+    def __init__(self, raw: torch.Tensor, shape, rows):
+        """raw: the q8r record (changed in place); rows: ids [n] -> float32 rows [n, K]."""
+        super().__init__()
+        n, k = shape
+        q = raw[:n * k]
+        q.bitwise_xor_(0x80)  # int8 q -> uint8 q + 128, MatMulNBits' 8-bit default zero point
+        scale = raw[n * k:].view(torch.bfloat16).float()
+        g = _Graph()
+        y = g.op("MatMulNBits", ["x", g.const(q.view(n, k // GROUP, GROUP), "B"), g.const(
+            scale[:, None].expand(n, k // GROUP).reshape(-1), "scales")],
+                 domain="com.microsoft", K=k, N=n, bits=8, block_size=GROUP, accuracy_level=4)
+        self.sess = g.session(k, [(y, [n])])
+        self.shape, self.rows, self.bias = tuple(shape), rows, None
+
+    def forward(self, x):
+        shape = x.shape
+        y = _run(self.sess, x.reshape(-1, shape[-1]))[0]
+        return y.view(*shape[:-1], self.shape[0])

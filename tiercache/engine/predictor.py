@@ -13,9 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def predictor_key(layer: int, expert: int) -> bytes:
-    return f"p:{layer:04d}:{expert:03d}".encode()
+from ..store.format import predictor_key  # noqa: F401 (its record key; imported from here)
 
 
 def record_bytes(d: int, f: int, rank: int) -> int:

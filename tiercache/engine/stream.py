@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,17 +22,8 @@ from torch import nn
 from ..store.format import cluster_key, tensor_key
 from ..store.reader import aligned_buffer
 from .kernels import QLinear, native_shape, plain_copy, q4_copy
+from .layout import HEAD_SLICE, Unit  # noqa: F401 (HEAD_SLICE: where it used to live)
 from .slots import Block
-
-HEAD_SLICE = 2 << 20  # bytes of head rows per unit: about one layer's streamed weights
-
-
-@dataclass
-class Unit:
-    layer: int | None = None                         # None: a slice of the head
-    attn: dict[str, tuple] = field(default_factory=dict)  # module name -> (tensor name, shape)
-    ffn: list[tuple[int, int, int]] = field(default_factory=list)  # cluster keys
-    rows: tuple[int, int] | None = None              # head rows [lo, hi)
 
 
 class Arena:
@@ -64,11 +55,20 @@ class Streamer:
     thread buffer and arena, the unit's modules and the copies that fill them are built once
     (`_bind`). A read is then a preadv or two and a few large copies, with the GIL released:
     the Python work of building views and modules per read held the GIL ~1 ms a unit and
-    slowed the computing thread, which takes the GIL between every kernel, by ~30%."""
+    slowed the computing thread, which takes the GIL between every kernel, by ~30%.
+    It owns its I/O counter (`io_wait_s`: time the forward pass waited on its reads).
 
-    def __init__(self, engine, units: list[Unit], ahead: int, unit_bytes: int,
-                 head: str | None = None):
-        self.engine, self.units, self.ahead, self.head = engine, units, max(0, ahead), head
+    What it needs of the store: the reader, the records' sizes, FFN cluster layout (`n`,
+    `cluster_parts`, `int4`: joined in the int4 kernel's layout, else by `join`), the hidden
+    size `d` and `bias(weight name)` for streamed attention projections."""
+
+    def __init__(self, reader, units: list[Unit], ahead: int, unit_bytes: int,
+                 head: str | None = None, *, d: int, n: int, records: dict, cluster_parts,
+                 int4: bool, bias: Callable, join: Callable):
+        self.reader, self.units, self.ahead, self.head = reader, units, max(0, ahead), head
+        self.d, self.n, self.records, self.cluster_parts = d, n, records, cluster_parts
+        self.int4, self.bias, self.join = int4, bias, join
+        self.io_wait_s = 0.0
         self.jobs: dict[int, tuple[Future, Arena]] = {}
         self.current: int | None = None
         self.by_layer = {u.layer: i for i, u in enumerate(units) if u.layer is not None}
@@ -95,7 +95,7 @@ class Streamer:
             self._submit((i + k) % len(self.units))
         t0 = time.perf_counter()
         out = fut.result()
-        self.engine.io_wait_s += time.perf_counter() - t0
+        self.io_wait_s += time.perf_counter() - t0
         return out
 
     def _submit(self, i: int) -> Future:
@@ -106,7 +106,7 @@ class Streamer:
             else:  # at most 1 + ahead are ever live (get releases the rest first)
                 arena, self.arenas = Arena(self.unit_bytes), self.arenas + 1
             job = self.jobs[i] = (Future(), arena)
-            self.engine.reader.pool.submit(self._read, i, *job)
+            self.reader.pool.submit(self._read, i, *job)
         return job[0]
 
     def _release(self, i: int) -> None:
@@ -117,11 +117,11 @@ class Streamer:
             self.free.append(arena)
 
     def _plan(self, unit: Unit):
-        reader = self.engine.reader
+        reader = self.reader
         if unit.rows:
             lo, hi = unit.rows
-            return reader.range_plan(tensor_key(self.head).decode(), lo * self.engine.d,
-                                     (hi - lo) * self.engine.d)
+            return reader.range_plan(tensor_key(self.head).decode(), lo * self.d,
+                                     (hi - lo) * self.d)
         names = [tensor_key(t).decode() for t, _ in unit.attn.values()]
         return reader.plan(names + [cluster_key(*k).decode() for k in unit.ffn])
 
@@ -131,7 +131,7 @@ class Streamer:
             buf = getattr(self._own, "buf", None)
             if buf is None:
                 buf = self._own.buf = aligned_buffer(self.read_bytes)
-            self.engine.reader.read_plan(self.plans[i], buf)
+            self.reader.read_plan(self.plans[i], buf)
             key = (i, buf.data_ptr(), id(arena))
             if key not in self.bound:
                 self.bound[key] = self._bind(i, buf, arena.reset())
@@ -139,7 +139,7 @@ class Streamer:
             for copy, dst, src in copies:
                 copy(dst, src)
             if fresh is not None:  # float32 slots decode: a new Block each read, no arena
-                out = {**out, "ffn": self.engine.join_clusters(self.units[i].ffn, fresh)}
+                out = {**out, "ffn": self.join(self.units[i].ffn, fresh)}
             fut.set_result(out)
         except BaseException as e:  # the waiting layer re-raises it
             fut.set_exception(e)
@@ -147,27 +147,26 @@ class Streamer:
     def _bind(self, i: int, buf: torch.Tensor, arena: Arena) -> tuple:
         """-> (unit i's modules on tensors in `arena`, the copies that fill them from `buf`,
         the FFN records to decode on each read where the slots are float32, else None)."""
-        eng, unit, plan = self.engine, self.units[i], self.plans[i]
+        unit, plan, d = self.units[i], self.plans[i], self.d
         out, copies = {}, []
         if unit.rows:
             lo, hi = unit.rows
-            src = buf[plan.at[0]:plan.at[0] + (hi - lo) * eng.d].view(torch.int8)
-            out["head"] = arena.take((hi - lo, eng.d), torch.int8)
-            return out, [(plain_copy, out["head"], src.view(hi - lo, eng.d))], None
-        recs = [buf[at:at + eng.store.records[k][0]] for k, at in zip(plan.keys, plan.at)]
+            src = buf[plan.at[0]:plan.at[0] + (hi - lo) * d].view(torch.int8)
+            out["head"] = arena.take((hi - lo, d), torch.int8)
+            return out, [(plain_copy, out["head"], src.view(hi - lo, d))], None
+        recs = [buf[at:at + self.records[k][0]] for k, at in zip(plan.keys, plan.at)]
         for (mod, (t, shape)), rec in zip(unit.attn.items(), recs):
             dst = arena.take(rec.shape, torch.uint8)
             half = shape[0] * shape[1] // 2  # packed nibbles (reshuffled for this CPU) | scales
             packed = rec[:half].view(shape[0] // 64, shape[1], 32)
             copies.append((q4_copy, dst[:half].view(native_shape(*packed.shape[:2])), packed))
             copies.append((plain_copy, dst[half:], rec[half:]))
-            out[mod] = QLinear.from_q4k(dst, shape, eng.bias(t), native=True)
+            out[mod] = QLinear.from_q4k(dst, shape, self.bias(t), native=True)
         ffn = recs[len(unit.attn):]
-        if ffn and not eng.int4:
+        if ffn and not self.int4:
             return out, copies, ffn
         if ffn:
-            out["ffn"], more = Block.joining(ffn, eng.store.cluster_parts(0), eng.n, eng.d,
-                                             arena.take)
+            out["ffn"], more = Block.joining(ffn, self.cluster_parts(0), self.n, d, arena.take)
             copies += more
         return out, copies, None
 
@@ -198,7 +197,7 @@ class StreamedHead(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows [len(ids), d] (the head's top candidates): small private reads."""
-        return _q8r_rows(self.reader, self.key, self.scale, ids.tolist(), self.shape[1])
+        return q8r_rows(self.reader, self.key, self.scale, ids.tolist(), self.shape[1])
 
     def forward(self, h):
         x = h.reshape(-1, h.shape[-1]).to(torch.bfloat16)
@@ -219,11 +218,11 @@ class StreamedEmbedding(nn.Module):
         self.d = shape[1]
 
     def forward(self, ids):
-        rows = _q8r_rows(self.reader, self.key, self.scale, ids.reshape(-1).tolist(), self.d)
+        rows = q8r_rows(self.reader, self.key, self.scale, ids.reshape(-1).tolist(), self.d)
         return rows.view(*ids.shape, self.d)
 
 
-def _q8r_rows(reader, key: str, scale: torch.Tensor, ids: list[int], d: int) -> torch.Tensor:
+def q8r_rows(reader, key: str, scale: torch.Tensor, ids: list[int], d: int) -> torch.Tensor:
     """Rows of a streamed q8r matrix as float32 [len(ids), d]: one small private read each."""
     out = torch.empty(len(ids), d)
     for j, t in enumerate(ids):

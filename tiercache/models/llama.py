@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
-from .kv import KVCache
+from .kv import KVCache, Scratch
 
 ACTS = {
     "silu": F.silu,
@@ -78,19 +78,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.hd, bias=b)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.hd, args.hidden_size, bias=False)
-        self.qkv_proj = None  # an engine's fused q|k|v kernel, replacing the three
+        # an engine's fused kernel replacing the three: (x, cos, sin) -> q, k, v [B, H, T, D],
+        # RoPE applied (and the layer's input norm, which is then an Identity)
+        self.qkv_proj = None
 
     def forward(self, x, cos, sin, cache: KVCache):
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            hq, hkv = self.n_heads * self.hd, self.n_kv * self.hd
-            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+        if self.qkv_proj is not None:  # an engine's fused kernel: projected and rotated
+            q, k, v = self.qkv_proj(x, cos, sin)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = k.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_proj(x).reshape(B, T, self.n_heads, self.hd).transpose(1, 2)
+            k = self.k_proj(x).reshape(B, T, self.n_kv, self.hd).transpose(1, 2)
+            v = self.v_proj(x).reshape(B, T, self.n_kv, self.hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         offset = cache.offset
         k, v = cache.update_and_fetch(k, v)  # [B, Hkv, offset+T, D]
         mask = causal_mask(T, offset, x.device) if T > 1 else None
@@ -197,10 +197,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def make_cache(self, batch: int = 1) -> list[KVCache]:
-        a = self.args
-        return [KVCache(batch, a.num_key_value_heads, a.head_dim, self.dtype)
-                for _ in range(a.num_hidden_layers)]
+    def make_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> list[KVCache]:
+        a, scratch = self.args, Scratch()  # the layers share one read-back buffer
+        return [KVCache(batch, a.num_key_value_heads, a.head_dim, dtype or self.dtype,
+                        scratch=scratch) for _ in range(a.num_hidden_layers)]
 
     @property
     def dtype(self):

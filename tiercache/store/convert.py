@@ -13,7 +13,7 @@ from ..config import ModelArgs
 from ..errors import StoreError, TiercacheError, load_json_object
 from ..models.llama import Model, sanitize
 from . import quant
-from .format import FFN_PARTS, TOKENIZER_FILES, StoreWriter, is_store
+from .format import CLUSTER_PREFIX, FFN_PARTS, TOKENIZER_FILES, StoreWriter, is_store
 
 _FFN = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe\.experts\.(\d+))\.(\w+_proj)\.weight")
 
@@ -142,7 +142,7 @@ def _check_complete(writer: StoreWriter, args: ModelArgs, pending) -> None:
     names = set(_shapes(args))
     ffn = {n for n in names if _FFN.fullmatch(n)}
     missing = sorted(names - ffn - set(writer.tensors))
-    done = {k for k in writer.records if k.startswith("f:")}
+    done = {k for k in writer.records if k.startswith(CLUSTER_PREFIX)}
     want = args.num_hidden_layers * args.n_experts * -(-args.intermediate_size // writer.cluster_size)
     if missing or pending or len(done) != want:
         first = missing[:3] or [f"FFN of layer/expert {k}" for k in list(pending)[:3]] or ["FFN weights"]

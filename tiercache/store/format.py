@@ -51,7 +51,15 @@ def tensor_key(name: str) -> bytes:
 
 
 def cluster_key(layer: int, expert: int, cluster: int) -> bytes:
-    return f"f:{layer:04d}:{expert:03d}:{cluster:05d}".encode()
+    return f"{CLUSTER_PREFIX}{layer:04d}:{expert:03d}:{cluster:05d}".encode()
+
+
+def predictor_key(layer: int, expert: int) -> bytes:
+    """An activation predictor of one layer (engine/predictor.py's record; the profile)."""
+    return f"p:{layer:04d}:{expert:03d}".encode()
+
+
+CLUSTER_PREFIX = "f:"  # every cluster record's key starts so (cluster_key)
 
 
 def threshold_key(layer: int, expert: int) -> bytes:
@@ -300,13 +308,7 @@ class StoreWriter:
             self.records[key.decode()] = [len(value), zlib.crc32(value)]
 
     def put_tensor(self, name: str, w: torch.Tensor, dtype: str | None = None):
-        dtype = dtype or self.dtype
-        if dtype in ("q8", "q4") and not (quant.can_quantize(w.shape) and _is_matrix(name)):
-            dtype = "f16" if w.ndim == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
-        elif dtype == "q4" and name in HEAD_TENSORS:
-            dtype = "q8r"  # 8 bits as llama.cpp's Q4 files keep them: 4-bit logits cost too much
-        elif dtype == "q4" and _is_attention(name) and w.shape[0] % 64 == 0:
-            dtype = "q4k"  # the int4 kernel's layout: used, pinned or streamed, as read
+        dtype = tensor_dtype(name, tuple(w.shape), dtype or self.dtype)
         self._put(tensor_key(name), quant.encode(w, dtype))
         self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
 
@@ -329,17 +331,7 @@ class StoreWriter:
 
     @property
     def ffn_dtype(self) -> str:
-        """q8/q4 need groups of 32 along d (gate, up) and along each cluster (down); q4 takes
-        the int4 kernel's own layout (q4k) when clusters are whole blocks of 64 neurons."""
-        a, n = self.args, self.cluster_size
-        ok = (a.hidden_size % quant.GROUP == 0 and n % quant.GROUP == 0
-              and a.intermediate_size % quant.GROUP == 0)
-        if self.dtype not in ("q8", "q4"):
-            return self.dtype
-        if not ok:
-            return "f16"
-        kernel = n % 64 == 0 and a.hidden_size % 64 == 0 and a.intermediate_size % n == 0
-        return "q4k" if self.dtype == "q4" and kernel else self.dtype
+        return ffn_dtype(self.args, self.dtype, self.cluster_size)
 
     def commit(self, extra: dict, files: dict[str, bytes], force: bool = False) -> Path:
         with writing(self.out):
@@ -383,6 +375,32 @@ class StoreWriter:
                 self.env.close()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def tensor_dtype(name: str, shape: tuple, dtype: str) -> str:
+    """The dtype a store of `dtype` keeps a non-FFN tensor in (store format 3)."""
+    if dtype in ("q8", "q4") and not (quant.can_quantize(shape) and _is_matrix(name)):
+        return "f16" if len(shape) == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
+    if dtype == "q4" and name in HEAD_TENSORS:
+        return "q8r"  # 8 bits as llama.cpp's Q4 files keep them: 4-bit logits cost too much
+    if dtype == "q4" and _is_attention(name) and shape[0] % 64 == 0:
+        return "q4k"  # the int4 kernel's layout: used, pinned or streamed, as read
+    return dtype
+
+
+def ffn_dtype(args: ModelArgs, dtype: str, cluster_size: int) -> str:
+    """The dtype of a store's FFN cluster records: q8/q4 need groups of 32 along d (gate, up)
+    and along each cluster (down); q4 takes the int4 kernel's own layout (q4k) when clusters
+    are whole blocks of 64 neurons."""
+    a, n = args, cluster_size
+    ok = (a.hidden_size % quant.GROUP == 0 and n % quant.GROUP == 0
+          and a.intermediate_size % quant.GROUP == 0)
+    if dtype not in ("q8", "q4"):
+        return dtype
+    if not ok:
+        return "f16"
+    kernel = n % 64 == 0 and a.hidden_size % 64 == 0 and a.intermediate_size % n == 0
+    return "q4k" if dtype == "q4" and kernel else dtype
 
 
 def _is_attention(name: str) -> bool:

@@ -90,46 +90,12 @@ class GGUFSource:
         return self.meta(f"{self.arch}.{key}", default)
 
     def _build_config(self) -> dict:
-        model_type, hf_arch, _ = ARCHS[self.arch]
-        hidden, heads = self._arch("embedding_length"), self._arch("attention.head_count")
-        if hidden is None or heads is None or "token_embd.weight" not in self.tensors:
-            raise UnsupportedModel(f"{self.path.name}: GGUF lacks the {self.arch} dimensions")
-        head_dim = self._arch("attention.key_length", hidden // heads)
-        if self._arch("rope.dimension_count", head_dim) != head_dim:
-            raise UnsupportedModel(f"{self.path.name}: partial rotary embeddings are not supported")
-        n_experts = self._arch("expert_count", 0) or 0
-        cfg = {
-            "model_type": "mixtral" if n_experts else model_type,
-            "architectures": ["MixtralForCausalLM" if n_experts else hf_arch],
-            "hidden_size": hidden,
-            "num_hidden_layers": self._arch("block_count"),
-            "intermediate_size": self._arch("expert_feed_forward_length")
-            or self._arch("feed_forward_length"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": self._arch("attention.head_count_kv", heads),
-            "head_dim": head_dim,
-            "vocab_size": int(self.tensors["token_embd.weight"].shape[-1]),  # ggml: [d, vocab]
-            "rms_norm_eps": self._arch("attention.layer_norm_rms_epsilon", 1e-6),
-            "rope_theta": float(self._arch("rope.freq_base", 10000.0)),
-            "max_position_embeddings": self._arch("context_length", 4096),
-            "tie_word_embeddings": "output.weight" not in self.tensors,
-            "hidden_act": "silu",
-            "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self._stop_ids(),
-        }
-        if n_experts:
-            cfg["num_local_experts"] = n_experts
-            cfg["num_experts_per_tok"] = self._arch("expert_used_count")
-        scaling = self._rope_scaling(head_dim, cfg["rope_theta"])
+        shapes = {n: tuple(int(x) for x in t.shape) for n, t in self.tensors.items()}
+        cfg = hf_config(self.arch, self.meta, shapes, self.path.name)
+        scaling = self._rope_scaling(cfg["head_dim"], cfg["rope_theta"])
         if scaling:
             cfg["rope_scaling"] = scaling
         return cfg
-
-    def _stop_ids(self) -> int | list[int] | None:
-        """eos plus end-of-turn/-message ids (Llama 3 chat ends turns with eot, not eos)."""
-        ids = [self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-        ids = list(dict.fromkeys(i for i in ids if i is not None))
-        return ids[0] if len(ids) == 1 else (ids or None)
 
     def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
         if "rope_freqs.weight" in self.tensors:  # Llama 3.1+: per-frequency divisors as a tensor
@@ -166,14 +132,12 @@ class GGUFSource:
                    for t in self.reader.tensors if t.name != "rope_freqs.weight")
 
     def _to_hf(self, gguf_name: str, w: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-        prefix, part, kind = _split_name(gguf_name)
-        if part in TOP_LEVEL:
-            yield f"{TOP_LEVEL[part]}.{kind}", w
-        elif part in EXPERTS:  # [n_expert, out, in] -> one HF tensor per expert
-            for e in range(w.shape[0]):
-                yield f"{prefix}block_sparse_moe.experts.{e}.{EXPERTS[part]}.{kind}", w[e]
+        _, part, _ = _split_name(gguf_name)
+        names = hf_names(gguf_name, w.shape[0] if part in EXPERTS else 1)
+        if part in EXPERTS:  # [n_expert, out, in] -> one HF tensor per expert
+            yield from ((name, w[e]) for e, name in enumerate(names))
         else:
-            yield f"{prefix}{PER_LAYER[part]}.{kind}", self._unpermute(part, w)
+            yield names[0], self._unpermute(part, w)
 
     def _unpermute(self, part: str, w: np.ndarray) -> np.ndarray:
         if not ARCHS[self.arch][2] or part not in ("attn_q", "attn_k"):
@@ -254,6 +218,71 @@ class GGUFSource:
         return {k: v for k, v in gen.items() if v is not None}
 
 
+def hf_config(arch: str, meta, shapes: dict, where: str) -> dict:
+    """The HF config of a GGUF file from its metadata (`meta(key, default)`) and its tensors'
+    shapes in ggml order ({GGUF name: (ne0, ne1, ...)}), rope scaling aside (it may need a
+    tensor's data). GGUFSource and the planner's estimate both read a GGUF file so."""
+    if arch not in ARCHS:
+        raise UnsupportedModel(f"{where}: unsupported GGUF architecture '{arch}' "
+                               f"(tiercache reads: {', '.join(sorted(ARCHS))})")
+    model_type, hf_arch, _ = ARCHS[arch]
+
+    def get(key, default=None):
+        return meta(f"{arch}.{key}", default)
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    if hidden is None or heads is None or "token_embd.weight" not in shapes:
+        raise UnsupportedModel(f"{where}: GGUF lacks the {arch} dimensions")
+    head_dim = get("attention.key_length", hidden // heads)
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedModel(f"{where}: partial rotary embeddings are not supported")
+    n_experts = get("expert_count", 0) or 0
+    cfg = {
+        "model_type": "mixtral" if n_experts else model_type,
+        "architectures": ["MixtralForCausalLM" if n_experts else hf_arch],
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("expert_feed_forward_length") or get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "vocab_size": int(shapes["token_embd.weight"][-1]),  # ggml: [d, vocab]
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": get("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "hidden_act": "silu",
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _stop_ids(meta),
+    }
+    if n_experts:
+        cfg["num_local_experts"] = n_experts
+        cfg["num_experts_per_tok"] = get("expert_used_count")
+    return cfg
+
+
+def _stop_ids(meta) -> int | list[int] | None:
+    """eos plus end-of-turn/-message ids (Llama 3 chat ends turns with eot, not eos)."""
+    ids = [meta(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
+def hf_names(gguf_name: str, experts: int = 1) -> list[str]:
+    """The HF names a GGUF tensor becomes: one, or one per expert for stacked experts
+    (`experts` of them); [] for a tensor with no HF counterpart (rope_freqs: in the config)
+    or an unknown one."""
+    split = _split_name(gguf_name)
+    if split is None:
+        return []
+    prefix, part, kind = split
+    if part in TOP_LEVEL:
+        return [f"{TOP_LEVEL[part]}.{kind}"]
+    if part in EXPERTS:
+        return [f"{prefix}block_sparse_moe.experts.{e}.{EXPERTS[part]}.{kind}"
+                for e in range(experts)]
+    return [f"{prefix}{PER_LAYER[part]}.{kind}"]
+
+
 def _split_name(gguf_name: str) -> tuple[str, str, str] | None:
     """"blk.3.attn_q.weight" -> ("model.layers.3.", "attn_q", "weight"); None if unknown."""
     stem, _, kind = gguf_name.rpartition(".")
@@ -299,6 +328,11 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {msg[:120]}" if msg else type(e).__name__
 
 
+def shortest_f32(v) -> float:
+    """A float32 metadata value as the shortest float32 repr: 1e-05, not 9.99999974e-06."""
+    return float(str(np.float32(v)))
+
+
 def _field_value(field):
     """A metadata value as a Python str/int/float/bool or list of them."""
     from gguf import GGUFValueType
@@ -306,8 +340,8 @@ def _field_value(field):
     def scalar(part, vtype):
         if vtype == GGUFValueType.STRING:
             return bytes(part).decode("utf-8", errors="replace")
-        if part.dtype == np.float32:  # shortest float32 repr: 1e-05, not 9.99999974e-06
-            return float(str(part[0]))
+        if part.dtype == np.float32:
+            return shortest_f32(part[0])
         return part[0].item()
 
     if field.types[0] == GGUFValueType.ARRAY:
