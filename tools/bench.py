@@ -509,7 +509,8 @@ def _memory_table(res: dict) -> list[str]:
             w = (sum(v for k, v in r.get("buffers", {}).items() if k.endswith("REPACK model"))
                  if eng == "llama" else r.get("weight_bytes", 0))
             anon, file = (f["RssAnon"] - w) / MB, (f["RssFile"] - f["model_file"]) / MB
-            resident = eng == "llama" or r.get("store_bytes_per_token", 1) == 0
+            # a resident head on ORT reads a few rows per token from the store (< 1 MB)
+            resident = eng == "llama" or r.get("store_bytes_per_token", MB) < MB
             nw = f"{anon:.0f} + {file:.0f} = {anon + file:.0f}" if resident else "- (streamed)"
             out.append(f"| {'llama.cpp' if eng == 'llama' else eng} | {row['threads']} | "
                        f"{b['RssAnon'] / MB:.0f} / {b['RssFile'] / MB:.0f} | "
