@@ -26,6 +26,7 @@ from ..store.format import cluster_key
 from .dense import context_limit
 from .nbits import EXTRA as NBITS_EXTRA
 from .nbits import WORKSPACE as NBITS_WORKSPACE
+from .nbits import BUILD as NBITS_BUILD
 from .predictor import record_bytes
 from .slots import Float32Slots, Int4Slots
 
@@ -389,7 +390,9 @@ class _Placer:
         not be used. Every other budget turns them off: with a part streamed, the RAM they
         take is worth more as pinned weights. (The planner models kernels without `nbits`.)"""
         if getattr(self, "nbits", False) and resident:
-            return int(resident * NBITS_EXTRA) + NBITS_WORKSPACE
+            records = self.facts.records
+            layer = sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
+            return int(resident * NBITS_EXTRA) + NBITS_WORKSPACE + NBITS_BUILD * layer
         return 0
 
     def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:

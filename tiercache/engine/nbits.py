@@ -30,6 +30,12 @@ EXTRA = 0.5  # anonymous RAM beyond the stored bytes, per stored byte: measured 
              # shape (AVX2 packing for int8 compute keeps per-group sums beside the scales)
 WORKSPACE = 48 << 20  # and what runs leave in the heap: an eval of SmolLM2 (1257 tokens in
                       # 512-token chunks) peaked 31 MiB of anonymous memory past its budget
+# and, while a layer's FFN session is built, copies of its weights at once: the records as
+# read, the clusters as prepared, MatMulNBits' B, the joins, the ONNX initializers and ORT's
+# packing (~7x the layer's stored bytes): the 1B shape's load peaked 234 MiB of anonymous
+# memory above what it then kept, and was OOM-killed at a 1400 MiB cap where its budget (with
+# only EXTRA and WORKSPACE) came to 1393 MiB. Torch's kernels peak 73 MiB above it.
+BUILD = 7
 OPSET = [("", 17), ("com.microsoft", 1)]
 
 
