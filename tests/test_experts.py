@@ -142,3 +142,25 @@ def test_under_a_ram_budget_experts_take_the_room_pinned_clusters_took(stores):
     assert b.hot_slots == 0 and 0 < b.experts < everything.hot_slots * everything.slot_bytes
     assert b.total <= ram and b.streaming > 0
     assert b.lines()["experts"] == b.experts
+
+
+@pytest.mark.parametrize("command", [["chat", "--quiet"], ["eval", "--text", "README.md"]])
+def test_chat_and_eval_take_the_expert_flags(stores, command):
+    """The same --experts/--expert-cut as generate: a good policy runs, a bad one is refused
+    in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    store = str(stores("mixtral", "f32"))
+    readme = str(Path(__file__).parents[1] / "README.md")
+    args = [a if a != "README.md" else readme for a in command]
+    base = [sys.executable, "-m", "tiercache", args[0], store, *args[1:], "--threads", "1"]
+    if args[0] == "chat":
+        base += ["-n", "2", "hello"]
+    else:
+        base += ["--max-tokens", "40", "--chunk", "20"]
+    r = subprocess.run(base + ["--experts", "freq+lru", "--expert-cut", "0.05"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(base + ["--experts", "fifo"], capture_output=True, text=True)
+    assert r.returncode != 0 and "lru, freq+lru" in r.stderr and "Traceback" not in r.stderr

@@ -278,7 +278,8 @@ def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float 
              dtype: str | None = None, system: str | None = None, ram=None, engine: str = "tiered",
              context: int = 2048, kv: str = "f16", sparse: bool | None = None,
              backend: str = "auto", plan=None, prompt: list[str] | None = None, quiet: bool = False,
-             interactive: bool = False) -> None:
+             interactive: bool = False, experts: str | None = None,
+             expert_cut: float = 0.0) -> None:
     """The terminal chat, or one answer when a prompt is given (arguments, or piped stdin
     unless `interactive`)."""
     one_shot = " ".join(prompt or []) or (None if interactive or sys.stdin.isatty()
@@ -288,7 +289,8 @@ def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float 
     if not quiet:
         say(f"loading {model} ...")
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=context, kv=kv, sparse=sparse, backend=backend, plan=plan)
+                        context=context, kv=kv, sparse=sparse, backend=backend, plan=plan,
+                        experts=experts, expert_cut=expert_cut)
     chat = Chat(eng, tok, Settings(max_tokens, temp, top_p, top_k, seed), system)
     if one_shot is not None:
         chat.ask(one_shot.strip())

@@ -182,6 +182,7 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
          engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
          sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
+         experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
          system: Optional[str] = typer.Option(None, help="system prompt"),
          prompt: Optional[list[str]] = typer.Argument(None, help="answer this one message and "
                                                       "exit (also: a message piped to stdin)"),
@@ -195,7 +196,7 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
              context=context, kv=kv, sparse=sparse, backend=backend, plan=plan, prompt=prompt,
-             quiet=quiet, interactive=interactive)
+             quiet=quiet, interactive=interactive, experts=experts, expert_cut=expert_cut)
 
 
 @app.command()
@@ -211,14 +212,15 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
                                        "between requests (each reserves --context in --ram)"),
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
           engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
-          sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN):
+          sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
+          experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /stats, /metrics)."""
     _check_options(threads=threads, context=context)
     from .server import serve as _serve
     _serve(model, host=host, port=port, api_key=api_key, max_queue=max_queue, sessions=sessions,
            context=context, ram=ram, threads=threads, dtype=dtype, engine=engine, sparse=sparse,
-           backend=backend, plan=plan, kv=kv)
+           backend=backend, plan=plan, kv=kv, experts=experts, expert_cut=expert_cut)
 
 
 @app.command("eval")
@@ -229,13 +231,15 @@ def eval_(model: str = MODEL,
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
           engine: str = ENGINE, kv: str = KV, sparse: Optional[bool] = SPARSE,
           backend: str = BACKEND, plan: Optional[Path] = PLAN,
+          experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
           json_out: bool = typer.Option(False, "--json", help="print a JSON report")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
     from .profile import perplexity
     _check_options(max_tokens=max_tokens, chunk=chunk, threads=threads)
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
-                        context=chunk, kv=kv, sparse=sparse, backend=backend, plan=plan)
+                        context=chunk, kv=kv, sparse=sparse, backend=backend, plan=plan,
+                        experts=experts, expert_cut=expert_cut)
     ids = tok.encode(_read_text(text))[:max_tokens]
     if len(ids) < 2:
         raise TiercacheError(f"{text}: fewer than 2 tokens to score")
