@@ -143,12 +143,13 @@ class _Graph:
         cos, sin = (self.op("Unsqueeze", [n, axis]) for n in ("cos", "sin"))  # [T, 1, hd]
         return self.op("Add", [self.op("Mul", [t, cos]), self.op("Mul", [rot, sin])])
 
-    def matmul(self, a: str, w: dict, bias: torch.Tensor | None = None) -> str:
-        """a [T, K] @ W^T (+ the zero term) (+ bias) -> [T, N]."""
+    def matmul(self, a: str, w: dict, bias: torch.Tensor | None = None, bits: int = 4) -> str:
+        """a [T, K] @ W^T (+ the zero term) (+ bias) -> [T, N]; B holds `bits`-bit codes
+        around MatMulNBits' default zero point (8 for 4 bits, 128 for 8)."""
         n, k = w["shape"]
         y = self.op("MatMulNBits", [a, self.const(w["B"], "B"),
                                     self.const(w["scales"].reshape(-1), "scales")],
-                    domain="com.microsoft", K=k, N=n, bits=4, block_size=GROUP,
+                    domain="com.microsoft", K=k, N=n, bits=bits, block_size=GROUP,
                     accuracy_level=4)
         if w["zero"] is not None:
             groups = self.op("Reshape", [a, self.const(np.array([0, k // GROUP, GROUP]),
@@ -313,11 +314,10 @@ class NBitsHead(torch.nn.Module):
         q = raw[:n * k]
         q.bitwise_xor_(0x80)  # int8 q -> uint8 q + 128, MatMulNBits' 8-bit default zero point
         scale = raw[n * k:].view(torch.bfloat16).float()
+        w = {"B": q.view(n, k // GROUP, GROUP), "scales": scale[:, None].expand(n, k // GROUP),
+             "zero": None, "shape": (n, k)}
         g = _Graph()
-        y = g.op("MatMulNBits", ["x", g.const(q.view(n, k // GROUP, GROUP), "B"), g.const(
-            scale[:, None].expand(n, k // GROUP).reshape(-1), "scales")],
-                 domain="com.microsoft", K=k, N=n, bits=8, block_size=GROUP, accuracy_level=4)
-        self.sess = g.session(k, [(y, [n])])
+        self.sess = g.session(k, [(g.matmul("x", w, bits=8), [n])])
         self.shape, self.rows, self.bias = tuple(shape), rows, None
 
     def forward(self, x):
