@@ -1,6 +1,7 @@
 """The CPU kernels against float references, on this CPU: the int4 kernel's packed layout
 differs between CPUs (row blocks of 64 on AVX-512, 32 on AVX2), so the layout the engine uses
 is checked here, not assumed."""
+import os
 import pytest
 import torch
 
@@ -140,7 +141,10 @@ def test_nbits_head_matches_the_int8_head():
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
     raw = torch.frombuffer(bytearray(quant.encode(w, "q8r")), dtype=torch.uint8)
     ref_w = quant.decode(raw.clone(), (rows, cols), "q8r")
-    head = nbits.NBitsHead(raw.clone(), (rows, cols), lambda ids: ref_w[ids])
+    # in pieces that straddle the codes' end and the scales after them, as a store reads it
+    pieces = [(lo, raw[lo:lo + 1000].clone()) for lo in range(0, raw.numel(), 1000)]
+    scale = raw[rows * cols:].view(torch.bfloat16)
+    head = nbits.NBitsHead(iter(pieces), scale, (rows, cols), lambda ids: ref_w[ids])
     x = torch.randn(3, cols)
     _check(head(x), x @ ref_w.T, "NBitsHead", rel=0.03)
     top = kernels.ExactTop(head)(x)  # the top logits exact, from the rows
@@ -148,3 +152,21 @@ def test_nbits_head_matches_the_int8_head():
     assert torch.equal(top.argmax(-1), best)
     assert torch.allclose(top.gather(1, best[:, None]), (x @ ref_w.T).gather(1, best[:, None]),
                           atol=1e-4)
+
+
+def test_torch_threads_sleep_and_ort_sessions_share_one_pool():
+    """Importing tiercache before torch makes torch's OpenMP threads passive (unless the user
+    chose a policy), and only then do MatMulNBits sessions share one spinning ORT pool."""
+    import subprocess
+    import sys
+    code = ("import os, tiercache, torch; from tiercache.engine import nbits; "
+            "so = nbits.session_options(2) if nbits._ort() else None; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), tiercache.OMP_PASSIVE, "
+            "None if so is None else so.use_per_session_threads)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:2] == ["PASSIVE", "True"] and out[2] in ("False", "None")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["ACTIVE", "False"] and out[2] in ("True", "None")

@@ -81,6 +81,26 @@ def test_corrupt_record_is_detected(hf_models, tmp_path):
     assert_one_line_error(r, "corrupt", "checksum")
 
 
+def test_record_pieces_are_checked_at_the_end(hf_models, tmp_path):
+    """read_chunks (how a resident head is written into its ORT graph, a piece at a time)
+    gives the record's bytes in order and still refuses a damaged record after its last
+    piece."""
+    from tiercache.store.reader import RecordReader
+    out = convert(hf_models["llama"][1], tmp_path / "s", progress=False)
+    key = "f:0001:000:00002"
+    whole = bytes(Store(out).cluster_bytes(1, 0, 2))
+    reader = RecordReader(Store(out))
+    pieces = [(lo, bytes(p.numpy())) for lo, p in reader.read_chunks(key, chunk=100)]
+    assert [lo for lo, _ in pieces] == list(range(0, len(whole), 100))
+    assert b"".join(p for _, p in pieces) == whole
+    _corrupt_a_cluster(out)
+    reader = RecordReader(Store(out))
+    chunks = reader.read_chunks(key, chunk=100)
+    next(chunks)  # the first piece comes before the whole record is checked
+    with pytest.raises(StoreError, match=f"{key} is corrupt"):
+        list(chunks)
+
+
 def test_foreign_and_mismatched_stores(stores, tmp_path):
     import shutil
     a = tmp_path / "a"

@@ -115,8 +115,8 @@ STATS = ("cache_hit_rate", "store_bytes_per_token", "store_bytes_read", "regions
 
 
 def run_tiercache(a, ids):
+    from tiercache import api  # before torch, as the CLI: torch's OpenMP threads then sleep
     import torch
-    from tiercache import api
     before = rss()
     engine, tok = api.load(a.model, threads=a.threads, ram=a.ram,
                            context=len(ids) + max(a.decode, 1) + 8)

@@ -392,7 +392,8 @@ class _Placer:
         if getattr(self, "nbits", False) and resident:
             records = self.facts.records
             layer = sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
-            return int(resident * NBITS_EXTRA) + NBITS_WORKSPACE + NBITS_BUILD * layer
+            # the load's transient is gone before the first run leaves its heap behind
+            return int(resident * NBITS_EXTRA) + max(NBITS_WORKSPACE, NBITS_BUILD * layer)
         return 0
 
     def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:

@@ -31,11 +31,12 @@ EXTRA = 0.5  # anonymous RAM beyond the stored bytes, per stored byte: measured 
 WORKSPACE = 48 << 20  # and what runs leave in the heap: an eval of SmolLM2 (1257 tokens in
                       # 512-token chunks) peaked 31 MiB of anonymous memory past its budget
 # and, while a layer's FFN session is built, copies of its weights at once: the records as
-# read, the clusters as prepared, MatMulNBits' B, the joins, the ONNX initializers and ORT's
-# packing (~7x the layer's stored bytes): the 1B shape's load peaked 234 MiB of anonymous
-# memory above what it then kept, and was OOM-killed at a 1400 MiB cap where its budget (with
-# only EXTRA and WORKSPACE) came to 1393 MiB. Torch's kernels peak 73 MiB above it.
-BUILD = 7
+# read, gate|up as MatMulNBits' B (per cluster, then joined) and ORT's packing. Initializers go
+# to the graph's file as they are made (_Graph) and the head is written piece by piece from the
+# store: the 1B shape's load peaked 68 MiB of anonymous memory above what it then kept (2.5x
+# its 27 MiB layer), against 234 MiB when every copy lived until the session was built (it
+# was OOM-killed at a 1400 MiB cap).
+BUILD = 3
 OPSET = [("", 17), ("com.microsoft", 1)]
 
 
@@ -103,11 +104,18 @@ def join(weights: list[dict], dim: int = 0) -> dict:
 
 
 class _Graph:
-    """Builds one ONNX graph node by node (names are unique per graph)."""
+    """Builds one ONNX graph node by node (names are unique per graph). Initializers are
+    written to the graph's data file as they are made, so that the caller can drop each
+    weight's tensors before the next is built (a layer's FFN no longer exists ~7 times at
+    once while its session is built; see BUILD)."""
+
+    ALIGN = 4096  # ORT maps external data: initializers start on page boundaries
 
     def __init__(self):
         from onnx import helper
         self.h, self.nodes, self.inits, self.n = helper, [], [], 0
+        self.tmp = tempfile.TemporaryDirectory(prefix="tiercache-ort-")
+        self.data = open(os.path.join(self.tmp.name, "g.data"), "wb")
 
     def name(self, s: str) -> str:
         self.n += 1
@@ -115,9 +123,30 @@ class _Graph:
 
     def const(self, t: torch.Tensor | np.ndarray, s: str) -> str:
         from onnx import numpy_helper
+        arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+        if arr.nbytes >= 1024:  # to the data file now (see the class)
+            return self.const_pieces([torch.from_numpy(arr.reshape(-1).view(np.uint8))],
+                                     arr.shape, arr.dtype, s)
         name = self.name(s)
-        arr = t.numpy() if isinstance(t, torch.Tensor) else t
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def const_pieces(self, pieces, shape: tuple, dtype, s: str) -> str:
+        """An initializer written piece by piece (uint8 tensors, in order, `shape` in all):
+        a matrix that never exists whole in memory."""
+        from onnx import TensorProto
+        name, at = self.name(s), -(-self.data.tell() // self.ALIGN) * self.ALIGN
+        self.data.seek(at)
+        for piece in pieces:
+            self.data.write(memoryview(piece.numpy()).cast("B"))
+        length = self.data.tell() - at
+        if length != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{name}: {length} bytes written for {shape} {np.dtype(dtype)}")
+        p = TensorProto(name=name, dims=shape, data_location=TensorProto.EXTERNAL,
+                        data_type=self.h.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        for key, value in (("location", "g.data"), ("offset", at), ("length", length)):
+            p.external_data.add(key=key, value=str(value))
+        self.inits.append(p)
         return name
 
     def op(self, kind: str, inputs: list[str], domain: str = "", **attrs) -> str:
@@ -147,7 +176,9 @@ class _Graph:
         """a [T, K] @ W^T (+ the zero term) (+ bias) -> [T, N]; B holds `bits`-bit codes
         around MatMulNBits' default zero point (8 for 4 bits, 128 for 8)."""
         n, k = w["shape"]
-        y = self.op("MatMulNBits", [a, self.const(w["B"], "B"),
+        b = (self.const(w["B"], "B") if isinstance(w["B"], torch.Tensor) else  # or its pieces
+             self.const_pieces(w["B"], (n, k // GROUP, GROUP * bits // 8), np.uint8, "B"))
+        y = self.op("MatMulNBits", [a, b,
                                     self.const(w["scales"].reshape(-1), "scales")],
                     domain="com.microsoft", K=k, N=n, bits=bits, block_size=GROUP,
                     accuracy_level=4)
@@ -173,24 +204,59 @@ class _Graph:
             o, TensorProto.FLOAT, ["T", *dims]) for o, dims in outputs], self.inits)
         model = h.make_model(g, opset_imports=[h.make_opsetid(d, v) for d, v in OPSET])
         model.ir_version = 10  # ORT 1.31 rejects newer IR versions
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = max(1, torch.get_num_threads()), 1
+        so = session_options(torch.get_num_threads())
         so.enable_cpu_mem_arena = False  # its arena kept ~120 MB of scratch after one prefill
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # torch shares cores
         self.nodes = self.inits = None
         # Loaded from a file with external data, ORT maps the weights (a reclaimable file
         # mapping) instead of keeping a heap copy of them beside the packed ones: 1.2x the
         # stored bytes of anonymous memory on one matrix, against 2.4x from in-memory bytes.
         import onnx
-        with tempfile.TemporaryDirectory(prefix="tiercache-ort-") as tmp:
-            path = os.path.join(tmp, "g.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="g.data",
-                            all_tensors_to_one_file=True, size_threshold=1024)
-            del model
+        with self.tmp as tmp:
+            self.data.close()
             _clean(os.path.join(tmp, "g.data"))
+            path = os.path.join(tmp, "g.onnx")
+            onnx.save_model(model, path)
+            del model
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         trim_heap()  # each build frees ~1x its weights in small blocks: return them now,
         return sess  # not after the last layer (the 1B shape peaked 345 MB over its budget)
+
+
+def session_options(threads: int, spinning: bool = True):
+    """SessionOptions on the process's one ORT thread pool of `threads` threads (made by the
+    first call). An engine has one session per layer or block: with a pool each, their idle
+    threads contend for the cores (1B shape, 2 threads, decode: 13.5 tok/s with a pool per
+    session, not spinning; 0.8 spinning; 14.9 on one shared, spinning pool). The shared pool
+    spins, so it is used only where torch's OpenMP threads do not (tiercache.OMP_PASSIVE:
+    6.8 tok/s beside busy-waiting ones); a later call for another thread count, or torch's
+    threads spinning, get a pool per session that does not spin."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    from .. import OMP_PASSIVE
+    if spinning and OMP_PASSIVE and _global_pool(threads) == threads:
+        so.use_per_session_threads = False
+        return so
+    so.intra_op_num_threads, so.inter_op_num_threads = max(1, threads), 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def _global_pool(threads: int) -> int | None:
+    """The shared pool's size: made once, before the first session; None where this
+    onnxruntime cannot make one."""
+    if _POOL:
+        return _POOL[0]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+        state.set_global_thread_pool_sizes(max(1, threads), 1)
+    except (ImportError, AttributeError, RuntimeError):
+        _POOL.append(None)
+    else:
+        _POOL.append(max(1, threads))
+    return _POOL[0]
+
+
+_POOL: list = []
 
 
 def _clean(path: str) -> None:
@@ -230,17 +296,22 @@ class NBitsFFN:
 
     ACTS = ("silu", "relu")
 
-    def __init__(self, gate: dict, up: dict, down: dict, act: str, norm=None):
+    def __init__(self, gate_up, down, act: str, norm=None):
+        """gate_up: () -> gate and up joined along N (gate's rows first); down: () -> down.
+        Each is made when the graph needs it, and dropped once written (see _Graph)."""
         g = _Graph()
-        f = gate["shape"][0]
-        gu = g.matmul(g.rms_norm("x", norm) if norm is not None else "x", join([gate, up]))
+        gu = gate_up()
+        k, f = gu["shape"][1], gu["shape"][0] // 2
+        gu = g.matmul(g.rms_norm("x", norm) if norm is not None else "x", gu)
         a, b = g.name("a"), g.name("b")
         g.nodes.append(g.h.make_node("Split", [gu, g.const(np.array([f, f]), "split")], [a, b],
                                      axis=1))
         act_a = g.op("Mul", [a, g.op("Sigmoid", [a])]) if act == "silu" else g.op("Relu", [a])
-        y = g.matmul(g.op("Mul", [act_a, b]), down)
-        self.d = down["shape"][0]
-        self.sess = g.session(gate["shape"][1], [(y, [self.d])])
+        dw = down()
+        self.d = dw["shape"][0]
+        y = g.matmul(g.op("Mul", [act_a, b]), dw)
+        del dw
+        self.sess = g.session(k, [(y, [self.d])])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _run(self.sess, x)[0]
@@ -253,8 +324,9 @@ class NBitsBlock:
     def __init__(self, prepared: list, act: str, norm=None):
         """prepared: per cluster ((gate packed, sz), (up packed, sz), (down packed, sz));
         norm: the RMSNorm (weight, eps) before the FFN, computed here (see NBitsFFN)."""
-        gate, up, down = ([weight(*p) for p in part] for part in zip(*prepared))
-        self._ffn = NBitsFFN(join(gate), join(up), join(down, dim=1), act, norm)
+        self._ffn = NBitsFFN(
+            lambda: join([weight(*p[0]) for p in prepared] + [weight(*p[1]) for p in prepared]),
+            lambda: join([weight(*p[2]) for p in prepared], dim=1), act, norm)
 
     def ffn(self, x: torch.Tensor, act=None) -> torch.Tensor:
         return self._ffn(x)
@@ -307,15 +379,14 @@ class NBitsHead(torch.nn.Module):
     for ~1.4x the int8 bytes of prepacked memory. The rows themselves (the tied embedding's
     lookups, ExactTop's float32 recomputation) are read from the store, a few per token."""
 
-    def __init__(self, raw: torch.Tensor, shape, rows):
-        """raw: the q8r record (changed in place); rows: ids [n] -> float32 rows [n, K]."""
+    def __init__(self, chunks, scale: torch.Tensor, shape, rows):
+        """chunks: the q8r record's (offset, bytes) pieces in order (StoreReader.read_chunks:
+        written to the graph one at a time, never whole in memory); scale: its bf16 row scales;
+        rows: ids [n] -> float32 rows [n, K]."""
         super().__init__()
         n, k = shape
-        q = raw[:n * k]
-        q.bitwise_xor_(0x80)  # int8 q -> uint8 q + 128, MatMulNBits' 8-bit default zero point
-        scale = raw[n * k:].view(torch.bfloat16).float()
-        w = {"B": q.view(n, k // GROUP, GROUP), "scales": scale[:, None].expand(n, k // GROUP),
-             "zero": None, "shape": (n, k)}
+        w = {"B": _uint8_codes(chunks, n * k), "scales": scale.float()[:, None].expand(
+            n, k // GROUP), "zero": None, "shape": (n, k)}
         g = _Graph()
         self.sess = g.session(k, [(g.matmul("x", w, bits=8), [n])])
         self.shape, self.rows, self.bias = tuple(shape), rows, None
@@ -324,3 +395,14 @@ class NBitsHead(torch.nn.Module):
         shape = x.shape
         y = _run(self.sess, x.reshape(-1, shape[-1]))[0]
         return y.view(*shape[:-1], self.shape[0])
+
+
+def _uint8_codes(chunks, end: int):
+    """The int8 codes in bytes [0, end) of a record's pieces as uint8 codes + 128 (8-bit
+    MatMulNBits' default zero point), changed in the read buffer; the rest (the scales) is
+    read but not yielded, so that the record's checksum is still checked at its end."""
+    for lo, part in chunks:
+        if lo < end:
+            part = part[:end - lo]
+            part.bitwise_xor_(0x80)
+            yield part

@@ -123,7 +123,7 @@ class TieredEngine(Engine):
         if dt == "q8r" and self.nbits and name == self.head_name and self.bias(name) is None:
             scale = q8r_scales(self.reader, name, shape)
             key = tensor_key(name).decode()
-            return NBitsHead(self.reader.read_into(key), shape, lambda ids: q8r_rows(
+            return NBitsHead(self.reader.read_chunks(key), scale, shape, lambda ids: q8r_rows(
                 self.reader, key, scale, ids.tolist(), shape[1]))
         if dt == "q8r" and _HAVE_INT8:
             return Q8Linear.from_q8r(self.reader.read_into(tensor_key(name).decode()), shape,

@@ -156,16 +156,24 @@ class RecordReader:
     def read_into(self, key: str, chunk: int = 2 << 20) -> torch.Tensor:
         """A whole record as a new uint8 tensor, read in pieces of at most `chunk` bytes and
         checked against its crc32: a large pinned tensor loads without a second copy."""
+        out = torch.empty(self.store.records[key][0], dtype=torch.uint8)
+        for lo, part in self.read_chunks(key, chunk):
+            out[lo:lo + part.numel()] = part
+        return out
+
+    def read_chunks(self, key: str, chunk: int = 2 << 20):
+        """Yields (offset, bytes) pieces of a record in order, each a view of this thread's
+        read buffer (valid until the next piece), and checks the whole record's crc32 after
+        the last: a consumer that writes pieces elsewhere never holds the record at once."""
         n, crc = self.store.records[key]
-        out, got = torch.empty(n, dtype=torch.uint8), 0
+        got = 0
         for lo in range(0, n, chunk):
             part = self.read_range(key, lo, min(chunk, n - lo), private=True)
-            out[lo:lo + part.numel()] = part
             got = zlib.crc32(part.numpy(), got)
+            yield lo, part
         if got != crc:
             raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
         self.verified.add(key)
-        return out
 
     def read_range(self, key: str, lo: int, n: int, private: bool = False) -> torch.Tensor:
         """Bytes [lo, lo + n) of a record, as a view of a read buffer (valid until `RING` reads
