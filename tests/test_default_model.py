@@ -110,7 +110,8 @@ Q4_TIE = 0.05
 
 
 def _check_q4(engine, q4_reference, dense, prompts=PROMPTS):
-    tol = Q4_LOGIT_TOL[engine.stats()["pinned_kernel"]]
+    kernel = engine.stats()["pinned_kernel"]  # "ort-nbits for 12 of 30 layers": ORT's too
+    tol = Q4_LOGIT_TOL["torch" if kernel == "torch" else "ort-nbits"]
     for p in prompts:
         ids, want, ref = q4_reference[p]
         got = engine.logits(engine.new_session(), ids)[-1]
@@ -138,6 +139,31 @@ def test_q4_tiered_resident_matches_dense(q4_store, q4_reference, q4_dense, comp
     gc.collect()  # the other parametrization's engine may still hold the store open
     engine = load_tiered(Store(q4_store), TierConfig(context=256, compute=compute))
     assert engine.stats()["compute"] == "int4"
+    _check_q4(engine, q4_reference, q4_dense)
+
+
+def test_q4_tiered_part_on_matmulnbits_matches_dense(q4_store, q4_reference, q4_dense):
+    """A budget that holds every weight but only part of MatMulNBits' packing: the first
+    layers run on it, the rest (and the head) on torch's kernels, in one model."""
+    import gc
+    from tiercache.engine import nbits
+    if not nbits.available():
+        pytest.skip("onnxruntime's MatMulNBits is not installed or does not verify here")
+    from tiercache.engine.layout import FILE_RESERVE
+    from tiercache.memory import anon_bytes, return_large_frees, trim_heap
+    gc.collect()
+    full = load_tiered(Store(q4_store), TierConfig(context=256)).budget  # no runtime counted
+    per_byte = full.prepacked - nbits.WORKSPACE  # what grows with the weights (SmolLM2's load
+    # transient, 3 of its layers, is under the fixed workspace)
+    gc.collect()
+    return_large_frees()
+    trim_heap()
+    runtime = anon_bytes() + FILE_RESERVE  # as the engine counts this process before weights
+    engine = load_tiered(Store(q4_store), TierConfig(  # every weight, half the packing's extra
+        context=256, ram_bytes=full.total - per_byte // 2 + runtime))
+    b, layers = engine.budget, engine.args.num_hidden_layers
+    assert 0 < len(b.nbits_layers) < layers and not b.nbits_head and b.streaming == 0
+    assert engine.stats()["pinned_kernel"] == f"ort-nbits for {len(b.nbits_layers)} of {layers} layers"
     _check_q4(engine, q4_reference, q4_dense)
 
 

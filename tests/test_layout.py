@@ -134,3 +134,27 @@ def planner_matches_engine(path, compute: str) -> None:
     runtime = load_tiered(Store(path), TierConfig(ram_bytes=1 << 40, context=256, sparse=False,
                                                   compute=compute)).budget.runtime
     _compare(path, [runtime + int(weights * f) for f in (0.6, 0.8, 0.95, 1.2)] + [MB], compute)
+
+
+def test_matmulnbits_layers_grow_with_the_budget():
+    """With MatMulNBits, every weight resident and only part of its prepacked extra fitting,
+    the first layers go on it (attention and FFN), the head only after every layer; more RAM
+    never puts fewer there, and the budget (extra and load transient included) fits."""
+    m = v3_manifest()
+    nb = Kernels(int4=True, int8=True, nbits=True)
+    full = _place(m, kernels=nb).budget
+    assert full.nbits_layers == frozenset(range(8)) and full.nbits_head and full.prepacked > 0
+    plain = _place(m).budget  # the same weights on torch's kernels: no prepacked copies
+    assert plain.prepacked == 0 and not plain.nbits_layers
+    seen, counts = set(), []
+    for ram in range(plain.total, full.total + MB, max(1, (full.total - plain.total) // 400)):
+        lay = _place(m, ram=ram, kernels=nb)
+        b = lay.budget
+        assert b.total <= ram and b.streaming == 0 and b.hot_slots == plain.hot_slots
+        assert b.nbits_layers == frozenset(range(len(b.nbits_layers)))  # the first ones
+        assert not b.nbits_head or len(b.nbits_layers) == 8
+        assert lay.nbits == bool(b.nbits_layers) and (b.prepacked > 0) == lay.nbits
+        counts.append(len(b.nbits_layers) + b.nbits_head)
+        seen.add(len(b.nbits_layers))
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 9
+    assert len(seen) > 3  # layers are added one at a time, not all or none

@@ -190,7 +190,8 @@ class ClusterFFN:
         neurons = torch.cat([torch.arange(c * self.n, c * self.n + self.store.cluster_rows(c))
                              for c in clusters])
         prepared = [p for _, p in hot]
-        if self.layout.nbits and self.mode == "dense" and self.args.hidden_act in NBitsFFN.ACTS:
+        if (layer in self.layout.budget.nbits_layers and self.mode == "dense"
+                and self.args.hidden_act in NBitsFFN.ACTS):
             norm = self.norms.get(layer) if len(clusters) == self.n_clusters else None
             if norm is not None:  # the whole FFN: its norm runs in the same call
                 self.folded_norms.add(layer)

@@ -97,6 +97,8 @@ class Budget:
     attn_pinned: frozenset = frozenset()  # layers whose attention is pinned
     head_pinned: bool = True
     prepacked: int = 0  # what ORT's prepacked kernels hold beyond the stored bytes
+    nbits_layers: frozenset = frozenset()  # layers whose attention and FFN run on them
+    nbits_head: bool = False               # and whether the head does
     experts: int = 0    # MoE: whole streamed experts kept in the expert cache
 
     def lines(self) -> dict:
@@ -268,7 +270,7 @@ class _Placer:
         budget = self._plan_budget(self.caps.runtime)
         attn, head_ok = self._streamable()
         return Layout(budget=budget, mode=self.mode, int4=self.int4,
-                      nbits=self.nbits and budget.prepacked > 0, thresholds=self.thresholds,
+                      nbits=bool(budget.nbits_layers), thresholds=self.thresholds,
                       stream_attn=attn, head_streamable=head_ok,
                       head_slice_rows=self._head_slice_rows(),
                       units=tuple(self._units(budget, attn)),
@@ -347,17 +349,14 @@ class _Placer:
             hot, cold = (cfg.hot_bytes or 0) // slot, (cfg.cold_bytes or 0) // slot
         elif ram is None:
             return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
-                          prepacked=self._prepacked(sum(attn_bytes.values()) + total * slot
-                                                    + head))
+                          **self._nbits_split(None, attn_bytes, head, slot))
         else:
             room = ram - (runtime + fixed + gates + kv + slack)
             resident = sum(attn_bytes.values()) + total * slot
-            extra = self._prepacked(resident + head)  # the head too (NBitsHead)
-            if room >= head + resident + extra:
-                return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
-                              prepacked=extra)
             if room >= head + resident:
-                return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0)
+                return Budget(**base, **everything, streaming=0, hot_slots=total, cold_slots=0,
+                              **self._nbits_split(room - head - resident, attn_bytes, head,
+                                                  slot))
             if self.mode != "dense":  # gates or predictors pick clusters, a cold LRU holds misses
                 room -= head + sum(attn_bytes.values())
                 hot, cold = _split_slots(max(0, room // slot), total, self.n_clusters,
@@ -385,16 +384,35 @@ class _Placer:
             self._refuse(b, "regions as the plan gives them", b.total - ram)
         return b
 
-    def _prepacked(self, resident: int) -> int:
-        """ORT's prepacked copies of resident weights beyond their bytes; 0 when they would
-        not be used. Every other budget turns them off: with a part streamed, the RAM they
-        take is worth more as pinned weights. (The planner models kernels without `nbits`.)"""
-        if getattr(self, "nbits", False) and resident:
-            records = self.facts.records
-            layer = sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
-            # the load's transient is gone before the first run leaves its heap behind
-            return int(resident * NBITS_EXTRA) + max(NBITS_WORKSPACE, NBITS_BUILD * layer)
-        return 0
+    def _nbits_split(self, spare: int | None, attn_bytes: dict, head: int, slot: int) -> dict:
+        """With every weight resident and `spare` bytes beyond them (None: no limit): the
+        layers (in order) whose attention and FFN, and whether the head, go on MatMulNBits,
+        and the prepacked bytes that takes (Budget fields). A layer's ~0.5x of its bytes buys
+        ~2.5x torch's int4 rate on its ~6% of the token's time; the head (~1.5x its int8
+        kernel) comes after every layer. Every other budget leaves them off: with a part
+        streamed, the RAM they take is worth more as pinned weights. (The planner models
+        kernels without `nbits`.)"""
+        if not getattr(self, "nbits", False):
+            return {}
+        records, a = self.facts.records, self.args
+        layer = sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
+        fixed = max(NBITS_WORKSPACE, NBITS_BUILD * layer)  # the load's transient is gone
+        left = None if spare is None else spare - fixed     # before a run leaves its heap
+        per_layer = a.n_experts * self.n_clusters * slot
+        chosen, extra = [], fixed
+        for l in range(a.num_hidden_layers):
+            cost = int((attn_bytes.get(l, 0) + per_layer) * NBITS_EXTRA)
+            if left is not None and cost > left:
+                break
+            chosen.append(l)
+            extra += cost
+            left = None if left is None else left - cost
+        cost = int(head * NBITS_EXTRA)
+        on_head = len(chosen) == a.num_hidden_layers and (left is None or cost <= left)
+        if not chosen:
+            return {}
+        return dict(prepacked=extra + (cost if on_head else 0), nbits_layers=frozenset(chosen),
+                    nbits_head=on_head)
 
     def _dense_budget(self, base, room, attn_bytes, head, head_ok, total) -> Budget:
         stream = self._stream_bytes(self._unit_max(max(attn_bytes.values(), default=0), head_ok))

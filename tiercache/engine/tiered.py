@@ -115,12 +115,13 @@ class TieredEngine(Engine):
         if not (self.int4 and meta):
             return None
         shape, dt = meta["shape"], meta["dtype"]
-        if dt == "q4k" and self.nbits and ".self_attn." in name:
+        if dt == "q4k" and ".self_attn." in name and _layer_of(name) in self.budget.nbits_layers:
             return self._nbits_linear(name)
         if dt == "q4k":
             return QLinear.from_q4k(self.reader.read_into(tensor_key(name).decode()), shape,
                                     self.bias(name))
-        if dt == "q8r" and self.nbits and name == self.head_name and self.bias(name) is None:
+        if (dt == "q8r" and self.budget.nbits_head and name == self.head_name
+                and self.bias(name) is None):
             scale = q8r_scales(self.reader, name, shape)
             key = tensor_key(name).decode()
             return NBitsHead(self.reader.read_chunks(key), scale, shape, lambda ids: q8r_rows(
@@ -191,8 +192,8 @@ class TieredEngine(Engine):
         for l, layer in enumerate(model.model.layers):
             att = layer.self_attn
             unit = st.unit_of(l)
-            qkv = self._fused_qkv(l) if self.nbits else None
-            if qkv is not None:  # all resident: norm, q|k|v and RoPE as one ORT call
+            qkv = self._fused_qkv(l) if l in b.nbits_layers else None
+            if qkv is not None:  # resident: norm, q|k|v and RoPE as one ORT call
                 att.qkv_proj, att.q_proj, att.k_proj, att.v_proj = qkv, None, None, None
                 layer.input_layernorm = nn.Identity()
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -231,7 +232,7 @@ class TieredEngine(Engine):
             return {}
         eps = self.args.rms_norm_eps
         return {l: (layer.post_attention_layernorm.weight.detach(), eps)
-                for l, layer in enumerate(self.model.model.layers)}
+                for l, layer in enumerate(self.model.model.layers) if l in self.budget.nbits_layers}
 
     # -- engine API ---------------------------------------------------------------------------
     def prefill(self, session, ids: list[int]) -> torch.Tensor:
@@ -267,7 +268,19 @@ class TieredEngine(Engine):
                 "regions": self.budget.lines(),
                 "sparse": self.mode != "dense", "mode": self.mode,
                 "compute": "int4" if self.int4 else "f32",
-                "pinned_kernel": "ort-nbits" if self.nbits else "torch"}
+                "pinned_kernel": _pinned_kernel(self.budget, self.args.num_hidden_layers)}
+
+
+def _layer_of(name: str) -> int:
+    """model.layers.<i>.... -> i"""
+    return int(name.split(".")[2])
+
+
+def _pinned_kernel(b, layers: int) -> str:
+    n = len(b.nbits_layers)
+    if n == 0:
+        return "torch"
+    return "ort-nbits" if n == layers and b.nbits_head else f"ort-nbits for {n} of {layers} layers"
 
 
 def _trim_malloc() -> None:
