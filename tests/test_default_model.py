@@ -163,7 +163,8 @@ def test_q4_tiered_part_on_matmulnbits_matches_dense(q4_store, q4_reference, q4_
         context=256, ram_bytes=full.total - per_byte // 2 + runtime))
     b, layers = engine.budget, engine.args.num_hidden_layers
     assert 0 < len(b.nbits_layers) < layers and not b.nbits_head and b.streaming == 0
-    assert engine.stats()["pinned_kernel"] == f"ort-nbits for {len(b.nbits_layers)} of {layers} layers"
+    n = len(b.nbits_layers)
+    assert engine.stats()["pinned_kernel"] == f"ort-nbits for {n} of {layers} layers"
     _check_q4(engine, q4_reference, q4_dense)
 
 

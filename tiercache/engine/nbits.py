@@ -5,8 +5,10 @@ initializers (fed at run time, the same kernel took 136 ms): so only what stays 
 run (pinned attention, whole pinned FFN layers) comes here; cached and streamed clusters keep
 torch's kernel, which computes on the bytes as read.
 
-Prepacked weights take ~1.45x their stored bytes (plus clean, reclaimable pages of a deleted
-file): the engine uses this kernel only when everything fits with that (`EXTRA`), else torch's.
+Prepacked weights take ~1.4x their stored bytes (plus clean, reclaimable pages of a deleted
+file; accuracy levels 1 and 2 keep 1.0x but ran 4x slower): where every weight is resident, as
+many layers as the budget's room for that (`EXTRA`) allows run here, the rest on torch's
+(layout.py, `_nbits_split`).
 
 A q4k record (x = (q - 8) * scale + zero, per group of 32) maps onto MatMulNBits' default
 zero point 8 exactly; a nonzero `zero` (Q4_1-style stores) adds sum_b zero[n, b] * A_b, with
@@ -222,7 +224,7 @@ class _Graph:
         return sess  # not after the last layer (the 1B shape peaked 345 MB over its budget)
 
 
-def session_options(threads: int, spinning: bool = True):
+def session_options(threads: int):
     """SessionOptions on the process's one ORT thread pool of `threads` threads (made by the
     first call). An engine has one session per layer or block: with a pool each, their idle
     threads contend for the cores (1B shape, 2 threads, decode: 13.5 tok/s with a pool per
@@ -233,7 +235,7 @@ def session_options(threads: int, spinning: bool = True):
     ort = _ort()
     so = ort.SessionOptions()
     from .. import OMP_PASSIVE
-    if spinning and OMP_PASSIVE and _global_pool(threads) == threads:
+    if OMP_PASSIVE and _global_pool(threads) == threads:
         so.use_per_session_threads = False
         return so
     so.intra_op_num_threads, so.inter_op_num_threads = max(1, threads), 1
@@ -300,17 +302,18 @@ class NBitsFFN:
         """gate_up: () -> gate and up joined along N (gate's rows first); down: () -> down.
         Each is made when the graph needs it, and dropped once written (see _Graph)."""
         g = _Graph()
-        gu = gate_up()
-        k, f = gu["shape"][1], gu["shape"][0] // 2
-        gu = g.matmul(g.rms_norm("x", norm) if norm is not None else "x", gu)
+        w = gate_up()
+        k, f = w["shape"][1], w["shape"][0] // 2
+        gu = g.matmul(g.rms_norm("x", norm) if norm is not None else "x", w)
+        del w
         a, b = g.name("a"), g.name("b")
         g.nodes.append(g.h.make_node("Split", [gu, g.const(np.array([f, f]), "split")], [a, b],
                                      axis=1))
         act_a = g.op("Mul", [a, g.op("Sigmoid", [a])]) if act == "silu" else g.op("Relu", [a])
-        dw = down()
-        self.d = dw["shape"][0]
-        y = g.matmul(g.op("Mul", [act_a, b]), dw)
-        del dw
+        w = down()
+        self.d = w["shape"][0]
+        y = g.matmul(g.op("Mul", [act_a, b]), w)
+        del w
         self.sess = g.session(k, [(y, [self.d])])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -380,7 +383,7 @@ class NBitsHead(torch.nn.Module):
     lookups, ExactTop's float32 recomputation) are read from the store, a few per token."""
 
     def __init__(self, chunks, scale: torch.Tensor, shape, rows):
-        """chunks: the q8r record's (offset, bytes) pieces in order (StoreReader.read_chunks:
+        """chunks: the q8r record's (offset, bytes) pieces in order (RecordReader.read_chunks:
         written to the graph one at a time, never whole in memory); scale: its bf16 row scales;
         rows: ids [n] -> float32 rows [n, K]."""
         super().__init__()

@@ -232,7 +232,8 @@ class TieredEngine(Engine):
             return {}
         eps = self.args.rms_norm_eps
         return {l: (layer.post_attention_layernorm.weight.detach(), eps)
-                for l, layer in enumerate(self.model.model.layers) if l in self.budget.nbits_layers}
+                for l, layer in enumerate(self.model.model.layers)
+                if l in self.budget.nbits_layers}
 
     # -- engine API ---------------------------------------------------------------------------
     def prefill(self, session, ids: list[int]) -> torch.Tensor:
