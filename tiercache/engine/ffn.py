@@ -23,7 +23,7 @@ from ..store import quant
 from ..store.format import cluster_key, predictor_key, threshold_key
 from . import experts as moe_experts
 from .layout import Layout
-from .nbits import NBitsBlock, NBitsFFN
+from .nbits import NBitsBlock, NBitsFFN, NBitsTail, join, weight
 from .predictor import Predictor
 from .slots import Block, Float32Slots
 
@@ -75,6 +75,22 @@ class TieredMoE(MoE):
         return out.view(shape)
 
 
+class TieredTail(nn.Module):
+    """A layer after attention's heads in one fused kernel (nbits.NBitsTail: o_proj, residual,
+    norm, FFN or MoE, residual); the source counts its uses (`tail_used`)."""
+
+    def __init__(self, source, layer: int, kernel: NBitsTail):
+        super().__init__()
+        self.source, self.layer, self.kernel = source, layer, kernel
+
+    def forward(self, a, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = self.kernel(a.reshape(x.shape[0], -1), x)
+        self.source.tail_used(self.layer, out[1] if len(out) > 1 else None, x)
+        return out[0].view(shape)
+
+
 def record_parts(cluster_parts, buf, c: int):
     """A record (bytes or a uint8 tensor) -> [(shape, slice)] of gate, up and down."""
     mv = buf if isinstance(buf, torch.Tensor) else memoryview(buf)
@@ -124,11 +140,15 @@ class ClusterFFN:
         self.reset_stats()
 
     # -- loading --------------------------------------------------------------------------
-    def load(self, norms: dict[int, tuple] | None = None) -> None:
+    def load(self, norms: dict[int, tuple] | None = None,
+             tails: dict[int, dict] | None = None) -> None:
         """The cold pool, then predictors, per-neuron thresholds, gates and the hot clusters,
         read once. norms: layer -> the RMSNorm before its FFN, which a whole FFN on ORT
-        computes in its own call (those layers end up in `folded_norms`)."""
+        computes in its own call (those layers end up in `folded_norms`). tails: layer -> the
+        rest of its NBitsTail (o_proj, norm, router, bias), for whole layers resident on
+        MatMulNBits: their FFN is built into it (`self.tails`, as TieredTail computes it)."""
         self.norms, self.folded_norms = norms or {}, set()
+        self.tail_parts, self.tails = tails or {}, {}
         b = self.layout.budget
         self.pool = self.slots_cls(b.cold_slots, self.n, self.d, self.store.ffn_dtype,
                                    self.layout.row_parts)
@@ -170,6 +190,9 @@ class ClusterFFN:
             self.cache.pin(key)
         a = self.args
         for l in range(a.num_hidden_layers):
+            if l in self.tail_parts:
+                self._load_tail(l)
+                continue
             for e in range(a.n_experts):
                 keys = [(l, e, c) for c in range(self.n_clusters)]
                 if not self.pinned_gate:
@@ -184,6 +207,42 @@ class ClusterFFN:
                     self.gates[(l, e)] = self.slots_cls.gate(rows, self.store.ffn_dtype)
                 if hot:
                     self.hot[(l, e)] = self._hot_block(l, hot)
+
+    def _load_tail(self, layer: int) -> None:
+        """A whole layer's FFN (every expert) into its NBitsTail, one expert read at a time;
+        its hot entries (every cluster) name the tail, which computes them."""
+        a, parts, every = self.args, self.tail_parts[layer], set(range(self.n_clusters))
+        if self.mode != "dense" or any((layer, e, c) not in self.cache.hot
+                                       for e in range(a.n_experts) for c in every):
+            raise ValueError(f"layer {layer}: a tail needs every cluster hot, computed dense")
+
+        def expert(e: int):
+            keys = [cluster_key(layer, e, c).decode() for c in range(self.n_clusters)]
+            held = []
+
+            def prepared():
+                if not held:
+                    held.append([self.pool.prepare(self._slot_parts(self._parts(buf, c)))
+                                 for c, buf in enumerate(self.reader.read_many(keys))])
+                return held[0]
+
+            def gate_up():
+                p = prepared()
+                return join([weight(*q[0]) for q in p] + [weight(*q[1]) for q in p])
+
+            def down():
+                w = join([weight(*q[2]) for q in prepared()], dim=1)
+                held.clear()
+                return w
+            return gate_up, down
+
+        router = parts.get("router")
+        tail = NBitsTail(parts["o_proj"], parts["norm"], [expert(e) for e in range(a.n_experts)],
+                         a.hidden_act, router, a.num_experts_per_tok if router is not None else 0,
+                         parts.get("bias"))
+        self.tails[layer] = tail
+        for e in range(a.n_experts):
+            self.hot[(layer, e)] = (tail, every, None)
 
     def _hot_block(self, layer: int, hot: list) -> tuple:
         clusters = [c for c, _ in hot]
@@ -244,6 +303,20 @@ class ClusterFFN:
                 h = self._mask(self.act(self.pool.rows(x, idx, 0)), t) * self.pool.rows(x, idx, 1)
             y = y + self.pool.down(h, idx)
         return y
+
+    def tail_used(self, layer: int, ids: torch.Tensor | None, x: torch.Tensor) -> None:
+        """A layer's TieredTail ran on x [T, d] (an MoE's routed ids [T, k]): its clusters
+        are hot hits, and routed experts are counted as `routed` counts them."""
+        if ids is None:
+            self.cache.stats.hot_hits += self.n_clusters
+            return
+        if ids.shape[0] == 1:  # decode: top-k ids are distinct
+            experts, tokens = ids[0].tolist(), None
+        else:
+            experts = ids.unique().tolist()
+            tokens = torch.bincount(ids.flatten(), minlength=self.args.n_experts).tolist()
+        self.routed(layer, experts, x, None, tokens)
+        self.cache.stats.hot_hits += self.n_clusters * len(experts)
 
     @staticmethod
     def _mask(a: torch.Tensor, t) -> torch.Tensor:

@@ -125,7 +125,7 @@ class _Graph:
 
     def const(self, t: torch.Tensor | np.ndarray, s: str) -> str:
         from onnx import numpy_helper
-        arr = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+        arr = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t, order="C")  # 0-d stays
         if arr.nbytes >= 1024:  # to the data file now (see the class)
             return self.const_pieces([torch.from_numpy(arr.reshape(-1).view(np.uint8))],
                                      arr.shape, arr.dtype, s)
@@ -195,15 +195,41 @@ class _Graph:
             y = self.op("Add", [y, self.const(bias.float(), "bias")])
         return y
 
-    def session(self, k: int, outputs: list[tuple[str, list]], rope: int = 0):
-        """Inputs x [T, k] (and cos, sin [T, rope] when rope); outputs (name, dims after T)."""
+    def ffn(self, x: str, gate_up, down, act: str) -> str:
+        """act(x @ gate^T) * (x @ up^T) @ down^T; gate_up and down: thunks of the weights
+        (gate's rows first), each made when the graph needs it and dropped once written."""
+        w = gate_up()
+        f = w["shape"][0] // 2
+        gu = self.matmul(x, w)
+        del w
+        a, b = self.name("a"), self.name("b")
+        self.nodes.append(self.h.make_node("Split", [gu, self.const(np.array([f, f]), "split")],
+                                           [a, b], axis=1))
+        act_a = (self.op("Mul", [a, self.op("Sigmoid", [a])]) if act == "silu"
+                 else self.op("Relu", [a]))
+        w = down()
+        return self.matmul(self.op("Mul", [act_a, b]), w)
+
+    def branch(self, build) -> object:
+        """A subgraph (an If's branch): the nodes `build()` adds, with its returned name as
+        the output. Initializers stay in the outer graph (ORT prepacks them there too)."""
+        outer, self.nodes = self.nodes, []
+        out = build()
+        body, self.nodes = self.nodes, outer
+        return self.h.make_graph(body, self.name("branch"), [],
+                                 [self.h.make_tensor_value_info(out, 1, None)])
+
+    def session(self, k: int, outputs: list[tuple], rope: int = 0, inputs=None):
+        """Inputs x [T, k] (and cos, sin [T, rope] when rope), or `inputs` (name, dims after
+        T); outputs (name, dims after T[, ONNX element type: float by default])."""
         from onnx import TensorProto
         h, ort = self.h, _ort()
-        inputs = [h.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])]
-        inputs += [h.make_tensor_value_info(n, TensorProto.FLOAT, ["T", rope])
-                   for n in ("cos", "sin") if rope]
+        inputs = inputs or [("x", [k])] + [(n, [rope]) for n in ("cos", "sin") if rope]
+        inputs = [h.make_tensor_value_info(n, TensorProto.FLOAT, ["T", *dims])
+                  for n, dims in inputs]
         g = h.make_graph(self.nodes, "tiercache", inputs, [h.make_tensor_value_info(
-            o, TensorProto.FLOAT, ["T", *dims]) for o, dims in outputs], self.inits)
+            o[0], o[2] if len(o) > 2 else TensorProto.FLOAT, ["T", *o[1]]) for o in outputs],
+            self.inits)
         model = h.make_model(g, opset_imports=[h.make_opsetid(d, v) for d, v in OPSET])
         model.ir_version = 10  # ORT 1.31 rejects newer IR versions
         so = session_options(torch.get_num_threads())
@@ -301,23 +327,23 @@ class NBitsFFN:
     def __init__(self, gate_up, down, act: str, norm=None):
         """gate_up: () -> gate and up joined along N (gate's rows first); down: () -> down.
         Each is made when the graph needs it, and dropped once written (see _Graph)."""
-        g = _Graph()
-        w = gate_up()
-        k, f = w["shape"][1], w["shape"][0] // 2
-        gu = g.matmul(g.rms_norm("x", norm) if norm is not None else "x", w)
-        del w
-        a, b = g.name("a"), g.name("b")
-        g.nodes.append(g.h.make_node("Split", [gu, g.const(np.array([f, f]), "split")], [a, b],
-                                     axis=1))
-        act_a = g.op("Mul", [a, g.op("Sigmoid", [a])]) if act == "silu" else g.op("Relu", [a])
-        w = down()
-        self.d = w["shape"][0]
-        y = g.matmul(g.op("Mul", [act_a, b]), w)
-        del w
+        g, shapes = _Graph(), []
+        y = g.ffn(g.rms_norm("x", norm) if norm is not None else "x",
+                  _noting(gate_up, shapes), _noting(down, shapes), act)
+        (_, k), (self.d, _) = shapes
         self.sess = g.session(k, [(y, [self.d])])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _run(self.sess, x)[0]
+
+
+def _noting(thunk, shapes: list):
+    """The thunk, noting the shape of the weight it makes."""
+    def made():
+        w = thunk()
+        shapes.append(w["shape"])
+        return w
+    return made
 
 
 class NBitsBlock:
@@ -333,6 +359,77 @@ class NBitsBlock:
 
     def ffn(self, x: torch.Tensor, act=None) -> torch.Tensor:
         return self._ffn(x)
+
+
+class NBitsTail:
+    """A layer's work after attention in one ORT call: h = x + a @ o_proj^T, then
+    h + FFN(RMSNorm(h)). Run after attention, the o_proj, the two residual adds, the norm and
+    the FFN (or the MoE's router and its experts) would otherwise be ~4 ORT calls and ~15 torch
+    ops per layer, ~1.4 ms per layer of Python and dispatch on the synthetic Mixtral at decode
+    (22 of its 56 ms per token, 1 thread).
+
+    The FFN is a dense MLP or Mixtral's MoE: router, softmax, top-k, weights renormalized over
+    the k (models.llama.MoE), then each expert that some row routes to runs on its rows only,
+    inside an If, and adds into the output (ScatterND): unrouted experts cost nothing, and a
+    prompt's rows are gathered per expert as llama.MoE does. The experts' weights are the
+    outer graph's initializers, prepacked once like any other (a subgraph's MatMulNBits ran at
+    the top-level one's speed). Outputs: the layer's output [T, d]; for an MoE also the
+    routed ids [T, k], for the engine's counters."""
+
+    def __init__(self, o_proj, norm, experts: list, act: str, router=None, top_k: int = 0,
+                 bias=None):
+        """o_proj: () -> its weight (see `weight`); norm: the post-attention RMSNorm (weight,
+        eps); experts: (gate_up, down) thunks per expert (as NBitsFFN's), one for a dense MLP;
+        router: Mixtral's gate weight [E, d], picking top_k."""
+        from onnx import TensorProto
+        g = _Graph()
+        w = o_proj()
+        d, width = w["shape"]
+        h = g.op("Add", ["x", g.matmul("a", w, bias)])
+        del w
+        n = g.rms_norm(h, norm)
+        if router is None:
+            (gate_up, down), = experts
+            outs = [(g.op("Add", [h, g.ffn(n, gate_up, down, act)]), [d])]
+        else:
+            out, ids = self._moe(g, h, n, experts, act, router, top_k)
+            outs = [(out, [d]), (ids, [top_k], TensorProto.INT64)]
+        self.sess = g.session(0, outs, inputs=[("a", [width]), ("x", [d])])
+
+    @staticmethod
+    def _moe(g: _Graph, h: str, n: str, experts: list, act: str, router, k: int):
+        probs = g.op("Softmax", [g.op("MatMul", [n, g.const(router.float().T.contiguous(),
+                                                            "router")])], axis=-1)
+        top, ids = g.name("top"), g.name("ids")
+        g.nodes.append(g.h.make_node("TopK", [probs, g.const(np.array([k]), "k")], [top, ids],
+                                     axis=-1))
+        last, n_exp = g.const(np.array([-1]), "axes"), len(experts)
+        w = g.op("Div", [top, g.op("ReduceSum", [top, last], keepdims=1)])       # [T, k]
+        # each expert's weight per row [T, E] (0 where it is not routed), and which run [E]
+        hit = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [ids, last]), g.const(
+            np.arange(n_exp), "experts")])], to=1)                              # [T, k, E]
+        per_row = g.op("ReduceSum", [g.op("Mul", [hit, g.op("Unsqueeze", [w, last])]),
+                                     g.const(np.array([1]), "axes")], keepdims=0)
+        used = g.op("Greater", [g.op("ReduceMax", [per_row], axes=[0], keepdims=0),
+                                g.const(np.array(0, np.float32), "zero")])      # [E]
+        out = h
+        for e, (gate_up, down) in enumerate(experts):
+            def routed(acc=out, e=e, gate_up=gate_up, down=down):
+                col = g.op("Gather", [per_row, g.const(np.array(e), "e")], axis=1)  # [T]
+                rows = g.op("Reshape", [g.op("NonZero", [col]), last])            # [R]
+                y = g.ffn(g.op("Gather", [n, rows], axis=0), gate_up, down, act)
+                weight = g.op("Unsqueeze", [g.op("Gather", [col, rows], axis=0), last])
+                return g.op("ScatterND", [acc, g.op("Unsqueeze", [rows, last]),
+                                          g.op("Mul", [y, weight])], reduction="add")
+
+            cond = g.op("Gather", [used, g.const(np.array(e), "e")], axis=0)
+            out = g.op("If", [cond], then_branch=g.branch(routed),
+                       else_branch=g.branch(lambda acc=out: g.op("Identity", [acc])))
+        return out, ids
+
+    def __call__(self, a: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+        """a: attention's heads [T, H*hd]; x: the layer's input [T, d] -> [out (, ids)]."""
+        return _run(self.sess, x, a=a)
 
 
 class NBitsLinear(torch.nn.Module):

@@ -35,12 +35,12 @@ from ..store.reader import RecordReader
 from .dense import Engine, context_limit
 from ..models.kv import kv_dtype
 from . import experts as moe_experts
-from .ffn import ClusterFFN, Joiner, TieredMLP, TieredMoE
+from .ffn import ClusterFFN, Joiner, TieredMLP, TieredMoE, TieredTail
 from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok
 from .layout import (FILE_RESERVE, MB, PREFILL_CHUNK, SLACK, SPARSE_WORTH,  # noqa: F401
                      Budget, Capacities, Kernels, StoreFacts, TierConfig, place, slack_bytes,
                      spread_layers)
-from .nbits import NBitsHead, NBitsLinear, NBitsQKV
+from .nbits import NBitsFFN, NBitsHead, NBitsLinear, NBitsQKV, q4k_weight
 from .stream import (StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, q8r_rows,
                      q8r_scales)
 
@@ -76,10 +76,13 @@ class TieredEngine(Engine):
                                  bias=self.bias, join=join)
         self.clusters = ClusterFFN(lay, store, self.reader, self.streamer, join, cfg.prefetch,
                                    expert_policy=cfg.experts, expert_cut=cfg.expert_cut)
+        self.tail_layers = self._tail_layers()
         self.model = self._build_model()
-        self.clusters.load(self._ffn_norms())
+        self.clusters.load(self._ffn_norms(), self._tail_parts())
         for l in self.clusters.folded_norms:  # computed inside the FFN's ORT call
             self.model.model.layers[l].post_attention_layernorm = nn.Identity()
+        for l, kernel in self.clusters.tails.items():  # o_proj to the layer's end: one call
+            self.model.model.layers[l].tail = TieredTail(self.clusters, l, kernel)
         self.phases = self._bind(backends)  # decode stays on the tiered FFN's own path
         trim_heap()  # what loading (and ORT's session builds) freed goes back to the OS
         self.reset_stats()  # count what decoding reads, not the load
@@ -183,8 +186,10 @@ class TieredEngine(Engine):
                 model.lm_head = ExactTop(head)
         if not a.tie_word_embeddings:
             emb = self.tensors["model.embed_tokens.weight"]
-            if emb["dtype"] in ("q8r", "q4k"):  # no float copy of it
-                model.model.embed_tokens = QEmbedding(self._q4_linear("model.embed_tokens.weight"))
+            table = (self._q4_linear("model.embed_tokens.weight")
+                     if emb["dtype"] in ("q8r", "q4k") else None)
+            if table is not None:  # no float copy of it (else: one, read from the store)
+                model.model.embed_tokens = QEmbedding(table)
             if b.head_pinned:
                 q = self._q4_linear("lm_head.weight")
                 if q is not None:
@@ -196,6 +201,8 @@ class TieredEngine(Engine):
             if qkv is not None:  # resident: norm, q|k|v and RoPE as one ORT call
                 att.qkv_proj, att.q_proj, att.k_proj, att.v_proj = qkv, None, None, None
                 layer.input_layernorm = nn.Identity()
+            if l in self.tail_layers:  # computed by the layer's tail (see _tail_parts)
+                att.o_proj = None
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if getattr(att, p) is None:
                     continue
@@ -233,7 +240,31 @@ class TieredEngine(Engine):
         eps = self.args.rms_norm_eps
         return {l: (layer.post_attention_layernorm.weight.detach(), eps)
                 for l, layer in enumerate(self.model.model.layers)
-                if l in self.budget.nbits_layers}
+                if l in self.budget.nbits_layers and l not in self.tail_layers}
+
+    def _tail_layers(self) -> frozenset:
+        """Layers on MatMulNBits whose o_proj is q4k, computed dense with an activation ORT
+        has: from o_proj to the layer's end in one NBitsTail."""
+        a = self.args
+        if self.mode != "dense" or a.hidden_act not in NBitsFFN.ACTS:
+            return frozenset()
+        return frozenset(l for l in self.budget.nbits_layers if self.tensors[
+            f"model.layers.{l}.self_attn.o_proj.weight"]["dtype"] == "q4k")
+
+    def _tail_parts(self) -> dict[int, dict]:
+        """layer -> what its NBitsTail takes besides the FFN (ClusterFFN.load builds it)."""
+        out = {}
+        for l in sorted(self.tail_layers):
+            layer, name = self.model.model.layers[l], f"model.layers.{l}.self_attn.o_proj.weight"
+            key, shape = tensor_key(name).decode(), self.tensors[name]["shape"]
+            out[l] = {"o_proj": lambda key=key, shape=shape: q4k_weight(
+                          self.reader.read_into(key), shape),
+                      "norm": (layer.post_attention_layernorm.weight.detach(),
+                               self.args.rms_norm_eps),
+                      "bias": self.bias(name)}
+            if self.args.is_moe:
+                out[l]["router"] = layer.block_sparse_moe.gate.weight.detach()
+        return out
 
     # -- engine API ---------------------------------------------------------------------------
     def prefill(self, session, ids: list[int]) -> torch.Tensor:

@@ -95,7 +95,8 @@ class Attention(nn.Module):
         k, v = cache.update_and_fetch(k, v)  # [B, Hkv, offset+T, D]
         mask = causal_mask(T, offset, x.device) if T > 1 else None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        return o if self.o_proj is None else self.o_proj(o)  # None: the layer's `tail` has it
 
 
 def causal_mask(t: int, offset: int, device) -> torch.Tensor:
@@ -153,12 +154,18 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # an engine's fused kernel for the rest of the layer after attention's heads: o_proj,
+        # the residual, the post-attention norm, the FFN (or MoE) and its residual:
+        # (heads [B, T, H*hd], x [B, T, d]) -> the layer's output (self_attn.o_proj is None)
+        self.tail = None
 
     @property
     def ffn(self) -> nn.Module:
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x, cos, sin, cache):
+        if self.tail is not None:
+            return self.tail(self.self_attn(self.input_layernorm(x), cos, sin, cache), x)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return h + self.ffn(self.post_attention_layernorm(h))
 
