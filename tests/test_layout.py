@@ -24,9 +24,9 @@ def sparse_manifest() -> dict:
     return {**m, "profile": {"tokens": 100, "ffn": ffn}}
 
 
-def _place(m, ram=None, runtime=50 * MB, kernels=INT4, **cfg):
+def _place(m, ram=None, runtime=50 * MB, kernels=INT4, vram=0, **cfg):
     return place(StoreFacts.from_manifest(m), TierConfig(context=256, **cfg),
-                 Capacities(runtime=runtime, ram=ram), kernels)
+                 Capacities(runtime=runtime, ram=ram, vram=vram), kernels)
 
 
 def _pinned(b) -> int:

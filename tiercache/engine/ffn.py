@@ -190,6 +190,8 @@ class ClusterFFN:
             self.cache.pin(key)
         a = self.args
         for l in range(a.num_hidden_layers):
+            if l in self.layout.budget.vram_layers:  # the engine reads those into VRAM
+                continue
             if l in self.tail_parts:
                 self._load_tail(l)
                 continue

@@ -3,18 +3,24 @@
   place(facts, cfg, caps, kernels) -> Layout
 
 `facts` is what the manifest says (no store opened), `cfg` the settings, `caps` the machine's
-room (RAM, the process's runtime, VRAM: 0 until there is a VRAM tier) and `kernels` which
+room (RAM, the process's runtime, VRAM) and `kernels` which
 kernels this machine runs (the engine asks the CPU; the planner passes what it models). The
 Layout says which attention layers and whether the head are pinned, how many FFN clusters are
 pinned (hot) and cached (cold), what streams in which units, the sparsity mode and whether
 MatMulNBits holds the resident weights, with the RAM regions' bytes. A budget too small raises
 BudgetError with the numbers. The tiered engine runs it before loading; the planner calls the
 same function to predict what the engine will do.
+
+VRAM (a GPU's memory, `caps.vram`) is the first tier: the head, then whole layers in order
+(attention, FFN or every expert, and their KV cache) go there, as float16, and are computed on
+the GPU; the rest is placed in RAM and on flash as without one, and computed on the CPU next to
+its weights (a layer split, as llama.cpp's --n-gpu-layers, choosing by bytes). The RAM budget
+still counts what a VRAM layer would take in RAM: with a VRAM tier it is an upper bound.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Callable
 
@@ -45,6 +51,8 @@ FILE_RESERVE = 24 * MB
 # pin gates and skip clusters only when at most this share of clusters is active per token
 SPARSE_WORTH = 0.8
 HEAD_SLICE = 2 << 20  # bytes of head rows per streamed unit: about one layer's streamed weights
+# VRAM kept free of weights: activations, the logits, CUDA's own workspace (cuBLAS)
+VRAM_SLACK = 64 * MB
 
 Key = tuple[int, int, int]  # (layer, expert, cluster)
 
@@ -74,6 +82,8 @@ class TierConfig:
                                    # (engine/experts.py: choose_policy, measured)
     expert_cache_bytes: int | None = None  # with region sizes: whole experts cached
     expert_cut: float = 0.0        # MoE read-ahead: only experts the next router gives >= this
+    vram_bytes: int | None = None  # a GPU's memory for weights (the VRAM tier); None: none
+    vram_device: str = "cuda"      # where the VRAM tier computes (tests stand in "cpu")
 
     @property
     def read_ahead(self) -> int:
@@ -100,6 +110,8 @@ class Budget:
     nbits_layers: frozenset = frozenset()  # layers whose attention and FFN run on them
     nbits_head: bool = False               # and whether the head does
     experts: int = 0    # MoE: whole streamed experts kept in the expert cache
+    vram_layers: frozenset = frozenset()   # layers in VRAM, computed on the GPU (not RAM
+    vram_head: bool = False                # regions), and whether the head is
 
     def lines(self) -> dict:
         return {"runtime": self.runtime, "fixed": self.fixed, "attention": self.attention,
@@ -147,7 +159,8 @@ class StoreFacts:
 @dataclass(frozen=True)
 class Capacities:
     """The machine's room. runtime: what the process holds before any weight (measured
-    anonymous RSS + FILE_RESERVE; 0 without a RAM budget). vram: 0 (no VRAM tier yet)."""
+    anonymous RSS + FILE_RESERVE; 0 without a RAM budget). vram: a GPU's bytes for the VRAM
+    tier (0: none)."""
     runtime: int = 0
     ram: int | None = None
     vram: int = 0
@@ -196,7 +209,7 @@ class Layout:
     # () -> every cluster in pinning order; asked only when used (`hot_order`): sparse modes
     # order by the profile's cluster frequencies
     order: Callable = field(repr=False, compare=False)
-    vram: int = 0                  # bytes placed in VRAM (no VRAM tier yet)
+    vram: int = 0                  # bytes placed in VRAM: weights (float16) and their KV
 
     @cached_property
     def hot_order(self) -> tuple[Key, ...]:
@@ -223,10 +236,12 @@ class Layout:
     def where(self, unit) -> str:
         """Where a unit lives: "ram" (pinned), "cache" (read into the cold LRU when used, kept
         while it is used) or "flash" (read every time it is used). unit: a cluster key
-        (layer, expert, cluster), ("attn", layer) or "head". No unit is in "vram" yet."""
+        (layer, expert, cluster), ("attn", layer) or "head"; or "vram" (the GPU's memory)."""
         b = self.budget
         if unit == "head":
-            return "ram" if b.head_pinned else "flash"
+            return "vram" if b.vram_head else "ram" if b.head_pinned else "flash"
+        if unit[1 if unit[0] == "attn" else 0] in b.vram_layers:
+            return "vram"
         if unit[0] == "attn":
             return "ram" if unit[1] in b.attn_pinned else "flash"
         if unit in self.hot:
@@ -234,8 +249,8 @@ class Layout:
         return "cache" if b.cold_slots else "flash"
 
     def computed_on(self, unit) -> str:
-        """Where a unit is computed: next to its weights, on the CPU (no GPU tier yet)."""
-        return "cpu"
+        """Where a unit is computed: next to its weights, "gpu" in VRAM, else "cpu"."""
+        return "gpu" if self.where(unit) == "vram" else "cpu"
 
 
 def place(facts: StoreFacts, cfg: TierConfig, caps: Capacities, kernels: Kernels) -> Layout:
@@ -268,6 +283,11 @@ class _Placer:
 
     def layout(self) -> Layout:
         budget = self._plan_budget(self.caps.runtime)
+        layers, head, vram = self._vram_split()
+        if layers or head:  # there instead: nothing of theirs is packed for ORT in RAM
+            budget = replace(budget, vram_layers=layers, vram_head=head,
+                             nbits_layers=budget.nbits_layers - layers,
+                             nbits_head=budget.nbits_head and not head)
         attn, head_ok = self._streamable()
         return Layout(budget=budget, mode=self.mode, int4=self.int4,
                       nbits=bool(budget.nbits_layers), thresholds=self.thresholds,
@@ -275,7 +295,37 @@ class _Placer:
                       head_slice_rows=self._head_slice_rows(),
                       units=tuple(self._units(budget, attn)),
                       unit_bytes=budget.streaming // self._stream_units(),  # as counted
-                      read_ahead=self.cfg.read_ahead, order=self._hotness_order)
+                      read_ahead=self.cfg.read_ahead, order=self._hotness_order, vram=vram)
+
+    # -- the VRAM tier ------------------------------------------------------------------------
+    def _vram_split(self) -> tuple[frozenset, bool, int]:
+        """-> (layers in VRAM, whether the head is, bytes placed there): the head first (one
+        large matrix, used every token), then whole layers in order while they fit in
+        caps.vram less VRAM_SLACK. Weights are float16 there, with each layer's KV cache."""
+        room = self.caps.vram - VRAM_SLACK
+        if self.caps.vram <= 0 or room <= 0:
+            return frozenset(), False, 0
+        a, used = self.args, 0
+        head = 2 * math.prod(self.tensors[self.head_name]["shape"])
+        on_head = head <= room
+        if on_head:
+            used = head
+        layers = []
+        for l in range(a.num_hidden_layers):
+            need = self._vram_layer_bytes(l)
+            if used + need > room:
+                break
+            layers.append(l)
+            used += need
+        return frozenset(layers), on_head, used
+
+    def _vram_layer_bytes(self, layer: int) -> int:
+        """A layer in VRAM: its tensors and every expert's FFN in float16, its KV cache (f16)."""
+        a, prefix = self.args, f"model.layers.{layer}."
+        own = sum(math.prod(t["shape"]) for n, t in self.tensors.items() if n.startswith(prefix))
+        ffn = 3 * a.hidden_size * a.intermediate_size * a.n_experts
+        kv = 2 * a.num_key_value_heads * a.head_dim * self.context
+        return 2 * (own + ffn + kv)
 
     # -- sparsity mode ------------------------------------------------------------------------
     def _select_mode(self) -> None:
@@ -524,6 +574,8 @@ class _Placer:
         hot = set(self._hotness_order()[:b.hot_slots]) if dense else set()
         units = []
         for l in range(a.num_hidden_layers):
+            if l in b.vram_layers:  # read once, at load, into VRAM
+                continue
             u = Unit(layer=l)
             if l not in b.attn_pinned:
                 for name in attn.get(l, []):
@@ -532,7 +584,7 @@ class _Placer:
                 u.ffn = [(l, 0, c) for c in range(self.n_clusters) if (l, 0, c) not in hot]
             if u.attn or u.ffn:
                 units.append(u)
-        if not b.head_pinned:
+        if not b.head_pinned and not b.vram_head:
             rows, step = self.tensors[self.head_name]["shape"][0], self._head_slice_rows()
             units += [Unit(rows=(lo, min(rows, lo + step))) for lo in range(0, rows, step)]
         return units

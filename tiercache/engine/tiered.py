@@ -28,9 +28,9 @@ from torch import nn
 from ..errors import StoreError
 from ..memory import anon_bytes, return_large_frees, trim_heap
 from ..models import Model, materialize
-from ..models.llama import rope_inv_freq
+from ..models.llama import DecoderLayer, rope_inv_freq, sanitize
 from ..store import quant
-from ..store.format import Store, tensor_key
+from ..store.format import FFN_PARTS, Store, cluster_key, ffn_name, tensor_key
 from ..store.reader import RecordReader
 from .dense import Engine, context_limit
 from ..models.kv import kv_dtype
@@ -40,6 +40,7 @@ from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_o
 from .layout import (FILE_RESERVE, MB, PREFILL_CHUNK, SLACK, SPARSE_WORTH,  # noqa: F401
                      Budget, Capacities, Kernels, StoreFacts, TierConfig, place, slack_bytes,
                      spread_layers)
+from . import vram
 from .nbits import NBitsFFN, NBitsHead, NBitsLinear, NBitsQKV, q4k_weight
 from .stream import (StreamedEmbedding, StreamedHead, StreamedLinear, Streamer, q8r_rows,
                      q8r_scales)
@@ -64,7 +65,10 @@ class TieredEngine(Engine):
         self.reader.drop_page_cache()
         self.tensors = store.manifest["tensors"]
         # refuses (BudgetError, with the numbers) before loading
-        caps = Capacities(runtime=self._runtime_bytes(), ram=cfg.ram_bytes)
+        if cfg.vram_bytes:
+            self.vram_device = vram.device(cfg.vram_device)  # refused here, before loading
+        caps = Capacities(runtime=self._runtime_bytes(), ram=cfg.ram_bytes,
+                          vram=cfg.vram_bytes or 0)
         self.layout = lay = place(self.facts, cfg, caps, self.kernels)
         self.budget, self.mode, self.int4, self.nbits = lay.budget, lay.mode, lay.int4, lay.nbits
         self.head_name = self.facts.head_name
@@ -141,19 +145,27 @@ class TieredEngine(Engine):
     def _build_model(self) -> Model:
         """Attention and embeddings pinned (int4 where the kernel applies) or streamed, FFNs
         tiered."""
-        a = self.args
+        a, b = self.args, self.budget
         with torch.device("meta"):
             model = Model(a)
+        for l in b.vram_layers:  # built on the GPU after the rest (`_vram_modules`)
+            model.model.layers[l] = nn.Identity()
+        if b.vram_head and "lm_head" in model._modules:
+            model.lm_head = nn.Identity()
         self._swap_linears(model)
         for l, layer in enumerate(model.model.layers):
+            if l in b.vram_layers:
+                continue
             if a.is_moe:
                 layer.block_sparse_moe = TieredMoE(self.clusters, l, layer.block_sparse_moe)
             else:
                 layer.mlp = TieredMLP(self.clusters, l, 0)
         if a.is_moe:  # each block reads ahead what the next layer's router picks
-            blocks = [layer.block_sparse_moe for layer in model.model.layers]
+            blocks = [layer.block_sparse_moe if l not in b.vram_layers else None
+                      for l, layer in enumerate(model.model.layers)]
             for blk, nxt in zip(blocks, blocks[1:]):
-                blk.route_next = partial(moe_experts.top_probs, nxt)
+                if blk is not None and nxt is not None:
+                    blk.route_next = partial(moe_experts.top_probs, nxt)
         model = materialize(model)
         params = dict(model.named_parameters())
         for name in self.store.tensor_names:
@@ -164,7 +176,39 @@ class TieredEngine(Engine):
         if params:
             raise StoreError(f"{self.store.path}: store lacks {sorted(params)[0]}")
         model.inv_freq = rope_inv_freq(a)
+        self._vram_modules(model)
         return model.eval()
+
+    # -- the VRAM tier ----------------------------------------------------------------------
+    def _vram_modules(self, model: Model) -> None:
+        """The layers and the head the layout put in VRAM, read from the store once, as
+        vram.DTYPE on the VRAM device (vram.py)."""
+        b, a = self.budget, self.args
+        for l in sorted(b.vram_layers):
+            with torch.device("meta"):
+                layer = DecoderLayer(a)
+            layer = materialize(layer)
+            vram.load_layer(layer, self._layer_weights(l), f"model.layers.{l}.",
+                            partial(sanitize, a))
+            model.model.layers[l] = vram.OnDevice(layer.to(self.vram_device), self.vram_device,
+                                                  back=l + 1 not in b.vram_layers)
+        if b.vram_head:
+            model.lm_head = vram.OnDeviceHead(self._read_tensor(self.head_name),
+                                              self.vram_device)
+
+    def _layer_weights(self, layer: int):
+        """(HF name, float32 tensor) of one layer, its FFN (every expert) from its clusters."""
+        a, prefix = self.args, f"model.layers.{layer}."
+        for name in self.tensors:
+            if name.startswith(prefix):
+                yield name, self._read_tensor(name)
+        keys = lambda e: [cluster_key(layer, e, c).decode() for c in range(self.n_clusters)]
+        for e in range(a.n_experts):
+            parts = [self.store.decode_cluster(buf, c, torch.float32)
+                     for c, buf in enumerate(self.reader.read_many(keys(e)))]
+            gate, up, down = zip(*parts)
+            for part, w in zip(FFN_PARTS, (torch.cat(gate), torch.cat(up), torch.cat(down, 1))):
+                yield ffn_name(a, layer, e, part), w
 
     def _swap_linears(self, model: Model) -> None:
         """Replace nn.Linear / the embedding by int4/int8 modules where the kernels apply, and
@@ -174,8 +218,9 @@ class TieredEngine(Engine):
             shape = self.tensors[self.head_name]["shape"]
             scale = q8r_scales(self.reader, self.head_name, shape)
             heads = [i for i, u in enumerate(st.units) if u.rows]
-            model.lm_head = ExactTop(StreamedHead(st, heads, scale, shape, self.reader,
-                                                  self.head_name))
+            if not b.vram_head:
+                model.lm_head = ExactTop(StreamedHead(st, heads, scale, shape, self.reader,
+                                                      self.head_name))
             if a.tie_word_embeddings:
                 model.model.embed_tokens = StreamedEmbedding(self.reader, self.head_name, scale,
                                                              shape)
@@ -190,11 +235,13 @@ class TieredEngine(Engine):
                      if emb["dtype"] in ("q8r", "q4k") else None)
             if table is not None:  # no float copy of it (else: one, read from the store)
                 model.model.embed_tokens = QEmbedding(table)
-            if b.head_pinned:
+            if b.head_pinned and not b.vram_head:
                 q = self._q4_linear("lm_head.weight")
                 if q is not None:
                     model.lm_head = ExactTop(q)
         for l, layer in enumerate(model.model.layers):
+            if l in b.vram_layers:
+                continue
             att = layer.self_attn
             unit = st.unit_of(l)
             qkv = self._fused_qkv(l) if l in b.nbits_layers else None

@@ -1,0 +1,181 @@
+"""The VRAM tier (layout.py `_vram_split`, engine/vram.py): placement for given capacities
+without a GPU, and the engine with layers and the head in VRAM against the dense reference.
+Where there is no CUDA GPU the VRAM device is stood in by the CPU (TierConfig.vram_device): the
+placement, the weights' way from the store and the model's wiring run as on a GPU; the
+GPU-marked test runs on CUDA where there is one."""
+import pytest
+import torch
+
+from test_layout import INT4, _place
+from test_planner import v3_manifest
+from tiercache.engine import load_dense
+from tiercache.engine.layout import MB, VRAM_SLACK
+from tiercache.engine.tiered import TierConfig, load_tiered
+from tiercache.errors import TiercacheError
+from tiercache.store.format import Store
+
+IDS = list(range(3, 40))
+CUDA = torch.cuda.is_available()
+
+
+def _vram_layout(vram: int, **cfg):
+    return _place(v3_manifest(), vram=vram, **cfg)
+
+
+def test_vram_takes_the_head_then_whole_layers_in_order():
+    """More VRAM never places less there: the head first, then layers 0, 1, ... whole; what
+    is there is neither pinned in RAM for ORT nor streamed, and is computed on the GPU."""
+    every = _vram_layout(64 << 30)
+    assert every.budget.vram_head and every.budget.vram_layers == frozenset(range(8))
+    assert every.units == () and not every.budget.nbits_layers
+    full, last = every.vram, (frozenset(), False)
+    for vram in [0, VRAM_SLACK, VRAM_SLACK + 1 * MB] + [VRAM_SLACK + full * k // 9
+                                                          for k in range(1, 10)]:
+        lay = _vram_layout(vram)
+        b = lay.budget
+        assert lay.vram <= max(0, vram - VRAM_SLACK)
+        assert b.vram_layers == frozenset(range(len(b.vram_layers)))  # a prefix
+        assert b.vram_layers >= last[0] and b.vram_head >= last[1]     # monotone
+        assert not b.vram_layers or b.vram_head                        # the head first
+        last = (b.vram_layers, b.vram_head)
+        for l in range(8):
+            where = lay.where(("attn", l))
+            assert (where == "vram") == (l in b.vram_layers) == (lay.where((l, 0, 3)) == "vram")
+            assert lay.computed_on(("attn", l)) == ("gpu" if where == "vram" else "cpu")
+        assert lay.where("head") == ("vram" if b.vram_head else "ram")
+    assert last == (frozenset(range(8)), True)
+
+
+def test_vram_layers_do_not_stream():
+    """Under regions that stream every layer, a layer in VRAM is read once at load, not per
+    token: no streamed unit is left for it, nor for the head."""
+    lay = _vram_layout(0, hot_clusters=0, cold_clusters=0, pin_attention=0, pin_head=False)
+    assert {u.layer for u in lay.units if u.layer is not None} == set(range(8))
+    every = _vram_layout(64 << 30)
+    half = _vram_layout(VRAM_SLACK + every.vram // 2, hot_clusters=0, cold_clusters=0,
+                        pin_attention=0, pin_head=False)
+    b = half.budget
+    assert 0 < len(b.vram_layers) < 8 and b.vram_head
+    assert {u.layer for u in half.units} == set(range(8)) - b.vram_layers  # no head slices
+
+
+@pytest.fixture(scope="module")
+def q4_llama(tmp_path_factory):
+    """A tiny Llama whose FFN takes the int4 kernels' layout (F a multiple of 64)."""
+    import transformers as T
+    from conftest import VOCAB, write_tokenizer
+    from tiercache.store.convert import convert
+    root = tmp_path_factory.mktemp("vram")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        tie_word_embeddings=True)
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(root / "hf")
+    write_tokenizer(root / "hf")
+    return convert(root / "hf", root / "q4", dtype="q4", cluster_size=64, progress=False)
+
+
+def _device() -> str:
+    return "cuda" if CUDA else "cpu"
+
+
+def _engine(store, vram: int, **cfg):
+    return load_tiered(Store(store), TierConfig(sparse=False, kv="f32", context=128,
+                                                vram_bytes=vram, vram_device=_device(), **cfg))
+
+
+def _vram_for(store, layers: int) -> int:
+    """VRAM for the head and `layers` of the store's (equal) layers."""
+    every = _engine(store, 64 << 30).layout
+    n = len(every.budget.vram_layers)
+    head = every.vram - n * ((every.vram - _head_bytes(store)) // n)
+    return VRAM_SLACK + head + layers * ((every.vram - head) // n)
+
+
+def _head_bytes(store) -> int:
+    import math
+    s = Store(store)
+    name = "lm_head.weight" if "lm_head.weight" in s.manifest["tensors"] else \
+        "model.embed_tokens.weight"
+    return 2 * math.prod(s.manifest["tensors"][name]["shape"])
+
+
+@pytest.mark.parametrize("layers", [0, 2, 4])
+def test_layers_in_vram_match_dense(q4_llama, layers):
+    """The head and the first `layers` layers in VRAM, the rest resident on the CPU's
+    kernels (int4, MatMulNBits where it verifies): logits near the dense reference on the
+    same q4 store, the same greedy picks."""
+    dense = load_dense(Store(q4_llama))
+    want = dense.logits(dense.new_session(), IDS)
+    eng = _engine(q4_llama, _vram_for(q4_llama, layers))
+    b = eng.budget
+    assert b.vram_head and b.vram_layers == frozenset(range(layers))
+    assert not (b.nbits_layers & b.vram_layers)
+    got = eng.logits(eng.new_session(), IDS)
+    diff = (got - want).abs() / want.std()
+    assert diff.max() < 0.1, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_vram_layers_beside_streamed_ones_read_nothing_per_token(q4_llama):
+    """Under a RAM plan that streams every CPU layer, the VRAM layers cost no reads: the
+    store bytes per decoded token fall with the layers in VRAM; logits match dense."""
+    dense = load_dense(Store(q4_llama))
+    s = dense.new_session()
+    dense.prefill(s, IDS[:8])
+    want = torch.stack([dense.decode(s, t) for t in IDS[8:16]])
+    per_token = []
+    for layers in (0, 2):
+        eng = _engine(q4_llama, _vram_for(q4_llama, layers) if layers else 0, hot_clusters=0,
+                      cold_clusters=0, pin_attention=0, pin_head=False)
+        s = eng.new_session()
+        eng.prefill(s, IDS[:8])
+        eng.reset_stats()
+        got = torch.stack([eng.decode(s, t) for t in IDS[8:16]])
+        assert ((got - want).abs() / want.std()).max() < 0.1
+        per_token.append(eng.stats()["store_bytes_per_token"])
+    assert per_token[1] < 0.75 * per_token[0], per_token
+
+
+def test_moe_layers_in_vram_match_dense(stores):
+    """The tiny Mixtral with its first layer in VRAM (every expert there), the other on the
+    CPU's expert path: logits equal the dense reference (float32 store)."""
+    store = stores("mixtral", "f32")
+    dense = load_dense(Store(store))
+    want = dense.logits(dense.new_session(), IDS)
+    eng = _engine(store, _vram_for(store, 1))
+    assert eng.budget.vram_layers == frozenset({0})
+    got = eng.logits(eng.new_session(), IDS)
+    tol = 2e-2 if CUDA else 1e-4  # float16 on a GPU
+    assert ((got - want).abs() / want.std()).max() < tol
+    assert eng.stats()["experts"]["hits"][0] == 0  # layer 0's experts are not the cache's
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
+def test_vram_without_a_gpu_is_refused_in_one_line(q4_llama):
+    with pytest.raises(TiercacheError, match="needs a CUDA GPU") as e:
+        load_tiered(Store(q4_llama), TierConfig(vram_bytes=1 << 30))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_everything_in_vram_on_cuda_gives_the_cpu_references_greedy_tokens(q4_llama):
+    dense = load_dense(Store(q4_llama))
+    eng = _engine(q4_llama, 64 << 30)
+    assert eng.budget.vram_layers == frozenset(range(4)) and eng.budget.vram_head
+    for e in (dense, eng):
+        s = e.new_session()
+        logits = e.prefill(s, IDS[:8])
+        out = []
+        for _ in range(16):
+            t = int(logits.argmax())
+            out.append(t)
+            logits = e.decode(s, t)
+        e.tokens_out = out
+    assert eng.tokens_out == dense.tokens_out
