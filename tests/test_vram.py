@@ -116,6 +116,8 @@ def test_layers_in_vram_match_dense(q4_llama, layers):
     b = eng.budget
     assert b.vram_head and b.vram_layers == frozenset(range(layers))
     assert not (b.nbits_layers & b.vram_layers)
+    v = eng.stats()["vram"]
+    assert v["layers"] == list(range(layers)) and v["head"] and v["bytes"] == eng.layout.vram
     got = eng.logits(eng.new_session(), IDS)
     diff = (got - want).abs() / want.std()
     assert diff.max() < 0.1, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
@@ -158,9 +160,16 @@ def test_moe_layers_in_vram_match_dense(stores):
 
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
 def test_vram_without_a_gpu_is_refused_in_one_line(q4_llama):
+    import subprocess
+    import sys
     with pytest.raises(TiercacheError, match="needs a CUDA GPU") as e:
         load_tiered(Store(q4_llama), TierConfig(vram_bytes=1 << 30))
     assert "\n" not in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "tiercache", "generate", str(q4_llama), "-p", "hi",
+                        "--vram", "1G"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], r.stderr
 
 
 @pytest.mark.gpu

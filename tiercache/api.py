@@ -39,7 +39,7 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
          engine: str = "tiered", context: int = 2048, kv: str = "f16", io_threads: int = 2,
          sparse: bool | None = None, backend: str = "auto",
          plan: str | None = None, experts: str | None = None,
-         expert_cut: float = 0.0) -> tuple[Engine, Tokenizer]:
+         expert_cut: float = 0.0, vram: int | str | None = None) -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
@@ -51,6 +51,9 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     MoE stores (Mixtral family): experts (lru | freq+lru; None: by the budget) is the expert
     cache's policy, expert_cut the router probability below which an expert is not read ahead;
     `engine.stats()["experts"]` reports hits, misses, bytes read and read-ahead per layer.
+    vram: a CUDA GPU's bytes for weights (tiered engine): the head, then the first layers go
+    there as float16 and compute there, the rest stays in RAM and on flash (layout.py);
+    `engine.stats()["vram"]` says what went.
     """
     from .hub import resolve_model
     from .engine.tiered import TierConfig, config_from_plan, load_tiered
@@ -63,21 +66,31 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     torch.set_num_threads(threads or default_threads())
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
+    vram_bytes = parse_size(vram) if vram is not None else None
     if engine == "dense":
+        if vram_bytes:
+            from .errors import TiercacheError
+            raise TiercacheError("--vram places weights for the tiered engine; the dense "
+                                 "engine runs on --backend torch:cuda whole")
         return (load_dense(Store(path), context=context, kv=kv,
                            backends=_handed(backend, threads)), tok)
     if plan is not None:
         from planner.search import load_plan
         cfg = config_from_plan(load_plan(plan))
         cfg.experts, cfg.expert_cut = experts, expert_cut
+        cfg.vram_bytes = vram_bytes
         ram = cfg.ram_bytes
     else:  # planned for this machine where it is probed; else the engine sizes itself
         own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
                          context=context, kv=kv, io_threads=io_threads, sparse=sparse,
-                         experts=experts, expert_cut=expert_cut)
+                         experts=experts, expert_cut=expert_cut, vram_bytes=vram_bytes)
         cfg = (_planned(path, parse_size(ram), context, kv)
-               if ram is not None and sparse is None else None) or own
-    if backend == "auto" and ram is not None:
+               if ram is not None and sparse is None and not vram_bytes else None) or own
+    if cfg.vram_bytes and backend not in ("auto", "torch"):
+        from .errors import TiercacheError
+        raise TiercacheError(f"--backend {backend} with --vram: the VRAM tier computes its "
+                             "layers itself; leave --backend auto")
+    if backend == "auto" and (ram is not None or cfg.vram_bytes):
         backend = "torch"
     hand = _handed(backend, threads)
     try:

@@ -17,6 +17,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPE = typer.Option(None, help="store dtype when MODEL needs converting (default: q4 for "
                                 "known models, f32 otherwise)")
 RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
+VRAM = typer.Option(None, help="a CUDA GPU's memory for weights, e.g. 8G: the head and the "
+                               "first layers go there and compute there (tiered engine)")
 ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
 KV = typer.Option("f16", "--kv", help="KV cache dtype: f16 (half the memory) or f32")
@@ -110,8 +112,8 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              temp: float = _temp(0.0), top_p: float = _top_p(1.0), top_k: int = TOP_K,
              seed: Optional[int] = SEED, threads: Optional[int] = THREADS,
              dtype: Optional[str] = DTYPE,
-             ram: Optional[str] = RAM, engine: str = ENGINE, context: int = CONTEXT,
-             kv: str = KV, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
+             ram: Optional[str] = RAM, vram: Optional[str] = VRAM, engine: str = ENGINE,
+             context: int = CONTEXT, kv: str = KV, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
              plan: Optional[Path] = PLAN, experts: Optional[str] = EXPERTS,
              expert_cut: float = EXPERT_CUT,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
@@ -124,7 +126,7 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
     from . import api
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
                         context=context, kv=kv, sparse=sparse, backend=backend, plan=plan,
-                        experts=experts, expert_cut=expert_cut)
+                        experts=experts, expert_cut=expert_cut, vram=vram)
     engine = eng
     ids = api.encode_prompt(tok, prompt, chat_template)
     if not ids:
@@ -180,7 +182,7 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          temp: float = _temp(0.7), top_p: float = _top_p(0.9), top_k: int = TOP_K,
          seed: Optional[int] = SEED,
          threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
-         engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
+         vram: Optional[str] = VRAM, engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
          sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
          experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
          system: Optional[str] = typer.Option(None, help="system prompt"),
@@ -196,7 +198,8 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
     run_chat(model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed,
              threads=threads, dtype=dtype, system=system, ram=ram, engine=engine,
              context=context, kv=kv, sparse=sparse, backend=backend, plan=plan, prompt=prompt,
-             quiet=quiet, interactive=interactive, experts=experts, expert_cut=expert_cut)
+             quiet=quiet, interactive=interactive, experts=experts, expert_cut=expert_cut,
+             vram=vram)
 
 
 @app.command()
@@ -211,7 +214,7 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
           sessions: int = typer.Option(1, min=1, help="conversations whose KV cache is kept "
                                        "between requests (each reserves --context in --ram)"),
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
-          engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
+          vram: Optional[str] = VRAM, engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
           sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
           experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
@@ -220,7 +223,8 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
     from .server import serve as _serve
     _serve(model, host=host, port=port, api_key=api_key, max_queue=max_queue, sessions=sessions,
            context=context, ram=ram, threads=threads, dtype=dtype, engine=engine, sparse=sparse,
-           backend=backend, plan=plan, kv=kv, experts=experts, expert_cut=expert_cut)
+           backend=backend, plan=plan, kv=kv, experts=experts, expert_cut=expert_cut,
+           vram=vram)
 
 
 @app.command("eval")
@@ -229,7 +233,8 @@ def eval_(model: str = MODEL,
           max_tokens: int = typer.Option(4096, "--max-tokens", help="tokens of the text to score"),
           chunk: int = typer.Option(256, help="tokens per window, each from an empty cache"),
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
-          engine: str = ENGINE, kv: str = KV, sparse: Optional[bool] = SPARSE,
+          vram: Optional[str] = VRAM, engine: str = ENGINE, kv: str = KV,
+          sparse: Optional[bool] = SPARSE,
           backend: str = BACKEND, plan: Optional[Path] = PLAN,
           experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
           json_out: bool = typer.Option(False, "--json", help="print a JSON report")):
@@ -239,7 +244,7 @@ def eval_(model: str = MODEL,
     _check_options(max_tokens=max_tokens, chunk=chunk, threads=threads)
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
                         context=chunk, kv=kv, sparse=sparse, backend=backend, plan=plan,
-                        experts=experts, expert_cut=expert_cut)
+                        experts=experts, expert_cut=expert_cut, vram=vram)
     ids = tok.encode(_read_text(text))[:max_tokens]
     if len(ids) < 2:
         raise TiercacheError(f"{text}: fewer than 2 tokens to score")

@@ -347,7 +347,10 @@ class TieredEngine(Engine):
                 "regions": self.budget.lines(),
                 "sparse": self.mode != "dense", "mode": self.mode,
                 "compute": "int4" if self.int4 else "f32",
-                "pinned_kernel": _pinned_kernel(self.budget, self.args.num_hidden_layers)}
+                "pinned_kernel": _pinned_kernel(self.budget, self.args.num_hidden_layers),
+                "vram": {"layers": sorted(self.budget.vram_layers),
+                         "head": self.budget.vram_head, "bytes": self.layout.vram,
+                         "device": str(getattr(self, "vram_device", "")) or None}}
 
 
 def _layer_of(name: str) -> int:
@@ -372,6 +375,8 @@ def _trim_malloc() -> None:
 def config_from_plan(plan: dict) -> TierConfig:
     """The engine settings a `tiercache plan` chose (planner/search.py writes them)."""
     e, limits = plan["engine"], plan.get("limits", {})
+    # limits.vram_bytes is the device profile's GPU share for the planner's own cost model;
+    # the engine's VRAM tier is asked for by --vram / vram= (api.load), not by a plan yet
     return TierConfig(ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
                       cold_clusters=e.get("cold_clusters"), io_threads=e.get("io_threads", 2),
                       prefetch=e.get("prefetch_layers", 1) > 0,
