@@ -190,7 +190,8 @@ class TieredEngine(Engine):
             layer = materialize(layer)
             vram.load_layer(layer, self._layer_weights(l), f"model.layers.{l}.",
                             partial(sanitize, a))
-            model.model.layers[l] = vram.OnDevice(layer.to(self.vram_device), self.vram_device,
+            layer = layer.to(self.vram_device, vram.DTYPE)
+            model.model.layers[l] = vram.OnDevice(layer, self.vram_device,
                                                   back=l + 1 not in b.vram_layers)
         if b.vram_head:
             model.lm_head = vram.OnDeviceHead(self._read_tensor(self.head_name),

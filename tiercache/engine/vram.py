@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import TiercacheError
 
-DTYPE = torch.float16  # what VRAM layers keep and compute in (a q4/q8 store is dequantized)
+DTYPE = torch.float16  # what VRAM layers keep and compute in (a q4/q8 store is dequantized),
+                       # on the CPU standing in too: tests check the dtype a GPU runs
 
 
 def device(name: str) -> torch.device:
@@ -26,11 +27,6 @@ def device(name: str) -> torch.device:
     return dev
 
 
-def dtype_on(dev: torch.device) -> torch.dtype:
-    """float16 on a GPU; float32 where the CPU stands in (its float16 matmuls are slow)."""
-    return DTYPE if dev.type == "cuda" else torch.float32
-
-
 class OnDevice(nn.Module):
     """A decoder layer held and computed on `device`: the hidden state and RoPE tables go
     there (a no-op after another layer there), and come back to the CPU after the last layer
@@ -39,13 +35,12 @@ class OnDevice(nn.Module):
     def __init__(self, layer: nn.Module, dev: torch.device, back: bool):
         super().__init__()
         self.layer, self.device, self.back = layer, dev, back
-        self.dtype = dtype_on(dev)
+        self.dtype = next(layer.parameters()).dtype
 
     def forward(self, x, cos, sin, cache):
-        out_dtype = x.dtype if x.device.type == "cpu" else torch.float32
         y = self.layer(x.to(self.device, self.dtype), cos.to(self.device, self.dtype),
                        sin.to(self.device, self.dtype), cache)
-        return y.to("cpu", out_dtype) if self.back else y
+        return y.to("cpu", torch.float32) if self.back else y  # the CPU's layers: float32
 
 
 class OnDeviceHead(nn.Module):
@@ -53,7 +48,7 @@ class OnDeviceHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, dev: torch.device):
         super().__init__()
-        self.device, self.dtype = dev, dtype_on(dev)
+        self.device, self.dtype = dev, DTYPE
         self.weight = nn.Parameter(weight.to(dev, self.dtype), requires_grad=False)
 
     def forward(self, h):
