@@ -61,9 +61,13 @@ def write_tokenizer(path: Path) -> None:
 
 
 def build_hf(kind: str, path: Path, seed: int = 0):
+    return save_random(tiny_config(kind), path, seed)
+
+
+def save_random(cfg, path: Path, seed: int = 0):
+    """An HF model of `cfg` with random weights, saved to path with the test tokenizer."""
     import transformers as T
     torch.manual_seed(seed)
-    cfg = tiny_config(kind)
     cls = getattr(T, type(cfg).__name__.replace("Config", "ForCausalLM"))
     model = cls(cfg).eval()
     with torch.no_grad():  # larger weights than HF's init so that logits are well separated

@@ -172,20 +172,13 @@ def mixtral_q4(tmp_path_factory):
     """A tiny Mixtral whose FFNs fit the int4 kernels' layout (q4k: clusters of 64 neurons,
     F a multiple of 64; the shared tiny Mixtral's F of 96 keeps torch's q4)."""
     import transformers as T
-    from conftest import VOCAB, write_tokenizer
+    from conftest import VOCAB, save_random
     from tiercache.store.convert import convert
     root = tmp_path_factory.mktemp("mixtral-q4")
-    torch.manual_seed(0)
-    cfg = T.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          num_local_experts=4, num_experts_per_tok=2)
-    model = T.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():  # as conftest.build_hf: logits well separated
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(root / "hf")
-    write_tokenizer(root / "hf")
+    save_random(T.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, num_local_experts=4,
+                                num_experts_per_tok=2), root / "hf")
     return convert(root / "hf", root / "q4", dtype="q4", cluster_size=64, progress=False)
 
 
@@ -223,3 +216,31 @@ def test_q4_store_with_torch_q4_experts_matches_dense(stores):
     ref = _decode_logits_dense(store)
     got, _, _ = _run(store)
     assert (got - ref).abs().max() < 1e-4 * ref.std()  # the same kernels: measured 0
+
+
+def test_q4_experts_part_on_matmulnbits_match_dense(mixtral_q4, monkeypatch):
+    """A RAM budget that holds every expert but only part of MatMulNBits' packing: the first
+    layer runs as one tail on it, the other on torch's kernels and the expert path (MoE used
+    to stay all or nothing, 8 sessions a layer; a tail is one, counted as a dense layer's).
+    Logits near the dense reference, every routed use still a hit. The process's measured
+    runtime is fixed here: this model's layers cost KBs of packing, less than its noise."""
+    from tiercache.engine import nbits
+    from tiercache.engine.tiered import TieredEngine
+    if not nbits.available():
+        pytest.skip("onnxruntime's MatMulNBits is not installed or does not verify here")
+    runtime = 300 << 20
+    monkeypatch.setattr(TieredEngine, "_runtime_bytes", lambda self: runtime)
+    full = load_tiered(Store(mixtral_q4), TierConfig(sparse=False, kv="f32")).budget
+    fixed = nbits.WORKSPACE  # the packing's transient (this model's layers are far smaller)
+    # every weight, the transient and half of what the 2 layers and the head would pack:
+    # layer 0 (the larger part) fits, layer 1 does not
+    ram = full.total - full.prepacked + fixed + (full.prepacked - fixed) // 2  # runtime in it
+    ref = _decode_logits_dense(mixtral_q4)
+    got, st, eng = _run(mixtral_q4, ram_bytes=ram)
+    b = eng.budget
+    assert b.nbits_layers == frozenset({0}) and not b.nbits_head and b.streaming == 0
+    assert st["pinned_kernel"] == "ort-nbits for 1 of 2 layers" and set(eng.clusters.tails) == {0}
+    diff = (got - ref).abs() / ref.std()
+    assert diff.max() < 0.1, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
+    e = st["experts"]
+    assert sum(e["misses"]) == 0 and sum(e["hits"]) == _uses(eng)

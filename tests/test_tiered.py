@@ -316,22 +316,15 @@ def test_prefill_in_chunks_under_a_budget_matches_one_pass(stores):
 def test_fused_qkv_on_nbits_matches_dense(tmp_path):
     """q|k|v as one MatMulNBits call (every projection q4k: rows in blocks of 64)."""
     import transformers as T
-    from conftest import write_tokenizer
+    from conftest import save_random
     from tiercache.engine import nbits
     from tiercache.store.convert import convert
     if not nbits.available():
         pytest.skip("ONNX Runtime's MatMulNBits is not installed or did not verify")
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=512, tie_word_embeddings=True)
-    model = T.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(tmp_path / "hf")
-    write_tokenizer(tmp_path / "hf")
+    save_random(T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=512, tie_word_embeddings=True),
+                tmp_path / "hf")
     out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
     eng = load_tiered(Store(out), TierConfig())
     assert eng.nbits and eng.model.model.layers[0].self_attn.qkv_proj is not None

@@ -6,7 +6,7 @@ GPU-marked test runs on CUDA where there is one."""
 import pytest
 import torch
 
-from test_layout import INT4, _place
+from test_layout import _place
 from test_planner import v3_manifest
 from tiercache.engine import load_dense
 from tiercache.engine.layout import MB, VRAM_SLACK
@@ -63,20 +63,12 @@ def test_vram_layers_do_not_stream():
 def q4_llama(tmp_path_factory):
     """A tiny Llama whose FFN takes the int4 kernels' layout (F a multiple of 64)."""
     import transformers as T
-    from conftest import VOCAB, write_tokenizer
+    from conftest import VOCAB, save_random
     from tiercache.store.convert import convert
     root = tmp_path_factory.mktemp("vram")
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        tie_word_embeddings=True)
-    model = T.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(root / "hf")
-    write_tokenizer(root / "hf")
+    save_random(T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True), root / "hf")
     return convert(root / "hf", root / "q4", dtype="q4", cluster_size=64, progress=False)
 
 

@@ -289,8 +289,8 @@ def _plot(res: dict, path: Path) -> None:
 
 DEFAULT_CAPS = {"0.5b": [900, 600, 450, 300], "1b": [1400, 1000, 800, 600],
                 "3b": [2600, 1900, 1500, 1100], "moe": [1300, 900, 650, 450]}  # MiB
-NOISE = ("the machine's 2 cores were shared with other engineers' jobs while measuring, so "
-         "these figures are noisy (+-30% seen between repeats on this VM); one run per cell")
+NOISE = ("this VM's speed drifts between runs (the same cell has measured +-20-30% apart on "
+         "repeats, with nothing else running); one run per cell")
 
 
 def synth_model(work: Path, shape: str, skew: float) -> dict:

@@ -440,8 +440,10 @@ class _Placer:
         and the prepacked bytes that takes (Budget fields). A layer's ~0.5x of its bytes buys
         ~2.5x torch's int4 rate on its ~6% of the token's time; the head (~1.5x its int8
         kernel) comes after every layer. Every other budget leaves them off: with a part
-        streamed, the RAM they take is worth more as pinned weights. (The planner models
-        kernels without `nbits`.)"""
+        streamed, the RAM they take is worth more as pinned weights. An MoE layer counts as
+        a dense one: all its experts go in one ORT session (nbits.NBitsTail; the synthetic
+        Mixtral with 3 of 16 layers so ran at a 1300 MiB cap, 11-12 tok/s against ~9 on
+        torch's kernels alone). (The planner models kernels without `nbits`.)"""
         if not getattr(self, "nbits", False):
             return {}
         records, a = self.facts.records, self.args
@@ -459,10 +461,7 @@ class _Placer:
             left = None if left is None else left - cost
         cost = int(head * NBITS_EXTRA)
         on_head = len(chosen) == a.num_hidden_layers and (left is None or cost <= left)
-        if not chosen or a.is_moe and not on_head:
-            # MoE stays all or nothing: the synthetic Mixtral with 3 of 16 layers' experts on
-            # it (24 sessions, budget 1295 MiB) was OOM-killed at a 1300 MiB cap, so a
-            # session's own overhead is not counted yet; measure it before splitting MoE
+        if not chosen:
             return {}
         return dict(prepacked=extra + (cost if on_head else 0), nbits_layers=frozenset(chosen),
                     nbits_head=on_head)
