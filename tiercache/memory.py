@@ -72,3 +72,25 @@ def return_large_frees(threshold: int = 1 << 20) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def page_out(path: str) -> int:
+    """Drop this process's resident pages of its mappings of `path` (a library mapped a file
+    and read it once, e.g. ONNX Runtime's external initializers, prepacked at load): clean file
+    pages, read back from the file should it touch them again. -> bytes of the mappings; 0
+    where the kernel lacks MADV_PAGEOUT or nothing maps the file."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    total = 0
+    with open("/proc/self/maps") as f:
+        spans = [line.split(maxsplit=5) for line in f]
+    for fields in spans:
+        if len(fields) == 6 and fields[5].strip() == path:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+                total += hi - lo
+    return total

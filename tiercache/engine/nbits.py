@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-from ..memory import trim_heap
+from ..memory import page_out, trim_heap
 from ..store import quant
 
 GROUP = quant.GROUP
@@ -246,6 +246,10 @@ class _Graph:
             onnx.save_model(model, path)
             del model
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            # prepacked: ORT no longer reads most of its map of the weights; its pages stayed
+            # resident (the 1B shape: ~165 MiB of file pages), charged to a cgroup until the
+            # kernel reclaims them under pressure. Let them go now
+            page_out(os.path.join(tmp, "g.data"))
         trim_heap()  # each build frees ~1x its weights in small blocks: return them now,
         return sess  # not after the last layer (the 1B shape peaked 345 MB over its budget)
 
