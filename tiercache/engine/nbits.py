@@ -216,8 +216,9 @@ class _Graph:
         outer, self.nodes = self.nodes, []
         out = build()
         body, self.nodes = self.nodes, outer
+        from onnx import TensorProto
         return self.h.make_graph(body, self.name("branch"), [],
-                                 [self.h.make_tensor_value_info(out, 1, None)])
+                                 [self.h.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
     def session(self, k: int, outputs: list[tuple], rope: int = 0, inputs=None):
         """Inputs x [T, k] (and cos, sin [T, rope] when rope), or `inputs` (name, dims after

@@ -65,8 +65,8 @@ class TieredEngine(Engine):
         self.reader.drop_page_cache()
         self.tensors = store.manifest["tensors"]
         # refuses (BudgetError, with the numbers) before loading
-        if cfg.vram_bytes:
-            self.vram_device = vram.device(cfg.vram_device)  # refused here, before loading
+        # the VRAM tier's device, refused here (before loading) where it is not there
+        self.vram_device = vram.device(cfg.vram_device) if cfg.vram_bytes else None
         caps = Capacities(runtime=self._runtime_bytes(), ram=cfg.ram_bytes,
                           vram=cfg.vram_bytes or 0)
         self.layout = lay = place(self.facts, cfg, caps, self.kernels)
@@ -203,10 +203,10 @@ class TieredEngine(Engine):
         for name in self.tensors:
             if name.startswith(prefix):
                 yield name, self._read_tensor(name)
-        keys = lambda e: [cluster_key(layer, e, c).decode() for c in range(self.n_clusters)]
         for e in range(a.n_experts):
+            keys = [cluster_key(layer, e, c).decode() for c in range(self.n_clusters)]
             parts = [self.store.decode_cluster(buf, c, torch.float32)
-                     for c, buf in enumerate(self.reader.read_many(keys(e)))]
+                     for c, buf in enumerate(self.reader.read_many(keys))]
             gate, up, down = zip(*parts)
             for part, w in zip(FFN_PARTS, (torch.cat(gate), torch.cat(up), torch.cat(down, 1))):
                 yield ffn_name(a, layer, e, part), w
@@ -351,7 +351,7 @@ class TieredEngine(Engine):
                 "pinned_kernel": _pinned_kernel(self.budget, self.args.num_hidden_layers),
                 "vram": {"layers": sorted(self.budget.vram_layers),
                          "head": self.budget.vram_head, "bytes": self.layout.vram,
-                         "device": str(getattr(self, "vram_device", "")) or None}}
+                         "device": self.vram_device and str(self.vram_device)}}
 
 
 def _layer_of(name: str) -> int:
