@@ -30,7 +30,7 @@ from ..memory import anon_bytes, return_large_frees, trim_heap
 from ..models import Model, materialize
 from ..models.llama import DecoderLayer, rope_inv_freq, sanitize
 from ..store import quant
-from ..store.format import FFN_PARTS, Store, cluster_key, ffn_name, tensor_key
+from ..store.format import FFN_PARTS, Store, ffn_name, tensor_key
 from ..store.reader import RecordReader
 from .dense import Engine, context_limit
 from ..models.kv import kv_dtype
@@ -204,11 +204,8 @@ class TieredEngine(Engine):
             if name.startswith(prefix):
                 yield name, self._read_tensor(name)
         for e in range(a.n_experts):
-            keys = [cluster_key(layer, e, c).decode() for c in range(self.n_clusters)]
-            parts = [self.store.decode_cluster(buf, c, torch.float32)
-                     for c, buf in enumerate(self.reader.read_many(keys))]
-            gate, up, down = zip(*parts)
-            for part, w in zip(FFN_PARTS, (torch.cat(gate), torch.cat(up), torch.cat(down, 1))):
+            for part, w in zip(FFN_PARTS, self.store.ffn_weights(layer, e,
+                                                                 read=self.reader.read_many)):
                 yield ffn_name(a, layer, e, part), w
 
     def _swap_linears(self, model: Model) -> None:

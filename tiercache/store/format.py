@@ -145,10 +145,14 @@ class Store:
         return tuple(quant.decode(mv[o:o + nb], s, self.ffn_dtype, out_dtype)
                      for s, o, nb in self.cluster_parts(cluster))
 
-    def ffn_weights(self, layer: int, expert: int = 0, out_dtype=torch.float32):
-        """Whole FFN of one layer/expert in HF shapes: gate [F, d], up [F, d], down [d, F]."""
-        parts = [self.decode_cluster(self.cluster_bytes(layer, expert, c), c, out_dtype)
-                 for c in range(self.n_clusters)]
+    def ffn_weights(self, layer: int, expert: int = 0, out_dtype=torch.float32, read=None):
+        """Whole FFN of one layer/expert in HF shapes: gate [F, d], up [F, d], down [d, F].
+        read: record keys -> their bytes (e.g. RecordReader.read_many); else from LMDB."""
+        if read is None:
+            bufs = [self.cluster_bytes(layer, expert, c) for c in range(self.n_clusters)]
+        else:
+            bufs = read([cluster_key(layer, expert, c).decode() for c in range(self.n_clusters)])
+        parts = [self.decode_cluster(buf, c, out_dtype) for c, buf in enumerate(bufs)]
         gate, up, down = zip(*parts)
         return torch.cat(gate), torch.cat(up), torch.cat(down, dim=1)
 
