@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..store import quant
+from . import q4
 
 _HAVE_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -40,7 +41,7 @@ def int4_layout() -> int | None:
     ref = x.bfloat16().float() @ w.T
     for h in (1, 2):
         try:
-            y = int4_mm(x, _to_native(_pack64(q), h), int4_scales(scale, mn)).float()
+            y = _torch_int4_mm(x, _to_native(_pack64(q), h), int4_scales(scale, mn))
         except RuntimeError:  # the kernel refused the shape: not this layout
             continue
         if (y - ref).abs().max() <= 0.02 * ref.abs().max():
@@ -57,20 +58,28 @@ def int4_ok(shape) -> bool:
 
 
 def resident_kernel() -> str:
-    """The kernel for q4 weights that stay in RAM for the run: ONNX Runtime's MatMulNBits
-    where it is installed and verifies here (prepacked, ~3x torch's int4 kernel's weight rate
-    on AVX2), else torch's int4 kernel. Cached and streamed weights always take torch's."""
+    """The kernel for q4 weights that stay in RAM for the run, where the budget leaves room
+    for its packing (~0.4x their bytes): ONNX Runtime's MatMulNBits where it is installed and
+    verifies here (one ORT call per layer after attention: less Python per token, and a GEMM
+    for prompts), else the int4 kernel every other q4 weight runs on (`int4_kernel`)."""
     from . import nbits
     if nbits.available():
         return "ort-nbits"
-    return "torch-int4" if int4_available() else "f32"
+    return int4_kernel() if int4_available() else "f32"
+
+
+def int4_kernel() -> str:
+    """What computes q4 weights in RAM (pinned, cached, streamed): tiercache's own kernel
+    (q4.py: 'q4-avx2' or 'q4-scalar', int8 activations) where it verifies here, else torch's
+    ('torch', bf16 activations)."""
+    return f"q4-{q4.path()}" if q4.available() else "torch"
 
 
 def cpu_capability() -> str:
     """What torch dispatches its CPU kernels for (e.g. AVX2, AVX512), and the int4 row block."""
     h = int4_layout()
     return f"{torch.backends.cpu.get_cpu_capability()}, int4 " + (
-        f"block {64 // h}" if h else "unavailable")
+        f"block {64 // h} on {int4_kernel()}" if h else "unavailable")
 
 
 def q4_unpack(buf, shape):
@@ -141,10 +150,26 @@ def int4_scales(scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> [T, N] (bf16) for packed (this CPU's layout, N*K/2 bytes), sz [K/32, N, 2]."""
+    """x [T, K] -> [T, N] f32 for packed (this CPU's layout, N*K/2 bytes), sz [K/32, N, 2]:
+    tiercache's own kernel where it verifies here (q4.py: int8 activations, 2-5x torch's rate
+    on AVX2), else torch's (bf16 activations)."""
+    if q4.available() and packed.is_contiguous() and sz.is_contiguous():
+        return q4.mm(x, packed, sz, 64 // (int4_layout() or 1))
+    return _torch_int4_mm(x, packed, sz)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, N] f32 for int8 rows q [N, K] with a bf16 scale per row: tiercache's
+    kernel where it verifies here (int8 activations), else torch's (bf16 activations)."""
+    if q4.available() and q.is_contiguous():
+        return q4.mm8(x, q, scale)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).float()
+
+
+def _torch_int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     n, k = sz.shape[1], x.shape[-1]
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(torch.bfloat16), packed.view(n, k // 2), quant.GROUP, sz)
+        x.to(torch.bfloat16), packed.view(n, k // 2), quant.GROUP, sz).float()
 
 
 def q4k_native(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +261,7 @@ class Q8Linear(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale).float()
+        y = int8_mm(x.reshape(-1, shape[-1]), self.q, self.scale)
         y = y.view(*shape[:-1], self.shape[0])
         return y if self.bias is None else y + self.bias
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..store.format import cluster_key, tensor_key
 from ..store.reader import aligned_buffer
+from .kernels import int8_mm
 from .kernels import QLinear, native_shape, plain_copy, q4_copy
 from .layout import HEAD_SLICE, Unit  # noqa: F401 (HEAD_SLICE: where it used to live)
 from .slots import Block
@@ -200,12 +201,12 @@ class StreamedHead(nn.Module):
         return q8r_rows(self.reader, self.key, self.scale, ids.tolist(), self.shape[1])
 
     def forward(self, h):
-        x = h.reshape(-1, h.shape[-1]).to(torch.bfloat16)
+        x = h.reshape(-1, h.shape[-1])
         out = torch.empty(x.shape[0], self.shape[0])
         for u in self.units:
             lo, hi = self.streamer.units[u].rows
             q = self.streamer.get(u)["head"]
-            out[:, lo:hi] = torch.ops.aten._weight_int8pack_mm(x, q, self.scale[lo:hi]).float()
+            out[:, lo:hi] = int8_mm(x, q, self.scale[lo:hi])
         return out.view(*h.shape[:-1], self.shape[0])
 
 

@@ -36,7 +36,7 @@ from .dense import Engine, context_limit
 from ..models.kv import kv_dtype
 from . import experts as moe_experts
 from .ffn import ClusterFFN, Joiner, TieredMLP, TieredMoE, TieredTail
-from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_ok
+from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_kernel, int4_ok
 from .layout import (FILE_RESERVE, MB, PREFILL_CHUNK, SLACK, SPARSE_WORTH,  # noqa: F401
                      Budget, Capacities, Kernels, StoreFacts, TierConfig, place, slack_bytes,
                      spread_layers)
@@ -359,7 +359,7 @@ def _layer_of(name: str) -> int:
 def _pinned_kernel(b, layers: int) -> str:
     n = len(b.nbits_layers)
     if n == 0:
-        return "torch"
+        return int4_kernel()
     return "ort-nbits" if n == layers and b.nbits_head else f"ort-nbits for {n} of {layers} layers"
 
 

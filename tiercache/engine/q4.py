@@ -1,0 +1,123 @@
+"""tiercache's own int4 x int8 kernel (tiercache/_q4.c) on the int4 layout weights already have
+in RAM (kernels.py: this CPU's row block of 32 or 64, bf16 scale and zero per group of 32), so a
+cluster read from the store is computed on as read, pinned, cached or streamed alike, and takes
+no more RAM than its stored bytes (ORT's prepacked MatMulNBits takes ~1.4x).
+
+Activations are quantized to int8 per group of 32, as llama.cpp's q8_0 and MatMulNBits'
+accuracy_level 4 do. The AVX2/FMA path runs where the CPU has both (checked at run time), a
+scalar one elsewhere; either is used only after it matches a float reference on a small block
+here (`available`). It is for the few rows of a decode step: prompts (many rows) stay on torch's
+int4 kernel or ORT, which reuse each weight across rows.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..store import quant
+
+MAX_ROWS = 4  # activation rows up to which this kernel beats torch's int4 one (measured: q4.py)
+
+
+@functools.cache
+def _ext():
+    try:
+        from .. import _q4
+    except ImportError:  # built without a C compiler: torch's kernel does it all
+        return None
+    return _q4
+
+
+def path() -> str | None:
+    """'avx2' or 'scalar' (the one that runs here), None when the extension is missing or
+    its result does not match the reference on this CPU."""
+    return _checked()
+
+
+def available() -> bool:
+    return _checked() is not None
+
+
+@functools.cache
+def _checked() -> str | None:
+    ext = _ext()
+    if ext is None:
+        return None
+    for avx2 in ((True, False) if ext.avx2() else (False,)):
+        if all(_matches(avx2, bn) for bn in (32, 64)) and _matches8(avx2):
+            return "avx2" if avx2 else "scalar"
+    return None
+
+
+def _matches(avx2: bool, bn: int) -> bool:
+    """The kernel against dequantized floats on a [96, 128] block in row blocks of `bn`."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 2 * bn, 128
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    sz = (torch.randn(k // quant.GROUP, n, 2, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(3, k, generator=g)
+    packed = pack(q, bn)
+    w = (q.float() - 8).view(n, -1, quant.GROUP) * sz[..., 0].float().T[..., None] \
+        + sz[..., 1].float().T[..., None]
+    ref = x @ w.view(n, k).T
+    try:
+        y = _gemm(x, packed, sz, bn, 1, avx2)
+    except (RuntimeError, ValueError):
+        return False
+    return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
+
+
+def _matches8(avx2: bool) -> bool:
+    """The int8-row kernel against floats on [70, 96] (a last block of 6 rows)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (70, 96), generator=g, dtype=torch.int8)
+    scale = (torch.rand(70, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    x = torch.randn(2, 96, generator=g)
+    ref = x @ (q.float() * scale.float()[:, None]).T
+    try:
+        y = _gemm8(x, q, scale, 1, avx2)
+    except (RuntimeError, ValueError):
+        return False
+    return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
+
+
+def pack(q: torch.Tensor, bn: int) -> torch.Tensor:
+    """q uint8 [N, K] -> row blocks of bn: [N/bn, K, bn/2], byte j holding rows j and j+bn/2."""
+    n, k = q.shape
+    q = q.view(n // bn, 2, bn // 2, k)
+    return (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
+
+
+def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bn: int) -> torch.Tensor:
+    """x [T, K] f32 -> [T, N] f32, for packed (row blocks of bn, N*K/2 contiguous bytes) and
+    sz bf16 [K/32, N, 2]."""
+    return _gemm(x, packed, sz, bn, torch.get_num_threads(), _checked() == "avx2")
+
+
+def _gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
+    n = sz.shape[1]
+    x = x.float().contiguous()
+    m, k = x.shape
+    if not packed.is_contiguous() or packed.numel() != n * k // 2 or not sz.is_contiguous():
+        raise ValueError(f"q4 mm: packed {tuple(packed.shape)}, sz {tuple(sz.shape)} for K {k}")
+    y = torch.empty(m, n)
+    _ext().gemm(x.data_ptr(), m, k, packed.data_ptr(), sz.data_ptr(), n, bn, y.data_ptr(),
+                threads, avx2)
+    return y
+
+
+def mm8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] f32 -> [T, N] f32 for int8 rows q [N, K] (contiguous) with bf16 scale [N]."""
+    return _gemm8(x, q, scale, torch.get_num_threads(), _checked() == "avx2")
+
+
+def _gemm8(x, q, scale, threads: int, avx2: bool) -> torch.Tensor:
+    n, k = q.shape
+    x = x.float().contiguous()
+    if not q.is_contiguous() or scale.dtype != torch.bfloat16 or scale.numel() != n:
+        raise ValueError(f"q8 mm: q {tuple(q.shape)}, scale {tuple(scale.shape)}")
+    y = torch.empty(x.shape[0], n)
+    _ext().gemm8(x.data_ptr(), x.shape[0], k, q.data_ptr(), scale.contiguous().data_ptr(), n,
+                 y.data_ptr(), threads, avx2)
+    return y
