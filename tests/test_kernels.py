@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tiercache.engine import kernels
+from tiercache.engine import kernels, q4
 from tiercache.engine.slots import Block, Float32Slots, Int4Slots
 from tiercache.store import quant
 
@@ -170,3 +170,83 @@ def test_torch_threads_sleep_and_ort_sessions_share_one_pool():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["ACTIVE", "False"] and out[2] in ("True", "None")
+
+
+# tiercache's own kernel (engine/q4.py): int8 activations per group of 32, so 2% of the largest
+# output, as MatMulNBits' accuracy_level 4 is held to
+needs_q4 = pytest.mark.skipif(not q4.available(), reason="tiercache._q4 not built or not verified")
+PATHS = [True, False] if q4.available() and q4._ext().avx2() else [False]
+
+
+def _q4_case(n, k, m, bn, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    sz = torch.stack([torch.rand(k // 32, n, generator=g) * 0.1 + 0.01,
+                      torch.randn(k // 32, n, generator=g) * 0.1], -1).to(torch.bfloat16)
+    w = ((q.float() - 8).view(n, k // 32, 32) * sz[..., 0].float().T[..., None]
+         + sz[..., 1].float().T[..., None]).view(n, k)
+    x = torch.randn(m, k, generator=g)
+    return q4.pack(q, bn), sz, x, x @ w.T
+
+
+@needs_q4
+@pytest.mark.parametrize("avx2", PATHS)
+@pytest.mark.parametrize("bn", [32, 64])
+@pytest.mark.parametrize("m", [1, 3])
+def test_q4_kernel_matches_dequantized(avx2, bn, m):
+    packed, sz, x, ref = _q4_case(192, 160, m, bn, seed=bn + m)
+    _check(q4.gemm(x, packed, sz, bn, 1, avx2), ref, f"q4 bn {bn} avx2 {avx2}")
+
+
+@needs_q4
+@pytest.mark.parametrize("avx2", PATHS)
+def test_q4_kernel_threads_split_rows_exactly(avx2):
+    """Rows split across the kernel's pool: each row's sum is the same arithmetic."""
+    packed, sz, x, _ = _q4_case(320, 96, 2, 32, seed=5)
+    one = q4.gemm(x, packed, sz, 32, 1, avx2)
+    for threads in (2, 3):
+        assert torch.equal(q4.gemm(x, packed, sz, 32, threads, avx2), one)
+
+
+@needs_q4
+def test_q4_avx2_and_scalar_agree():
+    if len(PATHS) < 2:
+        pytest.skip("no AVX2 here: only the scalar path runs")
+    packed, sz, x, _ = _q4_case(128, 256, 1, 32, seed=6)
+    a, b = (q4.gemm(x, packed, sz, 32, 1, p) for p in (True, False))
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@needs_q4
+@pytest.mark.parametrize("avx2", PATHS)
+def test_q8_kernel_matches_dequantized(avx2):
+    """int8 rows with a scale each (a q8r head), a row count that leaves partial blocks of 4
+    and of the pool's 64 rows, on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-127, 128, (135, 64), generator=g, dtype=torch.int8)
+    scale = (torch.rand(135, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=g)
+    ref = x @ (q.float() * scale.float()[:, None]).T
+    one = q4.gemm8(x, q, scale, 1, avx2)
+    _check(one, ref, f"q8 avx2 {avx2}")
+    assert torch.equal(q4.gemm8(x, q, scale, 2, avx2), one)
+
+
+@needs_q4
+def test_q4_kernel_refuses_shapes_it_cannot_run():
+    packed, sz, x, _ = _q4_case(64, 64, 1, 32, seed=8)
+    with pytest.raises(ValueError):
+        q4.gemm(torch.randn(1, 48), packed, sz, 32, 1, False)  # K unlike the weights
+    with pytest.raises(ValueError):
+        q4.gemm(x, packed[:1], sz, 32, 1, False)
+
+
+@needs_int4
+def test_int4_mm_runs_the_verified_kernel():
+    """kernels.int4_mm (every q4 weight in RAM) takes tiercache's kernel where it verifies, and
+    both agree with the dequantized weights in this CPU's layout."""
+    raw, w = _q4k(128, 96, seed=9)
+    lin = kernels.QLinear.from_q4k(raw, (128, 96))
+    x = torch.randn(2, 96)
+    _check(kernels.int4_mm(x, lin.packed, lin.sz), x @ w.T, "int4_mm")
+    assert kernels.int4_kernel() == (f"q4-{q4.path()}" if q4.available() else "torch")

@@ -40,15 +40,17 @@ def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
 # max |logit difference| / std against the f32 reference on the same q4 values: torch's int4
 # kernel rounds activations to bf16 (measured 0.03-0.04); ORT's MatMulNBits (accuracy_level 4)
 # quantizes them to int8 per group of 32, as llama.cpp's q8 activations do (measured 0.05-0.10
-# on these random d=64-128 models; accuracy_level 1 keeps f32 but ran 3-4x slower than torch)
-KERNEL_TOL = {"torch": 0.05, "auto": 0.15}
+# on these random d=64-128 models; accuracy_level 1 keeps f32 but ran 3-4x slower than torch),
+# and so does tiercache's own int4 kernel (engine/q4.py), which runs them where it verifies
+KERNEL_TOL = {"bf16": 0.05, "int8": 0.15}
 
 
-@pytest.mark.parametrize("compute", list(KERNEL_TOL))
+@pytest.mark.parametrize("compute", ["torch", "auto"])
 def test_int4_path_matches_dense_within_kernel_tolerance(hf_models, tmp_path, compute):
     """q4 store with clusters of 64 runs the int4 kernels (auto: the resident weights on ORT's
     MatMulNBits where it is installed); dense runs the same values in f32."""
     from tiercache.engine import nbits
+    from tiercache.engine.kernels import int4_kernel
     from tiercache.store.convert import convert
     out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
                   progress=False)
@@ -57,7 +59,8 @@ def test_int4_path_matches_dense_within_kernel_tolerance(hf_models, tmp_path, co
     assert eng.int4 and eng.nbits == (compute == "auto" and nbits.available())
     got = _logits(eng)
     rel = (got - dense).abs().max() / dense.std()
-    assert rel < KERNEL_TOL[compute], f"{compute}: max diff {rel:.3g} x std"
+    acts = "bf16" if compute == "torch" and int4_kernel() == "torch" else "int8"
+    assert rel < KERNEL_TOL[acts], f"{compute} ({int4_kernel()}): max diff {rel:.3g} x std"
     assert (got.argmax(-1) == dense.argmax(-1)).float().mean() > 0.9
 
 

@@ -62,7 +62,7 @@ def _matches(avx2: bool, bn: int) -> bool:
         + sz[..., 1].float().T[..., None]
     ref = x @ w.view(n, k).T
     try:
-        y = _gemm(x, packed, sz, bn, 1, avx2)
+        y = gemm(x, packed, sz, bn, 1, avx2)
     except (RuntimeError, ValueError):
         return False
     return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
@@ -76,7 +76,7 @@ def _matches8(avx2: bool) -> bool:
     x = torch.randn(2, 96, generator=g)
     ref = x @ (q.float() * scale.float()[:, None]).T
     try:
-        y = _gemm8(x, q, scale, 1, avx2)
+        y = gemm8(x, q, scale, 1, avx2)
     except (RuntimeError, ValueError):
         return False
     return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
@@ -92,10 +92,11 @@ def pack(q: torch.Tensor, bn: int) -> torch.Tensor:
 def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bn: int) -> torch.Tensor:
     """x [T, K] f32 -> [T, N] f32, for packed (row blocks of bn, N*K/2 contiguous bytes) and
     sz bf16 [K/32, N, 2]."""
-    return _gemm(x, packed, sz, bn, torch.get_num_threads(), _checked() == "avx2")
+    return gemm(x, packed, sz, bn, torch.get_num_threads(), _checked() == "avx2")
 
 
-def _gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
+def gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
+    """`mm` on a chosen path and thread count (tests run both paths where AVX2 exists)."""
     n = sz.shape[1]
     x = x.float().contiguous()
     m, k = x.shape
@@ -109,10 +110,11 @@ def _gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
 
 def mm8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] f32 -> [T, N] f32 for int8 rows q [N, K] (contiguous) with bf16 scale [N]."""
-    return _gemm8(x, q, scale, torch.get_num_threads(), _checked() == "avx2")
+    return gemm8(x, q, scale, torch.get_num_threads(), _checked() == "avx2")
 
 
-def _gemm8(x, q, scale, threads: int, avx2: bool) -> torch.Tensor:
+def gemm8(x, q, scale, threads: int, avx2: bool) -> torch.Tensor:
+    """`mm8` on a chosen path and thread count."""
     n, k = q.shape
     x = x.float().contiguous()
     if not q.is_contiguous() or scale.dtype != torch.bfloat16 or scale.numel() != n:
