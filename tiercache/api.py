@@ -100,6 +100,9 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
             raise
         # the plan's regions do not fit what this process measures: size them here
         eng = load_tiered(Store(path, readahead=False), own, hand)
+    if eng.int4:  # q4 weights: the threads go to the kernels that run them (q4.share_threads)
+        from .engine import q4
+        q4.share_threads(threads or default_threads())
     return eng, tok
 
 

@@ -26,6 +26,7 @@ import torch
 
 from ..memory import page_out, trim_heap
 from ..store import quant
+from . import q4
 
 GROUP = quant.GROUP
 EXTRA = 0.5  # anonymous RAM beyond the stored bytes, per stored byte: measured 0.45 on the 1B
@@ -233,7 +234,7 @@ class _Graph:
             self.inits)
         model = h.make_model(g, opset_imports=[h.make_opsetid(d, v) for d, v in OPSET])
         model.ir_version = 10  # ORT 1.31 rejects newer IR versions
-        so = session_options(torch.get_num_threads())
+        so = session_options(q4.threads())
         so.enable_cpu_mem_arena = False  # its arena kept ~120 MB of scratch after one prefill
         self.nodes = self.inits = None
         # Loaded from a file with external data, ORT maps the weights (a reclaimable file

@@ -17,7 +17,24 @@ import torch
 
 from ..store import quant
 
-MAX_ROWS = 4  # activation rows up to which this kernel beats torch's int4 one (measured: q4.py)
+_THREADS: list = []  # set by share_threads
+
+
+def threads() -> int:
+    """Threads for this kernel and ORT's sessions: what `share_threads` gave them, else torch's."""
+    return _THREADS[-1] if _THREADS else torch.get_num_threads()
+
+
+def share_threads(n: int) -> None:
+    """n threads for the kernels that do the work (this one, ORT's), 1 for torch's ops, which
+    at decode are small ones between them. Where all take n, the spinning workers of each pool
+    keep the others' off the 2 cores: 1B shape, 2 threads, resident, decode 9.8-10.4 tok/s (and
+    11.2-12.6 on ORT's MatMulNBits) against 13.7-14.8 (13.7-14.8) so; prompts of 128 tokens
+    45-51 tok/s either way. Only where this kernel runs (torch's int4 one needs torch's threads).
+    """
+    if available():
+        _THREADS[:] = [max(1, n)]
+        torch.set_num_threads(1)
 
 
 @functools.cache
@@ -92,7 +109,7 @@ def pack(q: torch.Tensor, bn: int) -> torch.Tensor:
 def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bn: int) -> torch.Tensor:
     """x [T, K] f32 -> [T, N] f32, for packed (row blocks of bn, N*K/2 contiguous bytes) and
     sz bf16 [K/32, N, 2]."""
-    return gemm(x, packed, sz, bn, torch.get_num_threads(), _checked() == "avx2")
+    return gemm(x, packed, sz, bn, threads(), _checked() == "avx2")
 
 
 def gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
@@ -110,7 +127,7 @@ def gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
 
 def mm8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] f32 -> [T, N] f32 for int8 rows q [N, K] (contiguous) with bf16 scale [N]."""
-    return gemm8(x, q, scale, torch.get_num_threads(), _checked() == "avx2")
+    return gemm8(x, q, scale, threads(), _checked() == "avx2")
 
 
 def gemm8(x, q, scale, threads: int, avx2: bool) -> torch.Tensor:
