@@ -42,7 +42,7 @@ def test_pack_equals_torchs_own_conversion():
     q = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(3),
                       dtype=torch.uint8)
     ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
-    assert torch.equal(kernels.int4_pack(q).reshape(ref.shape), ref)
+    assert torch.equal(kernels.int4_pack(q, kernels.int4_layout()).reshape(ref.shape), ref)
 
 
 @needs_int4

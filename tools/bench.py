@@ -369,9 +369,16 @@ def engine_source(rev: str, work: Path) -> tuple[Path | None, str]:
     dest = work / "src" / sha
     if not (dest / "tiercache").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
-        tar = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "tiercache", "backends",
-                              "planner"], capture_output=True, check=True).stdout
+        paths = ["tiercache", "backends", "planner", "pyproject.toml", "README.md"]
+        has_setup = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{sha}:setup.py"],
+                                   capture_output=True).returncode == 0
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", sha, *paths]
+                             + (["setup.py"] if has_setup else []),
+                             capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+        if has_setup:  # its compiled kernel (tiercache._q4), built there as an install would
+            subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                           cwd=dest, check=True, capture_output=True)
     return dest, sha
 
 

@@ -11,6 +11,10 @@ neither is not given the int4 kernel at all: its q4 stores compute in float32.
 
 In RAM a canonical block [nb, K, 32] becomes [nb, H, K, 32/H] with H = 64 / BN, so both K and
 whole 64-row blocks slice the same way in either layout.
+
+Where tiercache's own kernel (q4.py: int8 activations, 2-5x torch's rate on AVX2) verifies, it
+runs every q4 weight instead, on the store's layout as is (`ram_layout`: H = 1 whatever the
+CPU, so records are not reshuffled), and q8 rows (`int8_mm`) too.
 Everything else runs as float32 through F.linear: the exact path.
 """
 from __future__ import annotations
@@ -47,6 +51,14 @@ def int4_layout() -> int | None:
         if (y - ref).abs().max() <= 0.02 * ref.abs().max():
             return h
     return None
+
+
+@functools.cache
+def ram_layout() -> int:
+    """H of the layout q4 weights take in RAM: 1 (the store's own, row blocks of 64: a record
+    is used as read, with no reshuffle) where tiercache's kernel runs them, which takes either;
+    else torch's kernel's (`int4_layout`)."""
+    return 1 if q4.available() else (int4_layout() or 1)
 
 
 def int4_available() -> bool:
@@ -103,14 +115,14 @@ def _pack64(q: torch.Tensor) -> torch.Tensor:
 
 def native_shape(nb: int, k: int) -> tuple:
     """This CPU's shape of a canonical [nb, K, 32] block run: [nb, H, K, 32/H]."""
-    h = int4_layout() or 1
+    h = ram_layout()
     return (nb, h, k, 32 // h)
 
 
 def q4_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Canonical src [..., K, 32] -> dst [..., H, K, 32/H] in this CPU's layout. Each (block,
     k) row of 32 bytes maps onto itself, so any slice along K or whole blocks copies alone."""
-    _copy_h(dst, src, int4_layout() or 1)
+    _copy_h(dst, src, ram_layout())
 
 
 def plain_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -136,12 +148,12 @@ def _to_native(packed64: torch.Tensor, h: int) -> torch.Tensor:
 
 def to_native(packed64: torch.Tensor) -> torch.Tensor:
     """A new tensor: canonical [nb, K, 32] in this CPU's layout (a copy even when equal)."""
-    return _to_native(packed64, int4_layout() or 1)
+    return _to_native(packed64, ram_layout())
 
 
-def int4_pack(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] (N % 64 == 0) -> this CPU's packed layout [N/64, H, K, 32/H]."""
-    return to_native(_pack64(q))
+def int4_pack(q: torch.Tensor, h: int | None = None) -> torch.Tensor:
+    """q uint8 [N, K] (N % 64 == 0) -> the RAM layout [N/64, H, K, 32/H] (or that of H=h)."""
+    return _to_native(_pack64(q), h or ram_layout())
 
 
 def int4_scales(scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
@@ -153,8 +165,8 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Te
     """x [T, K] -> [T, N] f32 for packed (this CPU's layout, N*K/2 bytes), sz [K/32, N, 2]:
     tiercache's own kernel where it verifies here (q4.py: int8 activations, 2-5x torch's rate
     on AVX2), else torch's (bf16 activations)."""
-    if q4.available() and packed.is_contiguous() and sz.is_contiguous():
-        return q4.mm(x, packed, sz, 64 // (int4_layout() or 1))
+    if q4.available():
+        return q4.mm(x, packed.contiguous(), sz.contiguous(), 64 // ram_layout())
     return _torch_int4_mm(x, packed, sz)
 
 
@@ -177,7 +189,7 @@ def q4k_native(raw: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
     (the record's storage is kept; a transient copy of the packed part only)."""
     packed64, sz = quant.q4k_views(raw, shape)
     nb, k, _ = packed64.shape
-    h = int4_layout() or 1
+    h = ram_layout()
     if h != 1:
         tmp = _to_native(packed64, h)
         raw[:tmp.numel()].copy_(tmp.view(-1))
