@@ -4,8 +4,8 @@ Flash: cold reads of a temporary file at several block sizes and thread counts, 
 (page-aligned mmap buffers) or, where the filesystem refuses it, plain reads after
 posix_fadvise(DONTNEED). Memory: streaming read and copy bandwidth. Compute: torch matvec and
 matmul at one thread per dtype on FFN-shaped matrices that together overflow the caches: q4 as
-the engine runs it (torch's int4 CPU kernel, bf16 activations; else dequantize then multiply),
-q8 as dequantize then multiply; plus what a miss costs to prepare (dequantize to f32, or repack
+the engine runs it (kernels.int4_mm: tiercache's int4 kernel, else torch's; else dequantize then
+multiply), q8 on the engine's int8 kernel (kernels.int8_mm); plus what a miss costs to prepare (dequantize to f32, or repack
 into the int4 kernel's layout). Runtime: RSS of a fresh
 python after `import torch` (a subprocess, so this process's state does not count).
 """
@@ -348,7 +348,7 @@ def _check(m, w, X, dt) -> None:
 
 def _int4(w):
     """(packed uint8 [N/64, K, 32], scale-and-zero bf16 [K/32, N, 2]): the engine's layout
-    (tiercache/engine/kernels.py) for torch's `_weight_int4pack_mm_for_cpu`."""
+    (tiercache/engine/kernels.py) for its int4 kernel (`int4_mm`)."""
     return _repack(_q4(w))
 
 
@@ -405,10 +405,10 @@ def _deq(m, dt):
 
 def _mul(m, x, dt):
     import torch
-    if isinstance(m, tuple) and m[0] == "int8":  # int8 kernel: bf16 activations
-        return torch.ops.aten._weight_int8pack_mm(x.view(-1, COLS).to(torch.bfloat16), m[1],
-                                                  m[2]).float()
-    if dt == "q4" and len(m) == 2:  # int4 kernel: bf16 activations, [T, K] x [N, K]^T
+    if isinstance(m, tuple) and m[0] == "int8":  # the engine's int8 kernel (kernels.int8_mm)
+        from tiercache.engine.kernels import int8_mm
+        return int8_mm(x.view(-1, COLS), m[1], m[2])
+    if dt == "q4" and len(m) == 2:  # the engine's int4 kernel: [T, K] x [N, K]^T
         from tiercache.engine.kernels import int4_mm
         return int4_mm(x.view(-1, COLS), *m).float()
     w = _deq(m, dt) if dt in ("q8", "q4") else m
