@@ -209,11 +209,13 @@ def test_q4_kernel_threads_split_rows_exactly(avx2):
 
 
 @needs_q4
-def test_q4_avx2_and_scalar_agree():
+@pytest.mark.parametrize("bn", [32, 64])
+def test_q4_avx2_and_scalar_agree(bn):
+    """The same integer sums: only the float accumulation order differs."""
     if len(PATHS) < 2:
         pytest.skip("no AVX2 here: only the scalar path runs")
-    packed, sz, x, _ = _q4_case(128, 256, 1, 32, seed=6)
-    a, b = (q4.gemm(x, packed, sz, 32, 1, p) for p in (True, False))
+    packed, sz, x, _ = _q4_case(128, 256, 2, bn, seed=6)
+    a, b = (q4.gemm(x, packed, sz, bn, 1, p) for p in (True, False))
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
@@ -250,3 +252,18 @@ def test_int4_mm_runs_the_verified_kernel():
     x = torch.randn(2, 96)
     _check(kernels.int4_mm(x, lin.packed, lin.sz), x @ w.T, "int4_mm")
     assert kernels.int4_kernel() == (f"q4-{q4.path()}" if q4.available() else "torch")
+
+
+@needs_q4
+@pytest.mark.parametrize("avx2", PATHS)
+@pytest.mark.parametrize("bn", [32, 64])
+def test_q4_kernel_holds_the_largest_sums(avx2, bn):
+    """Every nibble 15 and every activation at the int8 limit: the largest integer sums a
+    group can make (the AVX2 path sums them in int16), exact against floats."""
+    n, k = 128, 64
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    sz = torch.stack([torch.full((k // 32, n), 0.5), torch.zeros(k // 32, n)], -1).bfloat16()
+    for sign in (1.0, -1.0):
+        x = torch.full((1, k), sign)
+        got = q4.gemm(x, q4.pack(q, bn), sz, bn, 1, avx2)
+        assert torch.allclose(got, torch.full((1, n), sign * k * 7 * 0.5)), got[0, :4]

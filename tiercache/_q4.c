@@ -8,7 +8,7 @@
      y[r] = sum_g dx[g] * (scale[g, r] * (sum_k q[r, k] xq[k] - 8 S[g]) + zero[g, r] * S[g]),
    S[g] = sum of xq over group g, and the inner sum is integer arithmetic.
 
-   The AVX2 path takes 16 bytes of a column (16 rows in low nibbles, 16 in high) for 4 columns
+   The AVX2 path for row blocks of 32 takes 16 bytes of a column (16 rows in low nibbles, 16 in high) for 4 columns
    at a time, interleaves columns (c, c+2) and (c+1, c+3) byte-wise (one unpack per 8 rows) and
    multiplies pairs with maddubs: a group's 8 steps sum in int16 without overflow
    (8 * 2 * 15 * 127 = 30480). The scalar path is the same arithmetic, for other CPUs and as the
@@ -173,12 +173,83 @@ static void stripe_avx2(const act_t *a, const uint8_t *col, int64_t cs, const ui
     _mm256_storeu_ps(y + hi + 8, y3);
 }
 
+/* Row blocks of 64 (32 bytes per column): both 16-byte halves of a column in one load, lane 0
+   rows 0-15 (low nibbles) and 32-47 (high), lane 1 rows 16-31 and 48-63. Columns pair as
+   (c, c+2) and (c+1, c+3) into the same accumulators, so the pattern's two lanes are equal. */
+__attribute__((target("avx2,fma")))
+static inline void scale8x2(const uint16_t *s, int64_t r0, int64_t r1, __m256i acc, __m256 a,
+                            __m256 b8, __m256 bz, float *y0, float *y1) {
+    /* acc int16 [rows r0..r0+7 | rows r1..r1+7]: y[r] += scale * (a * dot - b8) + zero * bz */
+    __m256 d0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
+    __m256 d1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+    _mm256_storeu_ps(y0, scale8(s + r0 * 2, d0, a, b8, bz, _mm256_loadu_ps(y0)));
+    _mm256_storeu_ps(y1, scale8(s + r1 * 2, d1, a, b8, bz, _mm256_loadu_ps(y1)));
+}
+
+__attribute__((target("avx2,fma")))
+static void block64_avx2(const act_t *a, const uint8_t *blk, const uint16_t *sz, int64_t n,
+                         int64_t r, float *y) {
+    /* Two maddubs per step land in each accumulator, so int16 holds half a group (4 steps,
+       8 * 3810 = 30480) and each half is scaled on its own; the zero terms go with the first. */
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256 none = _mm256_setzero_ps();
+    int64_t groups = a->k / GROUP;
+    float *out = y + r;
+    for (int i = 0; i < 64; i++)
+        out[i] = 0.f;
+    for (int64_t g = 0; g < groups; g++) {
+        float dx = a->dx[g], sq = (float)a->sq[g];
+        __m256 va = _mm256_set1_ps(dx), b8 = _mm256_set1_ps(8.f * dx * sq),
+               bz = _mm256_set1_ps(dx * sq);
+        const uint16_t *s = sz + g * n * 2;
+        for (int half = 0; half < 2; half++) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            const uint8_t *p = blk + (g * GROUP + half * 16) * 32;
+            const int8_t *xq = a->xq + g * GROUP + half * 16;
+            for (int c = 0; c < 16; c += 4, p += 128) {
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)p);         /* column c */
+                __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 32));  /* c + 1 */
+                __m256i v2 = _mm256_loadu_si256((const __m256i *)(p + 64));  /* c + 2 */
+                __m256i v3 = _mm256_loadu_si256((const __m256i *)(p + 96));  /* c + 3 */
+                __m256i x02 = _mm256_set1_epi16((int16_t)(((uint16_t)(uint8_t)xq[c + 2] << 8)
+                                                          | (uint8_t)xq[c]));
+                __m256i x13 = _mm256_set1_epi16((int16_t)(((uint16_t)(uint8_t)xq[c + 3] << 8)
+                                                          | (uint8_t)xq[c + 1]));
+                __m256i u0 = _mm256_unpacklo_epi8(v0, v2), u1 = _mm256_unpackhi_epi8(v0, v2);
+                __m256i w0 = _mm256_unpacklo_epi8(v1, v3), w1 = _mm256_unpackhi_epi8(v1, v3);
+                a0 = _mm256_add_epi16(a0, _mm256_add_epi16(
+                         _mm256_maddubs_epi16(_mm256_and_si256(u0, m4), x02),
+                         _mm256_maddubs_epi16(_mm256_and_si256(w0, m4), x13)));
+                a1 = _mm256_add_epi16(a1, _mm256_add_epi16(
+                         _mm256_maddubs_epi16(_mm256_and_si256(u1, m4), x02),
+                         _mm256_maddubs_epi16(_mm256_and_si256(w1, m4), x13)));
+                a2 = _mm256_add_epi16(a2, _mm256_add_epi16(
+                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u0, 4), m4), x02),
+                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), m4), x13)));
+                a3 = _mm256_add_epi16(a3, _mm256_add_epi16(
+                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u1, 4), m4), x02),
+                         _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), m4), x13)));
+            }
+            __m256 h8 = half ? none : b8, hz = half ? none : bz;
+            /* a0: rows 0-7 | 16-23; a1: 8-15 | 24-31; a2: 32-39 | 48-55; a3: 40-47 | 56-63 */
+            scale8x2(s, r, r + 16, a0, va, h8, hz, out, out + 16);
+            scale8x2(s, r + 8, r + 24, a1, va, h8, hz, out + 8, out + 24);
+            scale8x2(s, r + 32, r + 48, a2, va, h8, hz, out + 32, out + 48);
+            scale8x2(s, r + 40, r + 56, a3, va, h8, hz, out + 40, out + 56);
+        }
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void rows_avx2(const act_t *a, const uint8_t *packed, const uint16_t *sz, int64_t n,
                       int bn, int64_t r0, int64_t r1, float *y) {
     int64_t k = a->k, half = bn / 2;
     for (int64_t b = r0 / bn; b < r1 / bn; b++) {
         const uint8_t *blk = packed + b * k * half;
+        if (bn == 64) {
+            block64_avx2(a, blk, sz, n, b * bn, y);
+            continue;
+        }
         for (int64_t off = 0; off < half; off += 16)
             stripe_avx2(a, blk + off, half, sz, n, b * bn + off, b * bn + half + off, y);
     }
