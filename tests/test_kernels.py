@@ -267,3 +267,18 @@ def test_q4_kernel_holds_the_largest_sums(avx2, bn):
         x = torch.full((1, k), sign)
         got = q4.gemm(x, q4.pack(q, bn), sz, bn, 1, avx2)
         assert torch.allclose(got, torch.full((1, n), sign * k * 7 * 0.5)), got[0, :4]
+
+
+@needs_q4
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_q4_pool_works_in_a_forked_child():
+    """A child forked after the pool started has none of its workers: it makes its own
+    instead of waiting forever for the parent's."""
+    packed, sz, x, ref = _q4_case(256, 64, 1, 64, seed=10)
+    want = q4.gemm(x, packed, sz, 64, 2, PATHS[0])
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the pooled call returns the same numbers
+        ok = torch.equal(q4.gemm(x, packed, sz, 64, 2, PATHS[0]), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -571,4 +571,16 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_q4", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__q4(void) { return PyModule_Create(&module); }
+static void after_fork_child(void) {
+    /* the child has none of the parent's workers: it starts its own when it needs them */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+    pool.workers = 0;
+    pool.pending = 0;
+}
+
+PyMODINIT_FUNC PyInit__q4(void) {
+    pthread_atfork(NULL, NULL, after_fork_child);
+    return PyModule_Create(&module);
+}
