@@ -15,6 +15,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# tiercache's C kernel (tiercache/_q4.c), built in place as `pip install -e` would; without a
+# compiler the engine runs torch's int4 kernel instead
+python3 setup.py -q build_ext --inplace >"$OUT/build.txt" 2>&1 || echo "q4 kernel not built" >>"$OUT/build.txt"
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
