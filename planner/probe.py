@@ -4,9 +4,9 @@ Flash: cold reads of a temporary file at several block sizes and thread counts, 
 (page-aligned mmap buffers) or, where the filesystem refuses it, plain reads after
 posix_fadvise(DONTNEED). Memory: streaming read and copy bandwidth. Compute: torch matvec and
 matmul at one thread per dtype on FFN-shaped matrices that together overflow the caches: q4 as
-the engine runs it (kernels.int4_mm: tiercache's int4 kernel, else torch's; else dequantize then
-multiply), q8 on the engine's int8 kernel (kernels.int8_mm); plus what a miss costs to prepare (dequantize to f32, or repack
-into the int4 kernel's layout). Runtime: RSS of a fresh
+the engine runs it (kernels.int4_mm: tiercache's int4 kernel, else torch's; else dequantize
+then multiply), q8 on the engine's int8 kernel (kernels.int8_mm); plus what a miss costs to
+prepare (dequantize to f32, or repack into the int4 kernel's layout). Runtime: RSS of a fresh
 python after `import torch` (a subprocess, so this process's state does not count).
 """
 from __future__ import annotations
@@ -404,7 +404,6 @@ def _deq(m, dt):
 
 
 def _mul(m, x, dt):
-    import torch
     if isinstance(m, tuple) and m[0] == "int8":  # the engine's int8 kernel (kernels.int8_mm)
         from tiercache.engine.kernels import int8_mm
         return int8_mm(x.view(-1, COLS), m[1], m[2])

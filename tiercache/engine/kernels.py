@@ -88,10 +88,11 @@ def int4_kernel() -> str:
 
 
 def cpu_capability() -> str:
-    """What torch dispatches its CPU kernels for (e.g. AVX2, AVX512), and the int4 row block."""
-    h = int4_layout()
+    """What torch dispatches its CPU kernels for (e.g. AVX2, AVX512), the int4 kernel and the
+    row block q4 weights take in RAM."""
     return f"{torch.backends.cpu.get_cpu_capability()}, int4 " + (
-        f"block {64 // h} on {int4_kernel()}" if h else "unavailable")
+        f"{int4_kernel()}, row blocks of {64 // ram_layout()}" if int4_available()
+        else "unavailable")
 
 
 def q4_unpack(buf, shape):

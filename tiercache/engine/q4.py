@@ -6,8 +6,9 @@ no more RAM than its stored bytes (ORT's prepacked MatMulNBits takes ~1.4x).
 Activations are quantized to int8 per group of 32, as llama.cpp's q8_0 and MatMulNBits'
 accuracy_level 4 do. The AVX2/FMA path runs where the CPU has both (checked at run time), a
 scalar one elsewhere; either is used only after it matches a float reference on a small block
-here (`available`). It is for the few rows of a decode step: prompts (many rows) stay on torch's
-int4 kernel or ORT, which reuse each weight across rows.
+here (`available`). Prompts run on it too, a row block at a time for all their rows (each
+block read from RAM once): ~2x torch's int4 kernel at 128 rows, below ORT's GEMM
+(tools/bench_kernels.py).
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ def threads() -> int:
 def share_threads(n: int) -> None:
     """n threads for the kernels that do the work (this one, ORT's), 1 for torch's ops, which
     at decode are small ones between them. Where all take n, the spinning workers of each pool
-    keep the others' off the 2 cores: 1B shape, 2 threads, resident, decode 9.8-10.4 tok/s (and
-    11.2-12.6 on ORT's MatMulNBits) against 13.7-14.8 (13.7-14.8) so; prompts of 128 tokens
-    45-51 tok/s either way. Only where this kernel runs (torch's int4 one needs torch's threads).
-    """
+    keep the others' off the 2 cores: 1B shape, 2 threads, resident, decode 9.8-10.4 tok/s on
+    this kernel (11.2-12.6 on ORT's MatMulNBits) against 13.3-14.3 (12.4-13.2) so; prompts of
+    128 tokens ~40-50 tok/s either way. Only where this kernel runs (torch's int4 one needs
+    torch's threads)."""
     if available():
         _THREADS[:] = [max(1, n)]
         torch.set_num_threads(1)
@@ -68,7 +69,7 @@ def _checked() -> str | None:
 
 
 def _matches(avx2: bool, bn: int) -> bool:
-    """The kernel against dequantized floats on a [96, 128] block in row blocks of `bn`."""
+    """The kernel against dequantized floats on two row blocks of `bn` rows, K 128."""
     g = torch.Generator().manual_seed(1)
     n, k = 2 * bn, 128
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
