@@ -134,9 +134,10 @@ def q4_dense(q4_store):
     return load_dense(Store(q4_store))
 
 
-@pytest.mark.parametrize("compute", ["auto", "torch"])
+@pytest.mark.parametrize("compute", ["auto", "nbits", "torch"])
 def test_q4_tiered_resident_matches_dense(q4_store, q4_reference, q4_dense, compute):
-    """auto: what users run (ORT's MatMulNBits for what is resident, where installed)."""
+    """auto: what users run (kernels.resident_kernel: tiercache's q4 kernel on AVX-512 VNNI,
+    else ORT's MatMulNBits where installed); nbits: ORT's wherever installed."""
     import gc
     gc.collect()  # the other parametrization's engine may still hold the store open
     engine = load_tiered(Store(q4_store), TierConfig(context=256, compute=compute))
@@ -154,7 +155,8 @@ def test_q4_tiered_part_on_matmulnbits_matches_dense(q4_store, q4_reference, q4_
     from tiercache.engine.layout import FILE_RESERVE
     from tiercache.memory import anon_bytes, return_large_frees, trim_heap
     gc.collect()
-    full = load_tiered(Store(q4_store), TierConfig(context=256)).budget  # no runtime counted
+    full = load_tiered(Store(q4_store), TierConfig(context=256, compute="nbits")).budget  # no
+    # runtime counted
     per_byte = full.prepacked - nbits.WORKSPACE  # what grows with the weights (SmolLM2's load
     # transient, 3 of its layers, is under the fixed workspace)
     gc.collect()
@@ -162,7 +164,7 @@ def test_q4_tiered_part_on_matmulnbits_matches_dense(q4_store, q4_reference, q4_
     trim_heap()
     runtime = anon_bytes() + FILE_RESERVE  # as the engine counts this process before weights
     engine = load_tiered(Store(q4_store), TierConfig(  # every weight, half the packing's extra
-        context=256, ram_bytes=full.total - per_byte // 2 + runtime))
+        context=256, compute="nbits", ram_bytes=full.total - per_byte // 2 + runtime))
     b, layers = engine.budget, engine.args.num_hidden_layers
     assert 0 < len(b.nbits_layers) < layers and not b.nbits_head and b.streaming == 0
     n = len(b.nbits_layers)

@@ -192,7 +192,7 @@ def test_q4_experts_on_matmulnbits_match_dense(mixtral_q4):
     if not nbits.available():
         pytest.skip("onnxruntime's MatMulNBits is not installed or does not verify here")
     ref = _decode_logits_dense(mixtral_q4)
-    got, st, eng = _run(mixtral_q4)
+    got, st, eng = _run(mixtral_q4, compute="nbits")  # "auto" takes it where VNNI is missing
     layers = eng.args.num_hidden_layers
     assert st["pinned_kernel"] == "ort-nbits" and set(eng.clusters.tails) == set(range(layers))
     assert all(layer.self_attn.o_proj is None for layer in eng.model.model.layers)
@@ -230,13 +230,13 @@ def test_q4_experts_part_on_matmulnbits_match_dense(mixtral_q4, monkeypatch):
         pytest.skip("onnxruntime's MatMulNBits is not installed or does not verify here")
     runtime = 300 << 20
     monkeypatch.setattr(TieredEngine, "_runtime_bytes", lambda self: runtime)
-    full = load_tiered(Store(mixtral_q4), TierConfig(sparse=False, kv="f32")).budget
+    full = load_tiered(Store(mixtral_q4), TierConfig(sparse=False, kv="f32", compute="nbits")).budget
     fixed = nbits.WORKSPACE  # the packing's transient (this model's layers are far smaller)
     # every weight, the transient and half of what the 2 layers and the head would pack:
     # layer 0 (the larger part) fits, layer 1 does not
     ram = full.total - full.prepacked + fixed + (full.prepacked - fixed) // 2  # runtime in it
     ref = _decode_logits_dense(mixtral_q4)
-    got, st, eng = _run(mixtral_q4, ram_bytes=ram)
+    got, st, eng = _run(mixtral_q4, ram_bytes=ram, compute="nbits")
     b = eng.budget
     assert b.nbits_layers == frozenset({0}) and not b.nbits_head and b.streaming == 0
     assert st["pinned_kernel"] == "ort-nbits for 1 of 2 layers" and set(eng.clusters.tails) == {0}

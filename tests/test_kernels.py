@@ -175,7 +175,7 @@ def test_torch_threads_sleep_and_ort_sessions_share_one_pool():
 # tiercache's own kernel (engine/q4.py): int8 activations per group of 32, so 2% of the largest
 # output, as MatMulNBits' accuracy_level 4 is held to
 needs_q4 = pytest.mark.skipif(not q4.available(), reason="tiercache._q4 not built or not verified")
-PATHS = [True, False] if q4.available() and q4._ext().avx2() else [False]
+PATHS = q4.isas() if q4.available() else []  # every path this CPU's flags allow, best first
 
 
 def _q4_case(n, k, m, bn, seed):
@@ -190,38 +190,41 @@ def _q4_case(n, k, m, bn, seed):
 
 
 @needs_q4
-@pytest.mark.parametrize("avx2", PATHS)
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("bn", [32, 64])
-@pytest.mark.parametrize("m", [1, 3])
-def test_q4_kernel_matches_dequantized(avx2, bn, m):
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])  # VNNI: pairs from the bytes, then prompts in
+def test_q4_kernel_matches_dequantized(isa, bn, m):  # threes (+2, +1) on unpacked blocks
     packed, sz, x, ref = _q4_case(192, 160, m, bn, seed=bn + m)
-    _check(q4.gemm(x, packed, sz, bn, 1, avx2), ref, f"q4 bn {bn} avx2 {avx2}")
+    _check(q4.gemm(x, packed, sz, bn, 1, isa), ref, f"q4 bn {bn} {isa}")
 
 
 @needs_q4
-@pytest.mark.parametrize("avx2", PATHS)
-def test_q4_kernel_threads_split_rows_exactly(avx2):
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("bn", [32, 64])
+def test_q4_kernel_threads_split_rows_exactly(isa, bn):
     """Rows split across the kernel's pool: each row's sum is the same arithmetic."""
-    packed, sz, x, _ = _q4_case(320, 96, 2, 32, seed=5)
-    one = q4.gemm(x, packed, sz, 32, 1, avx2)
+    packed, sz, x, _ = _q4_case(320, 96, 3, bn, seed=5)
+    one = q4.gemm(x, packed, sz, bn, 1, isa)
     for threads in (2, 3):
-        assert torch.equal(q4.gemm(x, packed, sz, 32, threads, avx2), one)
+        assert torch.equal(q4.gemm(x, packed, sz, bn, threads, isa), one)
 
 
 @needs_q4
 @pytest.mark.parametrize("bn", [32, 64])
-def test_q4_avx2_and_scalar_agree(bn):
-    """The same integer sums: only the float accumulation order differs."""
+def test_q4_paths_agree_with_scalar(bn):
+    """The same integer sums on every path: only the float accumulation order differs."""
     if len(PATHS) < 2:
         pytest.skip("no AVX2 here: only the scalar path runs")
-    packed, sz, x, _ = _q4_case(128, 256, 2, bn, seed=6)
-    a, b = (q4.gemm(x, packed, sz, bn, 1, p) for p in (True, False))
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    packed, sz, x, _ = _q4_case(128, 256, 3, bn, seed=6)
+    b = q4.gemm(x, packed, sz, bn, 1, "scalar")
+    for isa in PATHS[:-1]:
+        a = q4.gemm(x, packed, sz, bn, 1, isa)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), isa
 
 
 @needs_q4
-@pytest.mark.parametrize("avx2", PATHS)
-def test_q8_kernel_matches_dequantized(avx2):
+@pytest.mark.parametrize("isa", PATHS)
+def test_q8_kernel_matches_dequantized(isa):
     """int8 rows with a scale each (a q8r head), a row count that leaves partial blocks of 4
     and of the pool's 64 rows, on 1 and 2 threads."""
     g = torch.Generator().manual_seed(7)
@@ -229,18 +232,31 @@ def test_q8_kernel_matches_dequantized(avx2):
     scale = (torch.rand(135, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
     x = torch.randn(3, 64, generator=g)
     ref = x @ (q.float() * scale.float()[:, None]).T
-    one = q4.gemm8(x, q, scale, 1, avx2)
-    _check(one, ref, f"q8 avx2 {avx2}")
-    assert torch.equal(q4.gemm8(x, q, scale, 2, avx2), one)
+    one = q4.gemm8(x, q, scale, 1, isa)
+    _check(one, ref, f"q8 {isa}")
+    assert torch.equal(q4.gemm8(x, q, scale, 2, isa), one)
 
 
 @needs_q4
 def test_q4_kernel_refuses_shapes_it_cannot_run():
     packed, sz, x, _ = _q4_case(64, 64, 1, 32, seed=8)
     with pytest.raises(ValueError):
-        q4.gemm(torch.randn(1, 48), packed, sz, 32, 1, False)  # K unlike the weights
+        q4.gemm(torch.randn(1, 48), packed, sz, 32, 1, "scalar")  # K unlike the weights
     with pytest.raises(ValueError):
-        q4.gemm(x, packed[:1], sz, 32, 1, False)
+        q4.gemm(x, packed[:1], sz, 32, 1, "scalar")
+
+
+@needs_q4
+def test_q4_runs_only_a_path_this_cpu_has():
+    """The chosen path is one the CPU's flags allow; one they do not is refused, not run."""
+    assert q4.path() in q4.isas() and q4.isas()[-1] == "scalar"
+    packed, sz, x, _ = _q4_case(64, 64, 1, 64, seed=11)
+    missing = [isa for isa in q4.ISAS if isa not in q4.isas()]
+    for isa in missing:
+        with pytest.raises(RuntimeError, match="this CPU has no"):
+            q4.gemm(x, packed, sz, 64, 1, isa)
+    if not missing:
+        pytest.skip(f"this CPU runs every path ({', '.join(q4.isas())}): no refusal to check")
 
 
 @needs_int4
@@ -255,9 +271,9 @@ def test_int4_mm_runs_the_verified_kernel():
 
 
 @needs_q4
-@pytest.mark.parametrize("avx2", PATHS)
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("bn", [32, 64])
-def test_q4_kernel_holds_the_largest_sums(avx2, bn):
+def test_q4_kernel_holds_the_largest_sums(isa, bn):
     """Every nibble 15 and every activation at the int8 limit: the largest integer sums a
     group can make (the AVX2 path sums them in int16), exact against floats."""
     n, k = 128, 64
@@ -265,7 +281,7 @@ def test_q4_kernel_holds_the_largest_sums(avx2, bn):
     sz = torch.stack([torch.full((k // 32, n), 0.5), torch.zeros(k // 32, n)], -1).bfloat16()
     for sign in (1.0, -1.0):
         x = torch.full((1, k), sign)
-        got = q4.gemm(x, q4.pack(q, bn), sz, bn, 1, avx2)
+        got = q4.gemm(x, q4.pack(q, bn), sz, bn, 1, isa)
         assert torch.allclose(got, torch.full((1, n), sign * k * 7 * 0.5)), got[0, :4]
 
 

@@ -45,18 +45,20 @@ def test_tiered_equals_dense_when_nothing_is_skipped(stores, kind):
 KERNEL_TOL = {"bf16": 0.05, "int8": 0.15}
 
 
-@pytest.mark.parametrize("compute", ["torch", "auto"])
+@pytest.mark.parametrize("compute", ["torch", "auto", "nbits"])
 def test_int4_path_matches_dense_within_kernel_tolerance(hf_models, tmp_path, compute):
-    """q4 store with clusters of 64 runs the int4 kernels (auto: the resident weights on ORT's
-    MatMulNBits where it is installed); dense runs the same values in f32."""
+    """q4 store with clusters of 64 runs the int4 kernels (auto: the resident weights on
+    kernels.resident_kernel(); nbits: on ORT's MatMulNBits wherever it is installed); dense
+    runs the same values in f32."""
     from tiercache.engine import nbits
-    from tiercache.engine.kernels import int4_kernel
+    from tiercache.engine.kernels import int4_kernel, resident_kernel
     from tiercache.store.convert import convert
     out = convert(hf_models["llama3"][1], tmp_path / "q4", dtype="q4", cluster_size=64,
                   progress=False)
     dense = _logits(load_dense(Store(out)))
     eng = load_tiered(Store(out), TierConfig(compute=compute))
-    assert eng.int4 and eng.nbits == (compute == "auto" and nbits.available())
+    on_ort = {"auto": resident_kernel() == "ort-nbits", "nbits": nbits.available()}
+    assert eng.int4 and eng.nbits == on_ort.get(compute, False)
     got = _logits(eng)
     rel = (got - dense).abs().max() / dense.std()
     acts = "bf16" if compute == "torch" and int4_kernel() == "torch" else "int8"
@@ -329,7 +331,7 @@ def test_fused_qkv_on_nbits_matches_dense(tmp_path):
                               max_position_embeddings=512, tie_word_embeddings=True),
                 tmp_path / "hf")
     out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
-    eng = load_tiered(Store(out), TierConfig())
+    eng = load_tiered(Store(out), TierConfig(compute="nbits"))
     assert eng.nbits and eng.model.model.layers[0].self_attn.qkv_proj is not None
     assert isinstance(eng.model.lm_head.head, nbits.NBitsHead)  # the tied q8r head too
     got, dense = _logits(eng), _logits(load_dense(Store(out)))

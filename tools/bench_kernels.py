@@ -58,10 +58,10 @@ def main() -> None:
             x = torch.randn(rows, k)
             reps = max(1, 8 // rows)
             cases = []
-            if q4.available():
-                cases.append(("tiercache q4", lambda m: q4.gemm(x, m.packed, m.sz, 64, t, True
-                                                               if q4.path() == "avx2" else False),
-                              ours))
+            if q4.available():  # every SIMD path this CPU runs
+                for isa in q4.isas()[:-1] or ["scalar"]:
+                    cases.append((f"tiercache {isa}",
+                                  lambda m, isa=isa: q4.gemm(x, m.packed, m.sz, 64, t, isa), ours))
             if theirs:
                 cases.append(("torch int4", lambda m: kernels._torch_int4_mm(x, *m), theirs))
             if sessions:

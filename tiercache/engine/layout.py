@@ -76,7 +76,8 @@ class TierConfig:
     context: int = 2048            # KV cache reserved in the budget
     kv: str = "f16"                # the KV cache's dtype (models.kv.DTYPES)
     compute: str = "auto"          # auto: q4k stores on the int4 kernels, pinned weights on
-                                   # ORT's MatMulNBits where it verifies | torch: torch's int4
+                                   # kernels.resident_kernel() | nbits: pinned weights on ORT's
+                                   # MatMulNBits wherever it verifies | torch: torch's int4
                                    # kernel only | f32
     experts: str | None = None     # MoE expert cache: lru | freq+lru | None: by the budget
                                    # (engine/experts.py: choose_policy, measured)
@@ -180,7 +181,11 @@ class Kernels:
         a = facts.args
         int4 = Int4Slots.supports(facts.cluster_size, a.hidden_size, facts.ffn_dtype,
                                   a.intermediate_size)
-        nb = nbits and int4 and compute == "auto" and resident_kernel() == "ort-nbits"
+        if compute == "nbits":
+            from .nbits import available
+            nb = nbits and int4 and available()
+        else:
+            nb = nbits and int4 and compute == "auto" and resident_kernel() == "ort-nbits"
         return cls(int4, _HAVE_INT8, nb)
 
 
@@ -276,7 +281,7 @@ class _Placer:
         self.n_clusters = facts.n_clusters
         self.int4 = kernels.int4 and cfg.compute != "f32"  # q4k stores run the int4 kernel
         self.int8 = kernels.int8
-        self.nbits = self.int4 and cfg.compute == "auto" and kernels.nbits
+        self.nbits = self.int4 and cfg.compute in ("auto", "nbits") and kernels.nbits
         self.slots_cls = Int4Slots if self.int4 else Float32Slots
         self.head_name = facts.head_name
         self._select_mode()

@@ -4,9 +4,10 @@ cluster read from the store is computed on as read, pinned, cached or streamed a
 no more RAM than its stored bytes (ORT's prepacked MatMulNBits takes ~1.4x).
 
 Activations are quantized to int8 per group of 32, as llama.cpp's q8_0 and MatMulNBits'
-accuracy_level 4 do. The AVX2/FMA path runs where the CPU has both (checked at run time), a
-scalar one elsewhere; either is used only after it matches a float reference on a small block
-here (`available`). Prompts run on it too, a row block at a time for all their rows (each
+accuracy_level 4 do. Three paths, picked by the CPU's flags at run time: AVX-512 VNNI
+(vpdpbusd on 256-bit registers, whole groups summed in int32, two prompt rows per pass),
+AVX2/FMA (maddubs), and scalar C elsewhere; the best one that matches a float reference on a
+small block here is used (`available`), so a CPU that reports a flag it cannot run falls back. Prompts run on it too, a row block at a time for all their rows (each
 block read from RAM once): ~2x torch's int4 kernel at 128 rows, below ORT's GEMM
 (tools/bench_kernels.py).
 """
@@ -47,9 +48,19 @@ def _ext():
     return _q4
 
 
+ISAS = {"scalar": 0, "avx2": 1, "vnni": 2}  # the C side's ISA_* values
+
+
+def isas() -> list[str]:
+    """The paths this CPU's flags allow, best first ([] without the extension)."""
+    ext = _ext()
+    names = {v: k for k, v in ISAS.items()}
+    return [names[i] for i in ext.isas()] if ext is not None else []
+
+
 def path() -> str | None:
-    """'avx2' or 'scalar' (the one that runs here), None when the extension is missing or
-    its result does not match the reference on this CPU."""
+    """'vnni', 'avx2' or 'scalar' (the one that runs here), None when the extension is
+    missing or no path's result matches the reference on this CPU."""
     return _checked()
 
 
@@ -59,34 +70,35 @@ def available() -> bool:
 
 @functools.cache
 def _checked() -> str | None:
-    ext = _ext()
-    if ext is None:
-        return None
-    for avx2 in ((True, False) if ext.avx2() else (False,)):
-        if all(_matches(avx2, bn) for bn in (32, 64)) and _matches8(avx2):
-            return "avx2" if avx2 else "scalar"
+    for isa in isas():
+        if all(_matches(isa, bn) for bn in (32, 64)) and _matches8(isa):
+            return isa
     return None
 
 
-def _matches(avx2: bool, bn: int) -> bool:
-    """The kernel against dequantized floats on two row blocks of `bn` rows, K 128."""
+def _matches(isa: str, bn: int) -> bool:
+    """The kernel against dequantized floats on two row blocks of `bn` rows, K 128, for 1 and
+    5 activation rows (VNNI: a decode row on the packed bytes, a prompt on unpacked ones)."""
     g = torch.Generator().manual_seed(1)
     n, k = 2 * bn, 128
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     sz = (torch.randn(k // quant.GROUP, n, 2, generator=g) * 0.05).to(torch.bfloat16)
-    x = torch.randn(3, k, generator=g)
     packed = pack(q, bn)
     w = (q.float() - 8).view(n, -1, quant.GROUP) * sz[..., 0].float().T[..., None] \
         + sz[..., 1].float().T[..., None]
-    ref = x @ w.view(n, k).T
-    try:
-        y = gemm(x, packed, sz, bn, 1, avx2)
-    except (RuntimeError, ValueError):
-        return False
-    return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
+    for rows in (1, 5):
+        x = torch.randn(rows, k, generator=g)
+        ref = x @ w.view(n, k).T
+        try:
+            y = gemm(x, packed, sz, bn, 1, isa)
+        except (RuntimeError, ValueError):
+            return False
+        if not (y - ref).abs().max() <= 0.02 * ref.abs().max():
+            return False
+    return True
 
 
-def _matches8(avx2: bool) -> bool:
+def _matches8(isa: str) -> bool:
     """The int8-row kernel against floats on [70, 96] (a last block of 6 rows)."""
     g = torch.Generator().manual_seed(2)
     q = torch.randint(-127, 128, (70, 96), generator=g, dtype=torch.int8)
@@ -94,7 +106,7 @@ def _matches8(avx2: bool) -> bool:
     x = torch.randn(2, 96, generator=g)
     ref = x @ (q.float() * scale.float()[:, None]).T
     try:
-        y = gemm8(x, q, scale, 1, avx2)
+        y = gemm8(x, q, scale, 1, isa)
     except (RuntimeError, ValueError):
         return False
     return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
@@ -110,28 +122,42 @@ def pack(q: torch.Tensor, bn: int) -> torch.Tensor:
 def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bn: int) -> torch.Tensor:
     """x [T, K] f32 -> [T, N] f32, for packed (row blocks of bn, N*K/2 contiguous bytes) and
     sz bf16 [K/32, N, 2]."""
-    return gemm(x, packed, sz, bn, threads(), _checked() == "avx2")
+    return gemm(x, packed, sz, bn, threads(), _checked())
 
 
-def gemm(x, packed, sz, bn: int, threads: int, avx2: bool) -> torch.Tensor:
-    """`mm` on a chosen path and thread count (tests run both paths where AVX2 exists)."""
-    n = sz.shape[1]
+def gemm(x, packed, sz, bn: int, threads: int, isa: str) -> torch.Tensor:
+    """`mm` on a chosen path ('vnni', 'avx2', 'scalar') and thread count (tests run every
+    path this CPU has)."""
+    return gemm_many(x, [(packed, sz)], bn, threads, isa)[0]
+
+
+def mm_many(x: torch.Tensor, weights: list, bn: int) -> list[torch.Tensor]:
+    """`mm` of x with 1-4 (packed, sz) at once (q|k|v, gate|up): x is quantized once and the
+    pool splits all their row blocks in one call."""
+    return gemm_many(x, weights, bn, threads(), _checked())
+
+
+def gemm_many(x, weights: list, bn: int, threads: int, isa: str) -> list[torch.Tensor]:
     x = x.float().contiguous()
     m, k = x.shape
-    if not packed.is_contiguous() or packed.numel() != n * k // 2 or not sz.is_contiguous():
-        raise ValueError(f"q4 mm: packed {tuple(packed.shape)}, sz {tuple(sz.shape)} for K {k}")
-    y = torch.empty(m, n)
-    _ext().gemm(x.data_ptr(), m, k, packed.data_ptr(), sz.data_ptr(), n, bn, y.data_ptr(),
-                threads, avx2)
-    return y
+    mats, ys = [], []
+    for packed, sz in weights:
+        n = sz.shape[1]
+        if not packed.is_contiguous() or packed.numel() != n * k // 2 or not sz.is_contiguous():
+            raise ValueError(f"q4 mm: packed {tuple(packed.shape)}, sz {tuple(sz.shape)} for "
+                             f"K {k}")
+        ys.append(torch.empty(m, n))
+        mats.append((packed.data_ptr(), sz.data_ptr(), n, ys[-1].data_ptr()))
+    _ext().gemm(x.data_ptr(), m, k, mats, bn, threads, ISAS[isa])
+    return ys
 
 
 def mm8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] f32 -> [T, N] f32 for int8 rows q [N, K] (contiguous) with bf16 scale [N]."""
-    return gemm8(x, q, scale, threads(), _checked() == "avx2")
+    return gemm8(x, q, scale, threads(), _checked())
 
 
-def gemm8(x, q, scale, threads: int, avx2: bool) -> torch.Tensor:
+def gemm8(x, q, scale, threads: int, isa: str) -> torch.Tensor:
     """`mm8` on a chosen path and thread count."""
     n, k = q.shape
     x = x.float().contiguous()
@@ -139,5 +165,5 @@ def gemm8(x, q, scale, threads: int, avx2: bool) -> torch.Tensor:
         raise ValueError(f"q8 mm: q {tuple(q.shape)}, scale {tuple(scale.shape)}")
     y = torch.empty(x.shape[0], n)
     _ext().gemm8(x.data_ptr(), x.shape[0], k, q.data_ptr(), scale.contiguous().data_ptr(), n,
-                 y.data_ptr(), threads, avx2)
+                 y.data_ptr(), threads, ISAS[isa])
     return y
