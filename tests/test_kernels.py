@@ -224,13 +224,14 @@ def test_q4_paths_agree_with_scalar(bn):
 
 @needs_q4
 @pytest.mark.parametrize("isa", PATHS)
-def test_q8_kernel_matches_dequantized(isa):
+@pytest.mark.parametrize("k", [64, 96])  # VNNI: two groups per register, else AVX2's
+def test_q8_kernel_matches_dequantized(isa, k):
     """int8 rows with a scale each (a q8r head), a row count that leaves partial blocks of 4
     and of the pool's 64 rows, on 1 and 2 threads."""
     g = torch.Generator().manual_seed(7)
-    q = torch.randint(-127, 128, (135, 64), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (135, k), generator=g, dtype=torch.int8)
     scale = (torch.rand(135, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
-    x = torch.randn(3, 64, generator=g)
+    x = torch.randn(3, k, generator=g)
     ref = x @ (q.float() * scale.float()[:, None]).T
     one = q4.gemm8(x, q, scale, 1, isa)
     _check(one, ref, f"q8 {isa}")

@@ -517,34 +517,48 @@ static void rows_vnni(const act_t *a, int64_t m, const uint8_t *packed, const ui
 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 static void rows8_vnni(const act_t *a, const int8_t *q, const uint16_t *scale, int64_t r0,
                        int64_t r1, float *y) {
-    /* int8 rows: w ^ 0x80 = w + 128 as u8, so the sum is sum(w x) + 128 S[g] per group, and
-       sum over g of dx[g] * 128 * S[g] is the same for every row (taken off once) */
+    /* int8 rows, two groups per 512-bit register: w ^ 0x80 = w + 128 as u8, so a group's sum
+       is sum(w x) + 128 S[g], and sum over g of dx[g] * 128 * S[g] is the same for every row
+       (taken off once); each int32 lane is scaled by its group's dx (dv: dx[g] x 8, g x 8) */
     int64_t k = a->k, r = r0;
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    float off = 0.f;
-    for (int64_t g = 0; g < k / GROUP; g++)
-        off += a->dx[g] * 128.f * (float)a->sq[g];
-    for (; r + 4 <= r1; r += 4) {
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        const int8_t *w = q + r * k;
-        for (int64_t c = 0; c < k; c += GROUP) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(a->xq + c));
-            __m256 d = _mm256_set1_ps(a->dx[c / GROUP]);
-            __m256i z = _mm256_setzero_si256();
-#define DOT8V(acc, row) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(z, \
-            _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + (row) * k + c)), flip), \
-            x)), d, acc)
-            DOT8V(c0, 0);
-            DOT8V(c1, 1);
-            DOT8V(c2, 2);
-            DOT8V(c3, 3);
-#undef DOT8V
-        }
-        y[r] = (hsum(c0) - off) * bf16(scale[r]);
-        y[r + 1] = (hsum(c1) - off) * bf16(scale[r + 1]);
-        y[r + 2] = (hsum(c2) - off) * bf16(scale[r + 2]);
-        y[r + 3] = (hsum(c3) - off) * bf16(scale[r + 3]);
+    if (k % 64) {
+        rows8_avx2(a, q, scale, r0, r1, y);
+        return;
     }
+    float *dv = aligned_alloc(64, (size_t)k / 4 * sizeof(float) + 64);
+    if (!dv) {
+        rows8_avx2(a, q, scale, r0, r1, y);
+        return;
+    }
+    float off = 0.f;
+    for (int64_t g = 0; g < k / GROUP; g++) {
+        off += a->dx[g] * 128.f * (float)a->sq[g];
+        for (int i = 0; i < 8; i++)
+            dv[g * 8 + i] = a->dx[g];
+    }
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i z = _mm512_setzero_si512();
+    for (; r + 4 <= r1; r += 4) {
+        __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        const int8_t *w = q + r * k;
+        for (int64_t c = 0; c < k; c += 64) {
+            __m512i x = _mm512_loadu_si512((const void *)(a->xq + c));
+            __m512 d = _mm512_load_ps(dv + c / 4);
+#define DOT16(acc, row) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, \
+            _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (row) * k + c)), flip), x)), \
+            d, acc)
+            DOT16(c0, 0);
+            DOT16(c1, 1);
+            DOT16(c2, 2);
+            DOT16(c3, 3);
+#undef DOT16
+        }
+        y[r] = (_mm512_reduce_add_ps(c0) - off) * bf16(scale[r]);
+        y[r + 1] = (_mm512_reduce_add_ps(c1) - off) * bf16(scale[r + 1]);
+        y[r + 2] = (_mm512_reduce_add_ps(c2) - off) * bf16(scale[r + 2]);
+        y[r + 3] = (_mm512_reduce_add_ps(c3) - off) * bf16(scale[r + 3]);
+    }
+    free(dv);
     if (r < r1)
         rows8_avx2(a, q, scale, r, r1, y);
 }

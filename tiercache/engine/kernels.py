@@ -176,6 +176,15 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Te
     return _torch_int4_mm(x, packed, sz)
 
 
+def int4_mm_many(x: torch.Tensor, weights: list) -> list[torch.Tensor]:
+    """`int4_mm` of x with several (packed, sz) (q|k|v, gate|up): one call of tiercache's
+    kernel (x quantized once, one pooled call), else one int4_mm each."""
+    if q4.available() and len(weights) <= 4:
+        return q4.mm_many(x, [(p.contiguous(), s.contiguous()) for p, s in weights],
+                          64 // ram_layout())
+    return [int4_mm(x, p, s) for p, s in weights]
+
+
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] -> [T, N] f32 for int8 rows q [N, K] with a bf16 scale per row: tiercache's
     kernel where it verifies here (int8 activations), else torch's (bf16 activations)."""
@@ -289,6 +298,24 @@ class Q8Linear(nn.Module):
     @property
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * 2
+
+
+class QKV(nn.Module):
+    """An attention's q, k and v QLinears as one kernel call, then RoPE (the model's
+    `qkv_proj`: (x, cos, sin) -> q, k, v [B, H, T, D])."""
+
+    def __init__(self, q: QLinear, k: QLinear, v: QLinear, heads: int, kv_heads: int, hd: int):
+        super().__init__()
+        self.parts, self.heads = (q, k, v), (heads, kv_heads, kv_heads)
+        self.hd = hd
+
+    def forward(self, x, cos, sin):
+        from ..models.llama import apply_rope
+        B, T, d = x.shape
+        ys = int4_mm_many(x.reshape(-1, d), [(m.packed, m.sz) for m in self.parts])
+        q, k, v = ((y if m.bias is None else y + m.bias).view(B, T, h, self.hd).transpose(1, 2)
+                   for y, m, h in zip(ys, self.parts, self.heads))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def _q8_rows(mv, shape, lo: int, n: int) -> torch.Tensor:

@@ -99,11 +99,11 @@ def _matches(isa: str, bn: int) -> bool:
 
 
 def _matches8(isa: str) -> bool:
-    """The int8-row kernel against floats on [70, 96] (a last block of 6 rows)."""
+    """The int8-row kernel against floats on [70, 128] (a last block of 6 rows)."""
     g = torch.Generator().manual_seed(2)
-    q = torch.randint(-127, 128, (70, 96), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (70, 128), generator=g, dtype=torch.int8)
     scale = (torch.rand(70, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
-    x = torch.randn(2, 96, generator=g)
+    x = torch.randn(2, 128, generator=g)
     ref = x @ (q.float() * scale.float()[:, None]).T
     try:
         y = gemm8(x, q, scale, 1, isa)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..store import quant
-from .kernels import int4_available, int4_mm, native_shape, plain_copy, q4_copy, to_native
+from .kernels import (int4_available, int4_mm, int4_mm_many, native_shape, plain_copy, q4_copy,
+                      to_native)
 
 
 class Float32Slots:
@@ -184,7 +185,10 @@ class Block:
         return F.linear(h, self.down_w)
 
     def ffn(self, x, act):
-        """Every neuron of the block: down(act(gate x) * up x)."""
+        """Every neuron of the block: down(act(gate x) * up x), gate and up in one call."""
+        if self.int4 and len(self.row_q) == 2:
+            g, u = int4_mm_many(x, list(zip(self.row_q, self.row_sz)))
+            return self.down(act(g) * u)
         return self.down(act(self.rows(x, 0)) * self.rows(x, 1))
 
 

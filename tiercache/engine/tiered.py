@@ -36,7 +36,8 @@ from .dense import Engine, context_limit
 from ..models.kv import kv_dtype
 from . import experts as moe_experts
 from .ffn import ClusterFFN, Joiner, TieredMLP, TieredMoE, TieredTail
-from .kernels import _HAVE_INT8, ExactTop, Q8Linear, QEmbedding, QLinear, int4_kernel, int4_ok
+from .kernels import (_HAVE_INT8, QKV, ExactTop, Q8Linear, QEmbedding, QLinear, int4_kernel,
+                      int4_ok)
 from .layout import (FILE_RESERVE, MB, PREFILL_CHUNK, SLACK, SPARSE_WORTH,  # noqa: F401
                      Budget, Capacities, Kernels, StoreFacts, TierConfig, place, slack_bytes,
                      spread_layers)
@@ -258,6 +259,9 @@ class TieredEngine(Engine):
                 q = self._q4_linear(f"model.layers.{l}.self_attn.{p}.weight")
                 if q is not None:
                     setattr(att, p, q)
+            parts = [getattr(att, p) for p in ("q_proj", "k_proj", "v_proj")]
+            if all(isinstance(m, QLinear) for m in parts):  # resident: one kernel call
+                att.qkv_proj = QKV(*parts, att.n_heads, att.n_kv, att.hd)
 
     def _fused_qkv(self, layer: int) -> NBitsQKV | None:
         """A layer's input norm, q|k|v and RoPE as one ORT session, when all three are q4k."""
