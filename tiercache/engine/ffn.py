@@ -66,6 +66,13 @@ class TieredMoE(MoE):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = self.route(x)
+        if x.shape[0] == 1:  # decode: k distinct experts on the one row, no gather or scatter
+            ids, ws = idx[0].tolist(), w[0]
+            self.source.routed(self.layer, ids, x, self.route_next, _ones(ids, len(self.experts)))
+            out = self.experts[ids[0]](x) * ws[0]
+            for i in range(1, len(ids)):
+                out = out + self.experts[ids[i]](x) * ws[i]
+            return out.view(shape)
         tokens = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         self.source.routed(self.layer, idx.unique().tolist(), x, self.route_next, tokens)
         out = torch.zeros_like(x)
@@ -73,6 +80,14 @@ class TieredMoE(MoE):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             out.index_add_(0, rows, self.experts[e](x[rows]) * w[rows, slot, None])
         return out.view(shape)
+
+
+def _ones(ids: list[int], n: int) -> list[int]:
+    """Rows per expert when one row routes to `ids` (what torch.bincount counts)."""
+    tokens = [0] * n
+    for e in ids:
+        tokens[e] += 1
+    return tokens
 
 
 class TieredTail(nn.Module):
