@@ -878,6 +878,242 @@ static PyObject *py_gemm8(PyObject *self, PyObject *args) {
     return call(&j, (const float *)(uintptr_t)xp, k, 0, threads);
 }
 
+/* ---- one dense decoder layer at decode (one position, every weight resident in q4) ----
+   x += o(attention(rope(q|k|v(norm1 x)))); x += down(silu(gate h) * up h), h = norm2 x: the
+   same arithmetic as the torch modules (the kernels above, f32 elsewhere), in one call, so a
+   token pays no Python or torch op between a layer's kernels. The KV cache is f16 or f32
+   [Hkv, cap, D]; this position's k and v are written at `pos`. */
+
+static int gemm1(const float *x, int64_t k, const mat_t *ws, int count, int bn, int isa,
+                 int threads) {
+    job_t j = {q4_blocks, NULL, 1, {{0}}, count, bn, isa, threads, 0};
+    for (int i = 0; i < count; i++) {
+        j.mats[i] = ws[i];
+        j.mats[i].first = j.blocks;
+        j.blocks += ws[i].n / bn;
+    }
+    uint8_t *buf = NULL;
+    act_t *acts = prepare(x, 1, k, isa != ISA_SCALAR && !vnni_rows(&j), &buf);
+    if (!acts)
+        return 0;
+    j.acts = acts;
+    run(&j, threads);
+    free(buf);
+    free(acts);
+    return 1;
+}
+
+static void rmsnorm(const float *x, const float *w, double eps, int64_t d, float *out) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; i++)
+        ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)d + (float)eps);
+    for (int64_t i = 0; i < d; i++)
+        out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *v, int heads, int dh, const float *cos, const float *sin) {
+    /* HF's rotate-half: v * cos + cat(-v2, v1) * sin, per head */
+    int half = dh / 2;
+    for (int h = 0; h < heads; h++, v += dh)
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+}
+
+__attribute__((target("avx2,fma")))
+static inline __m256 exp8(__m256 x) {
+    /* e^x as 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], p of degree 6 (Cephes' expf
+       coefficients): within 2 ulp of expf, as torch's vectorized exp is */
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)),
+                      _mm256_set1_ps(-87.3365447504f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                                  23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma")))
+static void silu_mul(float *g, const float *u, int64_t n) {  /* g = g / (1 + e^-g) * u */
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++)
+        g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static inline __m256 load8(const void *base, int f16, int64_t i) {
+    if (f16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void put_kv(void *cache, int f16, int64_t cap, int64_t pos, const float *v, int heads,
+                   int dh) {
+    for (int h = 0; h < heads; h++) {
+        int64_t at = ((int64_t)h * cap + pos) * dh;
+        for (int i = 0; i < dh; i += 8) {
+            __m256 x = _mm256_loadu_ps(v + h * dh + i);
+            if (f16)
+                _mm_storeu_si128((__m128i *)((uint16_t *)cache + at + i),
+                                 _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+            else
+                _mm256_storeu_ps((float *)cache + at + i, x);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void attend(const float *q, const void *kc, const void *vc, int f16, int64_t cap,
+                   int64_t len, int heads, int kv_heads, int dh, float *out, float *s) {
+    /* softmax(q k^T / sqrt(D)) v per head, head h on kv head h / (H / Hkv) */
+    float scale = 1.f / sqrtf((float)dh);
+    int group = heads / kv_heads;
+    for (int h = 0; h < heads; h++) {
+        int64_t base = (int64_t)(h / group) * cap * dh;
+        const float *qh = q + h * dh;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < dh; i += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(kc, f16, base + t * dh + i),
+                                      acc);
+            s[t] = hsum(acc) * scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        __m256 vsum = _mm256_setzero_ps(), vmx = _mm256_set1_ps(mx);
+        int64_t t = 0;
+        for (; t + 8 <= len; t += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx));
+            _mm256_storeu_ps(s + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum(vsum);
+        for (; t < len; t++) {
+            s[t] = expf(s[t] - mx);
+            sum += s[t];
+        }
+        float inv = 1.f / sum;
+        float *oh = out + h * dh;
+        for (int i = 0; i < dh; i += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t t = 0; t < len; t++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), load8(vc, f16, base + t * dh + i),
+                                      acc);
+            _mm256_storeu_ps(oh + i, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+        }
+    }
+}
+
+static int have_f16c(void) {
+    __builtin_cpu_init();
+    return have_avx2() && __builtin_cpu_supports("f16c");
+}
+
+/* layer(x, d, norm1, norm2, eps, mats, H, Hkv, D, F, cos, sin, kcache, vcache, f16, cap, pos,
+         bn, threads, isa): mats = 7 (packed, sz, n) for q, k, v, o, gate, up, down; x f32 [d]
+   updated in place; cos, sin f32 [D]. */
+static PyObject *py_layer(PyObject *self, PyObject *args) {
+    unsigned long long xp, n1p, n2p, cp, sp, kp, vp;
+    long long d, ff, cap, pos;
+    double eps;
+    int heads, kvh, dh, f16, bn, threads, isa;
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "KLKKdOiiiLKKKKiLLiii", &xp, &d, &n1p, &n2p, &eps, &seq,
+                          &heads, &kvh, &dh, &ff, &cp, &sp, &kp, &vp, &f16, &cap, &pos, &bn,
+                          &threads, &isa))
+        return NULL;
+    if (!check_cpu(isa))
+        return NULL;
+    if (isa == ISA_SCALAR || !have_f16c()) {
+        PyErr_SetString(PyExc_RuntimeError, "q4 layer: needs AVX2, FMA and F16C");
+        return NULL;
+    }
+    mat_t w[7];
+    PyObject *fast = PySequence_Fast(seq, "q4 layer: mats is 7 (packed, sz, n)");
+    if (!fast)
+        return NULL;
+    int ok = PySequence_Fast_GET_SIZE(fast) == 7;
+    for (int i = 0; ok && i < 7; i++) {
+        unsigned long long pp, zp;
+        long long n;
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKL", &pp, &zp, &n);
+        w[i] = (mat_t){(const uint8_t *)(uintptr_t)pp, (const uint16_t *)(uintptr_t)zp, n, NULL,
+                       0};
+        ok = ok && n >= bn && n % bn == 0;
+    }
+    Py_DECREF(fast);
+    int64_t hd = (int64_t)heads * dh, kd = (int64_t)kvh * dh;
+    if (!ok || heads % kvh || dh % 8 || d % GROUP || hd % GROUP || ff % GROUP || pos >= cap
+        || w[0].n != hd || w[1].n != kd || w[2].n != kd || w[3].n != d || w[4].n != ff
+        || w[5].n != ff || w[6].n != d || (bn != 32 && bn != 64)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "q4 layer: shapes do not fit");
+        return NULL;
+    }
+    float *x = (float *)(uintptr_t)xp, *cos = (float *)(uintptr_t)cp, *sin = (float *)(uintptr_t)sp;
+    const float *n1 = (const float *)(uintptr_t)n1p, *n2 = (const float *)(uintptr_t)n2p;
+    void *kc = (void *)(uintptr_t)kp, *vc = (void *)(uintptr_t)vp;
+    int64_t wide = d > ff ? d : ff;
+    size_t floats = (size_t)(wide + hd + 2 * kd + hd + d + 2 * ff + pos + 1 + 64);
+    float *arena = malloc(floats * sizeof(float));
+    if (!arena)
+        return PyErr_NoMemory();
+    float *h = arena, *q = h + wide, *k = q + hd, *v = k + kd, *att = v + kd, *y = att + hd,
+          *g = y + d, *u = g + ff, *s = u + ff;
+    ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rmsnorm(x, n1, eps, d, h);
+    w[0].y = q, w[1].y = k, w[2].y = v;
+    ok = ok && gemm1(h, d, w, 3, bn, isa, threads);
+    if (ok) {
+        rope(q, heads, dh, cos, sin);
+        rope(k, kvh, dh, cos, sin);
+        put_kv(kc, f16, cap, pos, k, kvh, dh);
+        put_kv(vc, f16, cap, pos, v, kvh, dh);
+        attend(q, kc, vc, f16, cap, pos + 1, heads, kvh, dh, att, s);
+        w[3].y = y;
+        ok = gemm1(att, hd, w + 3, 1, bn, isa, threads);
+    }
+    if (ok) {
+        for (int64_t i = 0; i < d; i++)
+            x[i] += y[i];
+        rmsnorm(x, n2, eps, d, h);
+        w[4].y = g, w[5].y = u;
+        ok = gemm1(h, d, w + 4, 2, bn, isa, threads);
+    }
+    if (ok) {
+        silu_mul(g, u, ff);
+        w[6].y = y;
+        ok = gemm1(g, ff, w + 6, 1, bn, isa, threads);
+    }
+    if (ok)
+        for (int64_t i = 0; i < d; i++)
+            x[i] += y[i];
+    Py_END_ALLOW_THREADS
+    free(arena);
+    if (!ok)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_isas(PyObject *self, PyObject *noargs) {
     /* the paths this CPU can run, best first */
     if (have_vnni())
@@ -890,6 +1126,8 @@ static PyObject *py_isas(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS, "y[m, n] = x[m, k] @ dequant(q4)^T (see the source)"},
     {"gemm8", py_gemm8, METH_VARARGS, "y[m, n] = x[m, k] @ (q8 rows * scale)^T"},
+    {"layer", py_layer, METH_VARARGS, "one dense decoder layer at decode, in place (see the "
+     "source)"},
     {"isas", py_isas, METH_NOARGS, "the paths this CPU runs, best first (0 scalar, 1 AVX2, "
      "2 AVX-512 VNNI)"},
     {NULL, NULL, 0, NULL}};

@@ -39,6 +39,7 @@ class Engine:
     def new_session(self) -> Session:
         return Session(self, self.model.make_cache(dtype=kv_dtype(self.kv)), limit=self.context)
 
+    @torch.no_grad()  # called directly (not through generate_step), it built autograd graphs
     def forward_ids(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Run new ids through the model (torch); -> logits [V] of the last position."""
         session.check(len(ids))

@@ -88,6 +88,8 @@ class TieredEngine(Engine):
             self.model.model.layers[l].post_attention_layernorm = nn.Identity()
         for l, kernel in self.clusters.tails.items():  # o_proj to the layer's end: one call
             self.model.model.layers[l].tail = TieredTail(self.clusters, l, kernel)
+        if cfg.fused:
+            self._fuse_layers()
         self.phases = self._bind(backends)  # decode stays on the tiered FFN's own path
         trim_heap()  # what loading (and ORT's session builds) freed goes back to the OS
         self.reset_stats()  # count what decoding reads, not the load
@@ -262,6 +264,16 @@ class TieredEngine(Engine):
             parts = [getattr(att, p) for p in ("q_proj", "k_proj", "v_proj")]
             if all(isinstance(m, QLinear) for m in parts):  # resident: one kernel call
                 att.qkv_proj = QKV(*parts, att.n_heads, att.n_kv, att.hd)
+
+    def _fuse_layers(self) -> None:
+        """Layers whose every weight is resident in q4 decode in one call (fused.py)."""
+        from .fused import FusedLayer
+        for l, layer in enumerate(self.model.model.layers):
+            block = self.clusters.whole(l)
+            if l not in self.budget.vram_layers and FusedLayer.fits(layer, block,
+                                                                   self.args.hidden_act):
+                layer.fused = FusedLayer(layer, block,
+                                         lambda l=l: self.clusters.count_whole(l))
 
     def _fused_qkv(self, layer: int) -> NBitsQKV | None:
         """A layer's input norm, q|k|v and RoPE as one ORT session, when all three are q4k."""

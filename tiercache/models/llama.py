@@ -158,12 +158,18 @@ class DecoderLayer(nn.Module):
         # the residual, the post-attention norm, the FFN (or MoE) and its residual:
         # (heads [B, T, H*hd], x [B, T, d]) -> the layer's output (self_attn.o_proj is None)
         self.tail = None
+        # an engine's whole layer at decode (one sequence, one position) in one call:
+        # (x, cos, sin, cache) -> the layer's output, None where the modules run
+        self.fused = None
 
     @property
     def ffn(self) -> nn.Module:
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x, cos, sin, cache):
+        if self.fused is not None and x.shape[0] == 1 and x.shape[1] == 1 \
+                and self.fused.cache_ok(cache):
+            return self.fused(x, cos, sin, cache)
         if self.tail is not None:
             return self.tail(self.self_attn(self.input_layernorm(x), cos, sin, cache), x)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
