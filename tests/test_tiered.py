@@ -318,8 +318,8 @@ def test_prefill_in_chunks_under_a_budget_matches_one_pass(stores):
     assert (chunked - one).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("kv", ["f16", "f32"])
-def test_fused_decode_layer_matches_the_modules(tmp_path, kv):
+@pytest.mark.parametrize("kind,kv", [("llama", "f16"), ("llama", "f32"), ("mixtral", "f16")])
+def test_fused_decode_layer_matches_the_modules(tmp_path, kind, kv):
     """A resident dense layer decodes in one kernel call (engine/fused.py): step by step its
     logits equal the modules' path on the same tokens, past the KV cache's first growth (256
     positions), the position's keys and values it writes equal theirs, and the FFN's clusters
@@ -334,12 +334,15 @@ def test_fused_decode_layer_matches_the_modules(tmp_path, kv):
     from tiercache.store.convert import convert
     if not fused.usable():
         pytest.skip("the kernel's AVX2 or VNNI path does not run here")
-    save_random(T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=512, tie_word_embeddings=True),
-                tmp_path / "hf")
+    shape = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 tie_word_embeddings=True)
+    config = (T.LlamaConfig(**shape) if kind == "llama" else  # MoE: attention, then the
+              T.MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))  # experts
+    save_random(config, tmp_path / "hf")
     out = convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
-    engines = [load_tiered(Store(out), TierConfig(kv=kv, fused=f)) for f in (True, False)]
+    engines = [load_tiered(Store(out), TierConfig(kv=kv, fused=f, sparse=False))
+               for f in (True, False)]
     assert [sum(l.fused is not None for l in e.model.model.layers) for e in engines] == [2, 0]
     sessions = [e.new_session() for e in engines]
     got, want = (e.prefill(s, IDS) for e, s in zip(engines, sessions))
@@ -359,6 +362,9 @@ def test_fused_decode_layer_matches_the_modules(tmp_path, kv):
     assert sorted(diffs)[int(0.9 * len(diffs))] < 1e-3, sorted(diffs)[-10:]
     hits = [e.clusters.cache.stats.hot_hits for e in engines]
     assert hits[0] == hits[1] > 0
+    if kind == "mixtral":  # the router's bookkeeping ran as on the modules' path
+        st = [e.stats()["experts"] for e in engines]
+        assert st[0]["hits"] == st[1]["hits"] and sum(st[0]["hits"]) > 0
 
 
 def test_fused_qkv_on_nbits_matches_dense(tmp_path):

@@ -1028,17 +1028,19 @@ static int have_f16c(void) {
 }
 
 /* layer(x, d, norm1, norm2, eps, mats, H, Hkv, D, F, cos, sin, kcache, vcache, f16, cap, pos,
-         bn, threads, isa): mats = 7 (packed, sz, n) for q, k, v, o, gate, up, down; x f32 [d]
-   updated in place; cos, sin f32 [D]. */
+         bn, threads, isa, h2): mats = 7 (packed, sz, n) for q, k, v, o, gate, up, down; x f32
+   [d] updated in place; cos, sin f32 [D]. With 4 mats (q, k, v, o: an MoE layer) it stops
+   after attention's residual and writes norm2(x) to h2 [d] for the router and `experts`. */
 static PyObject *py_layer(PyObject *self, PyObject *args) {
     unsigned long long xp, n1p, n2p, cp, sp, kp, vp;
     long long d, ff, cap, pos;
     double eps;
     int heads, kvh, dh, f16, bn, threads, isa;
+    unsigned long long h2p = 0;
     PyObject *seq;
-    if (!PyArg_ParseTuple(args, "KLKKdOiiiLKKKKiLLiii", &xp, &d, &n1p, &n2p, &eps, &seq,
+    if (!PyArg_ParseTuple(args, "KLKKdOiiiLKKKKiLLiii|K", &xp, &d, &n1p, &n2p, &eps, &seq,
                           &heads, &kvh, &dh, &ff, &cp, &sp, &kp, &vp, &f16, &cap, &pos, &bn,
-                          &threads, &isa))
+                          &threads, &isa, &h2p))
         return NULL;
     if (!check_cpu(isa))
         return NULL;
@@ -1050,8 +1052,11 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     PyObject *fast = PySequence_Fast(seq, "q4 layer: mats is 7 (packed, sz, n)");
     if (!fast)
         return NULL;
-    int ok = PySequence_Fast_GET_SIZE(fast) == 7;
-    for (int i = 0; ok && i < 7; i++) {
+    int count = (int)PySequence_Fast_GET_SIZE(fast);
+    int ok = count == 7 || (count == 4 && h2p);
+    if (count == 4)
+        ff = 0;
+    for (int i = 0; ok && i < count; i++) {
         unsigned long long pp, zp;
         long long n;
         ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKL", &pp, &zp, &n);
@@ -1062,8 +1067,9 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     Py_DECREF(fast);
     int64_t hd = (int64_t)heads * dh, kd = (int64_t)kvh * dh;
     if (!ok || heads % kvh || dh % 8 || d % GROUP || hd % GROUP || ff % GROUP || pos >= cap
-        || w[0].n != hd || w[1].n != kd || w[2].n != kd || w[3].n != d || w[4].n != ff
-        || w[5].n != ff || w[6].n != d || (bn != 32 && bn != 64)) {
+        || w[0].n != hd || w[1].n != kd || w[2].n != kd || w[3].n != d
+        || (count == 7 && (w[4].n != ff || w[5].n != ff || w[6].n != d))
+        || (bn != 32 && bn != 64)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "q4 layer: shapes do not fit");
         return NULL;
@@ -1095,16 +1101,18 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     if (ok) {
         for (int64_t i = 0; i < d; i++)
             x[i] += y[i];
-        rmsnorm(x, n2, eps, d, h);
+        rmsnorm(x, n2, eps, d, count == 4 ? (float *)(uintptr_t)h2p : h);
+    }
+    if (ok && count == 7) {
         w[4].y = g, w[5].y = u;
         ok = gemm1(h, d, w + 4, 2, bn, isa, threads);
     }
-    if (ok) {
+    if (ok && count == 7) {
         silu_mul(g, u, ff);
         w[6].y = y;
         ok = gemm1(g, ff, w + 6, 1, bn, isa, threads);
     }
-    if (ok)
+    if (ok && count == 7)
         for (int64_t i = 0; i < d; i++)
             x[i] += y[i];
     Py_END_ALLOW_THREADS
@@ -1112,6 +1120,73 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     if (!ok)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* experts(x, h, d, experts, F, bn, threads, isa): experts a sequence of (weight, gate, up,
+   down), each matrix (packed, sz, n): x += sum of weight * down(silu(gate h) * up h), the MoE
+   half of a layer after `layer` stopped at attention. */
+static PyObject *py_experts(PyObject *self, PyObject *args) {
+    unsigned long long xp, hp;
+    long long d, ff;
+    int bn, threads, isa;
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "KKLOLiii", &xp, &hp, &d, &seq, &ff, &bn, &threads, &isa))
+        return NULL;
+    if (!check_cpu(isa))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "q4 experts: a sequence of (weight, gate, up, down)");
+    if (!fast)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
+    int ok = count >= 1 && count <= 8 && d % GROUP == 0 && ff % GROUP == 0
+             && (bn == 32 || bn == 64);
+    float wt[8];
+    mat_t w[8][3];
+    for (Py_ssize_t e = 0; ok && e < count; e++) {
+        unsigned long long p[3], z[3];
+        long long n[3];
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, e), "f(KKL)(KKL)(KKL)", &wt[e],
+                              &p[0], &z[0], &n[0], &p[1], &z[1], &n[1], &p[2], &z[2], &n[2]);
+        for (int i = 0; ok && i < 3; i++) {
+            w[e][i] = (mat_t){(const uint8_t *)(uintptr_t)p[i], (const uint16_t *)(uintptr_t)z[i],
+                              n[i], NULL, 0};
+            ok = n[i] % bn == 0;
+        }
+        ok = ok && n[0] == ff && n[1] == ff && n[2] == d;
+    }
+    Py_DECREF(fast);
+    if (!ok) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "q4 experts: shapes do not fit");
+        return NULL;
+    }
+    float *x = (float *)(uintptr_t)xp;
+    const float *h = (const float *)(uintptr_t)hp;
+    float *arena = malloc((size_t)(2 * ff + d + 16) * sizeof(float));
+    if (!arena)
+        return PyErr_NoMemory();
+    float *g = arena, *u = g + ff, *y = u + ff;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t e = 0; ok && e < count; e++) {
+        w[e][0].y = g, w[e][1].y = u, w[e][2].y = y;
+        ok = gemm1(h, d, w[e], 2, bn, isa, threads);
+        if (ok) {
+            silu_mul(g, u, ff);
+            ok = gemm1(g, ff, w[e] + 2, 1, bn, isa, threads);
+        }
+        if (ok)
+            for (int64_t i = 0; i < d; i++)
+                x[i] += wt[e] * y[i];
+    }
+    Py_END_ALLOW_THREADS
+    free(arena);
+    if (!ok)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_layer_ok(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(have_f16c());
 }
 
 static PyObject *py_isas(PyObject *self, PyObject *noargs) {
@@ -1128,6 +1203,8 @@ static PyMethodDef methods[] = {
     {"gemm8", py_gemm8, METH_VARARGS, "y[m, n] = x[m, k] @ (q8 rows * scale)^T"},
     {"layer", py_layer, METH_VARARGS, "one dense decoder layer at decode, in place (see the "
      "source)"},
+    {"experts", py_experts, METH_VARARGS, "an MoE layer's routed experts at decode, in place"},
+    {"layer_ok", py_layer_ok, METH_NOARGS, "whether this CPU runs `layer` (AVX2, FMA, F16C)"},
     {"isas", py_isas, METH_NOARGS, "the paths this CPU runs, best first (0 scalar, 1 AVX2, "
      "2 AVX-512 VNNI)"},
     {NULL, NULL, 0, NULL}};

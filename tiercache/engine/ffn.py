@@ -321,20 +321,23 @@ class ClusterFFN:
             y = y + self.pool.down(h, idx)
         return y
 
-    def whole(self, layer: int) -> Block | None:
-        """A dense layer's FFN when every cluster is pinned in one int4 Block (gate, up and
-        down, nothing streamed or gated), else None."""
-        if self.mode != "dense" or self.args.is_moe:
-            return None
-        block, hot, _ = self.hot.get((layer, 0), (None, (), None))
-        if (type(block) is not Block or not block.int4 or len(block.row_q) != 2
-                or len(hot) != self.n_clusters):
-            return None
-        return block
+    def whole(self, layer: int) -> list:
+        """A layer's FFN (an MoE's every expert) when each is pinned whole in one int4 Block
+        (gate, up and down, nothing streamed or gated): [Block per expert], else []."""
+        if self.mode != "dense":
+            return []
+        blocks = []
+        for e in range(self.args.n_experts):
+            block, hot, _ = self.hot.get((layer, e), (None, (), None))
+            if (type(block) is not Block or not block.int4 or len(block.row_q) != 2
+                    or len(hot) != self.n_clusters):
+                return []
+            blocks.append(block)
+        return blocks
 
-    def count_whole(self, layer: int) -> None:
-        """A whole FFN ran outside `ffn` (engine/fused.py): its clusters were hot hits."""
-        self.cache.stats.hot_hits += self.n_clusters
+    def count_whole(self, experts: list[int]) -> None:
+        """Whole FFNs ran outside `ffn` (engine/fused.py): their clusters were hot hits."""
+        self.cache.stats.hot_hits += self.n_clusters * len(experts)
 
     def tail_used(self, layer: int, ids: torch.Tensor | None, x: torch.Tensor) -> None:
         """A layer's TieredTail ran on x [T, d] (an MoE's routed ids [T, k]): its clusters

@@ -269,11 +269,10 @@ class TieredEngine(Engine):
         """Layers whose every weight is resident in q4 decode in one call (fused.py)."""
         from .fused import FusedLayer
         for l, layer in enumerate(self.model.model.layers):
-            block = self.clusters.whole(l)
-            if l not in self.budget.vram_layers and FusedLayer.fits(layer, block,
+            blocks = self.clusters.whole(l)
+            if l not in self.budget.vram_layers and FusedLayer.fits(layer, blocks,
                                                                    self.args.hidden_act):
-                layer.fused = FusedLayer(layer, block,
-                                         lambda l=l: self.clusters.count_whole(l))
+                layer.fused = FusedLayer(layer, blocks, self.clusters.count_whole)
 
     def _fused_qkv(self, layer: int) -> NBitsQKV | None:
         """A layer's input norm, q|k|v and RoPE as one ORT session, when all three are q4k."""
