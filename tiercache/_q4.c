@@ -333,6 +333,23 @@ static void rows8_avx2(const act_t *a, const int8_t *q, const uint16_t *scale, i
    whole group is summed before it is scaled, and a pair of activation rows shares the
    unpacking (prompts). */
 
+__attribute__((target("avx2,fma")))
+static inline void quads(const uint8_t *p, __m256i q[4]) {
+    /* columns c..c+3 (32 bytes each at p) -> 4 bytes per int32 lane, one row's 4 columns:
+       q[0] rows [0-3 | 16-19], q[1] [4-7 | 20-23], q[2] [8-11 | 24-27], q[3] [12-15 | 28-31]
+       (low nibbles; the high ones are the same rows + 32) */
+    __m256i v0 = _mm256_loadu_si256((const __m256i *)p);
+    __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+    __m256i v2 = _mm256_loadu_si256((const __m256i *)(p + 64));
+    __m256i v3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+    __m256i l01 = _mm256_unpacklo_epi8(v0, v1), h01 = _mm256_unpackhi_epi8(v0, v1);
+    __m256i l23 = _mm256_unpacklo_epi8(v2, v3), h23 = _mm256_unpackhi_epi8(v2, v3);
+    q[0] = _mm256_unpacklo_epi16(l01, l23);
+    q[1] = _mm256_unpackhi_epi16(l01, l23);
+    q[2] = _mm256_unpacklo_epi16(h01, h23);
+    q[3] = _mm256_unpackhi_epi16(h01, h23);
+}
+
 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 static inline __m256i bcast4(const int8_t *p) {
     int32_t v;
@@ -380,15 +397,8 @@ static inline void block64_vnni_m(const act_t *a, const int M, const uint8_t *bl
                 acc[m][i] = _mm256_setzero_si256();
         const uint8_t *p = blk + g * GROUP * 32;
         for (int c = 0; c < GROUP; c += 4, p += 128) {
-            __m256i v0 = _mm256_loadu_si256((const __m256i *)p);
-            __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-            __m256i v2 = _mm256_loadu_si256((const __m256i *)(p + 64));
-            __m256i v3 = _mm256_loadu_si256((const __m256i *)(p + 96));
-            __m256i l01 = _mm256_unpacklo_epi8(v0, v1), h01 = _mm256_unpackhi_epi8(v0, v1);
-            __m256i l23 = _mm256_unpacklo_epi8(v2, v3), h23 = _mm256_unpackhi_epi8(v2, v3);
-            __m256i q[4] = {_mm256_unpacklo_epi16(l01, l23), _mm256_unpackhi_epi16(l01, l23),
-                            _mm256_unpacklo_epi16(h01, h23), _mm256_unpackhi_epi16(h01, h23)};
-            __m256i w[8];
+            __m256i q[4], w[8];
+            quads(p, q);
             for (int i = 0; i < 4; i++) {
                 w[i] = _mm256_and_si256(q[i], m4);
                 w[4 + i] = _mm256_and_si256(_mm256_srli_epi16(q[i], 4), m4);
@@ -414,18 +424,12 @@ static void unpack64(const uint8_t *blk, int64_t k, __m512i *buf) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const uint8_t *p = blk;
     for (int64_t c = 0; c < k; c += 4, p += 128, buf += 4) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)p);
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-        __m256i v2 = _mm256_loadu_si256((const __m256i *)(p + 64));
-        __m256i v3 = _mm256_loadu_si256((const __m256i *)(p + 96));
-        __m256i l01 = _mm256_unpacklo_epi8(v0, v1), h01 = _mm256_unpackhi_epi8(v0, v1);
-        __m256i l23 = _mm256_unpacklo_epi8(v2, v3), h23 = _mm256_unpackhi_epi8(v2, v3);
+        __m256i q[4];
+        quads(p, q);
         /* quads [0-3 | 16-19] [4-7 | 20-23] as one register, [8-11 | 24-27] [12-15 | 28-31]
            as another, then lanes reordered into rows 0-15 and 16-31 */
-        __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi16(l01, l23)),
-                                       _mm256_unpackhi_epi16(l01, l23), 1);
-        __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi16(h01, h23)),
-                                       _mm256_unpackhi_epi16(h01, h23), 1);
+        __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
+        __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(q[2]), q[3], 1);
         __m512i r0 = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(2, 0, 2, 0));
         __m512i r1 = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 1, 3, 1));
         _mm512_store_si512(buf, _mm512_and_si512(r0, m4));                              /* 0-15 */
