@@ -954,7 +954,8 @@ static void silu_mul(float *g, const float *u, int64_t n) {  /* g = g / (1 + e^-
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 x = _mm256_loadu_ps(g + i);
-        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f),
+                                   exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
         _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
     }
     for (; i < n; i++)

@@ -68,7 +68,8 @@ class TieredMoE(MoE):
         w, idx = self.route(x)
         if x.shape[0] == 1:  # decode: k distinct experts on the one row, no gather or scatter
             ids, ws = idx[0].tolist(), w[0]
-            self.source.routed(self.layer, ids, x, self.route_next, _ones(ids, len(self.experts)))
+            self.source.routed(self.layer, ids, x, self.route_next,
+                               rows_per_expert(ids, len(self.experts)))
             out = self.experts[ids[0]](x) * ws[0]
             for i in range(1, len(ids)):
                 out = out + self.experts[ids[i]](x) * ws[i]
@@ -82,7 +83,7 @@ class TieredMoE(MoE):
         return out.view(shape)
 
 
-def _ones(ids: list[int], n: int) -> list[int]:
+def rows_per_expert(ids: list[int], n: int) -> list[int]:
     """Rows per expert when one row routes to `ids` (what torch.bincount counts)."""
     tokens = [0] * n
     for e in ids:

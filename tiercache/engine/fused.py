@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import q4
+from .ffn import rows_per_expert
 from .kernels import QKV, QLinear, ram_layout
 
 
@@ -85,10 +86,8 @@ class FusedLayer:
             moe, row = self.moe, h.view(1, -1)
             w, idx = moe.route(row)
             ids, ws = idx[0].tolist(), w[0].tolist()
-            tokens = [0] * len(self.experts)
-            for e in ids:
-                tokens[e] += 1
-            moe.source.routed(moe.layer, ids, row, moe.route_next, tokens)
+            moe.source.routed(moe.layer, ids, row, moe.route_next,
+                              rows_per_expert(ids, len(self.experts)))
             q4._ext().experts(out.data_ptr(), h.data_ptr(), out.numel(),
                               [(wt, *self.experts[e]) for e, wt in zip(ids, ws)], self.ff,
                               self.bn, threads, isa)

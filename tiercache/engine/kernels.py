@@ -87,8 +87,8 @@ def resident_kernel() -> str:
 
 def int4_kernel() -> str:
     """What computes q4 weights in RAM (pinned, cached, streamed): tiercache's own kernel
-    (q4.py: 'q4-vnni', 'q4-avx2' or 'q4-scalar', int8 activations) where it verifies here, else torch's
-    ('torch', bf16 activations)."""
+    (q4.py: 'q4-vnni', 'q4-avx2' or 'q4-scalar', int8 activations) where it verifies here,
+    else torch's ('torch', bf16 activations)."""
     return f"q4-{q4.path()}" if q4.available() else "torch"
 
 

@@ -66,7 +66,7 @@ class TierConfig:
     cold_clusters: int | None = None
     io_threads: int = 2
     prefetch: bool = True
-    fused: bool = True             # a resident dense layer decodes in one kernel call (fused.py)
+    fused: bool = True             # a wholly resident q4 layer decodes in C (fused.py)
     prefetch_layers: int = 2       # dense mode: units (layers, head slices) read ahead
     pin_attention: int | None = None  # with region sizes: layers whose attention is pinned
     pin_head: bool | None = None      # (the first ones), and whether the head is; else all

@@ -5,11 +5,11 @@ no more RAM than its stored bytes (ORT's prepacked MatMulNBits takes ~1.4x).
 
 Activations are quantized to int8 per group of 32, as llama.cpp's q8_0 and MatMulNBits'
 accuracy_level 4 do. Three paths, picked by the CPU's flags at run time: AVX-512 VNNI
-(vpdpbusd on 256-bit registers, whole groups summed in int32, two prompt rows per pass),
-AVX2/FMA (maddubs), and scalar C elsewhere; the best one that matches a float reference on a
-small block here is used (`available`), so a CPU that reports a flag it cannot run falls back. Prompts run on it too, a row block at a time for all their rows (each
-block read from RAM once): ~2x torch's int4 kernel at 128 rows, below ORT's GEMM
-(tools/bench_kernels.py).
+(vpdpbusd, whole groups summed in int32; prompts on row blocks unpacked once and read by three
+activation rows at a time: 2x ORT's MatMulNBits at 128 rows on Zen 5), AVX2/FMA (maddubs; a
+prompt's rows one by one per block, ~1.3x torch's int4 kernel, below ORT's GEMM), and scalar C
+elsewhere. The best one that matches a float reference on a small block here is used
+(`available`), so a CPU that reports a flag it cannot run falls back (tools/bench_kernels.py).
 """
 from __future__ import annotations
 
