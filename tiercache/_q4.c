@@ -590,6 +590,7 @@ struct job {
     int isa;             /* ISA_SCALAR, ISA_AVX2 or ISA_VNNI */
     int threads;         /* as asked */
     int64_t blocks;      /* all the matrices' */
+    const void *ctx;     /* what a job other than a product reads (attn_t) */
 };
 
 static int vnni_rows(const job_t *j) {
@@ -985,21 +986,30 @@ static void put_kv(void *cache, int f16, int64_t cap, int64_t pos, const float *
     }
 }
 
+typedef struct {  /* one position's attention over the cache: the pool splits the heads */
+    const float *q;
+    const void *kc, *vc;
+    int f16;
+    int64_t cap, len;
+    int heads, kv_heads, dh;
+    float *out, *s;  /* out [H * D]; s: len scores per head */
+} attn_t;
+
 __attribute__((target("avx2,fma,f16c")))
-static void attend(const float *q, const void *kc, const void *vc, int f16, int64_t cap,
-                   int64_t len, int heads, int kv_heads, int dh, float *out, float *s) {
-    /* softmax(q k^T / sqrt(D)) v per head, head h on kv head h / (H / Hkv) */
-    float scale = 1.f / sqrtf((float)dh);
-    int group = heads / kv_heads;
-    for (int h = 0; h < heads; h++) {
-        int64_t base = (int64_t)(h / group) * cap * dh;
-        const float *qh = q + h * dh;
-        float mx = -INFINITY;
+static void attend(const job_t *j, int64_t h0, int64_t h1) {
+    /* softmax(q k^T / sqrt(D)) v for heads [h0, h1), head h on kv head h / (H / Hkv) */
+    const attn_t *a = j->ctx;
+    float scale = 1.f / sqrtf((float)a->dh);
+    int dh = a->dh, group = a->heads / a->kv_heads;
+    for (int64_t h = h0; h < h1; h++) {
+        int64_t base = (h / group) * a->cap * dh, len = a->len;
+        const float *qh = a->q + h * dh;
+        float *s = a->s + h * len, mx = -INFINITY;
         for (int64_t t = 0; t < len; t++) {
             __m256 acc = _mm256_setzero_ps();
             for (int i = 0; i < dh; i += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(kc, f16, base + t * dh + i),
-                                      acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i),
+                                      load8(a->kc, a->f16, base + t * dh + i), acc);
             s[t] = hsum(acc) * scale;
             mx = s[t] > mx ? s[t] : mx;
         }
@@ -1015,15 +1025,17 @@ static void attend(const float *q, const void *kc, const void *vc, int f16, int6
             s[t] = expf(s[t] - mx);
             sum += s[t];
         }
-        float inv = 1.f / sum;
-        float *oh = out + h * dh;
-        for (int i = 0; i < dh; i += 8) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t t = 0; t < len; t++)
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), load8(vc, f16, base + t * dh + i),
-                                      acc);
-            _mm256_storeu_ps(oh + i, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+        __m256 acc[32];  /* D <= 256, checked by the caller */
+        for (int i = 0; i < dh / 8; i++)
+            acc[i] = _mm256_setzero_ps();
+        for (t = 0; t < len; t++) {  /* each value row read once */
+            __m256 p = _mm256_set1_ps(s[t]);
+            for (int i = 0; i < dh / 8; i++)
+                acc[i] = _mm256_fmadd_ps(p, load8(a->vc, a->f16, base + t * dh + 8 * i), acc[i]);
         }
+        __m256 inv = _mm256_set1_ps(1.f / sum);
+        for (int i = 0; i < dh / 8; i++)
+            _mm256_storeu_ps(a->out + h * dh + 8 * i, _mm256_mul_ps(acc[i], inv));
     }
 }
 
@@ -1071,7 +1083,7 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     }
     Py_DECREF(fast);
     int64_t hd = (int64_t)heads * dh, kd = (int64_t)kvh * dh;
-    if (!ok || heads % kvh || dh % 8 || d % GROUP || hd % GROUP || ff % GROUP || pos >= cap
+    if (!ok || heads % kvh || dh % 8 || dh > 256 || d % GROUP || hd % GROUP || ff % GROUP || pos >= cap
         || w[0].n != hd || w[1].n != kd || w[2].n != kd || w[3].n != d
         || (count == 7 && (w[4].n != ff || w[5].n != ff || w[6].n != d))
         || (bn != 32 && bn != 64)) {
@@ -1083,7 +1095,7 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     const float *n1 = (const float *)(uintptr_t)n1p, *n2 = (const float *)(uintptr_t)n2p;
     void *kc = (void *)(uintptr_t)kp, *vc = (void *)(uintptr_t)vp;
     int64_t wide = d > ff ? d : ff;
-    size_t floats = (size_t)(wide + hd + 2 * kd + hd + d + 2 * ff + pos + 1 + 64);
+    size_t floats = (size_t)(wide + hd + 2 * kd + hd + d + 2 * ff + heads * (pos + 1) + 64);
     float *arena = malloc(floats * sizeof(float));
     if (!arena)
         return PyErr_NoMemory();
@@ -1099,7 +1111,9 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
         rope(k, kvh, dh, cos, sin);
         put_kv(kc, f16, cap, pos, k, kvh, dh);
         put_kv(vc, f16, cap, pos, v, kvh, dh);
-        attend(q, kc, vc, f16, cap, pos + 1, heads, kvh, dh, att, s);
+        attn_t at = {q, kc, vc, f16, cap, pos + 1, heads, kvh, dh, att, s};
+        job_t aj = {attend, NULL, 1, {{0}}, 0, 1, isa, threads, heads, &at};
+        run(&aj, threads);
         w[3].y = y;
         ok = gemm1(att, hd, w + 3, 1, bn, isa, threads);
     }
