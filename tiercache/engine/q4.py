@@ -14,6 +14,7 @@ elsewhere. The best one that matches a float reference on a small block here is 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -52,10 +53,12 @@ ISAS = {"scalar": 0, "avx2": 1, "vnni": 2}  # the C side's ISA_* values
 
 
 def isas() -> list[str]:
-    """The paths this CPU's flags allow, best first ([] without the extension)."""
+    """The paths this CPU's flags allow, best first ([] without the extension).
+    TIERCACHE_ISA=avx2 (or scalar) caps them, to run as a CPU without the better ones."""
     ext = _ext()
     names = {v: k for k, v in ISAS.items()}
-    return [names[i] for i in ext.isas()] if ext is not None else []
+    cap = ISAS.get(os.environ.get("TIERCACHE_ISA", ""), max(ISAS.values()))
+    return [names[i] for i in ext.isas() if i <= cap] if ext is not None else []
 
 
 def path() -> str | None:
