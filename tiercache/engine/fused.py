@@ -9,8 +9,9 @@ experts; the router and its bookkeeping (`ClusterFFN.routed`) stay in torch betw
 
 Why: at decode a token's torch ops and Python between the kernels took ~4.5 ms of ~29 on the
 1B shape (1 thread, Zen 5), and kept the second thread idle meanwhile. Resident, decode, same
-process alternating (tools/bench.py's model, AVX-512 VNNI): 1 thread 34.5 -> 38 tok/s,
-2 threads 45.4 -> 55.3. `TierConfig(fused=False)` keeps the modules' path.
+process alternating (tools/bench.py's model, AVX-512 VNNI): 1 thread 35.8 -> 38 tok/s,
+2 threads 53 -> 60; the synthetic Mixtral 61 -> 76 and 68 -> 83-99. `TierConfig(fused=False)`
+keeps the modules' path.
 """
 from __future__ import annotations
 
