@@ -230,7 +230,8 @@ def test_q4_experts_part_on_matmulnbits_match_dense(mixtral_q4, monkeypatch):
         pytest.skip("onnxruntime's MatMulNBits is not installed or does not verify here")
     runtime = 300 << 20
     monkeypatch.setattr(TieredEngine, "_runtime_bytes", lambda self: runtime)
-    full = load_tiered(Store(mixtral_q4), TierConfig(sparse=False, kv="f32", compute="nbits")).budget
+    full = load_tiered(Store(mixtral_q4),
+                       TierConfig(sparse=False, kv="f32", compute="nbits")).budget
     fixed = nbits.WORKSPACE  # the packing's transient (this model's layers are far smaller)
     # every weight, the transient and half of what the 2 layers and the head would pack:
     # layer 0 (the larger part) fits, layer 1 does not

@@ -330,8 +330,7 @@ static void rows8_avx2(const act_t *a, const int8_t *q, const uint16_t *scale, i
    columns of one row: two unpack levels turn columns c..c+3 (32 bytes each) into quads, lane
    by lane [rows 0-3 | 16-19], [4-7 | 20-23], [8-11 | 24-27], [12-15 | 28-31] (low nibbles;
    the high ones are the same rows + 32). The int32 sums never overflow (32 * 15 * 127), so a
-   whole group is summed before it is scaled, and a pair of activation rows shares the
-   unpacking (prompts). */
+   whole group is summed before it is scaled; two activation rows share the unpacking. */
 
 __attribute__((target("avx2,fma")))
 static inline void quads(const uint8_t *p, __m256i q[4]) {
@@ -491,12 +490,12 @@ static void rows_vnni(const act_t *a, int64_t m, const uint8_t *packed, const ui
     /* blocks [b0, b1) of 64 rows for all m activation rows: two at a time from the packed
        bytes, or, for prompts, every row from the block unpacked once (a buffer per thread) */
     static __thread __m512i *buf;
-    static __thread int64_t have;
+    static __thread int64_t buf_k;  /* the K it holds a block of */
     int64_t k = a[0].k;
-    if (m >= UNPACK_MIN_ROWS && have < 2 * k) {
+    if (m >= UNPACK_MIN_ROWS && buf_k < k) {
         free(buf);
         buf = aligned_alloc(64, (size_t)k * 64);
-        have = buf ? 2 * k : 0;
+        buf_k = buf ? k : 0;
     }
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *blk = packed + b * k * 32;
@@ -801,6 +800,28 @@ static PyObject *call(job_t *j, const float *x, long long k, int patterns, int t
     Py_RETURN_NONE;
 }
 
+static int gemm_run(const float *x, int64_t m, int64_t k, const mat_t *mats, int count, int bn,
+                    int isa, int threads) {
+    /* q4 products of the same x [m, k] with `count` matrices, in one pooled call; 0: no memory.
+       Call it without the GIL. */
+    job_t j = {q4_blocks, NULL, m, {{0}}, count, bn, isa, threads, 0};
+    for (int i = 0; i < count; i++) {
+        j.mats[i] = mats[i];
+        j.mats[i].first = j.blocks;
+        j.blocks += mats[i].n / bn;
+    }
+    uint8_t *buf = NULL;
+    /* the AVX2 stripes read column-pair patterns; the VNNI path broadcasts xq */
+    act_t *acts = prepare(x, m, k, isa != ISA_SCALAR && !vnni_rows(&j), &buf);
+    if (!acts)
+        return 0;
+    j.acts = acts;
+    run(&j, threads);
+    free(buf);
+    free(acts);
+    return 1;
+}
+
 static int check_cpu(int isa) {
     if (isa < ISA_SCALAR || isa > ISA_VNNI) {
         PyErr_SetString(PyExc_ValueError, "q4: isa is 0 (scalar), 1 (AVX2) or 2 (AVX-512 VNNI)");
@@ -830,7 +851,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     }
     if (!check_cpu(isa))
         return NULL;
-    job_t j = {q4_blocks, NULL, m, {{0}}, 0, bn, isa, threads, 0};
+    mat_t mats[MAX_MATS];
     PyObject *fast = PySequence_Fast(seq, "q4 gemm: mats is a sequence of (packed, sz, n, y)");
     if (!fast)
         return NULL;
@@ -852,15 +873,17 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "q4 gemm: N % BN (32 or 64)");
             return NULL;
         }
-        j.mats[i] = (mat_t){(const uint8_t *)(uintptr_t)pp, (const uint16_t *)(uintptr_t)sp, n,
-                            (float *)(uintptr_t)yp, j.blocks};
-        j.blocks += n / bn;
+        mats[i] = (mat_t){(const uint8_t *)(uintptr_t)pp, (const uint16_t *)(uintptr_t)sp, n,
+                          (float *)(uintptr_t)yp, 0};
     }
-    j.nmat = (int)count;
     Py_DECREF(fast);
-    /* the AVX2 stripes read column-pair patterns; the VNNI path broadcasts xq */
-    int patterns = isa != ISA_SCALAR && !vnni_rows(&j);
-    return call(&j, (const float *)(uintptr_t)xp, k, patterns, threads);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = gemm_run((const float *)(uintptr_t)xp, m, k, mats, (int)count, bn, isa, threads);
+    Py_END_ALLOW_THREADS
+    if (!ok)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 /* gemm8(x, m, k, q, scale, n, y, threads, isa): int8 rows q [n, k], bf16 scale [n]. */
@@ -888,25 +911,6 @@ static PyObject *py_gemm8(PyObject *self, PyObject *args) {
    same arithmetic as the torch modules (the kernels above, f32 elsewhere), in one call, so a
    token pays no Python or torch op between a layer's kernels. The KV cache is f16 or f32
    [Hkv, cap, D]; this position's k and v are written at `pos`. */
-
-static int gemm1(const float *x, int64_t k, const mat_t *ws, int count, int bn, int isa,
-                 int threads) {
-    job_t j = {q4_blocks, NULL, 1, {{0}}, count, bn, isa, threads, 0};
-    for (int i = 0; i < count; i++) {
-        j.mats[i] = ws[i];
-        j.mats[i].first = j.blocks;
-        j.blocks += ws[i].n / bn;
-    }
-    uint8_t *buf = NULL;
-    act_t *acts = prepare(x, 1, k, isa != ISA_SCALAR && !vnni_rows(&j), &buf);
-    if (!acts)
-        return 0;
-    j.acts = acts;
-    run(&j, threads);
-    free(buf);
-    free(acts);
-    return 1;
-}
 
 static void rmsnorm(const float *x, const float *w, double eps, int64_t d, float *out) {
     float ss = 0.f;
@@ -1105,7 +1109,7 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rmsnorm(x, n1, eps, d, h);
     w[0].y = q, w[1].y = k, w[2].y = v;
-    ok = ok && gemm1(h, d, w, 3, bn, isa, threads);
+    ok = ok && gemm_run(h, 1, d, w, 3, bn, isa, threads);
     if (ok) {
         rope(q, heads, dh, cos, sin);
         rope(k, kvh, dh, cos, sin);
@@ -1115,7 +1119,7 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
         job_t aj = {attend, NULL, 1, {{0}}, 0, 1, isa, threads, heads, &at};
         run(&aj, threads);
         w[3].y = y;
-        ok = gemm1(att, hd, w + 3, 1, bn, isa, threads);
+        ok = gemm_run(att, 1, hd, w + 3, 1, bn, isa, threads);
     }
     if (ok) {
         for (int64_t i = 0; i < d; i++)
@@ -1124,12 +1128,12 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     }
     if (ok && count == 7) {
         w[4].y = g, w[5].y = u;
-        ok = gemm1(h, d, w + 4, 2, bn, isa, threads);
+        ok = gemm_run(h, 1, d, w + 4, 2, bn, isa, threads);
     }
     if (ok && count == 7) {
         silu_mul(g, u, ff);
         w[6].y = y;
-        ok = gemm1(g, ff, w + 6, 1, bn, isa, threads);
+        ok = gemm_run(g, 1, ff, w + 6, 1, bn, isa, threads);
     }
     if (ok && count == 7)
         for (int64_t i = 0; i < d; i++)
@@ -1188,10 +1192,10 @@ static PyObject *py_experts(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t e = 0; ok && e < count; e++) {
         w[e][0].y = g, w[e][1].y = u, w[e][2].y = y;
-        ok = gemm1(h, d, w[e], 2, bn, isa, threads);
+        ok = gemm_run(h, 1, d, w[e], 2, bn, isa, threads);
         if (ok) {
             silu_mul(g, u, ff);
-            ok = gemm1(g, ff, w[e] + 2, 1, bn, isa, threads);
+            ok = gemm_run(g, 1, ff, w[e] + 2, 1, bn, isa, threads);
         }
         if (ok)
             for (int64_t i = 0; i < d; i++)
