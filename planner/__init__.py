@@ -6,14 +6,27 @@
 Reads store manifests (or estimates of unconverted HF/GGUF models) and device profiles, and
 writes plans; it imports nothing from tiercache.cli or tiercache.engine.
 """
-from .cost import CostModel, predict_mmap
-from .estimate import estimate_from_source, load_model
-from .profiles import DeviceProfile, list_presets, preset, resolve_device
-from .search import load_plan, make_plan, sweep
-from .units import parse_size
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import DeviceProfile
+
+# names load their module when first used: `planner.units` alone (the lean runtime's --ram)
+# must not import the estimator, which imports torch
+_WHERE = {"CostModel": "cost", "predict_mmap": "cost", "estimate_from_source": "estimate",
+          "load_model": "estimate", "DeviceProfile": "profiles", "list_presets": "profiles",
+          "preset": "profiles", "resolve_device": "profiles", "load_plan": "search",
+          "make_plan": "search", "sweep": "search", "parse_size": "units"}
 
 
-def this_machine(refresh: bool = False) -> DeviceProfile:
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
+
+def this_machine(refresh: bool = False) -> "DeviceProfile":
     """This machine's probed profile, cached at $TIERCACHE_HOME/device.json."""
     from .probe import this_machine as probed
     return probed(refresh)

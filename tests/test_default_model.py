@@ -112,11 +112,11 @@ Q4_TIE = 0.05
 
 
 def _check_q4(engine, q4_reference, dense, prompts=PROMPTS):
-    kernel = engine.stats()["pinned_kernel"]  # "ort-nbits for 12 of 30 layers": ORT's too
-    tol = Q4_LOGIT_TOL["torch" if kernel == "torch" else "int8"]
+    kernel = engine.stats().get("pinned_kernel")  # "ort-nbits for 12 of 30 layers": ORT's too
+    tol = Q4_LOGIT_TOL["torch" if kernel == "torch" else "int8"]  # (the lean runtime: int8)
     for p in prompts:
         ids, want, ref = q4_reference[p]
-        got = engine.logits(engine.new_session(), ids)[-1]
+        got = torch.as_tensor(engine.logits(engine.new_session(), ids)[-1])
         diff = (got - ref).abs() / ref.std()
         assert diff.max() < tol, f"{p!r}: max {diff.max():.3g} mean {diff.mean():.3g} x std"
         tokens = _greedy(engine, ids)
@@ -143,6 +143,32 @@ def test_q4_tiered_resident_matches_dense(q4_store, q4_reference, q4_dense, comp
     engine = load_tiered(Store(q4_store), TierConfig(context=256, compute=compute))
     assert engine.stats()["compute"] == "int4"
     _check_q4(engine, q4_reference, q4_dense)
+
+
+def test_q4_lean_matches_dense(q4_store, q4_reference, q4_dense):
+    """What `tiercache chat` runs by default where the CPU has the kernel's AVX2 or VNNI path:
+    the lean runtime (no torch) on the q4 store, against the dense float32 reference."""
+    from tiercache import lean
+    store = Store(q4_store)
+    if lean.why_not(store) is not None:
+        pytest.skip(f"the lean runtime does not run here: {lean.why_not(store)}")
+    _check_q4(lean.LeanEngine(store, context=256), q4_reference, q4_dense)
+
+
+def test_q4_lean_perplexity_matches_dense(q4_store, q4_dense):
+    """The lean runtime scores a text within 1% of the dense float32 reference's perplexity
+    (as the tiered engine does below)."""
+    from pathlib import Path
+    from tiercache import lean
+    from tiercache.profile import perplexity
+    store = Store(q4_store)
+    if lean.why_not(store) is not None:
+        pytest.skip(f"the lean runtime does not run here: {lean.why_not(store)}")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    ids = Tokenizer(q4_store).encode(readme)[:512]
+    got = perplexity(lean.LeanEngine(store, context=256), ids, 256)
+    want = perplexity(q4_dense, ids, 256)
+    assert abs(got / want - 1) < 0.01, f"perplexity {got:.3f} vs dense {want:.3f}"
 
 
 def test_q4_tiered_part_on_matmulnbits_matches_dense(q4_store, q4_reference, q4_dense):

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
-import torch
-
-from .engine import Engine, Session, StepStats, generate_step, load_dense, make_sampler
-from .errors import BudgetError
+from .engine.sample import make_sampler
+from .engine.session import Session, StepStats, generate_step
+from .errors import BudgetError, TiercacheError
 from .memory import peak_memory
 from .store.format import Store
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the lean runtime never imports torch; the other engines do, when loaded
+    from .engine import Engine
 
 Prompt = Union[str, list[int], list[dict]]
 
@@ -35,15 +37,21 @@ def default_threads() -> int:
     return 1 if n <= 2 else n // 2  # SMT siblings rarely help matvec-bound decode
 
 
+ENGINES = ("auto", "lean", "tiered", "dense")
+
+
 def load(model: str, threads: int | None = None, dtype: str | None = None, ram: int | str | None = None,
-         engine: str = "tiered", context: int = 2048, kv: str = "f16", io_threads: int = 2,
+         engine: str = "auto", context: int = 2048, kv: str = "f16", io_threads: int = 2,
          sparse: bool | None = None, backend: str = "auto",
          plan: str | None = None, experts: str | None = None,
          expert_cut: float = 0.0, vram: int | str | None = None) -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
-    engine="tiered" keeps FFN clusters in a segmented cache inside `ram` bytes (everything
-    resident when ram is None); engine="dense" is the naive all-in-RAM float32 reference.
+    engine="auto" runs the lean runtime (`tiercache.lean`: no torch in the process) where it
+    runs the store and every weight fits in `ram`, else the tiered engine. engine="lean" asks
+    for it (an error says why it cannot); "tiered" keeps FFN clusters in a segmented cache
+    inside `ram` bytes (everything resident when ram is None); "dense" is the naive all-in-RAM
+    float32 reference.
     kv: the KV cache's dtype, f16 (default) or f32.
     backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
@@ -56,20 +64,29 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     `engine.stats()["vram"]` says what went.
     """
     from .hub import resolve_model
-    from .engine.tiered import TierConfig, config_from_plan, load_tiered
     from planner.units import parse_size
-    from .cache.experts import POLICIES
-    if experts not in (None, *POLICIES):
-        from .errors import TiercacheError
+    if engine not in ENGINES:
+        raise TiercacheError(f"--engine {engine}: one of {', '.join(ENGINES)}")
+    if experts not in (None, "lru", "freq+lru"):
         raise TiercacheError(f"--experts {experts}: the expert cache's policy is one of "
-                             + ", ".join(POLICIES))
-    torch.set_num_threads(threads or default_threads())
+                             "lru, freq+lru")
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
+    ram_bytes = parse_size(ram) if ram is not None else None
+    if engine in ("auto", "lean"):
+        asked = dict(vram=vram, plan=plan, sparse=sparse, backend=None if backend == "auto"
+                     else backend)
+        lean = _lean(path, engine == "lean", asked, ram_bytes, context, kv,
+                     threads or default_threads())
+        if lean is not None:
+            return lean, tok
+    import torch
+    from .engine import load_dense
+    from .engine.tiered import TierConfig, config_from_plan, load_tiered
+    torch.set_num_threads(threads or default_threads())
     vram_bytes = parse_size(vram) if vram is not None else None
     if engine == "dense":
         if vram_bytes:
-            from .errors import TiercacheError
             raise TiercacheError("--vram places weights for the tiered engine; the dense "
                                  "engine runs on --backend torch:cuda whole")
         return (load_dense(Store(path), context=context, kv=kv,
@@ -87,7 +104,6 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
         cfg = (_planned(path, parse_size(ram), context, kv)
                if ram is not None and sparse is None and not vram_bytes else None) or own
     if cfg.vram_bytes and backend not in ("auto", "torch"):
-        from .errors import TiercacheError
         raise TiercacheError(f"--backend {backend} with --vram: the VRAM tier computes its "
                              "layers itself; leave --backend auto")
     if backend == "auto" and (ram is not None or cfg.vram_bytes):
@@ -104,6 +120,30 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
         from .engine import q4
         q4.share_threads(threads or default_threads())
     return eng, tok
+
+
+def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv: str,
+          threads: int):
+    """The lean runtime for the store at `path`, or None where the tiered engine is the one to
+    run it (asked_for: an error instead, with the reason)."""
+    from . import lean
+    from .engine import q4
+    store = Store(path, readahead=False)
+    given = [f"--{k}" for k, v in asked.items() if v not in (None, False)]
+    why = lean.why_not(store)
+    why = f"does not take {', '.join(given)} (the tiered engine's)" if given else (
+        why and f"does not run {why}")
+    need = None if why else lean.need_bytes(store, context, kv)
+    if why is None and ram is not None and need > ram:
+        why = f"needs {need / 2**20:.0f} MiB (weights, KV, runtime), over --ram {ram / 2**20:.0f} MiB"
+    if why is not None:
+        store.close()
+        if asked_for:
+            raise (BudgetError if need else TiercacheError)(f"--engine lean: the lean runtime "
+                                                            f"{why}")
+        return None
+    q4.share_threads(threads)
+    return lean.LeanEngine(store, context, kv, threads)
 
 
 def _handed(backend: str, threads: int | None):

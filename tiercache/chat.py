@@ -275,7 +275,7 @@ def _handle(chat: Chat, line: str, quiet: bool) -> bool:
 
 def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float = 0.9,
              top_k: int = 0, seed: int | None = None, threads: int | None = None,
-             dtype: str | None = None, system: str | None = None, ram=None, engine: str = "tiered",
+             dtype: str | None = None, system: str | None = None, ram=None, engine: str = "auto",
              context: int = 2048, kv: str = "f16", sparse: bool | None = None,
              backend: str = "auto", plan=None, prompt: list[str] | None = None, quiet: bool = False,
              interactive: bool = False, experts: str | None = None,

@@ -19,7 +19,9 @@ DTYPE = typer.Option(None, help="store dtype when MODEL needs converting (defaul
 RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
 VRAM = typer.Option(None, help="a CUDA GPU's memory for weights, e.g. 8G: the head and the "
                                "first layers go there and compute there (tiered engine)")
-ENGINE = typer.Option("tiered", help="tiered (segmented cache) | dense (all in RAM, f32 reference)")
+ENGINE = typer.Option("auto", help="auto (lean where it runs and fits, else tiered) | lean "
+                      "(numpy + the q4 kernel, no torch: q4 dense Llama in RAM) | tiered "
+                      "(segmented cache, streaming) | dense (all in RAM, f32 reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
 KV = typer.Option("f16", "--kv", help="KV cache dtype: f16 (half the memory) or f32")
 SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the profile says it pays",
@@ -151,7 +153,6 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
 
 
 def _report(engine, ids, tokens, text, last) -> dict:
-    import torch
     from .memory import peak_memory
     mem, how = peak_memory()
     tier = (last.stats if last else None) or {}
@@ -167,11 +168,21 @@ def _report(engine, ids, tokens, text, last) -> dict:
             "prefill_tok_s": last.prompt_tps if last else 0.0,
             "decode_tok_s": last.generation_tps if last else 0.0,
             "weight_bytes": engine.store.weight_bytes, "peak_memory_bytes": mem,
-            "peak_memory_method": how, "threads": torch.get_num_threads(),
+            "peak_memory_method": how, "threads": _threads(engine),
             "backend": _phases(engine), "store": str(engine.store.path)}
 
 
+def _threads(engine) -> int:
+    if engine.backend == "lean":  # no torch in this process
+        return engine.threads
+    import torch
+    return torch.get_num_threads()
+
+
 def _phases(engine) -> dict:
+    if engine.backend == "lean":
+        return {phase: {"spec": "lean", "backend": "lean", "provider": "q4 kernel",
+                        "device": "cpu"} for phase in ("prefill", "decode")}
     import backends
     return backends.phase_report(engine)
 

@@ -114,7 +114,7 @@ def perplexity(engine, ids: list[int], chunk: int = 256, progress: bool = False)
     for c in tqdm(_chunks(ids, chunk), desc="eval", unit="chunk", disable=not progress):
         session = engine.new_session()
         for lo in range(0, len(c) - 1, rows):
-            logits = engine.logits(session, c[lo:min(lo + rows, len(c) - 1)])
+            logits = torch.as_tensor(engine.logits(session, c[lo:min(lo + rows, len(c) - 1)]))
             target = torch.tensor(c[lo + 1:lo + 1 + len(logits)])
             nll += torch.nn.functional.cross_entropy(logits.float(), target,
                                                      reduction="sum").item()

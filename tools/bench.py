@@ -438,7 +438,7 @@ def _version(res: dict) -> str:
 def _cap_table(res: dict, moe: bool) -> list[str]:
     head = ("| cap | threads |" + (" router |" if moe else "")
             + " llama.cpp decode tok/s | llama.cpp prefill tok/s | llama.cpp peak | tiercache "
-            "decode tok/s | tiercache prefill tok/s | tiercache peak | tiercache store MB/token |"
+            "engine | tiercache decode tok/s | tiercache prefill tok/s | tiercache peak | tiercache store MB/token |"
             " tiercache hit rate |" + (" expert hit rate |" if moe else "")
             + " tiercache / llama.cpp decode |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -451,6 +451,7 @@ def _cap_table(res: dict, moe: bool) -> list[str]:
             out.append(
                 f"| {row['cap'] / MB:.0f} MiB | {row['threads']} |" + (f" {router} |" if moe else "")
                 + f" {_cell(l, 'decode_tok_s')} | {_cell(l, 'prefill_tok_s')} | {_peak(l)} |"
+                f" {t.get('engine', 'tiered')} |"
                 f" {_cell(t, 'decode_tok_s')} | {_cell(t, 'prefill_tok_s')} | {_peak(t)} |"
                 f" {_num(t, 'store_bytes_per_token', 1e-6)} | {_num(t, 'cache_hit_rate')} |"
                 + (f" {_expert_hits(t)} |" if moe else "") + f" {ratio} |")

@@ -111,12 +111,11 @@ def _median_rate(steps: list[float]) -> float:
 
 STATS = ("cache_hit_rate", "store_bytes_per_token", "store_bytes_read", "regions", "sparse",
          "mode", "compute", "io_wait_s", "read_ahead_hits", "demand_reads", "prefetched",
-         "prefetch_unused", "experts", "pinned_kernel")
+         "prefetch_unused", "experts", "pinned_kernel", "engine")
 
 
 def run_tiercache(a, ids):
-    from tiercache import api  # before torch, as the CLI: torch's OpenMP threads then sleep
-    import torch
+    from tiercache import api  # imports no torch: the lean runtime runs without it
     before = rss()
     engine, tok = api.load(a.model, threads=a.threads, ram=a.ram,
                            context=len(ids) + max(a.decode, 1) + 8)
@@ -134,7 +133,7 @@ def run_tiercache(a, ids):
     return {"prefill_tok_s": r.prompt_tps, "decode_tok_s": r.generation_tps if a.decode else 0.0,
             "decode_tok_s_median": _median_rate(steps), "decode_tokens": len(tokens) if a.decode
             else 0, "tokens": tokens, "prompt_tokens": len(ids),
-            "threads": torch.get_num_threads(), "memory": memory(before, str(engine.store.path)),
+            "threads": a.threads, "memory": memory(before, str(engine.store.path)),
             "weight_bytes": engine.store.weight_bytes, **{k: st[k] for k in STATS if k in st}}
 
 

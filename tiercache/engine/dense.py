@@ -48,6 +48,7 @@ class Engine:
         session.tokens.extend(ids)
         return logits[0, -1]
 
+    @torch.no_grad()  # here, not in generate_step: the lean runtime has no torch
     def prefill(self, session: Session, ids: list[int]) -> torch.Tensor:
         """The prompt's new ids, through the prefill backend where one was handed over."""
         run = self.phases.get("prefill")
@@ -56,6 +57,7 @@ class Engine:
         session.check(len(ids))
         return run(session, ids)
 
+    @torch.no_grad()
     def decode(self, session: Session, token: int) -> torch.Tensor:
         run = self.phases.get("decode")
         return self.forward_ids(session, [token]) if run is None else run(session, [token])

@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from ..store import quant
+from ..store.dtypes import GROUP
+
+if TYPE_CHECKING:  # torch is imported by the functions on torch tensors, not for the check
+    import torch
 
 _THREADS: list = []  # set by share_threads
 
 
 def threads() -> int:
-    """Threads for this kernel and ORT's sessions: what `share_threads` gave them, else torch's."""
-    return _THREADS[-1] if _THREADS else torch.get_num_threads()
+    """Threads for this kernel and ORT's sessions: what `share_threads` gave them, else torch's
+    (1 where torch is not loaded: the lean runtime always shares them)."""
+    if _THREADS:
+        return _THREADS[-1]
+    return sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 1
 
 
 def share_threads(n: int) -> None:
@@ -34,10 +42,11 @@ def share_threads(n: int) -> None:
     keep the others' off the 2 cores: 1B shape, 2 threads, resident, decode 9.8-10.4 tok/s on
     this kernel (11.2-12.6 on ORT's MatMulNBits) against 13.3-14.3 (12.4-13.2) so; prompts of
     128 tokens ~40-50 tok/s either way. Only where this kernel runs (torch's int4 one needs
-    torch's threads)."""
+    torch's threads); torch is not imported for it."""
     if available():
         _THREADS[:] = [max(1, n)]
-        torch.set_num_threads(1)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
 
 
 @functools.cache
@@ -79,47 +88,91 @@ def _checked() -> str | None:
     return None
 
 
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _f32(bf16: np.ndarray) -> np.ndarray:
+    return (bf16.astype(np.uint32) << 16).view(np.float32)
+
+
 def _matches(isa: str, bn: int) -> bool:
     """The kernel against dequantized floats on two row blocks of `bn` rows, K 128, for 1 and
     5 activation rows (VNNI: a decode row on the packed bytes, a prompt on unpacked ones)."""
-    g = torch.Generator().manual_seed(1)
+    g = np.random.default_rng(1)
     n, k = 2 * bn, 128
-    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    sz = (torch.randn(k // quant.GROUP, n, 2, generator=g) * 0.05).to(torch.bfloat16)
-    packed = pack(q, bn)
-    w = (q.float() - 8).view(n, -1, quant.GROUP) * sz[..., 0].float().T[..., None] \
-        + sz[..., 1].float().T[..., None]
+    q = g.integers(0, 16, (n, k), dtype=np.uint8)
+    sz = _bf16(g.standard_normal((k // GROUP, n, 2)) * 0.05)   # [K/32, N, (scale, zero)]
+    packed = pack_np(q, bn)
+    s = _f32(sz).transpose(1, 0, 2)[:, :, None, :]              # [N, K/32, 1, 2]
+    w = ((q.astype(np.float32) - 8).reshape(n, -1, GROUP) * s[..., 0] + s[..., 1]).reshape(n, k)
     for rows in (1, 5):
-        x = torch.randn(rows, k, generator=g)
-        ref = x @ w.view(n, k).T
+        x = g.standard_normal((rows, k)).astype(np.float32)
+        ref = x @ w.T
         try:
-            y = gemm(x, packed, sz, bn, 1, isa)
+            y = gemm_np(x, [(packed, sz)], bn, 1, isa)[0]
         except (RuntimeError, ValueError):
             return False
-        if not (y - ref).abs().max() <= 0.02 * ref.abs().max():
+        if not np.abs(y - ref).max() <= 0.02 * np.abs(ref).max():
             return False
     return True
 
 
 def _matches8(isa: str) -> bool:
     """The int8-row kernel against floats on [70, 128] (a last block of 6 rows)."""
-    g = torch.Generator().manual_seed(2)
-    q = torch.randint(-127, 128, (70, 128), generator=g, dtype=torch.int8)
-    scale = (torch.rand(70, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
-    x = torch.randn(2, 128, generator=g)
-    ref = x @ (q.float() * scale.float()[:, None]).T
+    g = np.random.default_rng(2)
+    q = g.integers(-127, 128, (70, 128), dtype=np.int8)
+    scale = _bf16(g.random(70) * 0.01 + 0.001)
+    x = g.standard_normal((2, 128)).astype(np.float32)
+    ref = x @ (q.astype(np.float32) * _f32(scale)[:, None]).T
     try:
-        y = gemm8(x, q, scale, 1, isa)
+        y = gemm8_np(x, q, scale, 1, isa)
     except (RuntimeError, ValueError):
         return False
-    return bool((y - ref).abs().max() <= 0.02 * ref.abs().max())
+    return bool(np.abs(y - ref).max() <= 0.02 * np.abs(ref).max())
+
+
+def pack_np(q: np.ndarray, bn: int) -> np.ndarray:
+    """q uint8 [N, K] -> row blocks of bn: [N/bn, K, bn/2], byte j holding rows j and j+bn/2."""
+    n, k = q.shape
+    q = q.reshape(n // bn, 2, bn // 2, k)
+    return np.ascontiguousarray((q[:, 0] | (q[:, 1] << 4)).transpose(0, 2, 1))
+
+
+def gemm_np(x: np.ndarray, weights: list, bn: int, threads: int, isa: str) -> list:
+    """x f32 [T, K] @ each (packed u8, sz bf16 bits [K/32, N, 2]) -> [T, N] f32 (numpy; the
+    lean runtime and the CPU check)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, k = x.shape
+    mats, ys = [], []
+    for packed, sz in weights:
+        n = sz.shape[1]
+        if not (packed.flags.c_contiguous and sz.flags.c_contiguous) or packed.size != n * k // 2:
+            raise ValueError(f"q4 mm: packed {packed.shape}, sz {sz.shape} for K {k}")
+        ys.append(np.empty((m, n), np.float32))
+        mats.append((packed.ctypes.data, sz.ctypes.data, n, ys[-1].ctypes.data))
+    _ext().gemm(x.ctypes.data, m, k, mats, bn, threads, ISAS[isa])
+    return ys
+
+
+def gemm8_np(x: np.ndarray, q: np.ndarray, scale: np.ndarray, threads: int, isa: str):
+    """x f32 [T, K] @ (int8 rows q [N, K] * bf16 bits scale [N])^T -> [T, N] f32 (numpy)."""
+    n, k = q.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not q.flags.c_contiguous or scale.dtype != np.uint16 or scale.size != n:
+        raise ValueError(f"q8 mm: q {q.shape}, scale {scale.shape}")
+    y = np.empty((x.shape[0], n), np.float32)
+    _ext().gemm8(x.ctypes.data, x.shape[0], k, q.ctypes.data,
+                 np.ascontiguousarray(scale).ctypes.data, n, y.ctypes.data, threads, ISAS[isa])
+    return y
 
 
 def pack(q: torch.Tensor, bn: int) -> torch.Tensor:
-    """q uint8 [N, K] -> row blocks of bn: [N/bn, K, bn/2], byte j holding rows j and j+bn/2."""
-    n, k = q.shape
-    q = q.view(n // bn, 2, bn // 2, k)
-    return (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()
+    """`pack_np` on a torch uint8 tensor."""
+    import torch
+    return torch.from_numpy(pack_np(q.numpy(), bn))
 
 
 def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bn: int) -> torch.Tensor:
@@ -134,13 +187,14 @@ def gemm(x, packed, sz, bn: int, threads: int, isa: str) -> torch.Tensor:
     return gemm_many(x, [(packed, sz)], bn, threads, isa)[0]
 
 
-def mm_many(x: torch.Tensor, weights: list, bn: int) -> list[torch.Tensor]:
+def mm_many(x: torch.Tensor, weights: list, bn: int) -> list:
     """`mm` of x with 1-4 (packed, sz) at once (q|k|v, gate|up): x is quantized once and the
     pool splits all their row blocks in one call."""
     return gemm_many(x, weights, bn, threads(), _checked())
 
 
-def gemm_many(x, weights: list, bn: int, threads: int, isa: str) -> list[torch.Tensor]:
+def gemm_many(x, weights: list, bn: int, threads: int, isa: str) -> list:
+    import torch
     x = x.float().contiguous()
     m, k = x.shape
     mats, ys = [], []
@@ -162,6 +216,7 @@ def mm8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def gemm8(x, q, scale, threads: int, isa: str) -> torch.Tensor:
     """`mm8` on a chosen path and thread count."""
+    import torch
     n, k = q.shape
     x = x.float().contiguous()
     if not q.is_contiguous() or scale.dtype != torch.bfloat16 or scale.numel() != n:

@@ -5,8 +5,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
-
 from ..errors import ContextError, TiercacheError
 from .sample import Sampler
 
@@ -65,7 +63,6 @@ class StepStats:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
 
-@torch.inference_mode()
 def generate_step(session: Session, prompt: list[int], sampler: Sampler, max_tokens: int,
                   stats: StepStats | None = None) -> Iterator[int]:
     """Prefill `prompt` (reusing the session's cached prefix), then yield sampled token ids.

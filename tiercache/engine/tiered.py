@@ -327,6 +327,7 @@ class TieredEngine(Engine):
         return out
 
     # -- engine API ---------------------------------------------------------------------------
+    @torch.no_grad()
     def prefill(self, session, ids: list[int]) -> torch.Tensor:
         """The prompt in chunks under a RAM budget: activations stay inside SLACK whatever
         its length (streamed weights are then read once per chunk)."""
@@ -339,6 +340,7 @@ class TieredEngine(Engine):
             self.forward_ids(session, chunk)
         return self.forward_ids(session, chunks[-1])
 
+    @torch.no_grad()
     def decode(self, session, token: int) -> torch.Tensor:
         self.tokens += 1
         return self.forward_ids(session, [token])

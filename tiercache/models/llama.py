@@ -5,13 +5,13 @@ stream of (name, tensor). Mixtral's experts use gate_proj/up_proj/down_proj (see
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import rope
 from ..config import ModelArgs
 from .kv import KVCache, Scratch
 
@@ -37,30 +37,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    d = args.head_dim
-    # on the CPU even inside torch.device("meta"): meta arange imports sympy (+60 MB)
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
-    sc = args.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type"))
-    if kind == "llama3":
-        inv = _llama3_scale(inv, sc)
-    elif kind == "linear":
-        inv = inv / sc["factor"]
-    elif kind not in (None, "default"):
-        from ..errors import UnsupportedModel
-        raise UnsupportedModel(f"unsupported rope scaling '{kind}'")
-    return inv.float()
-
-
-def _llama3_scale(inv: torch.Tensor, sc: dict) -> torch.Tensor:
-    factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-    old = sc.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / inv
-    smooth = (old / wavelen - lo) / (hi - lo)
-    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-    mid = (1 - smooth) * inv / factor + smooth * inv
-    is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-    return torch.where(is_mid, mid, scaled)
+    return torch.from_numpy(rope.inv_freq(args))  # one owner: tiercache.rope (numpy)
 
 
 def apply_rope(x, cos, sin):

@@ -26,15 +26,17 @@ import weakref
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import lmdb
 import numpy as np
-import torch
 
 from ..config import ModelArgs
 from ..errors import StoreError, load_json_object, warn
-from . import integrity, quant
+from . import dtypes, integrity
+
+if TYPE_CHECKING:  # decoding to tensors imports torch; reading records does not
+    import torch
 
 FORMAT = "tiercache-store"
 FORMAT_VERSION = 3  # 2: down columns stored [d, n]; q4k FFN records. 3: q4 stores keep
@@ -120,7 +122,9 @@ class Store:
     def tensor_names(self) -> list[str]:
         return list(self.manifest["tensors"])
 
-    def tensor(self, name: str, out_dtype=torch.float32) -> torch.Tensor:
+    def tensor(self, name: str, out_dtype=None) -> torch.Tensor:
+        """A tensor decoded to float (torch; out_dtype None: float32)."""
+        from . import quant
         meta = self.manifest["tensors"][name]
         return quant.decode(self._get(tensor_key(name)), meta["shape"], meta["dtype"], out_dtype)
 
@@ -136,27 +140,29 @@ class Store:
         """[(shape, byte offset, nbytes)] of gate, up and down inside a cluster record."""
         n, d = self.cluster_rows(cluster), self.args.hidden_size
         shapes = ((n, d), (n, d), (d, n))
-        sizes = [quant.nbytes(s, self.ffn_dtype) for s in shapes]
+        sizes = [dtypes.nbytes(s, self.ffn_dtype) for s in shapes]
         return [(s, sum(sizes[:i]), sizes[i]) for i, s in enumerate(shapes)]
 
-    def decode_cluster(self, buf, cluster: int, out_dtype=torch.float32):
+    def decode_cluster(self, buf, cluster: int, out_dtype=None):
         """-> (gate [n, d], up [n, d], down [d, n]) for one cluster record."""
+        from . import quant
         mv = memoryview(buf)
         return tuple(quant.decode(mv[o:o + nb], s, self.ffn_dtype, out_dtype)
                      for s, o, nb in self.cluster_parts(cluster))
 
-    def ffn_weights(self, layer: int, expert: int = 0, out_dtype=torch.float32, read=None):
+    def ffn_weights(self, layer: int, expert: int = 0, out_dtype=None, read=None):
         """Whole FFN of one layer/expert in HF shapes: gate [F, d], up [F, d], down [d, F].
         read: record keys -> their bytes (e.g. RecordReader.read_many); else from LMDB."""
         if read is None:
             bufs = [self.cluster_bytes(layer, expert, c) for c in range(self.n_clusters)]
         else:
             bufs = read([cluster_key(layer, expert, c).decode() for c in range(self.n_clusters)])
+        import torch
         parts = [self.decode_cluster(buf, c, out_dtype) for c, buf in enumerate(bufs)]
         gate, up, down = zip(*parts)
         return torch.cat(gate), torch.cat(up), torch.cat(down, dim=1)
 
-    def weights(self, out_dtype=torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, out_dtype=None) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight as (HF name, tensor): what a model's `load_weights` consumes."""
         for name in self.tensor_names:
             yield name, self.tensor(name, out_dtype)
@@ -312,6 +318,7 @@ class StoreWriter:
             self.records[key.decode()] = [len(value), zlib.crc32(value)]
 
     def put_tensor(self, name: str, w: torch.Tensor, dtype: str | None = None):
+        from . import quant
         dtype = tensor_dtype(name, tuple(w.shape), dtype or self.dtype)
         self._put(tensor_key(name), quant.encode(w, dtype))
         self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
@@ -327,6 +334,7 @@ class StoreWriter:
 
     def put_ffn(self, layer: int, expert: int, gate, up, down):
         """gate/up [F, d], down [d, F] in HF shapes -> clusters of neuron bundles."""
+        from . import quant
         for c, lo in enumerate(range(0, gate.shape[0], self.cluster_size)):
             hi = lo + self.cluster_size
             parts = (gate[lo:hi], up[lo:hi], down[:, lo:hi])
@@ -348,7 +356,7 @@ class StoreWriter:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": self.store_id,
             "config": self.args.to_dict(), "dtype": self.dtype,
-            "quantization": ({"scheme": self.dtype, "group_size": quant.GROUP}
+            "quantization": ({"scheme": self.dtype, "group_size": dtypes.GROUP}
                              if self.dtype in ("q8", "q4") else None),
             "ffn": {"cluster_size": self.cluster_size,
                     "n_clusters": -(-f // self.cluster_size), "dtype": self.ffn_dtype,
@@ -383,7 +391,7 @@ class StoreWriter:
 
 def tensor_dtype(name: str, shape: tuple, dtype: str) -> str:
     """The dtype a store of `dtype` keeps a non-FFN tensor in (store format 3)."""
-    if dtype in ("q8", "q4") and not (quant.can_quantize(shape) and _is_matrix(name)):
+    if dtype in ("q8", "q4") and not (dtypes.can_quantize(shape) and _is_matrix(name)):
         return "f16" if len(shape) == 2 else "f32"  # norms, biases, odd shapes stay exact-ish
     if dtype == "q4" and name in HEAD_TENSORS:
         return "q8r"  # 8 bits as llama.cpp's Q4 files keep them: 4-bit logits cost too much
@@ -397,8 +405,8 @@ def ffn_dtype(args: ModelArgs, dtype: str, cluster_size: int) -> str:
     and along each cluster (down); q4 takes the int4 kernel's own layout (q4k) when clusters
     are whole blocks of 64 neurons."""
     a, n = args, cluster_size
-    ok = (a.hidden_size % quant.GROUP == 0 and n % quant.GROUP == 0
-          and a.intermediate_size % quant.GROUP == 0)
+    ok = (a.hidden_size % dtypes.GROUP == 0 and n % dtypes.GROUP == 0
+          and a.intermediate_size % dtypes.GROUP == 0)
     if dtype not in ("q8", "q4"):
         return dtype
     if not ok:

@@ -13,32 +13,15 @@ Rows are the unit, so a slice of rows (one neuron bundle, one cluster) dequantiz
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-GROUP = 32
-DTYPES = ("f32", "f16", "bf16", "q8", "q4")  # what a user asks for; q4k is chosen by layout
+from .dtypes import DTYPES, GROUP, can_quantize, nbytes
+
+__all__ = ["DTYPES", "GROUP", "can_quantize", "nbytes", "encode", "decode", "decode_q4k",
+           "q4k_views", "q4k_rows", "q4k_to_q4"]  # the first four
+# live in `dtypes` (no torch) and are re-exported here, where callers have always found them
+
 _TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-def can_quantize(shape) -> bool:
-    return len(shape) == 2 and shape[1] % GROUP == 0
-
-
-def nbytes(shape, dtype: str) -> int:
-    n = math.prod(shape)
-    if dtype in _TORCH:
-        return n * _TORCH[dtype].itemsize
-    rows, cols = shape
-    groups = rows * (cols // GROUP)
-    if dtype == "q8":
-        return groups * 2 + n
-    if dtype in ("q4", "q4k"):
-        return groups * 4 + n // 2
-    if dtype == "q8r":
-        return n + 2 * rows
-    raise ValueError(f"unknown dtype {dtype}")
 
 
 def encode(x: torch.Tensor, dtype: str) -> bytes:
@@ -140,8 +123,10 @@ def decode_q4k(raw: torch.Tensor, shape) -> torch.Tensor:
     return (q - 8) * s[..., 0] + s[..., 1]
 
 
-def decode(buf, shape, dtype: str, out_dtype=torch.float32) -> torch.Tensor:
-    """Decode bytes, a memoryview or a uint8 tensor written by `encode` into `shape`."""
+def decode(buf, shape, dtype: str, out_dtype=None) -> torch.Tensor:
+    """Decode bytes, a memoryview or a uint8 tensor written by `encode` into `shape` (as
+    out_dtype; None: float32)."""
+    out_dtype = out_dtype or torch.float32
     raw = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(bytearray(buf), dtype=torch.uint8)
     if dtype in _TORCH:
         return raw.view(_TORCH[dtype]).view(*shape).to(out_dtype)

@@ -1,0 +1,358 @@
+"""The lean runtime: a dense Llama-family store whose weights all fit in RAM as q4 runs on
+numpy and tiercache's C kernel (`_q4`) alone, with no torch in the process.
+
+Why: `import torch` alone holds ~137 MiB of anonymous memory and ~60 MiB of file pages
+(libtorch's static registrations, ~1100 Python modules), about twice llama.cpp's whole
+non-weight footprint. On a device with little RAM that is the difference between holding every
+weight and streaming a third of them. Where this runtime can run the store (`why_not` is None),
+`api.load` picks it; else the tiered torch engine runs it, with its cache, streaming, VRAM and
+backends.
+
+Decode is one `_q4.layer` call per layer (the fused layer of `engine/fused.py`, on the
+store's own q4k bytes); a prompt runs in chunks: the C kernel's matrix products, numpy for the
+norms, RoPE and causal attention. The head is the q8r embedding (tied) or a q8r `lm_head`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+
+from . import rope
+from .engine import q4
+from .engine.session import Session
+from .errors import StoreError, TiercacheError
+from .memory import anon_bytes, trim_heap
+from .store.dtypes import GROUP
+from .store.format import Store, tensor_key
+
+CHUNK = 256     # prompt positions per pass: activations stay ~F * CHUNK * 12 bytes
+KV_STEP = 256   # the KV cache grows by this many positions
+FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def why_not(store: Store) -> str | None:
+    """None where this runtime runs `store`; else the reason, for the user who asked for it."""
+    a, m = store.args, store.manifest
+    t = m["tensors"]
+    head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
+    attn = [f"model.layers.{l}.self_attn.{p}.weight" for l in range(a.num_hidden_layers)
+            for p in ATTN]
+    checks = [
+        (a.model_type == "llama" and not a.is_moe, f"a {a.model_type} model"
+         f"{' with experts' if a.is_moe else ''} (it runs dense Llama-family models)"),
+        (store.ffn_dtype == "q4k" and all(t[n]["dtype"] == "q4k" for n in attn),
+         f"a {m.get('dtype')} store (it runs q4 stores)"),
+        (t.get(head, {}).get("dtype") == "q8r", "a head that is not q8 rows"),
+        (a.hidden_act == "silu" and not a.attention_bias and not a.mlp_bias,
+         "biases or a non-SiLU activation"),
+        (a.head_dim % 8 == 0 and store.cluster_size % 64 == 0
+         and a.intermediate_size % 64 == 0, "shapes off the kernel's row blocks of 64"),
+        (q4.path() in ("avx2", "vnni") and q4._ext().layer_ok(),
+         "no AVX2/FMA/F16C kernel path on this CPU"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
+def weight_bytes(store: Store) -> int:
+    """RAM the runtime holds for weights: the records as stored (no repacking)."""
+    return sum(n for n, _ in store.records.values())
+
+
+def need_bytes(store: Store, context: int, kv: str) -> int:
+    """What running `store` takes: this process as it stands (anonymous pages, and the file
+    pages of the code it keeps touching), the weights, the KV cache for `context` positions
+    and a prompt chunk's activations."""
+    a = store.args
+    positions = -(-min(context, a.max_position_embeddings) // KV_STEP) * KV_STEP
+    kv_cache = (2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * positions
+                * (2 if kv == "f16" else 4))
+    rep = a.num_attention_heads // a.num_key_value_heads
+    work = 4 * (CHUNK * (3 * a.intermediate_size + 8 * a.hidden_size)
+                + 3 * CHUNK * rep * positions + 2 * a.vocab_size)
+    return anon_bytes() + FILE_PAGES + weight_bytes(store) + kv_cache + work
+
+
+class KV:
+    """One layer's K and V, [Hkv, capacity, D] in f16 or f32, grown by KV_STEP positions:
+    the layout `_q4.layer` writes at decode. Protocol: offset, trim, nbytes."""
+
+    def __init__(self, n_kv: int, hd: int, dtype):
+        self.shape, self.dtype = (n_kv, 0, hd), dtype
+        self.k = self.v = None
+        self.offset = 0
+
+    def reserve(self, need: int) -> None:
+        if self.k is not None and need <= self.k.shape[1]:
+            return
+        cap = -(-need // KV_STEP) * KV_STEP
+        h, _, d = self.shape
+        k, v = np.zeros((h, cap, d), self.dtype), np.zeros((h, cap, d), self.dtype)
+        if self.k is not None:
+            k[:, :self.offset], v[:, :self.offset] = self.k[:, :self.offset], self.v[:, :self.offset]
+        self.k, self.v = k, v
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.nbytes
+
+
+class Layer:
+    """A decoder layer's weights as the kernel takes them: (packed u8, sz bf16 bits) per
+    matrix in row blocks of 64, and the two norms in f32."""
+
+    def __init__(self, store: Store, l: int):
+        p = f"model.layers.{l}."
+        self.norms = (_f32(store, p + "input_layernorm.weight"),
+                      _f32(store, p + "post_attention_layernorm.weight"))
+        self.attn = [_q4k(store, f"{p}self_attn.{n}.weight") for n in ATTN]
+        self.gate, self.up, self.down = _ffn(store, l)
+        self.mats = tuple((w.ctypes.data, s.ctypes.data, s.shape[1])
+                          for w, s in (*self.attn, self.gate, self.up, self.down))
+
+
+class LeanEngine:
+    """Token ids -> logits (numpy [V]) over a store held whole in RAM; see the module's doc."""
+
+    backend = "lean"
+
+    def __init__(self, store: Store, context: int, kv: str = "f16", threads: int = 1):
+        why = why_not(store)
+        if why is not None:
+            raise TiercacheError(f"{store.path}: the lean runtime does not run {why}")
+        if kv not in ("f16", "f32"):
+            raise TiercacheError(f"unknown KV cache dtype '{kv}' (choose from f16, f32)")
+        self.store, self.args, self.kv = store, store.args, kv
+        self.context = min(context, store.args.max_position_embeddings)
+        self.threads, self.isa = threads, q4.path()
+        a = self.args
+        self.layers = [Layer(store, l) for l in range(a.num_hidden_layers)]
+        self.norm = _f32(store, "model.norm.weight")
+        head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
+        self.head = _q8r(store, head)
+        self.embed = self.head if a.tie_word_embeddings else _q8r(store, "model.embed_tokens.weight")
+        self.inv_freq = rope.inv_freq(a)
+        self.weight_bytes = weight_bytes(store)
+        self.tokens = 0
+        _drop_page_cache(store)
+        trim_heap()  # the records' read copies, freed
+
+    def new_session(self) -> Session:
+        a, dt = self.args, np.float16 if self.kv == "f16" else np.float32
+        return Session(self, [KV(a.num_key_value_heads, a.head_dim, dt)
+                              for _ in range(a.num_hidden_layers)], limit=self.context)
+
+    # -- the engine API (generate_step) ------------------------------------------------------
+    def prefill(self, session: Session, ids: list[int]) -> np.ndarray:
+        session.check(len(ids))
+        for lo in range(0, len(ids), CHUNK):
+            x = self._forward(session, ids[lo:lo + CHUNK])
+        logits = self._logits(x[-1:])[0]
+        del x
+        trim_heap()  # the prompt's activations (~40 MiB on the 1B shape) go back to the OS
+        return logits
+
+    def decode(self, session: Session, token: int) -> np.ndarray:
+        session.check(1)
+        self.tokens += 1
+        a, caches = self.args, session.caches
+        x = self._embed([token])[0]
+        pos = caches[0].offset
+        cos, sin = (np.ascontiguousarray(c[0]) for c in rope.cos_sin(self.inv_freq, pos, 1))
+        ext, isa = q4._ext(), q4.ISAS[self.isa]
+        for layer, c in zip(self.layers, caches):
+            c.reserve(pos + 1)
+            ext.layer(x.ctypes.data, x.size, layer.norms[0].ctypes.data,
+                      layer.norms[1].ctypes.data, a.rms_norm_eps, layer.mats,
+                      a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                      a.intermediate_size, cos.ctypes.data, sin.ctypes.data, c.k.ctypes.data,
+                      c.v.ctypes.data, c.dtype == np.float16, c.k.shape[1], pos, 64,
+                      self.threads, isa)
+            c.offset += 1
+        session.tokens.append(token)
+        return self._logits(x[None])[0]
+
+    def logits(self, session: Session, ids: list[int]) -> np.ndarray:
+        """All positions' logits [T, V] (evaluation)."""
+        session.check(len(ids))
+        return np.concatenate([self._logits(self._forward(session, ids[lo:lo + CHUNK]))
+                               for lo in range(0, len(ids), CHUNK)])
+
+    def reset_stats(self) -> None:
+        self.tokens = 0
+
+    def stats(self) -> dict:
+        return {"engine": "lean", "compute": f"q4 kernel ({self.isa})", "cache_hit_rate": 1.0,
+                "store_bytes_read": 0, "store_bytes_per_token": 0.0,
+                "resident_bytes": self.weight_bytes, "io_wait_s": 0.0}
+
+    # -- the model -----------------------------------------------------------------------------
+    def _forward(self, session: Session, ids: list[int]) -> np.ndarray:
+        """New positions through every layer, their K/V into the caches -> x [T, d]."""
+        a, caches = self.args, session.caches
+        pos, t = caches[0].offset, len(ids)
+        cos, sin = rope.cos_sin(self.inv_freq, pos, t)
+        x = self._embed(ids)
+        for layer, c in zip(self.layers, caches):
+            h = _rms(x, layer.norms[0], a.rms_norm_eps)
+            q, k, v = self._mm(h, layer.attn[:3])
+            hd = a.head_dim
+            q = _rope(q.reshape(t, -1, hd), cos, sin)
+            c.reserve(pos + t)
+            c.k[:, pos:pos + t] = _rope(k.reshape(t, -1, hd), cos, sin).transpose(1, 0, 2)
+            c.v[:, pos:pos + t] = v.reshape(t, -1, hd).transpose(1, 0, 2)
+            c.offset = pos + t
+            x += self._mm(_attend(q, c, pos), layer.attn[3:])[0]
+            h = _rms(x, layer.norms[1], a.rms_norm_eps)
+            g, u = self._mm(h, [layer.gate, layer.up])
+            x += self._mm(_silu_mul(g, u), [layer.down])[0]
+        session.tokens.extend(ids)
+        return x
+
+    def _mm(self, x: np.ndarray, weights: list) -> list:
+        return q4.gemm_np(x, weights, 64, self.threads, self.isa)
+
+    def _embed(self, ids: list[int]) -> np.ndarray:
+        q, scale = self.embed
+        return q[ids].astype(np.float32) * q4._f32(scale[ids])[:, None]
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        q, scale = self.head
+        return q4.gemm8_np(_rms(x, self.norm, self.args.rms_norm_eps), q, scale, self.threads,
+                           self.isa)
+
+
+def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [T, H, D] with cos, sin [T, D]: HF's rotation of the two halves of D."""
+    h = x.shape[-1] // 2
+    out = x * cos[:, None]
+    out[..., :h] -= x[..., h:] * sin[:, None, :h]
+    out[..., h:] += x[..., :h] * sin[:, None, h:]
+    return out
+
+
+def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u, in g's buffer (a prompt's [T, F] temporaries cost page faults each)."""
+    t = np.negative(g)
+    np.exp(t, out=t)
+    t += 1
+    np.divide(g, t, out=g)
+    g *= u
+    return g
+
+
+def _attend(q: np.ndarray, c: KV, pos: int) -> np.ndarray:
+    """Causal attention of q [T, H, D] (positions pos ..) over the cache -> [T, H * D]."""
+    t, heads, hd = q.shape
+    n_kv, s = c.shape[0], pos + t
+    rep = heads // n_kv
+    out = np.empty((t, heads, hd), np.float32)
+    hidden = np.repeat(np.arange(s)[None, :] > pos + np.arange(t)[:, None], rep, 0)  # [T*rep, S]
+    q = q * np.float32(1 / math.sqrt(hd))
+    for g in range(n_kv):
+        k, v = c.k[g, :s].astype(np.float32), c.v[g, :s].astype(np.float32)  # [S, D]
+        w = q[:, g * rep:(g + 1) * rep].reshape(t * rep, hd) @ k.T          # [T*rep, S]
+        w[hidden] = -np.inf
+        w -= w.max(-1, keepdims=True)
+        np.exp(w, out=w)
+        w /= w.sum(-1, keepdims=True)
+        out[:, g * rep:(g + 1) * rep] = (w @ v).reshape(t, rep, hd)
+    return out.reshape(t, heads * hd)
+
+
+# -- reading the store ---------------------------------------------------------------------------
+def _aligned(nbytes: int) -> np.ndarray:
+    """uint8 [nbytes] starting on a 64-byte boundary. numpy's own buffers start 16 bytes into
+    a page, so each of the kernel's 64-byte loads would span two cache lines: decode on the
+    1B shape ran ~12% slower so (measured)."""
+    buf = np.empty(nbytes + 64, np.uint8)
+    lo = -buf.ctypes.data % 64
+    return buf[lo:lo + nbytes]
+
+
+def _raw(store: Store, name: str) -> np.ndarray:
+    rec = store._get(tensor_key(name))
+    out = _aligned(len(rec))
+    out[:] = np.frombuffer(rec, np.uint8)
+    return out
+
+
+def _f32(store: Store, name: str) -> np.ndarray:
+    meta = store.manifest["tensors"][name]
+    if meta["dtype"] != "f32":
+        raise StoreError(f"{store.path}: {name} is {meta['dtype']}, the lean runtime reads f32")
+    return _raw(store, name).view(np.float32).copy()
+
+
+def _q8r(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """int8 rows [R, C] and their bf16 scale bits [R]."""
+    rows, cols = store.manifest["tensors"][name]["shape"]
+    raw = _raw(store, name)
+    return raw[:rows * cols].view(np.int8).reshape(rows, cols), raw[rows * cols:].view(np.uint16)
+
+
+def _q4k(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(packed u8 [R/64, C, 32], sz bf16 bits [C/32, R, 2]) as stored, no copy."""
+    rows, cols = store.manifest["tensors"][name]["shape"]
+    return _split_q4k(_raw(store, name), rows, cols)
+
+
+def _split_q4k(raw: np.ndarray, rows: int, cols: int):
+    half = rows * cols // 2
+    return (raw[:half].reshape(rows // 64, cols, 32),
+            raw[half:half + rows * cols // GROUP * 4].view(np.uint16).reshape(cols // GROUP, rows, 2))
+
+
+def _ffn(store: Store, l: int):
+    """The layer's clusters joined into whole gate, up [F, d] and down [d, F] q4k matrices:
+    gate/up row blocks follow each other; down's blocks run along its columns."""
+    a = store.args
+    d, f = a.hidden_size, a.intermediate_size
+    def empty(packed: tuple, sz: tuple):
+        return (_aligned(math.prod(packed)).reshape(packed),
+                _aligned(2 * math.prod(sz)).view(np.uint16).reshape(sz))
+    gate, up = (empty((f // 64, d, 32), (d // GROUP, f, 2)) for _ in range(2))
+    down = empty((d // 64, f, 32), (f // GROUP, d, 2))
+    for c in range(store.n_clusters):
+        lo, n = c * store.cluster_size, store.cluster_rows(c)
+        raw = np.frombuffer(store.cluster_bytes(l, 0, c), np.uint8)
+        for (shape, off, nb), (w, s) in zip(store.cluster_parts(c), (gate, up, down)):
+            pk, sz = _split_q4k(raw[off:off + nb], *shape)
+            if shape[0] == n:   # gate, up: rows lo .. lo + n
+                w[lo // 64:(lo + n) // 64], s[:, lo:lo + n] = pk, sz
+            else:               # down: columns lo .. lo + n
+                w[:, lo:lo + n], s[lo // GROUP:(lo + n) // GROUP] = pk, sz
+    return gate, up, down
+
+
+def _drop_page_cache(store: Store) -> None:
+    """The store's pages read at load are clean page cache; under a memory cap they count
+    until reclaimed. The weights now sit in this process: let them go."""
+    store.close()
+    try:
+        fd = os.open(store.path / "lmdb" / "data.mdb", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def load(path, context: int = 2048, kv: str = "f16", threads: int = 1) -> LeanEngine:
+    t0 = time.perf_counter()
+    eng = LeanEngine(Store(path, readahead=False), context, kv, threads)
+    eng.load_s = time.perf_counter() - t0
+    return eng
