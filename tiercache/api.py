@@ -67,9 +67,10 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     from planner.units import parse_size
     if engine not in ENGINES:
         raise TiercacheError(f"--engine {engine}: one of {', '.join(ENGINES)}")
-    if experts not in (None, "lru", "freq+lru"):
+    from .cache.experts import POLICIES  # (no torch there)
+    if experts not in (None, *POLICIES):
         raise TiercacheError(f"--experts {experts}: the expert cache's policy is one of "
-                             "lru, freq+lru")
+                             + ", ".join(POLICIES))
     path = resolve_model(model, dtype=dtype)
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
     ram_bytes = parse_size(ram) if ram is not None else None

@@ -70,9 +70,11 @@ def need_bytes(store: Store, context: int, kv: str) -> int:
     positions = -(-min(context, a.max_position_embeddings) // KV_STEP) * KV_STEP
     kv_cache = (2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * positions
                 * (2 if kv == "f16" else 4))
-    rep = a.num_attention_heads // a.num_key_value_heads
-    work = 4 * (CHUNK * (3 * a.intermediate_size + 8 * a.hidden_size)
-                + 3 * CHUNK * rep * positions + 2 * a.vocab_size)
+    rep, t = a.num_attention_heads // a.num_key_value_heads, min(CHUNK, context)
+    # a chunk's activations (x, h, q|k|v and their rotations, attention, g, u, the kernel's
+    # int8 copy) and scores; the logits
+    work = t * (3 * a.intermediate_size + 10 * a.hidden_size) * 4 + t * rep * positions * 5 \
+        + 8 * a.vocab_size
     return anon_bytes() + FILE_PAGES + weight_bytes(store) + kv_cache + work
 
 
