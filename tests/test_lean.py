@@ -29,6 +29,9 @@ def _config(kind: str):
     common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   bos_token_id=1, eos_token_id=2)
+    if kind == "mixtral":
+        return T.MixtralConfig(**{**common, "intermediate_size": 128}, num_local_experts=4,
+                               num_experts_per_tok=2, tie_word_embeddings=True)
     if kind == "tied":
         return T.LlamaConfig(tie_word_embeddings=True, **common)
     return T.LlamaConfig(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={  # llama3
@@ -39,9 +42,9 @@ def _config(kind: str):
 @pytest.fixture(scope="module")
 def lean_stores(tmp_path_factory):
     """kind -> a q4 store (clusters of 64) the lean runtime runs: tied head; untied with
-    llama3 rope scaling."""
+    llama3 rope scaling; Mixtral (4 experts, top 2)."""
     root, out = tmp_path_factory.mktemp("lean"), {}
-    for kind in ("tied", "llama3"):
+    for kind in ("tied", "llama3", "mixtral"):
         save_random(_config(kind), root / kind, seed=3)
         out[kind] = convert(root / kind, root / f"{kind}-q4", dtype="q4", cluster_size=64,
                             progress=False)
@@ -57,9 +60,10 @@ def _spread(got, ref) -> float:
     return float((np.abs(got - ref).max(-1) / ref.std(-1)).max())
 
 
-@pytest.mark.parametrize("kind", ["tied", "llama3"])
+@pytest.mark.parametrize("kind", ["tied", "llama3", "mixtral"])
 def test_lean_matches_the_dense_reference(lean_stores, kind):
-    """Every position's logits, and greedy tokens (prefill, then decode through the C layer)."""
+    """Every position's logits, and greedy tokens (prefill, then decode through the C layer;
+    Mixtral: the C layer's attention, the router in numpy, `_q4.experts`)."""
     dense, eng = load_dense(Store(lean_stores[kind])), lean.load(lean_stores[kind])
     ref = dense.logits(dense.new_session(), IDS).numpy()
     assert _spread(eng.logits(eng.new_session(), IDS), ref) < TOL
@@ -79,10 +83,11 @@ def _greedy_agrees(eng, dense, ids, n):
     assert gap < TIE, f"step {i}: {got[i]} where the reference's {want[i]} led by {gap:.3g}"
 
 
-def test_decode_matches_prefill_and_chunks(lean_stores, monkeypatch):
+@pytest.mark.parametrize("kind", ["llama3", "mixtral"])
+def test_decode_matches_prefill_and_chunks(lean_stores, monkeypatch, kind):
     """The C layer's decode step and numpy's prompt pass compute the same positions; a prompt
     in chunks (and a KV cache grown past its step) equals one pass."""
-    eng = lean.load(lean_stores["llama3"], kv="f32")
+    eng = lean.load(lean_stores[kind], kv="f32")
     whole = eng.logits(eng.new_session(), IDS)
     s = eng.new_session()
     eng.prefill(s, IDS[:8])
@@ -94,6 +99,15 @@ def test_decode_matches_prefill_and_chunks(lean_stores, monkeypatch):
     s = eng.new_session()
     np.testing.assert_allclose(eng.prefill(s, IDS), whole[-1], rtol=0, atol=1e-4)
     assert s.caches[0].offset == len(IDS) and s.caches[0].k.shape[1] == 20
+
+
+def test_moe_stats_count_every_routed_use(lean_stores):
+    """stats()["experts"]: per layer, k uses per position (prompt and decode), all hits."""
+    eng = lean.load(lean_stores["mixtral"])
+    list(generate_step(eng.new_session(), IDS, make_sampler(), 5))  # 20 + 4 positions
+    e = eng.stats()["experts"]
+    assert e["hits"] == [2 * (len(IDS) + 4)] * 2 and e["misses"] == [0, 0]
+    assert e["hit_rate"] == 1.0 and "experts" not in lean.load(lean_stores["tied"]).stats()
 
 
 def test_f16_cache_against_f32(lean_stores):
@@ -132,9 +146,8 @@ def test_load_chooses_lean_where_it_runs_and_fits(lean_stores, stores):
     assert not isinstance(api.load(str(f32))[0], lean.LeanEngine)
     with pytest.raises(TiercacheError, match="lean runtime does not run a f32 store"):
         api.load(str(f32), engine="lean")
-    mixtral = stores("mixtral", "q4", 64)
-    with pytest.raises(TiercacheError, match="with experts"):
-        api.load(str(mixtral), engine="lean")
+    with pytest.raises(TiercacheError, match="outside the kernel's row blocks of 64"):
+        api.load(str(stores("llama", "q4", 32)), engine="lean")
     with pytest.raises(TiercacheError, match="--sparse"):
         api.load(str(lean_stores["tied"]), engine="lean", sparse=True)
 

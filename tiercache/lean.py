@@ -1,5 +1,5 @@
-"""The lean runtime: a dense Llama-family store whose weights all fit in RAM as q4 runs on
-numpy and tiercache's C kernel (`_q4`) alone, with no torch in the process.
+"""The lean runtime: a Llama-family store (dense, or Mixtral's experts) whose weights all fit in
+RAM as q4 runs on numpy and tiercache's C kernel (`_q4`) alone, with no torch in the process.
 
 Why: `import torch` alone holds ~137 MiB of anonymous memory and ~60 MiB of file pages
 (libtorch's static registrations, ~1100 Python modules), about twice llama.cpp's whole
@@ -9,14 +9,16 @@ weight and streaming a third of them. Where this runtime can run the store (`why
 backends.
 
 Decode is one `_q4.layer` call per layer (the fused layer of `engine/fused.py`, on the
-store's own q4k bytes); a prompt runs in chunks: the C kernel's matrix products, numpy for the
-norms, RoPE and causal attention. The head is the q8r embedding (tied) or a q8r `lm_head`.
+store's own q4k bytes; an MoE layer: attention in one, the router in numpy, the routed experts
+in `_q4.experts`); a prompt runs in chunks: the C kernel's matrix products, numpy for the norms,
+RoPE, causal attention and routing. The head is the q8r embedding (tied) or a q8r `lm_head`.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+import zlib
 
 import numpy as np
 
@@ -26,12 +28,13 @@ from .engine.session import Session
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP
-from .store.format import Store, tensor_key
+from .store.format import Store, cluster_key, record_offsets, tensor_key
 
 CHUNK = 256     # prompt positions per pass: activations stay ~F * CHUNK * 12 bytes
 KV_STEP = 256   # the KV cache grows by this many positions
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+ROUTER_DTYPES = ("f32", "f16", "q4")
 
 
 def why_not(store: Store) -> str | None:
@@ -41,11 +44,16 @@ def why_not(store: Store) -> str | None:
     head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
     attn = [f"model.layers.{l}.self_attn.{p}.weight" for l in range(a.num_hidden_layers)
             for p in ATTN]
+    routers = [t.get(f"model.layers.{l}.block_sparse_moe.gate.weight", {}).get("dtype")
+               for l in range(a.num_hidden_layers)] if a.is_moe else []
     checks = [
-        (a.model_type == "llama" and not a.is_moe, f"a {a.model_type} model"
-         f"{' with experts' if a.is_moe else ''} (it runs dense Llama-family models)"),
+        (a.model_type in ("llama", "mixtral"), f"a {a.model_type} model (it runs Llama and "
+         "Mixtral)"),
+        (all(r in ROUTER_DTYPES for r in routers), "a router stored as other than f32, f16 or q4"),
+        (m.get("dtype") == "q4", f"a {m.get('dtype')} store (it runs q4 stores)"),
         (store.ffn_dtype == "q4k" and all(t[n]["dtype"] == "q4k" for n in attn),
-         f"a {m.get('dtype')} store (it runs q4 stores)"),
+         "q4 records outside the kernel's row blocks of 64 (it runs stores converted with "
+         "--cluster-size 64 whose matrices have rows in multiples of 64)"),
         (t.get(head, {}).get("dtype") == "q8r", "a head that is not q8 rows"),
         (a.hidden_act == "silu" and not a.attention_bias and not a.mlp_bias,
          "biases or a non-SiLU activation"),
@@ -111,14 +119,41 @@ class Layer:
     """A decoder layer's weights as the kernel takes them: (packed u8, sz bf16 bits) per
     matrix in row blocks of 64, and the two norms in f32."""
 
-    def __init__(self, store: Store, l: int):
-        p = f"model.layers.{l}."
-        self.norms = (_f32(store, p + "input_layernorm.weight"),
-                      _f32(store, p + "post_attention_layernorm.weight"))
-        self.attn = [_q4k(store, f"{p}self_attn.{n}.weight") for n in ATTN]
-        self.gate, self.up, self.down = _ffn(store, l)
-        self.mats = tuple((w.ctypes.data, s.ctypes.data, s.shape[1])
-                          for w, s in (*self.attn, self.gate, self.up, self.down))
+    def __init__(self, rd: Records, l: int):
+        p, a = f"model.layers.{l}.", rd.store.args
+        self.norms = (_f32(rd, p + "input_layernorm.weight"),
+                      _f32(rd, p + "post_attention_layernorm.weight"))
+        self.attn = [_q4k(rd, f"{p}self_attn.{n}.weight") for n in ATTN]
+        self.ffns = [_ffn(rd, l, e) for e in range(a.n_experts)]  # [(gate, up, down)]
+        self.router = _float(rd, p + "block_sparse_moe.gate.weight") if a.is_moe else None
+        ptrs = [tuple((w.ctypes.data, s.ctypes.data, s.shape[1]) for w, s in f)
+                for f in self.ffns]
+        attn = tuple((w.ctypes.data, s.ctypes.data, s.shape[1]) for w, s in self.attn)
+        self.mats = attn if a.is_moe else attn + ptrs[0]  # (the C layer stops at attention
+        self.expert_mats = ptrs                           # for an MoE layer)
+        self.top_k = a.num_experts_per_tok
+        self.uses = 0  # routed expert uses (MoE): every one a hit, all are resident
+
+    def route(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """h [T, d] -> (weights [T, k], expert ids [T, k]): softmax over the router's logits,
+        top k, renormalized over the k (Mixtral; as models.llama.MoE)."""
+        z = h @ self.router.T
+        p = np.exp(z - z.max(-1, keepdims=True))
+        idx = np.argsort(-p, axis=-1, kind="stable")[:, :self.top_k]
+        w = np.take_along_axis(p, idx, -1)
+        self.uses += idx.size
+        return w / w.sum(-1, keepdims=True), idx
+
+    def ffn(self, h: np.ndarray, mm) -> np.ndarray:
+        """The FFN (or the routed experts' sum) of h [T, d]."""
+        if self.router is None:
+            return _swiglu(h, self.ffns[0], mm)
+        w, idx = self.route(h)
+        out = np.zeros_like(h)
+        for e in np.unique(idx).tolist():
+            rows, slot = np.nonzero(idx == e)
+            out[rows] += _swiglu(h[rows], self.ffns[e], mm) * w[rows, slot, None]
+        return out
 
 
 class LeanEngine:
@@ -136,16 +171,17 @@ class LeanEngine:
         self.context = min(context, store.args.max_position_embeddings)
         self.threads, self.isa = threads, q4.path()
         a = self.args
-        self.layers = [Layer(store, l) for l in range(a.num_hidden_layers)]
-        self.norm = _f32(store, "model.norm.weight")
+        rd = Records(store)
+        self.layers = [Layer(rd, l) for l in range(a.num_hidden_layers)]
+        self.norm = _f32(rd, "model.norm.weight")
         head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
-        self.head = _q8r(store, head)
-        self.embed = self.head if a.tie_word_embeddings else _q8r(store, "model.embed_tokens.weight")
+        self.head = _q8r(rd, head)
+        self.embed = self.head if a.tie_word_embeddings else _q8r(rd, "model.embed_tokens.weight")
+        rd.close()
         self.inv_freq = rope.inv_freq(a)
         self.weight_bytes = weight_bytes(store)
         self.tokens = 0
-        _drop_page_cache(store)
-        trim_heap()  # the records' read copies, freed
+        trim_heap()  # load's temporaries (a cluster's scratch, the routers' decoding)
 
     def new_session(self) -> Session:
         a, dt = self.args, np.float16 if self.kv == "f16" else np.float32
@@ -170,6 +206,7 @@ class LeanEngine:
         pos = caches[0].offset
         cos, sin = (np.ascontiguousarray(c[0]) for c in rope.cos_sin(self.inv_freq, pos, 1))
         ext, isa = q4._ext(), q4.ISAS[self.isa]
+        h = np.empty_like(x) if a.is_moe else None  # the router's input, from the C layer
         for layer, c in zip(self.layers, caches):
             c.reserve(pos + 1)
             ext.layer(x.ctypes.data, x.size, layer.norms[0].ctypes.data,
@@ -177,8 +214,14 @@ class LeanEngine:
                       a.num_attention_heads, a.num_key_value_heads, a.head_dim,
                       a.intermediate_size, cos.ctypes.data, sin.ctypes.data, c.k.ctypes.data,
                       c.v.ctypes.data, c.dtype == np.float16, c.k.shape[1], pos, 64,
-                      self.threads, isa)
+                      self.threads, isa, 0 if h is None else h.ctypes.data)
             c.offset += 1
+            if h is not None:
+                w, idx = layer.route(h[None])
+                ext.experts(x.ctypes.data, h.ctypes.data, x.size,
+                            [(float(wt), *layer.expert_mats[e])
+                             for e, wt in zip(idx[0].tolist(), w[0].tolist())],
+                            a.intermediate_size, 64, self.threads, isa)
         session.tokens.append(token)
         return self._logits(x[None])[0]
 
@@ -192,9 +235,15 @@ class LeanEngine:
         self.tokens = 0
 
     def stats(self) -> dict:
-        return {"engine": "lean", "compute": f"q4 kernel ({self.isa})", "cache_hit_rate": 1.0,
-                "store_bytes_read": 0, "store_bytes_per_token": 0.0,
-                "resident_bytes": self.weight_bytes, "io_wait_s": 0.0}
+        out = {"engine": "lean", "compute": f"q4 kernel ({self.isa})", "cache_hit_rate": 1.0,
+               "store_bytes_read": 0, "store_bytes_per_token": 0.0,
+               "resident_bytes": self.weight_bytes, "io_wait_s": 0.0}
+        if self.args.is_moe:  # every expert resident: each routed use a hit, nothing read
+            uses = [layer.uses for layer in self.layers]
+            out["experts"] = {"policy": "all resident", "hits": uses,
+                              "misses": [0] * len(uses), "bytes_read": [0] * len(uses),
+                              "hit_rate": 1.0 if sum(uses) else 0.0}
+        return out
 
     # -- the model -----------------------------------------------------------------------------
     def _forward(self, session: Session, ids: list[int]) -> np.ndarray:
@@ -213,9 +262,7 @@ class LeanEngine:
             c.v[:, pos:pos + t] = v.reshape(t, -1, hd).transpose(1, 0, 2)
             c.offset = pos + t
             x += self._mm(_attend(q, c, pos), layer.attn[3:])[0]
-            h = _rms(x, layer.norms[1], a.rms_norm_eps)
-            g, u = self._mm(h, [layer.gate, layer.up])
-            x += self._mm(_silu_mul(g, u), [layer.down])[0]
+            x += layer.ffn(_rms(x, layer.norms[1], a.rms_norm_eps), self._mm)
         session.tokens.extend(ids)
         return x
 
@@ -243,6 +290,12 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out[..., :h] -= x[..., h:] * sin[:, None, :h]
     out[..., h:] += x[..., :h] * sin[:, None, h:]
     return out
+
+
+def _swiglu(h: np.ndarray, ffn: tuple, mm) -> np.ndarray:
+    gate, up, down = ffn
+    g, u = mm(h, [gate, up])
+    return mm(_silu_mul(g, u), [down])[0]
 
 
 def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -284,31 +337,83 @@ def _aligned(nbytes: int) -> np.ndarray:
     return buf[lo:lo + nbytes]
 
 
-def _raw(store: Store, name: str) -> np.ndarray:
-    rec = store._get(tensor_key(name))
-    out = _aligned(len(rec))
-    out[:] = np.frombuffer(rec, np.uint8)
-    return out
+class Records:
+    """Reads a store's records with pread straight into buffers that keep them (no mapping of
+    the file, no transient copy), each checked against the manifest's crc32, and drops each
+    one's page cache once read: a load under a cap that just holds the weights stays inside it
+    (through LMDB's mapping, the mapped pages and a copy per record added up to OOM kills at
+    800 MiB on the 1B shape)."""
+
+    def __init__(self, store: Store):
+        self.store, data = store, store.path / "lmdb" / "data.mdb"
+        self.at = record_offsets(store.env, data, list(store.records))
+        self.fd = os.open(data, os.O_RDONLY)
+        self.scratch = np.empty(0, np.uint8)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A tensor's record, in its own 64-byte aligned buffer."""
+        key = tensor_key(name).decode()
+        return self._into(key, _aligned(self.at[key][1]))
+
+    def cluster(self, layer: int, expert: int, cluster: int) -> np.ndarray:
+        """A cluster's record, in a scratch buffer the next call reuses."""
+        key = cluster_key(layer, expert, cluster).decode()
+        if self.scratch.size < self.at[key][1]:
+            self.scratch = np.empty(self.at[key][1], np.uint8)
+        return self._into(key, self.scratch[:self.at[key][1]])
+
+    def _into(self, key: str, out: np.ndarray) -> np.ndarray:
+        off, n = self.at[key]
+        mv, got = memoryview(out), 0
+        while got < n:
+            step = os.preadv(self.fd, [mv[got:]], off + got)
+            if step <= 0:
+                raise StoreError(f"{self.store.path}: record {key} is cut short")
+            got += step
+        if [n, zlib.crc32(mv)] != list(self.store.records[key]):
+            raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
+        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.store.close()
 
 
-def _f32(store: Store, name: str) -> np.ndarray:
-    meta = store.manifest["tensors"][name]
+def _f32(rd: Records, name: str) -> np.ndarray:
+    meta = rd.store.manifest["tensors"][name]
     if meta["dtype"] != "f32":
-        raise StoreError(f"{store.path}: {name} is {meta['dtype']}, the lean runtime reads f32")
-    return _raw(store, name).view(np.float32).copy()
+        raise StoreError(f"{rd.store.path}: {name} is {meta['dtype']}, the lean runtime reads f32")
+    return rd.tensor(name).view(np.float32)
 
 
-def _q8r(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _float(rd: Records, name: str) -> np.ndarray:
+    """A small matrix (a router) as float32: f32, f16 or q4 (per group of 32: f16 scale and
+    min [R, C/32] each, then nibbles [R, C/2], element 2j low; x = q * scale + min)."""
+    meta = rd.store.manifest["tensors"][name]
+    (rows, cols), raw = meta["shape"], rd.tensor(name)
+    if meta["dtype"] in ("f32", "f16"):
+        return raw.view(np.float32 if meta["dtype"] == "f32" else np.float16).astype(
+            np.float32).reshape(rows, cols)
+    ng = rows * cols // GROUP
+    scale, mn = (raw[o:o + 2 * ng].view(np.float16).astype(np.float32).reshape(rows, -1, 1)
+                 for o in (0, 2 * ng))
+    p = raw[4 * ng:].reshape(rows, cols // 2)
+    q = np.stack([p & 0xF, p >> 4], -1).reshape(rows, -1, GROUP).astype(np.float32)
+    return (q * scale + mn).reshape(rows, cols)
+
+
+def _q8r(rd: Records, name: str) -> tuple[np.ndarray, np.ndarray]:
     """int8 rows [R, C] and their bf16 scale bits [R]."""
-    rows, cols = store.manifest["tensors"][name]["shape"]
-    raw = _raw(store, name)
+    rows, cols = rd.store.manifest["tensors"][name]["shape"]
+    raw = rd.tensor(name)
     return raw[:rows * cols].view(np.int8).reshape(rows, cols), raw[rows * cols:].view(np.uint16)
 
 
-def _q4k(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _q4k(rd: Records, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(packed u8 [R/64, C, 32], sz bf16 bits [C/32, R, 2]) as stored, no copy."""
-    rows, cols = store.manifest["tensors"][name]["shape"]
-    return _split_q4k(_raw(store, name), rows, cols)
+    rows, cols = rd.store.manifest["tensors"][name]["shape"]
+    return _split_q4k(rd.tensor(name), rows, cols)
 
 
 def _split_q4k(raw: np.ndarray, rows: int, cols: int):
@@ -317,11 +422,12 @@ def _split_q4k(raw: np.ndarray, rows: int, cols: int):
             raw[half:half + rows * cols // GROUP * 4].view(np.uint16).reshape(cols // GROUP, rows, 2))
 
 
-def _ffn(store: Store, l: int):
-    """The layer's clusters joined into whole gate, up [F, d] and down [d, F] q4k matrices:
+def _ffn(rd: Records, l: int, expert: int = 0):
+    """The layer's (or expert's) clusters joined into whole gate, up [F, d] and down [d, F] q4k matrices:
     gate/up row blocks follow each other; down's blocks run along its columns."""
-    a = store.args
-    d, f = a.hidden_size, a.intermediate_size
+    store = rd.store
+    d, f = store.args.hidden_size, store.args.intermediate_size
+
     def empty(packed: tuple, sz: tuple):
         return (_aligned(math.prod(packed)).reshape(packed),
                 _aligned(2 * math.prod(sz)).view(np.uint16).reshape(sz))
@@ -329,7 +435,7 @@ def _ffn(store: Store, l: int):
     down = empty((d // 64, f, 32), (f // GROUP, d, 2))
     for c in range(store.n_clusters):
         lo, n = c * store.cluster_size, store.cluster_rows(c)
-        raw = np.frombuffer(store.cluster_bytes(l, 0, c), np.uint8)
+        raw = rd.cluster(l, expert, c)
         for (shape, off, nb), (w, s) in zip(store.cluster_parts(c), (gate, up, down)):
             pk, sz = _split_q4k(raw[off:off + nb], *shape)
             if shape[0] == n:   # gate, up: rows lo .. lo + n
@@ -337,20 +443,6 @@ def _ffn(store: Store, l: int):
             else:               # down: columns lo .. lo + n
                 w[:, lo:lo + n], s[lo // GROUP:(lo + n) // GROUP] = pk, sz
     return gate, up, down
-
-
-def _drop_page_cache(store: Store) -> None:
-    """The store's pages read at load are clean page cache; under a memory cap they count
-    until reclaimed. The weights now sit in this process: let them go."""
-    store.close()
-    try:
-        fd = os.open(store.path / "lmdb" / "data.mdb", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def load(path, context: int = 2048, kv: str = "f16", threads: int = 1) -> LeanEngine:
