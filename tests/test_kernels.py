@@ -178,13 +178,17 @@ needs_q4 = pytest.mark.skipif(not q4.available(), reason="tiercache._q4 not buil
 PATHS = q4.isas() if q4.available() else []  # every path this CPU's flags allow, best first
 
 
-def _q4_case(n, k, m, bn, seed):
+def _q4_case(n, k, m, bn, seed, sym=False):
+    """sym: the scales alone [K/32, N] (every zero 0, Q4_0's grid), else (scale, zero) pairs."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     sz = torch.stack([torch.rand(k // 32, n, generator=g) * 0.1 + 0.01,
                       torch.randn(k // 32, n, generator=g) * 0.1], -1).to(torch.bfloat16)
-    w = ((q.float() - 8).view(n, k // 32, 32) * sz[..., 0].float().T[..., None]
-         + sz[..., 1].float().T[..., None]).view(n, k)
+    if sym:
+        sz = sz[..., 0].contiguous()
+    zero = 0.0 if sym else sz[..., 1].float().T[..., None]
+    w = ((q.float() - 8).view(n, k // 32, 32) * sz.view(k // 32, n, -1)[..., 0].float().T[..., None]
+         + zero).view(n, k)
     x = torch.randn(m, k, generator=g)
     return q4.pack(q, bn), sz, x, x @ w.T
 
@@ -193,9 +197,10 @@ def _q4_case(n, k, m, bn, seed):
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("bn", [32, 64])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8])  # VNNI: pairs from the bytes, then prompts in
-def test_q4_kernel_matches_dequantized(isa, bn, m):  # threes (+2, +1) on unpacked blocks
-    packed, sz, x, ref = _q4_case(192, 160, m, bn, seed=bn + m)
-    _check(q4.gemm(x, packed, sz, bn, 1, isa), ref, f"q4 bn {bn} {isa}")
+@pytest.mark.parametrize("sym", [False, True])  # threes (+2, +1) on unpacked blocks
+def test_q4_kernel_matches_dequantized(isa, bn, m, sym):
+    packed, sz, x, ref = _q4_case(192, 160, m, bn, seed=bn + m, sym=sym)
+    _check(q4.gemm(x, packed, sz, bn, 1, isa), ref, f"q4 bn {bn} {isa} sym {sym}")
 
 
 @needs_q4
@@ -215,11 +220,12 @@ def test_q4_paths_agree_with_scalar(bn):
     """The same integer sums on every path: only the float accumulation order differs."""
     if len(PATHS) < 2:
         pytest.skip("no AVX2 here: only the scalar path runs")
-    packed, sz, x, _ = _q4_case(128, 256, 3, bn, seed=6)
-    b = q4.gemm(x, packed, sz, bn, 1, "scalar")
-    for isa in PATHS[:-1]:
-        a = q4.gemm(x, packed, sz, bn, 1, isa)
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), isa
+    for sym in (False, True):
+        packed, sz, x, _ = _q4_case(128, 256, 3, bn, seed=6, sym=sym)
+        b = q4.gemm(x, packed, sz, bn, 1, "scalar")
+        for isa in PATHS[:-1]:
+            a = q4.gemm(x, packed, sz, bn, 1, isa)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (isa, sym)
 
 
 @needs_q4

@@ -48,6 +48,11 @@ def lean_stores(tmp_path_factory):
         save_random(_config(kind), root / kind, seed=3)
         out[kind] = convert(root / kind, root / f"{kind}-q4", dtype="q4", cluster_size=64,
                             progress=False)
+    for kind in ("tied", "mixtral"):  # matrices on Q4_0's grid, as a GGUF's: zeros all 0
+        _snap_to_q4_0(save_random(_config(kind), root / f"{kind}-grid", seed=4),
+                      root / f"{kind}-grid")
+        out[f"{kind}-grid"] = convert(root / f"{kind}-grid", root / f"{kind}-grid-q4",
+                                      dtype="q4", cluster_size=64, progress=False)
     why = lean.why_not(Store(out["tied"]))
     if why is not None and "CPU" in why:
         pytest.skip(f"the lean runtime does not run here: {why}")
@@ -55,12 +60,26 @@ def lean_stores(tmp_path_factory):
     return out
 
 
+def _snap_to_q4_0(model, path):
+    """Every q4 matrix's groups of 32 as (q - 8) * d, q in 0..15 with a 0 in each group (so the
+    converter finds d again) and d exact in bf16: what a GGUF's Q4_0 holds."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name and "lm_head" not in name and "gate.weight" not in name:
+                q = torch.randint(0, 16, p.shape, generator=g).view(p.shape[0], -1, 32)
+                q[..., 0] = 0
+                d = 2.0 ** -torch.randint(5, 8, (p.shape[0], p.shape[1] // 32, 1), generator=g)
+                p.copy_(((q - 8) * d).view(p.shape))
+    model.save_pretrained(path)
+
+
 def _spread(got, ref) -> float:
     got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
     return float((np.abs(got - ref).max(-1) / ref.std(-1)).max())
 
 
-@pytest.mark.parametrize("kind", ["tied", "llama3", "mixtral"])
+@pytest.mark.parametrize("kind", ["tied", "llama3", "mixtral", "tied-grid", "mixtral-grid"])
 def test_lean_matches_the_dense_reference(lean_stores, kind):
     """Every position's logits, and greedy tokens (prefill, then decode through the C layer;
     Mixtral: the C layer's attention, the router in numpy, `_q4.experts`)."""
@@ -99,6 +118,21 @@ def test_decode_matches_prefill_and_chunks(lean_stores, monkeypatch, kind):
     s = eng.new_session()
     np.testing.assert_allclose(eng.prefill(s, IDS), whole[-1], rtol=0, atol=1e-4)
     assert s.caches[0].offset == len(IDS) and s.caches[0].k.shape[1] == 20
+
+
+def test_q4_0_grid_runs_on_scales_alone(lean_stores):
+    """A store whose q4k zeros are all 0 says so; the runtime then holds the scales alone (the
+    kernel's symmetric form) and counts the bytes it saves before it loads."""
+    grid, plain = Store(lean_stores["tied-grid"]), Store(lean_stores["tied"])
+    assert grid.manifest["quantization"]["q4k_zeros"] is False
+    assert plain.manifest["quantization"]["q4k_zeros"] is True
+    eng = lean.LeanEngine(grid, 256)
+    assert all(s.ndim == 2 for layer in eng.layers for f in (layer.attn, *layer.ffns)
+               for _, s in f)
+    assert all(s.ndim == 3 for layer in lean.LeanEngine(plain, 256).layers
+               for _, s in layer.attn)
+    assert eng.weight_bytes <= lean.weight_bytes(grid) < grid.weight_bytes
+    assert lean.weight_bytes(plain) == plain.weight_bytes
 
 
 def test_moe_stats_count_every_routed_use(lean_stores):

@@ -88,8 +88,8 @@ static inline float bf16(uint16_t v) {
 
 /* ---- scalar: rows [r0, r1) of one activation row ---- */
 
-static void rows_scalar(const act_t *a, const uint8_t *packed, const uint16_t *sz, int64_t n,
-                        int bn, int64_t r0, int64_t r1, float *y) {
+static void rows_scalar(const act_t *a, const uint8_t *packed, const uint16_t *sz, int sym,
+                        int64_t n, int bn, int64_t r0, int64_t r1, float *y) {
     int64_t k = a->k, half = bn / 2;
     for (int64_t r = r0; r < r1; r++) {
         int64_t b = r / bn, j = r % bn;
@@ -103,8 +103,9 @@ static void rows_scalar(const act_t *a, const uint8_t *packed, const uint16_t *s
                 int64_t c = g * GROUP + i;
                 dot += ((blk[c * half + byte] >> shift) & 0xF) * a->xq[c];
             }
-            const uint16_t *p = sz + (g * n + r) * 2;
-            acc += a->dx[g] * (bf16(p[0]) * (float)(dot - 8 * a->sq[g]) + bf16(p[1]) * (float)a->sq[g]);
+            float scale = bf16(sym ? sz[g * n + r] : sz[(g * n + r) * 2]);
+            float zero = sym ? 0.f : bf16(sz[(g * n + r) * 2 + 1]);
+            acc += a->dx[g] * (scale * (float)(dot - 8 * a->sq[g]) + zero * (float)a->sq[g]);
         }
         y[r] = acc;
     }
@@ -130,11 +131,23 @@ static inline __m256 scale8(const uint16_t *p, __m256 dot, __m256 a, __m256 b8, 
     return _mm256_fmadd_ps(z, bz, y);
 }
 
+__attribute__((target("avx2,fma")))
+static inline __m256 scale8g(const uint16_t *sz, int sym, int64_t g, int64_t n, int64_t r,
+                             __m256 dot, __m256 a, __m256 b8, __m256 bz, __m256 y) {
+    /* rows r..r+7 of group g: (scale, zero) pairs [G, N, 2], or (sym) scales alone [G, N]
+       with the zeros 0, as Q4_0's x = (q - 8) * d: 10% fewer bytes than pairs */
+    if (!sym)
+        return scale8(sz + (g * n + r) * 2, dot, a, b8, bz, y);
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sz + g * n + r)));
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+                           _mm256_fmsub_ps(a, dot, b8), y);
+}
+
 /* One stripe: 16 bytes per column at `col` (stride cs), i.e. 16 rows (low nibbles, rows
    lo..lo+15) and 16 more (high nibbles, rows hi..hi+15); writes their 32 outputs. */
 __attribute__((target("avx2,fma")))
 static void stripe_avx2(const act_t *a, const uint8_t *col, int64_t cs, const uint16_t *sz,
-                        int64_t n, int64_t lo, int64_t hi, float *y) {
+                        int sym, int64_t n, int64_t lo, int64_t hi, float *y) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 y0 = _mm256_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
     int64_t groups = a->k / GROUP;
@@ -167,11 +180,10 @@ static void stripe_avx2(const act_t *a, const uint8_t *col, int64_t cs, const ui
         float dx = a->dx[g], sq = (float)a->sq[g];
         __m256 va = _mm256_set1_ps(dx), b8 = _mm256_set1_ps(8.f * dx * sq),
                bz = _mm256_set1_ps(dx * sq);
-        const uint16_t *s = sz + g * n * 2;
-        y0 = scale8(s + lo * 2, widen(a0), va, b8, bz, y0);
-        y1 = scale8(s + (lo + 8) * 2, widen(a1), va, b8, bz, y1);
-        y2 = scale8(s + hi * 2, widen(a2), va, b8, bz, y2);
-        y3 = scale8(s + (hi + 8) * 2, widen(a3), va, b8, bz, y3);
+        y0 = scale8g(sz, sym, g, n, lo, widen(a0), va, b8, bz, y0);
+        y1 = scale8g(sz, sym, g, n, lo + 8, widen(a1), va, b8, bz, y1);
+        y2 = scale8g(sz, sym, g, n, hi, widen(a2), va, b8, bz, y2);
+        y3 = scale8g(sz, sym, g, n, hi + 8, widen(a3), va, b8, bz, y3);
     }
     _mm256_storeu_ps(y + lo, y0);
     _mm256_storeu_ps(y + lo + 8, y1);
@@ -183,18 +195,19 @@ static void stripe_avx2(const act_t *a, const uint8_t *col, int64_t cs, const ui
    rows 0-15 (low nibbles) and 32-47 (high), lane 1 rows 16-31 and 48-63. Columns pair as
    (c, c+2) and (c+1, c+3) into the same accumulators, so the pattern's two lanes are equal. */
 __attribute__((target("avx2,fma")))
-static inline void scale8x2(const uint16_t *s, int64_t r0, int64_t r1, __m256i acc, __m256 a,
-                            __m256 b8, __m256 bz, float *y0, float *y1) {
+static inline void scale8x2(const uint16_t *sz, int sym, int64_t g, int64_t n, int64_t r0,
+                            int64_t r1, __m256i acc, __m256 a, __m256 b8, __m256 bz, float *y0,
+                            float *y1) {
     /* acc int16 [rows r0..r0+7 | rows r1..r1+7]: y[r] += scale * (a * dot - b8) + zero * bz */
     __m256 d0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
     __m256 d1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
-    _mm256_storeu_ps(y0, scale8(s + r0 * 2, d0, a, b8, bz, _mm256_loadu_ps(y0)));
-    _mm256_storeu_ps(y1, scale8(s + r1 * 2, d1, a, b8, bz, _mm256_loadu_ps(y1)));
+    _mm256_storeu_ps(y0, scale8g(sz, sym, g, n, r0, d0, a, b8, bz, _mm256_loadu_ps(y0)));
+    _mm256_storeu_ps(y1, scale8g(sz, sym, g, n, r1, d1, a, b8, bz, _mm256_loadu_ps(y1)));
 }
 
 __attribute__((target("avx2,fma")))
-static void block64_avx2(const act_t *a, const uint8_t *blk, const uint16_t *sz, int64_t n,
-                         int64_t r, float *y) {
+static void block64_avx2(const act_t *a, const uint8_t *blk, const uint16_t *sz, int sym,
+                         int64_t n, int64_t r, float *y) {
     /* Two maddubs per step land in each accumulator, so int16 holds half a group (4 steps,
        8 * 3810 = 30480) and each half is scaled on its own; the zero terms go with the first. */
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -207,7 +220,6 @@ static void block64_avx2(const act_t *a, const uint8_t *blk, const uint16_t *sz,
         float dx = a->dx[g], sq = (float)a->sq[g];
         __m256 va = _mm256_set1_ps(dx), b8 = _mm256_set1_ps(8.f * dx * sq),
                bz = _mm256_set1_ps(dx * sq);
-        const uint16_t *s = sz + g * n * 2;
         for (int half = 0; half < 2; half++) {
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
             const uint8_t *p = blk + (g * GROUP + half * 16) * 32;
@@ -238,26 +250,26 @@ static void block64_avx2(const act_t *a, const uint8_t *blk, const uint16_t *sz,
             }
             __m256 h8 = half ? none : b8, hz = half ? none : bz;
             /* a0: rows 0-7 | 16-23; a1: 8-15 | 24-31; a2: 32-39 | 48-55; a3: 40-47 | 56-63 */
-            scale8x2(s, r, r + 16, a0, va, h8, hz, out, out + 16);
-            scale8x2(s, r + 8, r + 24, a1, va, h8, hz, out + 8, out + 24);
-            scale8x2(s, r + 32, r + 48, a2, va, h8, hz, out + 32, out + 48);
-            scale8x2(s, r + 40, r + 56, a3, va, h8, hz, out + 40, out + 56);
+            scale8x2(sz, sym, g, n, r, r + 16, a0, va, h8, hz, out, out + 16);
+            scale8x2(sz, sym, g, n, r + 8, r + 24, a1, va, h8, hz, out + 8, out + 24);
+            scale8x2(sz, sym, g, n, r + 32, r + 48, a2, va, h8, hz, out + 32, out + 48);
+            scale8x2(sz, sym, g, n, r + 40, r + 56, a3, va, h8, hz, out + 40, out + 56);
         }
     }
 }
 
 __attribute__((target("avx2,fma")))
-static void rows_avx2(const act_t *a, const uint8_t *packed, const uint16_t *sz, int64_t n,
-                      int bn, int64_t r0, int64_t r1, float *y) {
+static void rows_avx2(const act_t *a, const uint8_t *packed, const uint16_t *sz, int sym,
+                      int64_t n, int bn, int64_t r0, int64_t r1, float *y) {
     int64_t k = a->k, half = bn / 2;
     for (int64_t b = r0 / bn; b < r1 / bn; b++) {
         const uint8_t *blk = packed + b * k * half;
         if (bn == 64) {
-            block64_avx2(a, blk, sz, n, b * bn, y);
+            block64_avx2(a, blk, sz, sym, n, b * bn, y);
             continue;
         }
         for (int64_t off = 0; off < half; off += 16)
-            stripe_avx2(a, blk + off, half, sz, n, b * bn + off, b * bn + half + off, y);
+            stripe_avx2(a, blk + off, half, sz, sym, n, b * bn + off, b * bn + half + off, y);
     }
 }
 
@@ -357,13 +369,12 @@ static inline __m256i bcast4(const int8_t *p) {
 }
 
 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
-static inline void flush_vnni(const act_t *a, int64_t g, const uint16_t *sz, int64_t n,
-                              int64_t r, const __m256i *acc, float *out) {
+static inline void flush_vnni(const act_t *a, int64_t g, const uint16_t *sz, int sym,
+                              int64_t n, int64_t r, const __m256i *acc, float *out) {
     /* acc[0..3] rows {0-3|16-19}, {4-7|20-23}, {8-11|24-27}, {12-15|28-31}; acc[4..7] + 32 */
     float dx = a->dx[g], sq = (float)a->sq[g];
     __m256 va = _mm256_set1_ps(dx), b8 = _mm256_set1_ps(8.f * dx * sq),
            bz = _mm256_set1_ps(dx * sq);
-    const uint16_t *s = sz + g * n * 2;
     for (int h = 0; h < 2; h++) {
         const __m256i *c = acc + 4 * h;
         int64_t o = 32 * h;
@@ -373,8 +384,9 @@ static inline void flush_vnni(const act_t *a, int64_t g, const uint16_t *sz, int
                         _mm256_permute2x128_si256(c[2], c[3], 0x31)};  /* 24-31 */
         for (int i = 0; i < 4; i++) {
             float *yo = out + o + 8 * i;
-            _mm256_storeu_ps(yo, scale8(s + (r + o + 8 * i) * 2, _mm256_cvtepi32_ps(d[i]), va,
-                                        b8, bz, _mm256_loadu_ps(yo)));
+            _mm256_storeu_ps(yo, scale8g(sz, sym, g, n, r + o + 8 * i,
+                                         _mm256_cvtepi32_ps(d[i]), va, b8, bz,
+                                         _mm256_loadu_ps(yo)));
         }
     }
 }
@@ -382,7 +394,7 @@ static inline void flush_vnni(const act_t *a, int64_t g, const uint16_t *sz, int
 /* rows [r, r + 64) of M (1 or 2) activation rows, y rows `ys` apart */
 __attribute__((always_inline, target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 static inline void block64_vnni_m(const act_t *a, const int M, const uint8_t *blk,
-                                  const uint16_t *sz, int64_t n, int64_t r, float *y,
+                                  const uint16_t *sz, int sym, int64_t n, int64_t r, float *y,
                                   int64_t ys) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     int64_t groups = a[0].k / GROUP;
@@ -409,7 +421,7 @@ static inline void block64_vnni_m(const act_t *a, const int M, const uint8_t *bl
             }
         }
         for (int m = 0; m < M; m++)
-            flush_vnni(&a[m], g, sz, n, r, acc[m], y + m * ys + r);
+            flush_vnni(&a[m], g, sz, sym, n, r, acc[m], y + m * ys + r);
     }
 }
 
@@ -441,7 +453,8 @@ static void unpack64(const uint8_t *blk, int64_t k, __m512i *buf) {
 /* M (1 to 3) activation rows on an unpacked block: each weight register serves them all */
 __attribute__((always_inline, target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 static inline void block64_vnni_unpacked(const act_t *a, const int M, const __m512i *buf,
-                                         const uint16_t *sz, int64_t n, int64_t r, float *y) {
+                                         const uint16_t *sz, int sym, int64_t n, int64_t r,
+                                         float *y) {
     __m512 yv[3][4];
     for (int m = 0; m < M; m++)
         for (int i = 0; i < 4; i++)
@@ -465,11 +478,13 @@ static inline void block64_vnni_unpacked(const act_t *a, const int M, const __m5
                     acc[m][i] = _mm512_dpbusd_epi32(acc[m][i], wi, x[m]);
             }
         }
-        const uint16_t *s = sz + (g * n + r) * 2;
-        for (int i = 0; i < 4; i++) {  /* 16 rows' (scale, zero) bf16 pairs */
-            __m512i v = _mm512_loadu_si512((const void *)(s + 32 * i));
+        for (int i = 0; i < 4; i++) {  /* 16 rows' (scale, zero) bf16 pairs, or scales alone */
+            __m512i v = sym ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                  (const __m256i *)(sz + g * n + r + 16 * i)))
+                            : _mm512_loadu_si512((const void *)(sz + (g * n + r) * 2 + 32 * i));
             __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
+            __m512 z = sym ? _mm512_setzero_ps() : _mm512_castsi512_ps(
+                                 _mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
             for (int m = 0; m < M; m++) {
                 float dx = a[m].dx[g], sq = (float)a[m].sq[g];
                 __m512 dot = _mm512_fmsub_ps(_mm512_set1_ps(dx), _mm512_cvtepi32_ps(acc[m][i]),
@@ -486,7 +501,7 @@ static inline void block64_vnni_unpacked(const act_t *a, const int M, const __m5
 
 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 static void rows_vnni(const act_t *a, int64_t m, const uint8_t *packed, const uint16_t *sz,
-                      int64_t n, int64_t b0, int64_t b1, float *y) {
+                      int sym, int64_t n, int64_t b0, int64_t b1, float *y) {
     /* blocks [b0, b1) of 64 rows for all m activation rows: two at a time from the packed
        bytes, or, for prompts, every row from the block unpacked once (a buffer per thread) */
     static __thread __m512i *buf;
@@ -503,17 +518,17 @@ static void rows_vnni(const act_t *a, int64_t m, const uint8_t *packed, const ui
         if (m >= UNPACK_MIN_ROWS && buf) {
             unpack64(blk, k, buf);
             for (; i + 3 <= m; i += 3)
-                block64_vnni_unpacked(a + i, 3, buf, sz, n, b * 64, y + i * n);
+                block64_vnni_unpacked(a + i, 3, buf, sz, sym, n, b * 64, y + i * n);
             if (m - i == 2)
-                block64_vnni_unpacked(a + i, 2, buf, sz, n, b * 64, y + i * n);
+                block64_vnni_unpacked(a + i, 2, buf, sz, sym, n, b * 64, y + i * n);
             else if (m - i == 1)
-                block64_vnni_unpacked(a + i, 1, buf, sz, n, b * 64, y + i * n);
+                block64_vnni_unpacked(a + i, 1, buf, sz, sym, n, b * 64, y + i * n);
             continue;
         }
         for (; i + 2 <= m; i += 2)
-            block64_vnni_m(a + i, 2, blk, sz, n, b * 64, y + i * n, n);
+            block64_vnni_m(a + i, 2, blk, sz, sym, n, b * 64, y + i * n, n);
         if (i < m)
-            block64_vnni_m(a + i, 1, blk, sz, n, b * 64, y + i * n, n);
+            block64_vnni_m(a + i, 1, blk, sz, sym, n, b * 64, y + i * n, n);
     }
 }
 
@@ -576,6 +591,7 @@ typedef struct {
     int64_t n;           /* rows */
     float *y;            /* [m, n] */
     int64_t first;       /* its first block among the job's */
+    int sym;             /* q4: sz holds scales alone [K/32, N], the zeros all 0 */
 } mat_t;
 
 typedef struct job job_t;
@@ -602,7 +618,7 @@ static int vnni_rows(const job_t *j) {
 
 static void q4_range(const job_t *j, const mat_t *t, int64_t b0, int64_t b1) {
     if (vnni_rows(j)) {
-        rows_vnni(j->acts, j->m, t->packed, t->sz, t->n, b0, b1, t->y);
+        rows_vnni(j->acts, j->m, t->packed, t->sz, t->sym, t->n, b0, b1, t->y);
         return;
     }
     for (int64_t b = b0; b < b1; b++)  /* each row block once from RAM, for every row of x */
@@ -610,9 +626,11 @@ static void q4_range(const job_t *j, const mat_t *t, int64_t b0, int64_t b1) {
             const act_t *a = &j->acts[m];
             float *y = t->y + m * t->n;
             if (j->isa != ISA_SCALAR)
-                rows_avx2(a, t->packed, t->sz, t->n, j->bn, b * j->bn, (b + 1) * j->bn, y);
+                rows_avx2(a, t->packed, t->sz, t->sym, t->n, j->bn, b * j->bn, (b + 1) * j->bn,
+                          y);
             else
-                rows_scalar(a, t->packed, t->sz, t->n, j->bn, b * j->bn, (b + 1) * j->bn, y);
+                rows_scalar(a, t->packed, t->sz, t->sym, t->n, j->bn, b * j->bn,
+                            (b + 1) * j->bn, y);
         }
 }
 
@@ -835,9 +853,21 @@ static int check_cpu(int isa) {
     return 1;
 }
 
-/* gemm(x, m, k, mats, bn, threads, isa): mats a sequence of 1 to MAX_MATS (packed, sz, n, y)
-   on the same x, all in one pooled call; addresses as ints (the caller checks shapes, dtypes
-   and contiguity). x f32 [m, k], each y f32 [m, n]. */
+/* A matrix (packed, sz, n[, sym]) for `layer` and `experts`; sym: sz holds scales alone. */
+static int parse_mat(PyObject *t, mat_t *w) {
+    unsigned long long pp, zp;
+    long long n;
+    int sym = 0;
+    if (!PyArg_ParseTuple(t, "KKL|i", &pp, &zp, &n, &sym))
+        return 0;
+    *w = (mat_t){(const uint8_t *)(uintptr_t)pp, (const uint16_t *)(uintptr_t)zp, n, NULL, 0, sym};
+    return 1;
+}
+
+/* gemm(x, m, k, mats, bn, threads, isa): mats a sequence of 1 to MAX_MATS (packed, sz, n, y
+   [, sym]) on the same x, all in one pooled call; addresses as ints (the caller checks shapes,
+   dtypes and contiguity). x f32 [m, k], each y f32 [m, n]; sym: sz is bf16 scales alone
+   [K/32, N] (zeros 0), else (scale, zero) pairs [K/32, N, 2]. */
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
     unsigned long long xp;
     long long m, k;
@@ -864,7 +894,9 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < count; i++) {
         unsigned long long pp, sp, yp;
         long long n;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKLK", &pp, &sp, &n, &yp)) {
+        int sym = 0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKLK|i", &pp, &sp, &n, &yp,
+                              &sym)) {
             Py_DECREF(fast);
             return NULL;
         }
@@ -874,7 +906,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
             return NULL;
         }
         mats[i] = (mat_t){(const uint8_t *)(uintptr_t)pp, (const uint16_t *)(uintptr_t)sp, n,
-                          (float *)(uintptr_t)yp, 0};
+                          (float *)(uintptr_t)yp, 0, sym};
     }
     Py_DECREF(fast);
     int ok;
@@ -1078,12 +1110,8 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     if (count == 4)
         ff = 0;
     for (int i = 0; ok && i < count; i++) {
-        unsigned long long pp, zp;
-        long long n;
-        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KKL", &pp, &zp, &n);
-        w[i] = (mat_t){(const uint8_t *)(uintptr_t)pp, (const uint16_t *)(uintptr_t)zp, n, NULL,
-                       0};
-        ok = ok && n >= bn && n % bn == 0;
+        ok = parse_mat(PySequence_Fast_GET_ITEM(fast, i), &w[i]);
+        ok = ok && w[i].n >= bn && w[i].n % bn == 0;
     }
     Py_DECREF(fast);
     int64_t hd = (int64_t)heads * dh, kd = (int64_t)kvh * dh;
@@ -1166,16 +1194,12 @@ static PyObject *py_experts(PyObject *self, PyObject *args) {
     float wt[8];
     mat_t w[8][3];
     for (Py_ssize_t e = 0; ok && e < count; e++) {
-        unsigned long long p[3], z[3];
-        long long n[3];
-        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, e), "f(KKL)(KKL)(KKL)", &wt[e],
-                              &p[0], &z[0], &n[0], &p[1], &z[1], &n[1], &p[2], &z[2], &n[2]);
-        for (int i = 0; ok && i < 3; i++) {
-            w[e][i] = (mat_t){(const uint8_t *)(uintptr_t)p[i], (const uint16_t *)(uintptr_t)z[i],
-                              n[i], NULL, 0};
-            ok = n[i] % bn == 0;
-        }
-        ok = ok && n[0] == ff && n[1] == ff && n[2] == d;
+        PyObject *m[3];
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, e), "fOOO", &wt[e], &m[0], &m[1],
+                              &m[2]);
+        for (int i = 0; ok && i < 3; i++)
+            ok = parse_mat(m[i], &w[e][i]) && w[e][i].n % bn == 0;
+        ok = ok && w[e][0].n == ff && w[e][1].n == ff && w[e][2].n == d;
     }
     Py_DECREF(fast);
     if (!ok) {

@@ -66,8 +66,15 @@ def why_not(store: Store) -> str | None:
 
 
 def weight_bytes(store: Store) -> int:
-    """RAM the runtime holds for weights: the records as stored (no repacking)."""
-    return sum(n for n, _ in store.records.values())
+    """RAM the runtime holds for weights: the records as stored, less the q4k zeros where the
+    store says they are all 0 (a GGUF's Q4_0: `compact` keeps the scales alone)."""
+    total = sum(n for n, _ in store.records.values())
+    if (store.manifest.get("quantization") or {}).get("q4k_zeros", True):
+        return total
+    a, t = store.args, store.manifest["tensors"]
+    ffn = 3 * a.intermediate_size * a.hidden_size * a.n_experts * a.num_hidden_layers
+    q4k = ffn + sum(math.prod(m["shape"]) for m in t.values() if m["dtype"] == "q4k")
+    return total - q4k // GROUP * 2
 
 
 def need_bytes(store: Store, context: int, kv: str) -> int:
@@ -126,9 +133,8 @@ class Layer:
         self.attn = [_q4k(rd, f"{p}self_attn.{n}.weight") for n in ATTN]
         self.ffns = [_ffn(rd, l, e) for e in range(a.n_experts)]  # [(gate, up, down)]
         self.router = _float(rd, p + "block_sparse_moe.gate.weight") if a.is_moe else None
-        ptrs = [tuple((w.ctypes.data, s.ctypes.data, s.shape[1]) for w, s in f)
-                for f in self.ffns]
-        attn = tuple((w.ctypes.data, s.ctypes.data, s.shape[1]) for w, s in self.attn)
+        ptrs = [tuple(_mat(w, s) for w, s in f) for f in self.ffns]
+        attn = tuple(_mat(w, s) for w, s in self.attn)
         self.mats = attn if a.is_moe else attn + ptrs[0]  # (the C layer stops at attention
         self.expert_mats = ptrs                           # for an MoE layer)
         self.top_k = a.num_experts_per_tok
@@ -179,7 +185,9 @@ class LeanEngine:
         self.embed = self.head if a.tie_word_embeddings else _q8r(rd, "model.embed_tokens.weight")
         rd.close()
         self.inv_freq = rope.inv_freq(a)
-        self.weight_bytes = weight_bytes(store)
+        self.weight_bytes = sum(w.nbytes + s.nbytes for layer in self.layers
+                                for f in (layer.attn, *layer.ffns) for w, s in f) + sum(
+            q.nbytes + sc.nbytes for q, sc in {id(x): x for x in (self.head, self.embed)}.values())
         self.tokens = 0
         trim_heap()  # load's temporaries (a cluster's scratch, the routers' decoding)
 
@@ -413,7 +421,27 @@ def _q8r(rd: Records, name: str) -> tuple[np.ndarray, np.ndarray]:
 def _q4k(rd: Records, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(packed u8 [R/64, C, 32], sz bf16 bits [C/32, R, 2]) as stored, no copy."""
     rows, cols = rd.store.manifest["tensors"][name]["shape"]
-    return _split_q4k(rd.tensor(name), rows, cols)
+    packed, sz = compact(*_split_q4k(rd.tensor(name), rows, cols))
+    if sz.ndim == 2:  # the nibbles into their own buffer: the record's, pairs and all, goes
+        own = _aligned(packed.nbytes).reshape(packed.shape)
+        own[:] = packed
+        packed = own
+    return packed, sz
+
+
+def _mat(packed: np.ndarray, sz: np.ndarray) -> tuple:
+    """A matrix as the C layer takes it: (packed, sz, rows, sym)."""
+    return packed.ctypes.data, sz.ctypes.data, sz.shape[1], int(sz.ndim == 2)
+
+
+def compact(packed: np.ndarray, sz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(packed, (scale, zero) pairs [G, N, 2]) -> (packed, scales [G, N]) where every zero is
+    0 (Q4_0's grid): the kernel's symmetric form, 10% fewer bytes to hold and to read."""
+    if (sz[..., 1] & 0x7FFF).any():
+        return packed, sz
+    scales = _aligned(sz[..., 0].nbytes).view(np.uint16).reshape(sz.shape[:2])
+    scales[:] = sz[..., 0]
+    return packed, scales
 
 
 def _split_q4k(raw: np.ndarray, rows: int, cols: int):
@@ -442,7 +470,7 @@ def _ffn(rd: Records, l: int, expert: int = 0):
                 w[lo // 64:(lo + n) // 64], s[:, lo:lo + n] = pk, sz
             else:               # down: columns lo .. lo + n
                 w[:, lo:lo + n], s[lo // GROUP:(lo + n) // GROUP] = pk, sz
-    return gate, up, down
+    return compact(*gate), compact(*up), compact(*down)
 
 
 def load(path, context: int = 2048, kv: str = "f16", threads: int = 1) -> LeanEngine:

@@ -106,17 +106,19 @@ def _matches(isa: str, bn: int) -> bool:
     q = g.integers(0, 16, (n, k), dtype=np.uint8)
     sz = _bf16(g.standard_normal((k // GROUP, n, 2)) * 0.05)   # [K/32, N, (scale, zero)]
     packed = pack_np(q, bn)
-    s = _f32(sz).transpose(1, 0, 2)[:, :, None, :]              # [N, K/32, 1, 2]
-    w = ((q.astype(np.float32) - 8).reshape(n, -1, GROUP) * s[..., 0] + s[..., 1]).reshape(n, k)
-    for rows in (1, 5):
-        x = g.standard_normal((rows, k)).astype(np.float32)
-        ref = x @ w.T
-        try:
-            y = gemm_np(x, [(packed, sz)], bn, 1, isa)[0]
-        except (RuntimeError, ValueError):
-            return False
-        if not np.abs(y - ref).max() <= 0.02 * np.abs(ref).max():
-            return False
+    for sz in (sz, np.ascontiguousarray(sz[..., 0])):           # pairs; scales alone
+        s = _f32(sz.reshape(k // GROUP, n, -1)).transpose(1, 0, 2)[:, :, None, :]  # [N, G, 1, *]
+        zero = s[..., 1] if s.shape[-1] == 2 else 0.0
+        w = ((q.astype(np.float32) - 8).reshape(n, -1, GROUP) * s[..., 0] + zero).reshape(n, k)
+        for rows in (1, 5):
+            x = g.standard_normal((rows, k)).astype(np.float32)
+            ref = x @ w.T
+            try:
+                y = gemm_np(x, [(packed, sz)], bn, 1, isa)[0]
+            except (RuntimeError, ValueError):
+                return False
+            if not np.abs(y - ref).max() <= 0.02 * np.abs(ref).max():
+                return False
     return True
 
 
@@ -142,17 +144,19 @@ def pack_np(q: np.ndarray, bn: int) -> np.ndarray:
 
 
 def gemm_np(x: np.ndarray, weights: list, bn: int, threads: int, isa: str) -> list:
-    """x f32 [T, K] @ each (packed u8, sz bf16 bits [K/32, N, 2]) -> [T, N] f32 (numpy; the
-    lean runtime and the CPU check)."""
+    """x f32 [T, K] @ each (packed u8, sz bf16 bits: (scale, zero) pairs [K/32, N, 2], or
+    scales alone [K/32, N] where every zero is 0) -> [T, N] f32 (numpy; the lean runtime and
+    the CPU check)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     m, k = x.shape
     mats, ys = [], []
     for packed, sz in weights:
         n = sz.shape[1]
-        if not (packed.flags.c_contiguous and sz.flags.c_contiguous) or packed.size != n * k // 2:
+        if (not (packed.flags.c_contiguous and sz.flags.c_contiguous) or packed.size != n * k // 2
+                or sz.size != n * k // GROUP * (sz.ndim - 1)):
             raise ValueError(f"q4 mm: packed {packed.shape}, sz {sz.shape} for K {k}")
         ys.append(np.empty((m, n), np.float32))
-        mats.append((packed.ctypes.data, sz.ctypes.data, n, ys[-1].ctypes.data))
+        mats.append((packed.ctypes.data, sz.ctypes.data, n, ys[-1].ctypes.data, int(sz.ndim == 2)))
     _ext().gemm(x.ctypes.data, m, k, mats, bn, threads, ISAS[isa])
     return ys
 
@@ -200,11 +204,12 @@ def gemm_many(x, weights: list, bn: int, threads: int, isa: str) -> list:
     mats, ys = [], []
     for packed, sz in weights:
         n = sz.shape[1]
-        if not packed.is_contiguous() or packed.numel() != n * k // 2 or not sz.is_contiguous():
+        if (not packed.is_contiguous() or packed.numel() != n * k // 2 or not sz.is_contiguous()
+                or sz.numel() != n * k // GROUP * (sz.dim() - 1)):
             raise ValueError(f"q4 mm: packed {tuple(packed.shape)}, sz {tuple(sz.shape)} for "
                              f"K {k}")
         ys.append(torch.empty(m, n))
-        mats.append((packed.data_ptr(), sz.data_ptr(), n, ys[-1].data_ptr()))
+        mats.append((packed.data_ptr(), sz.data_ptr(), n, ys[-1].data_ptr(), int(sz.dim() == 2)))
     _ext().gemm(x.data_ptr(), m, k, mats, bn, threads, ISAS[isa])
     return ys
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 GROUP = 32
 DTYPES = ("f32", "f16", "bf16", "q8", "q4")  # what a user asks for; q4k is chosen by layout
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
@@ -26,3 +28,13 @@ def nbytes(shape, dtype: str) -> int:
     if dtype == "q8r":
         return n + 2 * rows
     raise ValueError(f"unknown dtype {dtype}")
+
+
+def q4k_zeros(blob, shape) -> bool:
+    """Whether a q4k record (packed nibbles, then bf16 (scale, zero) pairs [C/32, R, 2]) has a
+    zero other than 0. A GGUF's Q4_0 matrices have none (x = (q - 8) * d): the kernel then
+    needs their scales alone, 10% fewer bytes."""
+    rows, cols = shape
+    half = rows * cols // 2
+    pairs = np.frombuffer(blob, np.uint16, count=rows * cols // GROUP * 2, offset=half)
+    return bool((pairs[1::2] & 0x7FFF).any())  # (-0 counts as 0)

@@ -308,6 +308,7 @@ class StoreWriter:
                 raise
         self.records: dict[str, list[int]] = {}
         self.tensors: dict[str, dict] = {}
+        self.q4k_zeros = False  # whether any q4k record has a zero other than 0
         self.store_id = uuid.uuid4().hex
         self._put(b"meta:store_id", self.store_id.encode(), record=False)
 
@@ -320,8 +321,13 @@ class StoreWriter:
     def put_tensor(self, name: str, w: torch.Tensor, dtype: str | None = None):
         from . import quant
         dtype = tensor_dtype(name, tuple(w.shape), dtype or self.dtype)
-        self._put(tensor_key(name), quant.encode(w, dtype))
+        self._put(tensor_key(name), self._note(quant.encode(w, dtype), tuple(w.shape), dtype))
         self.tensors[name] = {"shape": list(w.shape), "dtype": dtype}
+
+    def _note(self, blob: bytes, shape: tuple, dtype: str) -> bytes:
+        if dtype == "q4k" and not self.q4k_zeros:
+            self.q4k_zeros = dtypes.q4k_zeros(blob, shape)
+        return blob
 
     def put_record(self, key: bytes, blob: bytes):
         """A record outside the tensor index (activation predictors), crc-checked like all."""
@@ -329,7 +335,7 @@ class StoreWriter:
 
     def put_raw(self, name: str, blob: bytes, meta: dict):
         """Copy an already encoded tensor record (no re-quantization)."""
-        self._put(tensor_key(name), blob)
+        self._put(tensor_key(name), self._note(blob, tuple(meta["shape"]), meta["dtype"]))
         self.tensors[name] = dict(meta)
 
     def put_ffn(self, layer: int, expert: int, gate, up, down):
@@ -339,7 +345,8 @@ class StoreWriter:
             hi = lo + self.cluster_size
             parts = (gate[lo:hi], up[lo:hi], down[:, lo:hi])
             self._put(cluster_key(layer, expert, c),
-                      b"".join(quant.encode(p, self.ffn_dtype) for p in parts))
+                      b"".join(self._note(quant.encode(p, self.ffn_dtype), tuple(p.shape),
+                                          self.ffn_dtype) for p in parts))
 
     @property
     def ffn_dtype(self) -> str:
@@ -356,7 +363,8 @@ class StoreWriter:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store_id": self.store_id,
             "config": self.args.to_dict(), "dtype": self.dtype,
-            "quantization": ({"scheme": self.dtype, "group_size": dtypes.GROUP}
+            "quantization": ({"scheme": self.dtype, "group_size": dtypes.GROUP,
+                              **({"q4k_zeros": self.q4k_zeros} if self.dtype == "q4" else {})}
                              if self.dtype in ("q8", "q4") else None),
             "ffn": {"cluster_size": self.cluster_size,
                     "n_clusters": -(-f // self.cluster_size), "dtype": self.ffn_dtype,
