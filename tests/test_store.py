@@ -143,3 +143,13 @@ def test_unknown_dtype_and_arch_messages(hf_models, tmp_path):
     from tiercache.config import ModelArgs
     with pytest.raises(UnsupportedModel, match="'falcon'"):
         ModelArgs.from_dict({"model_type": "falcon"})
+
+
+def test_manifest_offsets_are_lmdb_s(stores):
+    """A store keeps each record's offset in data.mdb in its manifest (reads need not page
+    every record in through LMDB's map to find them): the same as LMDB's own."""
+    from tiercache.store.format import record_offsets
+    s = Store(stores("llama", "q4", 64))
+    keys = list(s.records)
+    assert "offsets" in s.manifest
+    assert s.offsets(keys) == record_offsets(s.env, s.path / "lmdb" / "data.mdb", keys)

@@ -28,11 +28,12 @@ from .engine.session import Session
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP
-from .store.format import Store, cluster_key, record_offsets, tensor_key
+from .store.format import Store, cluster_key, tensor_key
 
 CHUNK = 256     # prompt positions per pass: activations stay ~F * CHUNK * 12 bytes
 KV_STEP = 256   # the KV cache grows by this many positions
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
+MARGIN = 8 << 20  # what the count above misses (allocator slack, page cache in flight)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ROUTER_DTYPES = ("f32", "f16", "q4")
 
@@ -86,11 +87,11 @@ def need_bytes(store: Store, context: int, kv: str) -> int:
     kv_cache = (2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * positions
                 * (2 if kv == "f16" else 4))
     rep, t = a.num_attention_heads // a.num_key_value_heads, min(CHUNK, context)
-    # a chunk's activations (x, h, q|k|v and their rotations, attention, g, u, the kernel's
-    # int8 copy) and scores; the logits
-    work = t * (3 * a.intermediate_size + 10 * a.hidden_size) * 4 + t * rep * positions * 5 \
+    # a chunk's activations at their peak, the FFN's (x, h, g, u, the kernel's int8 copies,
+    # the output; attention's are fewer), its attention scores, the logits
+    work = t * (9 * a.intermediate_size + 16 * a.hidden_size) + t * rep * positions * 5 \
         + 8 * a.vocab_size
-    return anon_bytes() + FILE_PAGES + weight_bytes(store) + kv_cache + work
+    return anon_bytes() + FILE_PAGES + MARGIN + weight_bytes(store) + kv_cache + work
 
 
 class KV:
@@ -354,8 +355,14 @@ class Records:
 
     def __init__(self, store: Store):
         self.store, data = store, store.path / "lmdb" / "data.mdb"
-        self.at = record_offsets(store.env, data, list(store.records))
+        self.at = store.offsets(list(store.records))
+        # (a store written before the manifest kept offsets has them looked up through
+        # LMDB's map, which pages in the whole file: unmap it and drop those pages)
+        store.close()
         self.fd = os.open(data, os.O_RDONLY)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead past a record:
+        # those pages would stay cached (per-record DONTNEED left ~30 MB per 1B layer so)
         self.scratch = np.empty(0, np.uint8)
 
     def tensor(self, name: str) -> np.ndarray:
@@ -385,7 +392,6 @@ class Records:
 
     def close(self) -> None:
         os.close(self.fd)
-        self.store.close()
 
 
 def _f32(rd: Records, name: str) -> np.ndarray:

@@ -503,8 +503,9 @@ def _memory_table(res: dict) -> list[str]:
     weight bytes) + file-backed pages less the model file's."""
     out = ["Memory by kind at the largest cap (/proc/PID/status and smaps; MiB). Weights in anon: "
            "llama.cpp's CPU_REPACK buffer (it copies Q4_0 matrices into anonymous memory, "
-           "repacked for AVX2; the embedding stays mapped from the file), tiercache's store "
-           "weight bytes. Non-weight footprint = (anon - weights in anon) + (file - model "
+           "repacked for AVX2; the embedding stays mapped from the file), tiercache's resident "
+           "weight bytes (the lean runtime's own count: records as stored, Q4_0-grid matrices "
+           "as nibbles and scales alone; else the store's). Non-weight footprint = (anon - weights in anon) + (file - model "
            "file pages), given only where every weight is resident. The runtime's shared "
            "libraries may already be in the page cache through other processes on this machine, "
            "so a cgroup's peak can be below its RSS.", "",
@@ -519,7 +520,7 @@ def _memory_table(res: dict) -> list[str]:
                 continue
             b, f = r["memory"]["before_load"], r["memory"]["after"]
             w = (sum(v for k, v in r.get("buffers", {}).items() if k.endswith("REPACK model"))
-                 if eng == "llama" else r.get("weight_bytes", 0))
+                 if eng == "llama" else r.get("resident_bytes", r.get("weight_bytes", 0)))
             anon, file = (f["RssAnon"] - w) / MB, (f["RssFile"] - f["model_file"]) / MB
             # a resident head on ORT reads a few rows per token from the store (< 1 MB)
             resident = eng == "llama" or r.get("store_bytes_per_token", MB) < MB

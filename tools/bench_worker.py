@@ -111,7 +111,7 @@ def _median_rate(steps: list[float]) -> float:
 
 STATS = ("cache_hit_rate", "store_bytes_per_token", "store_bytes_read", "regions", "sparse",
          "mode", "compute", "io_wait_s", "read_ahead_hits", "demand_reads", "prefetched",
-         "prefetch_unused", "experts", "pinned_kernel", "engine")
+         "prefetch_unused", "experts", "pinned_kernel", "engine", "resident_bytes")
 
 
 def run_tiercache(a, ids):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import StoreError
-from .format import Store, record_offsets
+from .format import Store
 
 ALIGN = 4096
 RING = 8  # read buffers in turn; at most RING reads' records may be alive at once
@@ -49,7 +49,7 @@ class IOStats:
 class RecordReader:
     def __init__(self, store: Store, threads: int = 2, direct: bool = True):
         self.store = store
-        self.offsets = _record_offsets(store)
+        self.offsets = store.offsets(store.records)
         path = store.path / "lmdb" / "data.mdb"
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
@@ -220,7 +220,3 @@ def aligned_buffer(size: int) -> torch.Tensor:
     m = mmap.mmap(-1, max(size, ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(m, dtype=torch.uint8)
 
-
-def _record_offsets(store: Store) -> dict[str, tuple[int, int]]:
-    """key -> (file offset, length) of every record, from LMDB's mapping of data.mdb."""
-    return record_offsets(store.env, store.path / "lmdb" / "data.mdb", store.records)
