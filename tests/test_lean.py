@@ -144,6 +144,41 @@ def test_moe_stats_count_every_routed_use(lean_stores):
     assert e["hit_rate"] == 1.0 and "experts" not in lean.load(lean_stores["tied"]).stats()
 
 
+@pytest.mark.parametrize("resident", [0, 2])
+def test_streamed_clusters_match_resident_ones(lean_stores, monkeypatch, resident):
+    """FFN clusters read from the store each pass (prompt in chunks, then decode through the
+    C layer's attention and the clusters 8 to a call) give the resident runtime's logits:
+    the same int8 groups, summed in another order."""
+    monkeypatch.setattr(lean, "CHUNK", 7)
+    ids = IDS * 2
+    whole = lean.load(lean_stores["llama3"])
+    part = lean.load(lean_stores["llama3"], resident=resident)
+    n = part.store.n_clusters
+    assert part.resident == resident and part.layers[0].streamed == n - resident
+    np.testing.assert_allclose(part.logits(part.new_session(), ids),
+                               whole.logits(whole.new_session(), ids), rtol=0, atol=1e-3)
+    want = list(generate_step(whole.new_session(), ids, make_sampler(), 8))
+    part.reset_stats()
+    assert list(generate_step(part.new_session(), ids, make_sampler(), 8)) == want
+    st = part.stats()
+    record = sum(nb for _, _, nb in part.store.cluster_parts(0))
+    passes = -(-len(ids) // 7) + 7  # prompt chunks, decode steps; the ring read up to
+    # STREAM_SLOTS records before reset_stats
+    assert st["store_bytes_read"] >= (2 * (n - resident) * passes - lean.STREAM_SLOTS) * record
+    assert st["cache_hit_rate"] == resident / n
+
+
+def test_stream_starts_again_after_a_pass_stopped_midway(lean_stores):
+    """Ctrl-C in chat can stop a pass between two clusters: the next pass must not take the
+    records still queued for the old one."""
+    eng = lean.load(lean_stores["tied"], resident=1)
+    ref = eng.logits(eng.new_session(), IDS)
+    with eng.stream.next():
+        pass  # one cluster taken, the pass abandoned
+    assert eng.stream.pos != 0
+    np.testing.assert_allclose(eng.logits(eng.new_session(), IDS), ref, rtol=0, atol=1e-5)
+
+
 def test_f16_cache_against_f32(lean_stores):
     ids = IDS * 3
     a, b = (lean.load(lean_stores["tied"], kv=kv) for kv in ("f16", "f32"))
@@ -163,17 +198,23 @@ def test_session_reuses_its_prefix(lean_stores):
     assert len(s.tokens) == len(turn) + 5
 
 
-def test_load_chooses_lean_where_it_runs_and_fits(lean_stores, stores):
+def test_load_chooses_lean_where_it_runs_and_fits(lean_stores, stores, monkeypatch):
     eng, _ = api.load(str(lean_stores["tied"]))
     assert isinstance(eng, lean.LeanEngine) and eng.stats()["engine"] == "lean"
-    need = lean.need_bytes(Store(lean_stores["tied"]), 2048, "f16")
-    try:  # short of what the lean runtime needs: the tiered engine, or its own refusal
-        assert not isinstance(api.load(str(lean_stores["tied"]), ram=need - (1 << 20))[0],
-                              lean.LeanEngine)
-    except BudgetError as e:
-        assert "RAM budget" in str(e) and "lean" not in str(e)
-    with pytest.raises(BudgetError, match=r"needs \d+ MiB \(weights, KV, runtime\), over --ram"):
-        api.load(str(lean_stores["tied"]), engine="lean", ram=need - (1 << 20))
+    assert eng.resident == eng.store.n_clusters and eng.stream is None
+    # this process's memory held still, and a ring of one record (the tiny model's FFN is
+    # smaller than 32): budgets between "all but the FFN" and "all" stream some clusters
+    monkeypatch.setattr(lean, "anon_bytes", lambda: 64 << 20)
+    monkeypatch.setattr(lean, "STREAM_SLOTS", 1)
+    store = Store(lean_stores["tied"])
+    need, least = (f(store, 2048, "f16") for f in (lean.need_bytes, lean.min_bytes))
+    one = store.args.num_hidden_layers * lean.cluster_bytes(store)
+    assert need > least + 2 * one
+    eng, _ = api.load(str(lean_stores["tied"]), ram=least + 2 * one)
+    assert isinstance(eng, lean.LeanEngine) and eng.resident == 2 and eng.stream is not None
+    with pytest.raises(BudgetError, match=r"needs \d+ MiB \(all but the FFN clusters, which "
+                       r"stream, KV, runtime\), over --ram"):
+        api.load(str(lean_stores["tied"]), engine="lean", ram=least - 1)
     assert not isinstance(api.load(str(lean_stores["tied"]), engine="tiered")[0],
                           lean.LeanEngine)
     f32 = stores("llama", "f32")

@@ -135,17 +135,20 @@ def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv:
     why = lean.why_not(store)
     why = f"does not take {', '.join(given)} (the tiered engine's)" if given else (
         why and f"does not run {why}")
-    need = None if why else lean.need_bytes(store, context, kv)
-    if why is None and ram is not None and need > ram:
-        why = f"needs {need / 2**20:.0f} MiB (weights, KV, runtime), over --ram {ram / 2**20:.0f} MiB"
+    resident = None if why else lean.resident_clusters(store, context, kv, ram)
+    if why is None and resident is None:
+        least = (lean.need_bytes if store.args.is_moe else lean.min_bytes)(store, context, kv)
+        why = (f"needs {least / 2**20:.0f} MiB (" + ("weights" if store.args.is_moe else
+               "all but the FFN clusters, which stream") + f", KV, runtime), over --ram "
+               f"{ram / 2**20:.0f} MiB")
     if why is not None:
         store.close()
         if asked_for:
-            raise (BudgetError if need else TiercacheError)(f"--engine lean: the lean runtime "
-                                                            f"{why}")
+            raise (BudgetError if "--ram" in why else TiercacheError)(
+                f"--engine lean: the lean runtime {why}")
         return None
     q4.share_threads(threads)
-    return lean.LeanEngine(store, context, kv, threads)
+    return lean.LeanEngine(store, context, kv, threads, resident)
 
 
 def _handed(backend: str, threads: int | None):

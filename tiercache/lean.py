@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import time
 import zlib
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
@@ -35,6 +38,7 @@ KV_STEP = 256   # the KV cache grows by this many positions
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
 MARGIN = 8 << 20  # what the count above misses (allocator slack, page cache in flight)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+STREAM_SLOTS = 32  # records read ahead of use, at most; a batch of the C call takes 8
 ROUTER_DTYPES = ("f32", "f16", "q4")
 
 
@@ -78,10 +82,38 @@ def weight_bytes(store: Store) -> int:
     return total - q4k // GROUP * 2
 
 
+def cluster_bytes(store: Store) -> int:
+    """RAM one resident FFN cluster (gate, up and down rows of one neuron bundle) takes."""
+    a, n = store.args, store.cluster_size
+    sym = not (store.manifest.get("quantization") or {}).get("q4k_zeros", True)
+    return 3 * n * a.hidden_size * (16 + (2 if sym else 4)) // GROUP
+
+
+def resident_clusters(store: Store, context: int, kv: str, ram: int | None) -> int | None:
+    """FFN clusters per layer held in RAM within `ram` (the rest stream from the store each
+    pass, through a ring of STREAM_SLOTS records): all where they fit or no ram is given,
+    None where even the rest of the model does not fit. Dense models only (MoE: all or None)."""
+    n = store.n_clusters
+    if ram is None or need_bytes(store, context, kv) <= ram:
+        return n
+    if store.args.is_moe:
+        return None
+    r = (ram - min_bytes(store, context, kv)) // (store.args.num_hidden_layers
+                                                  * cluster_bytes(store))
+    return int(r) if r >= 0 else None
+
+
+def min_bytes(store: Store, context: int, kv: str) -> int:
+    """`need_bytes` with every FFN cluster streamed: its ring instead of the clusters."""
+    layers, n = store.args.num_hidden_layers, store.n_clusters
+    ring = STREAM_SLOTS * sum(nb for _, _, nb in store.cluster_parts(0))
+    return need_bytes(store, context, kv) - layers * n * cluster_bytes(store) + ring
+
+
 def need_bytes(store: Store, context: int, kv: str) -> int:
-    """What running `store` takes: this process as it stands (anonymous pages, and the file
-    pages of the code it keeps touching), the weights, the KV cache for `context` positions
-    and a prompt chunk's activations."""
+    """What running `store` wholly in RAM takes: this process as it stands (anonymous pages,
+    and the file pages of the code it keeps touching), the weights, the KV cache for `context`
+    positions and a prompt chunk's activations."""
     a = store.args
     positions = -(-min(context, a.max_position_embeddings) // KV_STEP) * KV_STEP
     kv_cache = (2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * positions
@@ -127,17 +159,20 @@ class Layer:
     """A decoder layer's weights as the kernel takes them: (packed u8, sz bf16 bits) per
     matrix in row blocks of 64, and the two norms in f32."""
 
-    def __init__(self, rd: Records, l: int):
+    def __init__(self, rd: Records, l: int, resident: int, stream: "Stream | None"):
         p, a = f"model.layers.{l}.", rd.store.args
         self.norms = (_f32(rd, p + "input_layernorm.weight"),
                       _f32(rd, p + "post_attention_layernorm.weight"))
         self.attn = [_q4k(rd, f"{p}self_attn.{n}.weight") for n in ATTN]
-        self.ffns = [_ffn(rd, l, e) for e in range(a.n_experts)]  # [(gate, up, down)]
+        # clusters [0, resident) in RAM as whole matrices; the rest come through `stream`
+        self.ffns = [_ffn(rd, l, e, resident) for e in range(a.n_experts)] if resident else []
+        self.stream, self.streamed = stream, rd.store.n_clusters - resident
         self.router = _float(rd, p + "block_sparse_moe.gate.weight") if a.is_moe else None
         ptrs = [tuple(_mat(w, s) for w, s in f) for f in self.ffns]
         attn = tuple(_mat(w, s) for w, s in self.attn)
-        self.mats = attn if a.is_moe else attn + ptrs[0]  # (the C layer stops at attention
-        self.expert_mats = ptrs                           # for an MoE layer)
+        whole = not a.is_moe and not self.streamed
+        self.mats = attn + ptrs[0] if whole else attn  # (else the C layer stops at attention)
+        self.expert_mats = ptrs
         self.top_k = a.num_experts_per_tok
         self.uses = 0  # routed expert uses (MoE): every one a hit, all are resident
 
@@ -154,7 +189,11 @@ class Layer:
     def ffn(self, h: np.ndarray, mm) -> np.ndarray:
         """The FFN (or the routed experts' sum) of h [T, d]."""
         if self.router is None:
-            return _swiglu(h, self.ffns[0], mm)
+            y = _swiglu(h, self.ffns[0], mm) if self.ffns else np.zeros_like(h)
+            for _ in range(self.streamed):
+                with self.stream.next() as mats:
+                    y += _swiglu(h, mats, mm)
+            return y
         w, idx = self.route(h)
         out = np.zeros_like(h)
         for e in np.unique(idx).tolist():
@@ -168,7 +207,10 @@ class LeanEngine:
 
     backend = "lean"
 
-    def __init__(self, store: Store, context: int, kv: str = "f16", threads: int = 1):
+    def __init__(self, store: Store, context: int, kv: str = "f16", threads: int = 1,
+                 resident: int | None = None):
+        """resident: FFN clusters per layer held in RAM (`resident_clusters` for a budget;
+        None: all); the rest stream from the store (dense models)."""
         why = why_not(store)
         if why is not None:
             raise TiercacheError(f"{store.path}: the lean runtime does not run {why}")
@@ -177,9 +219,19 @@ class LeanEngine:
         self.store, self.args, self.kv = store, store.args, kv
         self.context = min(context, store.args.max_position_embeddings)
         self.threads, self.isa = threads, q4.path()
-        a = self.args
+        a, n = self.args, store.n_clusters
+        self.resident = n if resident is None else min(resident, n)
+        if a.is_moe and self.resident < n:
+            raise TiercacheError("the lean runtime streams no experts: an MoE store runs "
+                                 "wholly in RAM there")
+        self.stream = None
+        if self.resident < n:
+            keys = [cluster_key(l, 0, c).decode() for l in range(a.num_hidden_layers)
+                    for c in range(self.resident, n)]
+            self.stream = Stream(store, keys, store.cluster_parts(0))
         rd = Records(store)
-        self.layers = [Layer(rd, l) for l in range(a.num_hidden_layers)]
+        self.layers = [Layer(rd, l, self.resident, self.stream)
+                       for l in range(a.num_hidden_layers)]
         self.norm = _f32(rd, "model.norm.weight")
         head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
         self.head = _q8r(rd, head)
@@ -215,24 +267,44 @@ class LeanEngine:
         pos = caches[0].offset
         cos, sin = (np.ascontiguousarray(c[0]) for c in rope.cos_sin(self.inv_freq, pos, 1))
         ext, isa = q4._ext(), q4.ISAS[self.isa]
-        h = np.empty_like(x) if a.is_moe else None  # the router's input, from the C layer
+        h = np.empty_like(x)  # the FFN's input where the C layer stops at attention
+        if self.stream is not None:
+            self.stream.begin()
         for layer, c in zip(self.layers, caches):
             c.reserve(pos + 1)
+            whole = len(layer.mats) == 7
             ext.layer(x.ctypes.data, x.size, layer.norms[0].ctypes.data,
                       layer.norms[1].ctypes.data, a.rms_norm_eps, layer.mats,
                       a.num_attention_heads, a.num_key_value_heads, a.head_dim,
                       a.intermediate_size, cos.ctypes.data, sin.ctypes.data, c.k.ctypes.data,
                       c.v.ctypes.data, c.dtype == np.float16, c.k.shape[1], pos, 64,
-                      self.threads, isa, 0 if h is None else h.ctypes.data)
+                      self.threads, isa, 0 if whole else h.ctypes.data)
             c.offset += 1
-            if h is not None:
+            if layer.router is not None:
                 w, idx = layer.route(h[None])
                 ext.experts(x.ctypes.data, h.ctypes.data, x.size,
                             [(float(wt), *layer.expert_mats[e])
                              for e, wt in zip(idx[0].tolist(), w[0].tolist())],
                             a.intermediate_size, 64, self.threads, isa)
+            elif not whole:
+                self._ffn_streamed(layer, x, h)
         session.tokens.append(token)
         return self._logits(x[None])[0]
+
+    def _ffn_streamed(self, layer: Layer, x: np.ndarray, h: np.ndarray) -> None:
+        """x += the FFN of h [d]: its resident clusters in one call, then the streamed ones
+        as they arrive, 8 to a call (the C side's limit)."""
+        ext, isa, cs = q4._ext(), q4.ISAS[self.isa], self.store.cluster_size
+        if layer.expert_mats:
+            ext.experts(x.ctypes.data, h.ctypes.data, x.size, [(1.0, *layer.expert_mats[0])],
+                        self.resident * cs, 64, self.threads, isa)
+        for lo in range(0, layer.streamed, 8):
+            with ExitStack() as held:
+                batch = [held.enter_context(self.stream.next())
+                         for _ in range(min(8, layer.streamed - lo))]
+                ext.experts(x.ctypes.data, h.ctypes.data, x.size,
+                            [(1.0, *(_mat(w, s) for w, s in m)) for m in batch], cs, 64,
+                            self.threads, isa)
 
     def logits(self, session: Session, ids: list[int]) -> np.ndarray:
         """All positions' logits [T, V] (evaluation)."""
@@ -242,11 +314,17 @@ class LeanEngine:
 
     def reset_stats(self) -> None:
         self.tokens = 0
+        if self.stream is not None:
+            self.stream.bytes, self.stream.wait_s = 0, 0.0
 
     def stats(self) -> dict:
-        out = {"engine": "lean", "compute": f"q4 kernel ({self.isa})", "cache_hit_rate": 1.0,
-               "store_bytes_read": 0, "store_bytes_per_token": 0.0,
-               "resident_bytes": self.weight_bytes, "io_wait_s": 0.0}
+        read = self.stream.bytes if self.stream else 0
+        out = {"engine": "lean", "compute": f"q4 kernel ({self.isa})",
+               "cache_hit_rate": self.resident / self.store.n_clusters,
+               "store_bytes_read": read,
+               "store_bytes_per_token": read / self.tokens if self.tokens else 0.0,
+               "resident_bytes": self.weight_bytes,
+               "io_wait_s": self.stream.wait_s if self.stream else 0.0}
         if self.args.is_moe:  # every expert resident: each routed use a hit, nothing read
             uses = [layer.uses for layer in self.layers]
             out["experts"] = {"policy": "all resident", "hits": uses,
@@ -261,6 +339,8 @@ class LeanEngine:
         pos, t = caches[0].offset, len(ids)
         cos, sin = rope.cos_sin(self.inv_freq, pos, t)
         x = self._embed(ids)
+        if self.stream is not None:
+            self.stream.begin()
         for layer, c in zip(self.layers, caches):
             h = _rms(x, layer.norms[0], a.rms_norm_eps)
             q, k, v = self._mm(h, layer.attn[:3])
@@ -299,6 +379,92 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out[..., :h] -= x[..., h:] * sin[:, None, :h]
     out[..., h:] += x[..., :h] * sin[:, None, h:]
     return out
+
+
+class Stream:
+    """The FFN clusters that are not resident, read by a thread into a ring of aligned slots
+    in the order every pass uses them (each layer's, layer by layer), up to STREAM_SLOTS
+    records ahead, across passes too: the next token's first clusters arrive while this one
+    finishes. Each record is checked against its crc32 the first time it is read, and its
+    pages dropped from the page cache once read. A pass that stopped midway (Ctrl-C in chat)
+    leaves the ring out of step: the next pass's `begin` starts it again."""
+
+    def __init__(self, store: Store, keys: list[str], parts: list):
+        self.store, self.keys, self.parts = store, keys, parts  # parts: cluster_parts(c)
+        self.at = store.offsets(keys)
+        self.fd = os.open(store.path / "lmdb" / "data.mdb", os.O_RDONLY)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        size = max(n for _, n in self.at.values())
+        self.bufs = [_aligned(size) for _ in range(STREAM_SLOTS)]
+        self.checked: set[str] = set()
+        self.bytes, self.wait_s, self.thread = 0, 0.0, None
+        self.begin(force=True)
+
+    def begin(self, force: bool = False) -> None:
+        """Before a pass: the ring is at the first key, or is started there again."""
+        if not force and self.pos == 0:
+            return
+        self.stop()
+        self.ready, self.free, self.pos = queue.Queue(), queue.Queue(), 0
+        for i in range(len(self.bufs)):
+            self.free.put(i)
+        self.thread = threading.Thread(target=self._read, args=(self.ready, self.free),
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.free.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def _read(self, ready: queue.Queue, free: queue.Queue) -> None:
+        i = 0
+        while (slot := free.get()) is not None:
+            key = self.keys[i % len(self.keys)]
+            try:
+                self._pread(key, self.bufs[slot])
+            except (OSError, StoreError) as e:
+                ready.put(e)
+                return
+            ready.put(slot)
+            i += 1
+
+    def _pread(self, key: str, buf: np.ndarray) -> None:
+        off, n = self.at[key]
+        mv, got = memoryview(buf)[:n], 0
+        while got < n:
+            step = os.preadv(self.fd, [mv[got:]], off + got)
+            if step <= 0:
+                raise StoreError(f"{self.store.path}: record {key} is cut short")
+            got += step
+        if key not in self.checked:
+            if [n, zlib.crc32(mv)] != list(self.store.records[key]):
+                raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum "
+                                 "mismatch)")
+            self.checked.add(key)
+        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        self.bytes += n
+
+    @contextmanager
+    def next(self):
+        """The next cluster of the pass as (gate, up, down), each (packed, sz) views of its
+        record (the kernel takes the stored (scale, zero) pairs as they are)."""
+        t0 = time.perf_counter()
+        slot = self.ready.get()
+        self.wait_s += time.perf_counter() - t0
+        if isinstance(slot, Exception):
+            self.thread = None
+            raise slot
+        buf, self.pos = self.bufs[slot], (self.pos + 1) % len(self.keys)
+        try:
+            yield tuple(_split_q4k(buf[off:off + nb], *shape) for shape, off, nb in self.parts)
+        finally:
+            self.free.put(slot)
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.fd)
 
 
 def _swiglu(h: np.ndarray, ffn: tuple, mm) -> np.ndarray:
@@ -456,31 +622,34 @@ def _split_q4k(raw: np.ndarray, rows: int, cols: int):
             raw[half:half + rows * cols // GROUP * 4].view(np.uint16).reshape(cols // GROUP, rows, 2))
 
 
-def _ffn(rd: Records, l: int, expert: int = 0):
-    """The layer's (or expert's) clusters joined into whole gate, up [F, d] and down [d, F] q4k matrices:
-    gate/up row blocks follow each other; down's blocks run along its columns."""
+def _ffn(rd: Records, l: int, expert: int, clusters: int):
+    """The layer's (or expert's) first `clusters` clusters joined into whole gate, up [F', d]
+    and down [d, F'] q4k matrices: gate/up row blocks follow each other; down's blocks run
+    along its columns."""
     store = rd.store
-    d, f = store.args.hidden_size, store.args.intermediate_size
+    d, f = store.args.hidden_size, clusters * store.cluster_size
 
     def empty(packed: tuple, sz: tuple):
         return (_aligned(math.prod(packed)).reshape(packed),
                 _aligned(2 * math.prod(sz)).view(np.uint16).reshape(sz))
     gate, up = (empty((f // 64, d, 32), (d // GROUP, f, 2)) for _ in range(2))
     down = empty((d // 64, f, 32), (f // GROUP, d, 2))
-    for c in range(store.n_clusters):
+    for c in range(clusters):
         lo, n = c * store.cluster_size, store.cluster_rows(c)
         raw = rd.cluster(l, expert, c)
-        for (shape, off, nb), (w, s) in zip(store.cluster_parts(c), (gate, up, down)):
+        for i, ((shape, off, nb), (w, s)) in enumerate(zip(store.cluster_parts(c),
+                                                            (gate, up, down))):
             pk, sz = _split_q4k(raw[off:off + nb], *shape)
-            if shape[0] == n:   # gate, up: rows lo .. lo + n
+            if i < 2:  # gate, up: rows lo .. lo + n
                 w[lo // 64:(lo + n) // 64], s[:, lo:lo + n] = pk, sz
-            else:               # down: columns lo .. lo + n
+            else:      # down: columns lo .. lo + n
                 w[:, lo:lo + n], s[lo // GROUP:(lo + n) // GROUP] = pk, sz
     return compact(*gate), compact(*up), compact(*down)
 
 
-def load(path, context: int = 2048, kv: str = "f16", threads: int = 1) -> LeanEngine:
+def load(path, context: int = 2048, kv: str = "f16", threads: int = 1,
+         resident: int | None = None) -> LeanEngine:
     t0 = time.perf_counter()
-    eng = LeanEngine(Store(path, readahead=False), context, kv, threads)
+    eng = LeanEngine(Store(path, readahead=False), context, kv, threads, resident)
     eng.load_s = time.perf_counter() - t0
     return eng
