@@ -142,6 +142,9 @@ def test_moe_stats_count_every_routed_use(lean_stores):
     e = eng.stats()["experts"]
     assert e["hits"] == [2 * (len(IDS) + 4)] * 2 and e["misses"] == [0, 0]
     assert e["hit_rate"] == 1.0 and "experts" not in lean.load(lean_stores["tied"]).stats()
+    for key in ("resident", "readahead_used", "readahead_unused", "demand_stalls"):  # README's
+        assert len(e[key]) == 2, key  # example reads these as the expert cache reports them
+    assert e["resident"] == [[0, 1, 2, 3]] * 2
 
 
 @pytest.mark.parametrize("resident", [0, 2])

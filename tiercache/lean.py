@@ -1,17 +1,19 @@
-"""The lean runtime: a Llama-family store (dense, or Mixtral's experts) whose weights all fit in
-RAM as q4 runs on numpy and tiercache's C kernel (`_q4`) alone, with no torch in the process.
+"""The lean runtime: a q4 store of a Llama-family model or Mixtral runs on numpy and
+tiercache's C kernel (`_q4`) alone, with no torch in the process.
 
-Why: `import torch` alone holds ~137 MiB of anonymous memory and ~60 MiB of file pages
-(libtorch's static registrations, ~1100 Python modules), about twice llama.cpp's whole
-non-weight footprint. On a device with little RAM that is the difference between holding every
-weight and streaming a third of them. Where this runtime can run the store (`why_not` is None),
-`api.load` picks it; else the tiered torch engine runs it, with its cache, streaming, VRAM and
-backends.
+Why: `import torch` alone holds ~142 MiB of anonymous memory and ~60 MiB of file pages
+(libtorch's static registrations, ~1100 Python modules), more than llama.cpp's whole non-weight
+footprint (~105 MiB on the 1B shape; this runtime's is ~66). On a device with little RAM that
+is the difference between holding every weight and streaming a third of them. Where this
+runtime runs the store (`why_not` is None) and its budget allows (`resident_clusters`),
+`api.load` picks it; else the tiered torch engine runs it, with its caches, VRAM and backends.
 
 Decode is one `_q4.layer` call per layer (the fused layer of `engine/fused.py`, on the
 store's own q4k bytes; an MoE layer: attention in one, the router in numpy, the routed experts
 in `_q4.experts`); a prompt runs in chunks: the C kernel's matrix products, numpy for the norms,
 RoPE, causal attention and routing. The head is the q8r embedding (tied) or a q8r `lm_head`.
+Under a budget, a dense model's FFN clusters past a per-layer count stream from the store each
+pass (`Stream`).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP
 from .store.format import Store, cluster_key, tensor_key
 
-CHUNK = 256     # prompt positions per pass: activations stay ~F * CHUNK * 12 bytes
+CHUNK = 256     # prompt positions per pass (need_bytes counts a chunk's activations)
 KV_STEP = 256   # the KV cache grows by this many positions
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
 MARGIN = 8 << 20  # what the count above misses (allocator slack, page cache in flight)
@@ -244,6 +246,10 @@ class LeanEngine:
         self.tokens = 0
         trim_heap()  # load's temporaries (a cluster's scratch, the routers' decoding)
 
+    def __del__(self):
+        if getattr(self, "stream", None) is not None:
+            self.stream.close(wait=False)
+
     def new_session(self) -> Session:
         a, dt = self.args, np.float16 if self.kv == "f16" else np.float32
         return Session(self, [KV(a.num_key_value_heads, a.head_dim, dt)
@@ -326,10 +332,15 @@ class LeanEngine:
                "resident_bytes": self.weight_bytes,
                "io_wait_s": self.stream.wait_s if self.stream else 0.0}
         if self.args.is_moe:  # every expert resident: each routed use a hit, nothing read
-            uses = [layer.uses for layer in self.layers]
-            out["experts"] = {"policy": "all resident", "hits": uses,
-                              "misses": [0] * len(uses), "bytes_read": [0] * len(uses),
-                              "hit_rate": 1.0 if sum(uses) else 0.0}
+            uses, none = [layer.uses for layer in self.layers], [0] * len(self.layers)
+            every = [list(range(self.args.n_experts)) for _ in uses]
+            out["experts"] = {"policy": "all resident", "budget_bytes": self.weight_bytes,
+                              "resident": every, "pinned": every, "evictions": none,
+                              "refused": 0,
+                              "hits": uses, "misses": none, "bytes_read": none,
+                              "hit_rate": 1.0 if sum(uses) else 0.0, "readahead_read": none,
+                              "readahead_used": none, "readahead_unused": none,
+                              "demand_stalls": none}  # the keys the expert cache reports
         return out
 
     # -- the model -----------------------------------------------------------------------------
@@ -412,10 +423,11 @@ class Stream:
                                        daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         if self.thread is not None:
             self.free.put(None)
-            self.thread.join()
+            if wait:  # (not from __del__: at exit a daemon thread never returns)
+                self.thread.join()
             self.thread = None
 
     def _read(self, ready: queue.Queue, free: queue.Queue) -> None:
@@ -462,9 +474,12 @@ class Stream:
         finally:
             self.free.put(slot)
 
-    def close(self) -> None:
-        self.stop()
-        os.close(self.fd)
+    def close(self, wait: bool = True) -> None:
+        """Stop the reader (it holds the ring) and close the file."""
+        self.stop(wait)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _swiglu(h: np.ndarray, ffn: tuple, mm) -> np.ndarray:
