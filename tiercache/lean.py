@@ -401,11 +401,9 @@ class Stream:
     leaves the ring out of step: the next pass's `begin` starts it again."""
 
     def __init__(self, store: Store, keys: list[str], parts: list):
-        self.store, self.keys, self.parts = store, keys, parts  # parts: cluster_parts(c)
-        self.at = store.offsets(keys)
-        self.fd = os.open(store.path / "lmdb" / "data.mdb", os.O_RDONLY)
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        size = max(n for _, n in self.at.values())
+        self.keys, self.parts = keys, parts  # parts: cluster_parts(c)
+        self.rd = Records(store)
+        size = max(self.rd.at[k][1] for k in keys)
         self.bufs = [_aligned(size) for _ in range(STREAM_SLOTS)]
         self.checked: set[str] = set()
         self.bytes, self.wait_s, self.thread = 0, 0.0, None
@@ -443,20 +441,9 @@ class Stream:
             i += 1
 
     def _pread(self, key: str, buf: np.ndarray) -> None:
-        off, n = self.at[key]
-        mv, got = memoryview(buf)[:n], 0
-        while got < n:
-            step = os.preadv(self.fd, [mv[got:]], off + got)
-            if step <= 0:
-                raise StoreError(f"{self.store.path}: record {key} is cut short")
-            got += step
-        if key not in self.checked:
-            if [n, zlib.crc32(mv)] != list(self.store.records[key]):
-                raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum "
-                                 "mismatch)")
-            self.checked.add(key)
-        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
-        self.bytes += n
+        self.rd.read(key, buf, check=key not in self.checked)  # (read again each pass: once)
+        self.checked.add(key)
+        self.bytes += self.rd.at[key][1]
 
     @contextmanager
     def next(self):
@@ -477,9 +464,7 @@ class Stream:
     def close(self, wait: bool = True) -> None:
         """Stop the reader (it holds the ring) and close the file."""
         self.stop(wait)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.rd.close()
 
 
 def _swiglu(h: np.ndarray, ffn: tuple, mm) -> np.ndarray:
@@ -549,30 +534,33 @@ class Records:
     def tensor(self, name: str) -> np.ndarray:
         """A tensor's record, in its own 64-byte aligned buffer."""
         key = tensor_key(name).decode()
-        return self._into(key, _aligned(self.at[key][1]))
+        return self.read(key, _aligned(self.at[key][1]))
 
     def cluster(self, layer: int, expert: int, cluster: int) -> np.ndarray:
         """A cluster's record, in a scratch buffer the next call reuses."""
         key = cluster_key(layer, expert, cluster).decode()
         if self.scratch.size < self.at[key][1]:
             self.scratch = np.empty(self.at[key][1], np.uint8)
-        return self._into(key, self.scratch[:self.at[key][1]])
+        return self.read(key, self.scratch)[:self.at[key][1]]
 
-    def _into(self, key: str, out: np.ndarray) -> np.ndarray:
+    def read(self, key: str, out: np.ndarray, check: bool = True) -> np.ndarray:
+        """Record `key` into out[:its length]; check: against the manifest's crc32."""
         off, n = self.at[key]
-        mv, got = memoryview(out), 0
+        mv, got = memoryview(out)[:n], 0
         while got < n:
             step = os.preadv(self.fd, [mv[got:]], off + got)
             if step <= 0:
                 raise StoreError(f"{self.store.path}: record {key} is cut short")
             got += step
-        if [n, zlib.crc32(mv)] != list(self.store.records[key]):
+        if check and [n, zlib.crc32(mv)] != list(self.store.records[key]):
             raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
         os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _f32(rd: Records, name: str) -> np.ndarray:

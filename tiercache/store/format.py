@@ -177,6 +177,8 @@ class Store:
         (python-lmdb's get touches the whole value: ~9 s for the 0.7 GB 1B shape, cold)."""
         known = self.manifest.get("offsets")
         if known is None:
+            if self.env is None:  # let go of by a reader; map it again
+                self.env = _open_env(self.path / "lmdb", self.readahead)
             return record_offsets(self.env, self.path / "lmdb" / "data.mdb", keys)
         try:
             return {k: (int(known[k]), self.records[k][0]) for k in keys}
