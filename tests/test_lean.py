@@ -127,7 +127,7 @@ def test_q4_0_grid_runs_on_scales_alone(lean_stores):
     assert grid.manifest["quantization"]["q4k_zeros"] is False
     assert plain.manifest["quantization"]["q4k_zeros"] is True
     eng = lean.LeanEngine(grid, 256)
-    assert all(s.ndim == 2 for layer in eng.layers for f in (layer.attn, *layer.ffns)
+    assert all(s.ndim == 2 for layer in eng.layers for f in (layer.attn, layer.ffn0)
                for _, s in f)
     assert all(s.ndim == 3 for layer in lean.LeanEngine(plain, 256).layers
                for _, s in layer.attn)
@@ -180,6 +180,32 @@ def test_stream_starts_again_after_a_pass_stopped_midway(lean_stores):
         pass  # one cluster taken, the pass abandoned
     assert eng.stream.pos != 0
     np.testing.assert_allclose(eng.logits(eng.new_session(), IDS), ref, rtol=0, atol=1e-5)
+
+
+def test_moe_reads_the_experts_its_cache_does_not_hold(lean_stores, monkeypatch):
+    """Under a budget of one token's routed set (2 of 4 experts per layer), routed misses are
+    read whole and handed to the expert cache: the same logits as every expert resident, and
+    the cache's counts move."""
+    whole = lean.load(lean_stores["mixtral"])
+    store = Store(lean_stores["mixtral"])
+    one = lean.expert_bytes(store)
+    part = lean.load(lean_stores["mixtral"], expert_budget=2 * 2 * one)
+    assert len(part.experts.cache) == 4
+    ids = IDS * 2
+    np.testing.assert_allclose(part.logits(part.new_session(), ids),
+                               whole.logits(whole.new_session(), ids), rtol=0, atol=1e-5)
+    want = list(generate_step(whole.new_session(), ids, make_sampler(), 8))
+    part.reset_stats()
+    assert list(generate_step(part.new_session(), ids, make_sampler(), 8)) == want
+    e = part.stats()["experts"]
+    assert sum(e["misses"]) > 0 and sum(e["bytes_read"]) == sum(e["misses"]) * one
+    assert 0 < e["hit_rate"] < 1 and all(len(r) <= 2 for r in e["resident"])
+    monkeypatch.setattr(lean, "anon_bytes", lambda: 64 << 20)  # api.load picks such a budget
+    least = lean.min_bytes(store, 2048, "f16")
+    eng, _ = api.load(str(lean_stores["mixtral"]), ram=least + one)
+    assert isinstance(eng, lean.LeanEngine) and eng.experts.cache is not None
+    with pytest.raises(BudgetError, match="one token's routed experts"):
+        api.load(str(lean_stores["mixtral"]), engine="lean", ram=least - 1)
 
 
 def test_f16_cache_against_f32(lean_stores):

@@ -136,10 +136,15 @@ def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv:
     why = f"does not take {', '.join(given)} (the tiered engine's)" if given else (
         why and f"does not run {why}")
     resident = None if why else lean.resident_clusters(store, context, kv, ram)
+    budget = None
+    if why is None and resident is None and store.args.is_moe:  # experts read when routed
+        budget = lean.expert_budget(store, context, kv, ram)
+        resident = None if budget is None else store.n_clusters
     if why is None and resident is None:
-        least = (lean.need_bytes if store.args.is_moe else lean.min_bytes)(store, context, kv)
-        why = (f"needs {least / 2**20:.0f} MiB (" + ("weights" if store.args.is_moe else
-               "all but the FFN clusters, which stream") + f", KV, runtime), over --ram "
+        least = lean.min_bytes(store, context, kv)
+        held = ("one token's routed experts" if store.args.is_moe
+                else "all but the FFN clusters, which stream")
+        why = (f"needs {least / 2**20:.0f} MiB ({held}, KV, runtime), over --ram "
                f"{ram / 2**20:.0f} MiB")
     if why is not None:
         store.close()
@@ -148,7 +153,7 @@ def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv:
                 f"--engine lean: the lean runtime {why}")
         return None
     q4.share_threads(threads)
-    return lean.LeanEngine(store, context, kv, threads, resident)
+    return lean.LeanEngine(store, context, kv, threads, resident, budget)
 
 
 def _handed(backend: str, threads: int | None):

@@ -30,6 +30,7 @@ import numpy as np
 from . import rope
 from .engine import q4
 from .engine.session import Session
+from .cache.experts import expert_cache
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP
@@ -105,11 +106,31 @@ def resident_clusters(store: Store, context: int, kv: str, ram: int | None) -> i
     return int(r) if r >= 0 else None
 
 
+def expert_bytes(store: Store) -> int:
+    """RAM one whole expert (or a dense layer's FFN) takes."""
+    return store.n_clusters * cluster_bytes(store)
+
+
+def expert_budget(store: Store, context: int, kv: str, ram: int) -> int | None:
+    """Bytes of experts an MoE store holds within `ram`, the rest read whole when routed:
+    what is left beside the rest of the model and one expert in flight, if it holds one
+    token's routed set (top-k x layers: a smaller LRU only cycles); else None."""
+    a, least = store.args, min_bytes(store, context, kv)
+    one_token = a.num_hidden_layers * a.num_experts_per_tok * expert_bytes(store)
+    return ram - least + one_token if ram >= least else None
+
+
 def min_bytes(store: Store, context: int, kv: str) -> int:
-    """`need_bytes` with every FFN cluster streamed: its ring instead of the clusters."""
-    layers, n = store.args.num_hidden_layers, store.n_clusters
-    ring = STREAM_SLOTS * sum(nb for _, _, nb in store.cluster_parts(0))
-    return need_bytes(store, context, kv) - layers * n * cluster_bytes(store) + ring
+    """The least this runtime runs `store` in: `need_bytes` with every dense FFN cluster
+    streamed (their ring instead of them), or (MoE) one token's routed experts per layer held
+    and one more in flight instead of all of them."""
+    a, layers, n = store.args, store.args.num_hidden_layers, store.n_clusters
+    all_ffn = layers * a.n_experts * n * cluster_bytes(store)
+    if a.is_moe:
+        held = (layers * a.num_experts_per_tok + 1) * expert_bytes(store)
+    else:
+        held = STREAM_SLOTS * sum(nb for _, _, nb in store.cluster_parts(0))
+    return need_bytes(store, context, kv) - all_ffn + held
 
 
 def need_bytes(store: Store, context: int, kv: str) -> int:
@@ -161,22 +182,24 @@ class Layer:
     """A decoder layer's weights as the kernel takes them: (packed u8, sz bf16 bits) per
     matrix in row blocks of 64, and the two norms in f32."""
 
-    def __init__(self, rd: Records, l: int, resident: int, stream: "Stream | None"):
+    def __init__(self, rd: Records, l: int, resident: int, stream: "Stream | None",
+                 experts: "Experts | None"):
         p, a = f"model.layers.{l}.", rd.store.args
+        self.l = l
         self.norms = (_f32(rd, p + "input_layernorm.weight"),
                       _f32(rd, p + "post_attention_layernorm.weight"))
         self.attn = [_q4k(rd, f"{p}self_attn.{n}.weight") for n in ATTN]
-        # clusters [0, resident) in RAM as whole matrices; the rest come through `stream`
-        self.ffns = [_ffn(rd, l, e, resident) for e in range(a.n_experts)] if resident else []
+        # dense: clusters [0, resident) in RAM as whole matrices, the rest through `stream`;
+        # MoE: whole experts, from `experts`
+        self.ffn0 = _ffn(rd, l, 0, resident) if resident and not a.is_moe else None
         self.stream, self.streamed = stream, rd.store.n_clusters - resident
+        self.experts = experts
         self.router = _float(rd, p + "block_sparse_moe.gate.weight") if a.is_moe else None
-        ptrs = [tuple(_mat(w, s) for w, s in f) for f in self.ffns]
         attn = tuple(_mat(w, s) for w, s in self.attn)
+        self.mats0 = tuple(_mat(w, s) for w, s in self.ffn0) if self.ffn0 else ()
         whole = not a.is_moe and not self.streamed
-        self.mats = attn + ptrs[0] if whole else attn  # (else the C layer stops at attention)
-        self.expert_mats = ptrs
-        self.top_k = a.num_experts_per_tok
-        self.uses = 0  # routed expert uses (MoE): every one a hit, all are resident
+        self.mats = attn + self.mats0 if whole else attn  # (else the C layer stops at
+        self.top_k = a.num_experts_per_tok                # attention)
 
     def route(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """h [T, d] -> (weights [T, k], expert ids [T, k]): softmax over the router's logits,
@@ -185,22 +208,22 @@ class Layer:
         p = np.exp(z - z.max(-1, keepdims=True))
         idx = np.argsort(-p, axis=-1, kind="stable")[:, :self.top_k]
         w = np.take_along_axis(p, idx, -1)
-        self.uses += idx.size
         return w / w.sum(-1, keepdims=True), idx
 
     def ffn(self, h: np.ndarray, mm) -> np.ndarray:
         """The FFN (or the routed experts' sum) of h [T, d]."""
         if self.router is None:
-            y = _swiglu(h, self.ffns[0], mm) if self.ffns else np.zeros_like(h)
+            y = _swiglu(h, self.ffn0, mm) if self.ffn0 else np.zeros_like(h)
             for _ in range(self.streamed):
                 with self.stream.next() as mats:
                     y += _swiglu(h, mats, mm)
             return y
         w, idx = self.route(h)
-        out = np.zeros_like(h)
-        for e in np.unique(idx).tolist():
+        out, used = np.zeros_like(h), np.unique(idx).tolist()
+        for e in used:
             rows, slot = np.nonzero(idx == e)
-            out[rows] += _swiglu(h[rows], self.ffns[e], mm) * w[rows, slot, None]
+            ffn, _ = self.experts.get(self.l, e, len(rows), used)
+            out[rows] += _swiglu(h[rows], ffn, mm) * w[rows, slot, None]
         return out
 
 
@@ -210,9 +233,10 @@ class LeanEngine:
     backend = "lean"
 
     def __init__(self, store: Store, context: int, kv: str = "f16", threads: int = 1,
-                 resident: int | None = None):
+                 resident: int | None = None, expert_budget: int | None = None):
         """resident: FFN clusters per layer held in RAM (`resident_clusters` for a budget;
-        None: all); the rest stream from the store (dense models)."""
+        None: all); the rest stream from the store (dense models). expert_budget (MoE): bytes
+        of experts held (`expert_budget`), the rest read when routed; None: all."""
         why = why_not(store)
         if why is not None:
             raise TiercacheError(f"{store.path}: the lean runtime does not run {why}")
@@ -224,25 +248,28 @@ class LeanEngine:
         a, n = self.args, store.n_clusters
         self.resident = n if resident is None else min(resident, n)
         if a.is_moe and self.resident < n:
-            raise TiercacheError("the lean runtime streams no experts: an MoE store runs "
-                                 "wholly in RAM there")
+            raise TiercacheError("the lean runtime reads an MoE store's experts whole "
+                                 "(expert_budget), not by clusters")
         self.stream = None
         if self.resident < n:
             keys = [cluster_key(l, 0, c).decode() for l in range(a.num_hidden_layers)
                     for c in range(self.resident, n)]
             self.stream = Stream(store, keys, store.cluster_parts(0))
         rd = Records(store)
-        self.layers = [Layer(rd, l, self.resident, self.stream)
+        self.experts = Experts(rd, expert_budget) if a.is_moe else None
+        self.layers = [Layer(rd, l, self.resident, self.stream, self.experts)
                        for l in range(a.num_hidden_layers)]
         self.norm = _f32(rd, "model.norm.weight")
         head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
         self.head = _q8r(rd, head)
         self.embed = self.head if a.tie_word_embeddings else _q8r(rd, "model.embed_tokens.weight")
-        rd.close()
+        if self.experts is None or self.experts.cache is None:
+            rd.close()  # (an expert cache keeps reading through it)
         self.inv_freq = rope.inv_freq(a)
         self.weight_bytes = sum(w.nbytes + s.nbytes for layer in self.layers
-                                for f in (layer.attn, *layer.ffns) for w, s in f) + sum(
-            q.nbytes + sc.nbytes for q, sc in {id(x): x for x in (self.head, self.embed)}.values())
+                                for f in (layer.attn, layer.ffn0 or ()) for w, s in f) + sum(
+            q.nbytes + sc.nbytes for q, sc in {id(x): x for x in (self.head, self.embed)}.values()
+        ) + (self.experts.held_bytes if self.experts else 0)
         self.tokens = 0
         trim_heap()  # load's temporaries (a cluster's scratch, the routers' decoding)
 
@@ -288,9 +315,10 @@ class LeanEngine:
             c.offset += 1
             if layer.router is not None:
                 w, idx = layer.route(h[None])
+                ids = idx[0].tolist()
+                held = [self.experts.get(layer.l, e, 1, ids) for e in ids]  # (alive in the call)
                 ext.experts(x.ctypes.data, h.ctypes.data, x.size,
-                            [(float(wt), *layer.expert_mats[e])
-                             for e, wt in zip(idx[0].tolist(), w[0].tolist())],
+                            [(float(wt), *mats) for (_, mats), wt in zip(held, w[0].tolist())],
                             a.intermediate_size, 64, self.threads, isa)
             elif not whole:
                 self._ffn_streamed(layer, x, h)
@@ -301,8 +329,8 @@ class LeanEngine:
         """x += the FFN of h [d]: its resident clusters in one call, then the streamed ones
         as they arrive, 8 to a call (the C side's limit)."""
         ext, isa, cs = q4._ext(), q4.ISAS[self.isa], self.store.cluster_size
-        if layer.expert_mats:
-            ext.experts(x.ctypes.data, h.ctypes.data, x.size, [(1.0, *layer.expert_mats[0])],
+        if layer.mats0:
+            ext.experts(x.ctypes.data, h.ctypes.data, x.size, [(1.0, *layer.mats0)],
                         self.resident * cs, 64, self.threads, isa)
         for lo in range(0, layer.streamed, 8):
             with ExitStack() as held:
@@ -320,27 +348,24 @@ class LeanEngine:
 
     def reset_stats(self) -> None:
         self.tokens = 0
+        if self.experts is not None:
+            self.experts.reset_stats()
         if self.stream is not None:
             self.stream.bytes, self.stream.wait_s = 0, 0.0
 
     def stats(self) -> dict:
-        read = self.stream.bytes if self.stream else 0
-        out = {"engine": "lean", "compute": f"q4 kernel ({self.isa})",
-               "cache_hit_rate": self.resident / self.store.n_clusters,
+        experts = self.experts.report() if self.experts is not None else None
+        read = (self.stream.bytes if self.stream else 0) + (
+            sum(experts["bytes_read"]) if experts else 0)
+        hit = experts["hit_rate"] if experts else self.resident / self.store.n_clusters
+        out = {"engine": "lean", "compute": f"q4 kernel ({self.isa})", "cache_hit_rate": hit,
                "store_bytes_read": read,
                "store_bytes_per_token": read / self.tokens if self.tokens else 0.0,
                "resident_bytes": self.weight_bytes,
-               "io_wait_s": self.stream.wait_s if self.stream else 0.0}
-        if self.args.is_moe:  # every expert resident: each routed use a hit, nothing read
-            uses, none = [layer.uses for layer in self.layers], [0] * len(self.layers)
-            every = [list(range(self.args.n_experts)) for _ in uses]
-            out["experts"] = {"policy": "all resident", "budget_bytes": self.weight_bytes,
-                              "resident": every, "pinned": every, "evictions": none,
-                              "refused": 0,
-                              "hits": uses, "misses": none, "bytes_read": none,
-                              "hit_rate": 1.0 if sum(uses) else 0.0, "readahead_read": none,
-                              "readahead_used": none, "readahead_unused": none,
-                              "demand_stalls": none}  # the keys the expert cache reports
+               "io_wait_s": (self.stream.wait_s if self.stream else 0.0) + (
+                   self.experts.read_s if self.experts else 0.0)}
+        if experts is not None:
+            out["experts"] = experts
         return out
 
     # -- the model -----------------------------------------------------------------------------
@@ -390,6 +415,69 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out[..., :h] -= x[..., h:] * sin[:, None, :h]
     out[..., h:] += x[..., :h] * sin[:, None, h:]
     return out
+
+
+class Experts:
+    """An MoE store's experts as the kernel takes them: every one in RAM, or (under a budget)
+    those an expert cache holds (cache/experts.py: its policy rule; the one owner of the hit,
+    miss and byte counts), the others read whole from the store when routed and handed to it
+    (it evicts the least recently used: one token's routed set fits, else no lean runtime)."""
+
+    def __init__(self, rd: Records, budget: int | None):
+        a = rd.store.args
+        self.rd, self.layers, self.n = rd, a.num_hidden_layers, a.n_experts
+        self.one = expert_bytes(rd.store)
+        keys = [(l, e) for l in range(self.layers) for e in range(self.n)]
+        self.held = {} if budget is not None else {k: self._read(*k) for k in keys}
+        self.uses = [0] * self.layers  # all resident: every routed use a hit
+        self.cache, self.read_s = None, 0.0  # read_s: time decode waited on misses
+        if budget is not None:
+            self.cache = expert_cache(None, budget, self.one, self.layers,
+                                      a.num_experts_per_tok, {})
+            for k in keys[:budget // self.one]:  # in layer order until full, as the LRU's
+                self.cache.put(k, self._read(*k), self.one)  # start
+            self.cache.reset_stats()
+
+    def get(self, l: int, e: int, tokens: int, in_use: list[int]) -> tuple:
+        """(ffn, mats) of expert e of layer l, `tokens` routed to it; a miss reads it (the
+        layer's other experts in use now stay)."""
+        if self.cache is None:
+            self.uses[l] += tokens
+            return self.held[(l, e)]
+        value = self.cache.get((l, e), tokens)
+        if value is None:
+            t0 = time.perf_counter()
+            value = self._read(l, e)
+            self.read_s += time.perf_counter() - t0
+            self.cache.put((l, e), value, self.one, in_use=[(l, x) for x in in_use])
+        return value
+
+    def _read(self, l: int, e: int) -> tuple:
+        ffn = _ffn(self.rd, l, e, self.rd.store.n_clusters)
+        return ffn, tuple(_mat(w, s) for w, s in ffn)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.one * (len(self.cache) if self.cache is not None else len(self.held))
+
+    def reset_stats(self) -> None:
+        self.uses, self.read_s = [0] * self.layers, 0.0
+        if self.cache is not None:
+            self.cache.reset_stats()
+
+    def report(self) -> dict:
+        """stats()["experts"]: the expert cache's report (hits, misses, bytes read, resident
+        per layer), with the tiered engine's read-ahead keys (no read-ahead here: zeros)."""
+        none = [0] * self.layers
+        ahead = {"readahead_read": none, "readahead_used": none, "readahead_unused": none,
+                 "demand_stalls": none}
+        if self.cache is not None:
+            return {**self.cache.report(), **ahead}
+        every = [list(range(self.n)) for _ in range(self.layers)]
+        return {"policy": "all resident", "budget_bytes": self.held_bytes, "resident": every,
+                "pinned": every, "hits": self.uses[:], "misses": none, "bytes_read": none,
+                "evictions": none, "refused": 0,
+                "hit_rate": 1.0 if sum(self.uses) else 0.0, **ahead}
 
 
 class Stream:
@@ -651,8 +739,9 @@ def _ffn(rd: Records, l: int, expert: int, clusters: int):
 
 
 def load(path, context: int = 2048, kv: str = "f16", threads: int = 1,
-         resident: int | None = None) -> LeanEngine:
+         resident: int | None = None, expert_budget: int | None = None) -> LeanEngine:
     t0 = time.perf_counter()
-    eng = LeanEngine(Store(path, readahead=False), context, kv, threads, resident)
+    eng = LeanEngine(Store(path, readahead=False), context, kv, threads, resident,
+                     expert_budget)
     eng.load_s = time.perf_counter() - t0
     return eng

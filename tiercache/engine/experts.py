@@ -1,12 +1,5 @@
-"""MoE experts in the tiered engine: which expert-cache policy a budget gets, the read-ahead
-cut on the next router's probabilities, and the read-ahead counters per layer.
-
-The policy rule is measured (tools/expert_trace.py on the synthetic Mixtral stores and the tiny
-Mixtral, teacher-forced text): an LRU smaller than one token's routed set (top-k x layers
-experts) cycles and hits nothing, where experts pinned by routing counts hit 0.3-0.5; from one
-token's set up, the LRU beats frequency pins (0.65 against 0.52 at 25% of the experts, 0.94
-against 0.81 at 50%).
-"""
+"""MoE experts in the tiered engine: the read-ahead cut on the next router's probabilities,
+and the read-ahead counters per layer (the cache's policy rule: cache/experts.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,30 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.experts import ExpertCache
-
-
-def choose_policy(policy: str | None, budget_bytes: int, expert_bytes: int, layers: int,
-                  top_k: int) -> tuple[str, float]:
-    """-> (policy, share of the budget pinned). None: the measured rule above."""
-    if policy is not None:
-        return policy, 0.5 if policy == "freq+lru" else 0.0
-    if 0 < budget_bytes // max(1, expert_bytes) < layers * top_k:
-        return "freq+lru", 1.0
-    return "lru", 0.0
-
-
-def expert_cache(policy: str | None, budget_bytes: int, expert_bytes: int, layers: int,
-                 top_k: int, resident: dict) -> ExpertCache:
-    """The cache over `budget_bytes` of streamed experts, with the `resident` ones (key ->
-    value; their bytes are the engine's pinned weights) pinned on top, so that every routed
-    use is counted by one owner."""
-    name, share = choose_policy(policy, budget_bytes, expert_bytes, layers, top_k)
-    held = len(resident) * expert_bytes
-    cache = ExpertCache(budget_bytes + held, layers, name,
-                        pinned_bytes=held + int(share * budget_bytes))
-    for key, value in resident.items():
-        cache.pin(key, value, expert_bytes)
-    return cache
 
 
 def top_probs(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

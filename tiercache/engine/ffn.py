@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from ..cache.experts import expert_cache
 from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError
 from ..memory import return_large_frees
@@ -452,7 +453,7 @@ class ClusterFFN:
             # scale tensors left malloc arenas holes (synthetic Mixtral at --ram 650M:
             # anonymous memory 567-595 MiB, OOM-killed at that cgroup cap); mapped: 513 flat
             return_large_frees(128 << 10)
-        cache = moe_experts.expert_cache(self.expert_policy, b.experts, self._expert_bytes(),
+        cache = expert_cache(self.expert_policy, b.experts, self._expert_bytes(),
                                          a.num_hidden_layers, a.num_experts_per_tok, resident)
         return cache, moe_experts.ReadAheadStats(a.num_hidden_layers)
 
