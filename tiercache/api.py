@@ -48,8 +48,9 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="auto" runs the lean runtime (`tiercache.lean`: no torch in the process) where it
-    runs the store and every weight fits in `ram`, else the tiered engine. engine="lean" asks
-    for it (an error says why it cannot); "tiered" keeps FFN clusters in a segmented cache
+    runs the store within `ram` (a dense model's FFN clusters, or an MoE's experts, that do
+    not fit are read from the store), else the tiered engine. engine="lean" asks for it (an
+    error says why it cannot); "tiered" keeps FFN clusters in a segmented cache
     inside `ram` bytes (everything resident when ram is None); "dense" is the naive all-in-RAM
     float32 reference.
     kv: the KV cache's dtype, f16 (default) or f32.

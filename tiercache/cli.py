@@ -19,9 +19,10 @@ DTYPE = typer.Option(None, help="store dtype when MODEL needs converting (defaul
 RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
 VRAM = typer.Option(None, help="a CUDA GPU's memory for weights, e.g. 8G: the head and the "
                                "first layers go there and compute there (tiered engine)")
-ENGINE = typer.Option("auto", help="auto (lean where it runs and fits, else tiered) | lean "
-                      "(numpy + the q4 kernel, no torch: q4 dense Llama in RAM) | tiered "
-                      "(segmented cache, streaming) | dense (all in RAM, f32 reference)")
+ENGINE = typer.Option("auto", help="auto (lean where it runs within --ram, else tiered) | "
+                      "lean (numpy + the q4 kernel, no torch: q4 Llama and Mixtral stores) | "
+                      "tiered (caches, sparsity, VRAM, backends) | dense (all in RAM, f32 "
+                      "reference)")
 CONTEXT = typer.Option(2048, help="context length reserved for the KV cache")
 KV = typer.Option("f16", "--kv", help="KV cache dtype: f16 (half the memory) or f32")
 SPARSE = typer.Option(None, "--sparse/--no-sparse", show_default="auto: when the profile says it pays",
