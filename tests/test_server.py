@@ -330,3 +330,28 @@ def test_messages_the_template_refuses_get_422(loaded, stores, tmp_path):
         assert chat(client(url), "abc", max_tokens=3).choices[0].message.content == \
             reference(loaded, "abc", 3)
     worker.close()
+
+
+def test_the_lean_runtime_serves_what_it_generates(tmp_path):
+    """`tiercache serve` on a q4 store runs the lean runtime (no torch in its process): the
+    server's answer is the text the engine gives alone, and a second turn reuses the prefix."""
+    from conftest import save_random
+    from test_lean import _config
+    from tiercache import api, lean
+    from tiercache.store.convert import convert
+    from tiercache.store.format import Store
+    save_random(_config("tied"), tmp_path / "m", seed=3)
+    store = convert(tmp_path / "m", tmp_path / "q4", dtype="q4", cluster_size=64, progress=False)
+    if lean.why_not(Store(store)) is not None:
+        pytest.skip(f"the lean runtime does not run here: {lean.why_not(Store(store))}")
+    loaded = api.load(str(store), threads=1, context=CONTEXT)
+    assert isinstance(loaded[0], lean.LeanEngine)
+    worker, app = make_app(loaded)
+    try:
+        with running(app) as url:
+            c = client(url)
+            got = chat(c, "hello").choices[0].message.content
+            again = chat(c, "hello").choices[0].message.content
+    finally:
+        worker.close()
+    assert got == again == reference(loaded, "hello")
