@@ -34,7 +34,7 @@ from .engine.session import Session
 from .cache.experts import expert_cache
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
-from .store.dtypes import GROUP
+from .store.dtypes import GROUP, has_zeros
 from .store.format import Store, cluster_key, tensor_key
 
 CHUNK = 256     # prompt positions per pass (need_bytes counts a chunk's activations)
@@ -79,7 +79,7 @@ def weight_bytes(store: Store) -> int:
     """RAM the runtime holds for weights: the records as stored, less the q4k zeros where the
     store says they are all 0 (a GGUF's Q4_0: `compact` keeps the scales alone)."""
     total = sum(n for n, _ in store.records.values())
-    if (store.manifest.get("quantization") or {}).get("q4k_zeros", True):
+    if not _symmetric(store):
         return total
     a, t = store.args, store.manifest["tensors"]
     ffn = 3 * a.intermediate_size * a.hidden_size * a.n_experts * a.num_hidden_layers
@@ -90,8 +90,12 @@ def weight_bytes(store: Store) -> int:
 def cluster_bytes(store: Store) -> int:
     """RAM one resident FFN cluster (gate, up and down rows of one neuron bundle) takes."""
     a, n = store.args, store.cluster_size
-    sym = not (store.manifest.get("quantization") or {}).get("q4k_zeros", True)
-    return 3 * n * a.hidden_size * (16 + (2 if sym else 4)) // GROUP
+    return 3 * n * a.hidden_size * (16 + (2 if _symmetric(store) else 4)) // GROUP
+
+
+def _symmetric(store: Store) -> bool:
+    """Whether the store says every q4k zero is 0 (then held as scales alone: `compact`)."""
+    return not (store.manifest.get("quantization") or {}).get("q4k_zeros", True)
 
 
 def resident_clusters(store: Store, context: int, kv: str, ram: int | None) -> int | None:
@@ -199,9 +203,9 @@ class Layer:
         self.router = _float(rd, p + "block_sparse_moe.gate.weight") if a.is_moe else None
         attn = tuple(_mat(w, s) for w, s in self.attn)
         self.mats0 = tuple(_mat(w, s) for w, s in self.ffn0) if self.ffn0 else ()
-        whole = not a.is_moe and not self.streamed
-        self.mats = attn + self.mats0 if whole else attn  # (else the C layer stops at
-        self.top_k = a.num_experts_per_tok                # attention)
+        self.whole = not a.is_moe and not self.streamed  # else the C layer stops at attention
+        self.mats = attn + self.mats0 if self.whole else attn
+        self.top_k = a.num_experts_per_tok
 
     def route(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """h [T, d] -> (weights [T, k], expert ids [T, k]): softmax over the router's logits,
@@ -309,13 +313,12 @@ class LeanEngine:
             self.stream.begin()
         for layer, c in zip(self.layers, caches):
             c.reserve(pos + 1)
-            whole = len(layer.mats) == 7
             ext.layer(x.ctypes.data, x.size, layer.norms[0].ctypes.data,
                       layer.norms[1].ctypes.data, a.rms_norm_eps, layer.mats,
                       a.num_attention_heads, a.num_key_value_heads, a.head_dim,
                       a.intermediate_size, cos.ctypes.data, sin.ctypes.data, c.k.ctypes.data,
                       c.v.ctypes.data, c.dtype == np.float16, c.k.shape[1], pos, 64,
-                      self.threads, isa, 0 if whole else h.ctypes.data)
+                      self.threads, isa, 0 if layer.whole else h.ctypes.data)
             c.offset += 1
             if layer.router is not None:
                 w, idx = layer.route(h[None])
@@ -324,7 +327,7 @@ class LeanEngine:
                 ext.experts(x.ctypes.data, h.ctypes.data, x.size,
                             [(float(wt), *mats) for (_, mats), wt in zip(held, w[0].tolist())],
                             a.intermediate_size, 64, self.threads, isa)
-            elif not whole:
+            elif not layer.whole:
                 self._ffn_streamed(layer, x, h)
         session.tokens.append(token)
         return self._logits(x[None])[0]
@@ -708,7 +711,8 @@ def _q8r(rd: Records, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _q4k(rd: Records, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(packed u8 [R/64, C, 32], sz bf16 bits [C/32, R, 2]) as stored, no copy."""
+    """(packed u8 [R/64, C, 32], sz bf16 bits: pairs [C/32, R, 2] as stored, or scales alone
+    [C/32, R] where `compact` finds every zero 0)."""
     rows, cols = rd.store.manifest["tensors"][name]["shape"]
     packed, sz = compact(*_split_q4k(rd.tensor(name), rows, cols))
     if sz.ndim == 2:  # the nibbles into their own buffer: the record's, pairs and all, goes
@@ -726,7 +730,7 @@ def _mat(packed: np.ndarray, sz: np.ndarray) -> tuple:
 def compact(packed: np.ndarray, sz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(packed, (scale, zero) pairs [G, N, 2]) -> (packed, scales [G, N]) where every zero is
     0 (Q4_0's grid): the kernel's symmetric form, 10% fewer bytes to hold and to read."""
-    if (sz[..., 1] & 0x7FFF).any():
+    if has_zeros(sz):
         return packed, sz
     scales = _aligned(sz[..., 0].nbytes).view(np.uint16).reshape(sz.shape[:2])
     scales[:] = sz[..., 0]

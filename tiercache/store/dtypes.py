@@ -36,5 +36,10 @@ def q4k_zeros(blob, shape) -> bool:
     needs their scales alone, 10% fewer bytes."""
     rows, cols = shape
     half = rows * cols // 2
-    pairs = np.frombuffer(blob, np.uint16, count=rows * cols // GROUP * 2, offset=half)
-    return bool((pairs[1::2] & 0x7FFF).any())  # (-0 counts as 0)
+    return has_zeros(np.frombuffer(blob, np.uint16, count=rows * cols // GROUP * 2, offset=half))
+
+
+def has_zeros(pairs: np.ndarray) -> bool:
+    """Whether bf16 (scale, zero) pairs (uint16 bits, pairs last) hold a zero other than 0
+    (-0 counts as 0)."""
+    return bool((pairs.reshape(-1, 2)[:, 1] & 0x7FFF).any())
