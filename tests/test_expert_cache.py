@@ -36,6 +36,24 @@ def test_budget_held_with_uneven_sizes_and_in_use():
     assert c.stats.refused == 1 and c.stats.bytes_read[0] == 8 * MB
 
 
+def test_reads_in_flight_hold_their_room():
+    """`reserve` evicts for a read before it is made and holds the room (other puts evict
+    around it) until `release`; `demote` puts an expert first in line to go."""
+    c = ExpertCache(3 * MB, layers=1)
+    for e in range(3):
+        c.put((0, e), e, MB)
+    a = c.reserve((0, 3), MB, in_use=[(0, 0)])
+    assert a.ok and a.evicted == [(0, 1)] and c.reserved == MB
+    assert c.put((0, 4), 4, MB).evicted == [(0, 0)]  # the reserved MiB is not free
+    assert c.used_bytes + c.reserved == 3 * MB
+    assert not c.reserve((0, 5), 2 * MB, in_use=[(0, 2), (0, 4)]).ok
+    assert "1.00 MiB held for reads in flight" in c.reserve((0, 5), 3 * MB).why
+    c.release(MB)
+    assert c.put((0, 3), 3, MB).evicted == [] and c.used_bytes == 3 * MB
+    c.demote((0, 3))
+    assert c.eviction_order() == [(0, 3), (0, 2), (0, 4)]
+
+
 def test_one_expert_larger_than_the_budget_is_refused_with_numbers():
     c = ExpertCache(3 * MB, layers=1)
     a = c.put((0, 0), "big", 5 * MB)

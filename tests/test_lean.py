@@ -13,7 +13,7 @@ import transformers as T
 from conftest import save_random
 from tiercache import api, lean
 from tiercache.engine import generate_step, load_dense, make_sampler
-from tiercache.errors import BudgetError, TiercacheError
+from tiercache.errors import BudgetError, StoreError, TiercacheError
 from tiercache.store.convert import convert
 from tiercache.store.format import Store
 
@@ -198,7 +198,8 @@ def test_moe_reads_the_experts_its_cache_does_not_hold(lean_stores, monkeypatch)
     part.reset_stats()
     assert list(generate_step(part.new_session(), ids, make_sampler(), 8)) == want
     e = part.stats()["experts"]
-    assert sum(e["misses"]) > 0 and sum(e["bytes_read"]) == sum(e["misses"]) * one
+    assert sum(e["misses"]) > 0 and sum(e["bytes_read"]) >= sum(e["demand_stalls"]) * one
+    assert e["misses"] == [u + d for u, d in zip(e["readahead_used"], e["demand_stalls"])]
     assert 0 < e["hit_rate"] < 1 and all(len(r) <= 2 for r in e["resident"])
     monkeypatch.setattr(lean, "anon_bytes", lambda: 64 << 20)  # api.load picks such a budget
     least = lean.min_bytes(store, 2048, "f16")
@@ -206,6 +207,60 @@ def test_moe_reads_the_experts_its_cache_does_not_hold(lean_stores, monkeypatch)
     assert isinstance(eng, lean.LeanEngine) and eng.experts.cache is not None
     with pytest.raises(BudgetError, match="one token's routed experts"):
         api.load(str(lean_stores["mixtral"]), engine="lean", ram=least - 1)
+
+
+def test_moe_reads_ahead_inside_its_budget(lean_stores, monkeypatch):
+    """With a cut, a layer's likely experts are read while the layer before computes (layer
+    0's from the token's embedding): the same tokens as every expert resident; each routed
+    miss was read ahead or stalled on; each read ahead was routed or counted unused; the
+    cache with its reads in flight never passes its budget. Without a cut (the default)
+    nothing is read ahead."""
+    whole = lean.load(lean_stores["mixtral"])
+    one = lean.expert_bytes(Store(lean_stores["mixtral"]))
+    part = lean.load(lean_stores["mixtral"], expert_budget=2 * 2 * one, expert_cut=0.0)
+    cache, held = part.experts.cache, []
+    for name in ("put", "reserve"):
+        def counted(*a, f=getattr(cache, name), **k):
+            out = f(*a, **k)
+            held.append(cache.used_bytes + len(part.experts.inflight) * one)  # (read or not)
+            return out
+        monkeypatch.setattr(cache, name, counted)
+    ids = IDS * 2
+    want = list(generate_step(whole.new_session(), ids, make_sampler(), 12))
+    part.reset_stats()
+    assert list(generate_step(part.new_session(), ids, make_sampler(), 12)) == want
+    e = part.stats()["experts"]
+    assert sum(e["readahead_used"]) > 0 and sum(e["demand_stalls"]) > 0
+    assert e["misses"] == [u + d for u, d in zip(e["readahead_used"], e["demand_stalls"])]
+    assert e["readahead_read"] == [u + n for u, n in zip(e["readahead_used"],
+                                                          e["readahead_unused"])]
+    assert held and max(held) <= cache.budget_bytes and e["readahead_cut"] == 0.0
+    off = lean.load(lean_stores["mixtral"], expert_budget=2 * 2 * one)
+    assert list(generate_step(off.new_session(), ids, make_sampler(), 12)) == want
+    e = off.stats()["experts"]
+    assert sum(e["misses"]) > 0 and sum(e["readahead_read"]) == 0
+    assert e["demand_stalls"] == e["misses"]
+
+
+def test_moe_read_of_a_corrupt_expert_is_refused(lean_stores, tmp_path):
+    """An expert read when routed is checked against its records' checksums, on the reader
+    thread: a flipped byte is a StoreError in the caller, not wrong logits."""
+    import shutil
+    from tiercache.store.format import cluster_key
+    path = shutil.copytree(lean_stores["mixtral"], tmp_path / "m")
+    store = Store(path)
+    off, n = store.offsets([cluster_key(1, 3, 1).decode()])[cluster_key(1, 3, 1).decode()]
+    store.close()
+    with open(path / "lmdb" / "data.mdb", "r+b") as f:
+        f.seek(off + n // 2)
+        b = f.read(1)
+        f.seek(off + n // 2)
+        f.write(bytes([b[0] ^ 0x5A]))
+    one = lean.expert_bytes(Store(path))
+    eng = lean.load(path, expert_budget=2 * 2 * one)  # holds layer 0's: (1, 3) is read routed
+    with pytest.raises(StoreError, match=r"f:0001:003:00001 is corrupt"):
+        for _ in range(3):
+            eng.logits(eng.new_session(), IDS * 2)
 
 
 def test_f16_cache_against_f32(lean_stores):

@@ -44,7 +44,7 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
          engine: str = "auto", context: int = 2048, kv: str = "f16", io_threads: int = 2,
          sparse: bool | None = None, backend: str = "auto",
          plan: str | None = None, experts: str | None = None,
-         expert_cut: float = 0.0, vram: int | str | None = None) -> tuple[Engine, Tokenizer]:
+         expert_cut: float | None = None, vram: int | str | None = None) -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="auto" runs the lean runtime (`tiercache.lean`: no torch in the process) where it
@@ -58,7 +58,9 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
     plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads.
     MoE stores (Mixtral family): experts (lru | freq+lru; None: by the budget) is the expert
-    cache's policy, expert_cut the router probability below which an expert is not read ahead;
+    cache's policy; expert_cut turns on reading a layer's experts ahead (those its router gives
+    at least this probability from the previous layer's input; None: the tiered engine reads
+    the top-k, the lean runtime reads none: it measured slower, BENCHMARKS.md);
     `engine.stats()["experts"]` reports hits, misses, bytes read and read-ahead per layer.
     vram: a CUDA GPU's bytes for weights (tiered engine): the head, then the first layers go
     there as float16 and compute there, the rest stays in RAM and on flash (layout.py);
@@ -80,7 +82,7 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
         asked = dict(vram=vram, plan=plan, sparse=sparse, backend=None if backend == "auto"
                      else backend)
         lean = _lean(path, engine == "lean", asked, ram_bytes, context, kv,
-                     threads or default_threads())
+                     threads or default_threads(), experts, expert_cut)
         if lean is not None:
             return lean, tok
     import torch
@@ -97,13 +99,13 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     if plan is not None:
         from planner.search import load_plan
         cfg = config_from_plan(load_plan(plan))
-        cfg.experts, cfg.expert_cut = experts, expert_cut
+        cfg.experts, cfg.expert_cut = experts, expert_cut or 0.0
         cfg.vram_bytes = vram_bytes
         ram = cfg.ram_bytes
     else:  # planned for this machine where it is probed; else the engine sizes itself
         own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,
                          context=context, kv=kv, io_threads=io_threads, sparse=sparse,
-                         experts=experts, expert_cut=expert_cut, vram_bytes=vram_bytes)
+                         experts=experts, expert_cut=expert_cut or 0.0, vram_bytes=vram_bytes)
         cfg = (_planned(path, parse_size(ram), context, kv)
                if ram is not None and sparse is None and not vram_bytes else None) or own
     if cfg.vram_bytes and backend not in ("auto", "torch"):
@@ -126,7 +128,8 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
 
 
 def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv: str,
-          threads: int):
+          threads: int, experts: str | None = None,
+          expert_cut: float | None = None):
     """The lean runtime for the store at `path`, or None where the tiered engine is the one to
     run it (asked_for: an error instead, with the reason)."""
     from . import lean
@@ -154,7 +157,7 @@ def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv:
                 f"--engine lean: the lean runtime {why}")
         return None
     q4.share_threads(threads)
-    return lean.LeanEngine(store, context, kv, threads, resident, budget)
+    return lean.LeanEngine(store, context, kv, threads, resident, budget, experts, expert_cut)
 
 
 def _handed(backend: str, threads: int | None):

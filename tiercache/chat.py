@@ -279,7 +279,7 @@ def run_chat(model: str, max_tokens: int = 512, temp: float = 0.7, top_p: float 
              context: int = 2048, kv: str = "f16", sparse: bool | None = None,
              backend: str = "auto", plan=None, prompt: list[str] | None = None, quiet: bool = False,
              interactive: bool = False, experts: str | None = None,
-             expert_cut: float = 0.0, vram=None) -> None:
+             expert_cut: float | None = None, vram=None) -> None:
     """The terminal chat, or one answer when a prompt is given (arguments, or piped stdin
     unless `interactive`)."""
     one_shot = " ".join(prompt or []) or (None if interactive or sys.stdin.isatty()

@@ -32,8 +32,11 @@ PLAN = typer.Option(None, help="a plan from `tiercache plan --out` (sets the RAM
 EXPERTS = typer.Option(None, help="MoE expert cache policy: lru | freq+lru (default: by the "
                                   "budget, measured: frequency pins below one token's routed "
                                   "experts, else LRU)")
-EXPERT_CUT = typer.Option(0.0, help="MoE: do not read ahead experts the next layer's router "
-                                    "gives a probability below this")
+EXPERT_CUT = typer.Option(None, help="MoE read-ahead: read a layer's experts while the one "
+                                     "before computes, those its router gives at least this "
+                                     "probability from that layer's input (0: its top-k). "
+                                     "Default: the tiered engine 0; the lean runtime none "
+                                     "(measured slower: BENCHMARKS.md)")
 BACKEND = typer.Option("auto", help="prefill backend: auto|torch|torch:cuda|ort[:PROVIDER[@BUCKET]]")
 THREADS = typer.Option(None, help="compute threads (default: half the logical CPUs; 1 on "
                                       "two or fewer)")
@@ -118,7 +121,7 @@ def generate(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGU
              ram: Optional[str] = RAM, vram: Optional[str] = VRAM, engine: str = ENGINE,
              context: int = CONTEXT, kv: str = KV, sparse: Optional[bool] = SPARSE, backend: str = BACKEND,
              plan: Optional[Path] = PLAN, experts: Optional[str] = EXPERTS,
-             expert_cut: float = EXPERT_CUT,
+             expert_cut: Optional[float] = EXPERT_CUT,
              chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
                                                 help="wrap the prompt in the model's chat "
                                                      "template"),
@@ -196,7 +199,7 @@ def chat(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF or
          threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
          vram: Optional[str] = VRAM, engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
          sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
-         experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
+         experts: Optional[str] = EXPERTS, expert_cut: Optional[float] = EXPERT_CUT,
          system: Optional[str] = typer.Option(None, help="system prompt"),
          prompt: Optional[list[str]] = typer.Argument(None, help="answer this one message and "
                                                       "exit (also: a message piped to stdin)"),
@@ -228,7 +231,7 @@ def serve(model: str = typer.Argument(DEFAULT_MODEL, help="store, HF dir, GGUF o
           threads: Optional[int] = THREADS, dtype: Optional[str] = DTYPE, ram: Optional[str] = RAM,
           vram: Optional[str] = VRAM, engine: str = ENGINE, context: int = CONTEXT, kv: str = KV,
           sparse: Optional[bool] = SPARSE, backend: str = BACKEND, plan: Optional[Path] = PLAN,
-          experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT):
+          experts: Optional[str] = EXPERTS, expert_cut: Optional[float] = EXPERT_CUT):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /stats, /metrics)."""
     _check_options(threads=threads, context=context)
@@ -248,7 +251,7 @@ def eval_(model: str = MODEL,
           vram: Optional[str] = VRAM, engine: str = ENGINE, kv: str = KV,
           sparse: Optional[bool] = SPARSE,
           backend: str = BACKEND, plan: Optional[Path] = PLAN,
-          experts: Optional[str] = EXPERTS, expert_cut: float = EXPERT_CUT,
+          experts: Optional[str] = EXPERTS, expert_cut: Optional[float] = EXPERT_CUT,
           json_out: bool = typer.Option(False, "--json", help="print a JSON report")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api

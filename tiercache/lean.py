@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -31,9 +31,9 @@ import numpy as np
 from . import rope
 from .engine import q4
 from .engine.session import Session
-from .cache.experts import expert_cache
+from .cache.experts import ReadAheadStats, expert_cache, report
 from .errors import StoreError, TiercacheError
-from .memory import anon_bytes, trim_heap
+from .memory import anon_bytes, return_large_frees, trim_heap
 from .store.dtypes import GROUP, has_zeros
 from .store.format import Store, cluster_key, tensor_key
 
@@ -44,6 +44,8 @@ MARGIN = 8 << 20  # what the count above misses (allocator slack, page cache in 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 STREAM_SLOTS = 32  # records read ahead of use, at most; a batch of the C call takes 8
 STREAM_READERS = 4  # reads in flight (Stream)
+READERS, RUN = 8, 4  # Records.clusters: runs of RUN adjacent records, READERS in flight
+GAP = 16 << 10  # records at most this far apart (LMDB's header pages) are read as one run
 ROUTER_DTYPES = ("f32", "f16", "q4")
 
 
@@ -216,8 +218,21 @@ class Layer:
         w = np.take_along_axis(p, idx, -1)
         return w / w.sum(-1, keepdims=True), idx
 
-    def ffn(self, h: np.ndarray, mm) -> np.ndarray:
-        """The FFN (or the routed experts' sum) of h [T, d]."""
+    def likely(self, h: np.ndarray, cut: float) -> list[int]:
+        """The experts this layer's router would pick for h [T, d] (the previous layer's FFN
+        input: read ahead) with a probability of at least `cut`, the most likely first."""
+        z = h @ self.router.T
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        idx = np.argsort(-p, axis=-1, kind="stable")[:, :self.top_k]
+        top = np.take_along_axis(p, idx, -1)
+        mass = np.zeros(p.shape[-1])
+        np.add.at(mass, idx[top >= cut], top[top >= cut])
+        return [int(e) for e in np.argsort(-mass, kind="stable") if mass[e] > 0]
+
+    def ffn(self, h: np.ndarray, mm, nxt: "Layer | None" = None) -> np.ndarray:
+        """The FFN (or the routed experts' sum) of h [T, d]; MoE: the experts held first while
+        the others are read, and `nxt`'s likely experts read ahead."""
         if self.router is None:
             y = _swiglu(h, self.ffn0, mm) if self.ffn0 else np.zeros_like(h)
             for _ in range(self.streamed):
@@ -226,9 +241,11 @@ class Layer:
             return y
         w, idx = self.route(h)
         out, used = np.zeros_like(h), np.unique(idx).tolist()
-        for e in used:
-            rows, slot = np.nonzero(idx == e)
-            ffn, _ = self.experts.get(self.l, e, len(rows), used)
+        ahead = nxt.likely(h, self.experts.cut) if nxt and self.experts.reads_ahead else ()
+        got = self.experts.fetch(self.l, used, [int((idx == e).sum()) for e in used], ahead)
+        for i in sorted(range(len(used)), key=lambda i: isinstance(got[i], Future)):
+            rows, slot = np.nonzero(idx == used[i])
+            ffn, _ = self.experts.value((self.l, used[i]), got[i])
             out[rows] += _swiglu(h[rows], ffn, mm) * w[rows, slot, None]
         return out
 
@@ -239,10 +256,13 @@ class LeanEngine:
     backend = "lean"
 
     def __init__(self, store: Store, context: int, kv: str = "f16", threads: int = 1,
-                 resident: int | None = None, expert_budget: int | None = None):
+                 resident: int | None = None, expert_budget: int | None = None,
+                 expert_policy: str | None = None, expert_cut: float | None = None):
         """resident: FFN clusters per layer held in RAM (`resident_clusters` for a budget;
         None: all); the rest stream from the store (dense models). expert_budget (MoE): bytes
-        of experts held (`expert_budget`), the rest read when routed; None: all."""
+        of experts held (`expert_budget`), the rest read when routed (and ahead: `Experts`);
+        None: all. expert_policy: the expert cache's policy (None: its rule); expert_cut: read
+        experts ahead, at this cut (`Experts`; None: none)."""
         why = why_not(store)
         if why is not None:
             raise TiercacheError(f"{store.path}: the lean runtime does not run {why}")
@@ -262,7 +282,8 @@ class LeanEngine:
                     for c in range(self.resident, n)]
             self.stream = Stream(store, keys, store.cluster_parts(0))
         rd = Records(store)
-        self.experts = Experts(rd, expert_budget) if a.is_moe else None
+        self.experts = (Experts(rd, expert_budget, expert_policy, expert_cut) if a.is_moe
+                        else None)
         self.layers = [Layer(rd, l, self.resident, self.stream, self.experts)
                        for l in range(a.num_hidden_layers)]
         self.norm = _f32(rd, "model.norm.weight")
@@ -283,7 +304,7 @@ class LeanEngine:
         if getattr(self, "stream", None) is not None:
             self.stream.close(wait=False)
         if getattr(self, "experts", None) is not None:
-            self.experts.rd.close()
+            self.experts.close()
 
     def new_session(self) -> Session:
         a, dt = self.args, np.float16 if self.kv == "f16" else np.float32
@@ -311,6 +332,10 @@ class LeanEngine:
         h = np.empty_like(x)  # the FFN's input where the C layer stops at attention
         if self.stream is not None:
             self.stream.begin()
+        io = self.experts if self.experts is not None and self.experts.reads_ahead else None
+        if io:  # layer 0's likely experts, from the token's embedding, read during attention
+            l0 = self.layers[0]
+            io.read_ahead(0, l0.likely(_rms(x[None], l0.norms[1], a.rms_norm_eps), io.cut))
         for layer, c in zip(self.layers, caches):
             c.reserve(pos + 1)
             ext.layer(x.ctypes.data, x.size, layer.norms[0].ctypes.data,
@@ -322,8 +347,11 @@ class LeanEngine:
             c.offset += 1
             if layer.router is not None:
                 w, idx = layer.route(h[None])
-                ids = idx[0].tolist()
-                held = [self.experts.get(layer.l, e, 1, ids) for e in ids]  # (alive in the call)
+                ids, l = idx[0].tolist(), layer.l
+                nxt = self.layers[l + 1] if l + 1 < len(self.layers) and io else None
+                got = self.experts.fetch(l, ids, None, nxt.likely(h[None], io.cut) if nxt
+                                         else ())
+                held = [self.experts.value((l, e), v) for e, v in zip(ids, got)]
                 ext.experts(x.ctypes.data, h.ctypes.data, x.size,
                             [(float(wt), *mats) for (_, mats), wt in zip(held, w[0].tolist())],
                             a.intermediate_size, 64, self.threads, isa)
@@ -394,7 +422,8 @@ class LeanEngine:
             c.v[:, pos:pos + t] = v.reshape(t, -1, hd).transpose(1, 0, 2)
             c.offset = pos + t
             x += self._mm(_attend(q, c, pos), layer.attn[3:])[0]
-            x += layer.ffn(_rms(x, layer.norms[1], a.rms_norm_eps), self._mm)
+            nxt = self.layers[layer.l + 1] if layer.l + 1 < len(self.layers) else None
+            x += layer.ffn(_rms(x, layer.norms[1], a.rms_norm_eps), self._mm, nxt)
         session.tokens.extend(ids)
         return x
 
@@ -427,37 +456,134 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 class Experts:
     """An MoE store's experts as the kernel takes them: every one in RAM, or (under a budget)
     those an expert cache holds (cache/experts.py: its policy rule; the one owner of the hit,
-    miss and byte counts), the others read whole from the store when routed and handed to it
-    (it evicts the least recently used: one token's routed set fits, else no lean runtime)."""
+    miss and byte counts), the others read whole from the store when routed and handed to it.
 
-    def __init__(self, rd: Records, budget: int | None):
+    Under a budget the reads run on a reader thread, one expert at a time (its records in
+    runs: Records.clusters), in the order asked: a layer's routed misses and, with a `cut`
+    (None: off), the experts the next layer's router gives at least that probability from
+    this layer's input, read while this layer computes (at decode, layer 0's from the
+    token's embedding). Off by default, as measured on the synthetic Mixtral (1 thread; an
+    expert of 6.2 MB reads in ~6.7 ms, a layer computes in ~0.7): a read ahead has barely
+    begun when its layer routes, 40-55% of them go unrouted, and the reads take CPU from
+    decode; decode at --ram 650M ran 47 tok/s without, 29 with (cut 0); at 750M 69 and 46.
+    Every read first reserves its room in the cache, so what is in flight stays inside the
+    budget. Counted per layer (ReadAheadStats): read ahead, of them routed (used) or not
+    (unused: let go, kept first to evict), and demand stalls (routed, neither held nor read
+    ahead)."""
+
+    def __init__(self, rd: Records, budget: int | None, policy: str | None = None,
+                 cut: float | None = None):
         a = rd.store.args
-        self.rd, self.layers, self.n = rd, a.num_hidden_layers, a.n_experts
+        self.rd, self.layers, self.n, self.cut = rd, a.num_hidden_layers, a.n_experts, cut
         self.one = expert_bytes(rd.store)
         keys = [(l, e) for l in range(self.layers) for e in range(self.n)]
         self.held = {} if budget is not None else {k: self._read(*k) for k in keys}
         self.uses = [0] * self.layers  # all resident: every routed use a hit
-        self.cache, self.read_s = None, 0.0  # read_s: time decode waited on misses
+        self.cache, self.read_s = None, 0.0  # read_s: time decode waited on reads
+        self.ahead = ReadAheadStats(self.layers)
+        self.inflight: dict[tuple, Future] = {}  # submitted, room reserved, not yet in cache
+        self.wanted: set[tuple] = set()  # of them read ahead and not yet routed
+        self.late: set[tuple] = set()  # read ahead, not routed, the read under way
+        self.busy: list[tuple] = []  # the layer's routed experts, kept while it computes
         if budget is not None:
-            self.cache = expert_cache(None, budget, self.one, self.layers,
+            # experts are read on the reader thread and freed on this one: in malloc's arenas
+            # they left holes that grew past the cap (synthetic Mixtral, --ram 650M: OOM);
+            # each mapped on its own, a freed one goes back to the OS
+            return_large_frees(128 << 10)
+            self.cache = expert_cache(policy, budget, self.one, self.layers,
                                       a.num_experts_per_tok, {})
             for k in keys[:budget // self.one]:  # in layer order until full, as the LRU's
                 self.cache.put(k, self._read(*k), self.one)  # start
             self.cache.reset_stats()
+            self.reader = ThreadPoolExecutor(1, thread_name_prefix="experts")
 
-    def get(self, l: int, e: int, tokens: int, in_use: list[int]) -> tuple:
-        """(ffn, mats) of expert e of layer l, `tokens` routed to it; a miss reads it (the
-        layer's other experts in use now stay)."""
+    @property
+    def reads_ahead(self) -> bool:
+        return self.cache is not None and self.cut is not None
+
+    def fetch(self, l: int, ids: list[int], tokens: list[int] | None,
+              ahead=()) -> list:
+        """Layer l's routed experts `ids` (`tokens` routed to each; None: one): each one's
+        (ffn, mats), or the read of one not held (a Future: `value`), in order; then layer
+        l + 1's `ahead` experts are read, behind this layer's misses."""
+        tokens = tokens or [1] * len(ids)
         if self.cache is None:
-            self.uses[l] += tokens
-            return self.held[(l, e)]
-        value = self.cache.get((l, e), tokens)
-        if value is None:
-            t0 = time.perf_counter()
-            value = self._read(l, e)
-            self.read_s += time.perf_counter() - t0
-            self.cache.put((l, e), value, self.one, in_use=[(l, x) for x in in_use])
-        return value
+            self.uses[l] += sum(tokens)
+            return [self.held[(l, e)] for e in ids]
+        self._settle(l, ids)
+        self.busy = [(l, e) for e in ids]
+        out = []
+        for k, n in zip(self.busy, tokens):
+            v = self.cache.get(k, n)
+            if v is None:  # (read ahead and used, or a demand stall, maybe on a late read)
+                used = k in self.wanted
+                self.wanted.discard(k)
+                self.late.discard(k)
+                (self.ahead.used if used else self.ahead.demand)[l] += 1
+                v = self.inflight.get(k) or self._submit(k) or self._read_now(k)
+            out.append(v)
+        self.read_ahead(l + 1, ahead)
+        return out
+
+    def read_ahead(self, l: int, ids) -> None:
+        """Read layer l's experts `ids` in the background, where not held or in flight (held
+        ones are refreshed, so that this layer's reads do not evict them)."""
+        for e in ids:
+            k = (l, e)
+            if k in self.inflight or self.cache.touch(k):
+                continue
+            if self._submit(k) is not None:
+                self.wanted.add(k)
+                self.ahead.read[l] += 1
+
+    def value(self, k: tuple, v):
+        """What `fetch` gave for expert k, ready: a read is waited on (timed) and put in the
+        cache (its reserved room given back first)."""
+        if not isinstance(v, Future):
+            return v
+        t0 = time.perf_counter()
+        got = v.result()
+        self.read_s += time.perf_counter() - t0
+        if self.inflight.get(k) is v:
+            del self.inflight[k]
+            self.cache.release(self.one)
+            self.cache.put(k, got, self.one, in_use=self.busy)
+        return got
+
+    def _submit(self, k: tuple) -> Future | None:
+        """Queue k's read with its room reserved; None where the cache has no room for it
+        (then a routed one is read here, used and not kept)."""
+        if not self.cache.reserve(k, self.one, self.busy).ok:
+            return None
+        self.inflight[k] = v = self.reader.submit(self._read, *k)
+        return v
+
+    def _settle(self, l: int, ids: list[int]) -> None:
+        """Experts read ahead for layer l that it did not route: a read not started is
+        dropped (not counted as read); one under way is let go (`late`): once done it goes
+        in the cache, first to evict."""
+        for k in [k for k in self.wanted if k[0] == l and k[1] not in ids]:
+            self.wanted.discard(k)
+            if self.inflight[k].cancel():
+                del self.inflight[k]
+                self.cache.release(self.one)
+                self.ahead.read[l] -= 1
+            else:
+                self.ahead.unused[l] += 1
+                self.late.add(k)
+        for k in [k for k in self.late if k not in self.inflight or self.inflight[k].done()]:
+            self.late.discard(k)
+            v = self.inflight.pop(k, None)  # (None: routed meanwhile, `value` put it)
+            if v is not None:
+                self.cache.release(self.one)
+                if v.exception() is None:
+                    self.cache.put(k, v.result(), self.one, in_use=self.busy)
+                    self.cache.demote(k)
+    def _read_now(self, k: tuple) -> tuple:
+        t0 = time.perf_counter()
+        got = self._read(*k)
+        self.read_s += time.perf_counter() - t0
+        return got
 
     def _read(self, l: int, e: int) -> tuple:
         ffn = _ffn(self.rd, l, e, self.rd.store.n_clusters)
@@ -469,22 +595,27 @@ class Experts:
 
     def reset_stats(self) -> None:
         self.uses, self.read_s = [0] * self.layers, 0.0
+        self.ahead = ReadAheadStats(self.layers)
         if self.cache is not None:
             self.cache.reset_stats()
 
     def report(self) -> dict:
         """stats()["experts"]: the expert cache's report (hits, misses, bytes read, resident
-        per layer), with the tiered engine's read-ahead keys (no read-ahead here: zeros)."""
-        none = [0] * self.layers
-        ahead = {"readahead_read": none, "readahead_used": none, "readahead_unused": none,
-                 "demand_stalls": none}
+        per layer) with the read-ahead counters (cache/experts.py: `report`)."""
         if self.cache is not None:
-            return {**self.cache.report(), **ahead}
+            return report(self.cache, self.ahead, self.cut)
+        none = [0] * self.layers
         every = [list(range(self.n)) for _ in range(self.layers)]
         return {"policy": "all resident", "budget_bytes": self.held_bytes, "resident": every,
                 "pinned": every, "hits": self.uses[:], "misses": none, "bytes_read": none,
                 "evictions": none, "refused": 0,
-                "hit_rate": 1.0 if sum(self.uses) else 0.0, **ahead}
+                "hit_rate": 1.0 if sum(self.uses) else 0.0, **self.ahead.as_dict(),
+                "readahead_cut": self.cut}
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.reader.shutdown(wait=True, cancel_futures=True)
+        self.rd.close()
 
 
 class Stream:
@@ -646,30 +777,56 @@ class Records:
         key = tensor_key(name).decode()
         return self.read(key, _aligned(self.at[key][1]))
 
-    def clusters(self, layer: int, expert: int, count: int):
-        """The first `count` cluster records of a layer's (or an expert's) FFN, in order, read
-        STREAM_READERS at a time (a routed expert's miss waits on all of them: one reader did
-        1.2 GB/s here, four 2.0)."""
+    def clusters(self, layer: int, expert: int, count: int, place) -> None:
+        """Hand the first `count` cluster records of a layer's (or an expert's) FFN to
+        place(c, raw), on the reader threads: the records lie next to each other in the file
+        (one LMDB header page apart), so they are read RUN at a time in one pread each,
+        READERS runs at a time, each checked against its crc32 and placed where it was read.
+        (One 122 KiB record to a pread, 16 at a time, took 7.9 ms for a synthetic Mixtral
+        expert and its placing 1.8 more on the main thread; so: ~5 ms in all.)"""
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(STREAM_READERS)
+            self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="records")
         keys = [cluster_key(layer, expert, c).decode() for c in range(count)]
-        for lo in range(0, count, 4 * STREAM_READERS):  # a few MiB in flight at most
-            yield from self.pool.map(lambda k: self.read(k, np.empty(self.at[k][1], np.uint8)),
-                                     keys[lo:lo + 4 * STREAM_READERS])
+        runs = [[0]]  # record indices read together: adjacent in the file, RUN at most
+        for c in range(1, count):
+            off, n = self.at[keys[c - 1]]
+            if len(runs[-1]) == RUN or not 0 <= self.at[keys[c]][0] - off - n <= GAP:
+                runs.append([])
+            runs[-1].append(c)
 
+        def run(part: list[int]) -> None:
+            start = self.at[keys[part[0]]][0]
+            end = sum(self.at[keys[part[-1]]])
+            buf = self.read_span(start, end - start)
+            for c in part:
+                off, n = self.at[keys[c]]
+                place(c, self.check(keys[c], buf[off - start:off - start + n]))
+        for done in [self.pool.submit(run, part) for part in runs]:
+            done.result()
     def read(self, key: str, out: np.ndarray, check: bool = True) -> np.ndarray:
         """Record `key` into out[:its length]; check: against the manifest's crc32."""
         off, n = self.at[key]
+        self.read_span(off, n, out, key)
+        return self.check(key, out[:n]) if check else out
+
+    def read_span(self, off: int, n: int, out: np.ndarray | None = None,
+                  key: str = "a record") -> np.ndarray:
+        """Bytes [off, off + n) of the file into `out` (a new buffer if None), their pages
+        dropped from the page cache once read."""
+        out = np.empty(n, np.uint8) if out is None else out
         mv, got = memoryview(out)[:n], 0
         while got < n:
             step = os.preadv(self.fd, [mv[got:]], off + got)
             if step <= 0:
-                raise StoreError(f"{self.store.path}: record {key} is cut short")
+                raise StoreError(f"{self.store.path}: {key} is cut short")
             got += step
-        if check and [n, zlib.crc32(mv)] != list(self.store.records[key]):
-            raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
         os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         return out
+
+    def check(self, key: str, raw: np.ndarray) -> np.ndarray:
+        if [raw.size, zlib.crc32(raw)] != list(self.store.records[key]):
+            raise StoreError(f"{self.store.path}: record {key} is corrupt (checksum mismatch)")
+        return raw
 
     def close(self) -> None:
         if self.pool is not None:
@@ -755,7 +912,8 @@ def _ffn(rd: Records, l: int, expert: int, clusters: int):
                 _aligned(2 * math.prod(sz)).view(np.uint16).reshape(sz))
     gate, up = (empty((f // 64, d, 32), (d // GROUP, f, 2)) for _ in range(2))
     down = empty((d // 64, f, 32), (f // GROUP, d, 2))
-    for c, raw in enumerate(rd.clusters(l, expert, clusters)):
+
+    def place(c: int, raw: np.ndarray) -> None:
         lo, n = c * store.cluster_size, store.cluster_rows(c)
         for i, ((shape, off, nb), (w, s)) in enumerate(zip(store.cluster_parts(c),
                                                             (gate, up, down))):
@@ -764,13 +922,16 @@ def _ffn(rd: Records, l: int, expert: int, clusters: int):
                 w[lo // 64:(lo + n) // 64], s[:, lo:lo + n] = pk, sz
             else:      # down: columns lo .. lo + n
                 w[:, lo:lo + n], s[lo // GROUP:(lo + n) // GROUP] = pk, sz
+
+    rd.clusters(l, expert, clusters, place)
     return compact(*gate), compact(*up), compact(*down)
 
 
 def load(path, context: int = 2048, kv: str = "f16", threads: int = 1,
-         resident: int | None = None, expert_budget: int | None = None) -> LeanEngine:
+         resident: int | None = None, expert_budget: int | None = None,
+         expert_policy: str | None = None, expert_cut: float | None = None) -> LeanEngine:
     t0 = time.perf_counter()
     eng = LeanEngine(Store(path, readahead=False), context, kv, threads, resident,
-                     expert_budget)
+                     expert_budget, expert_policy, expert_cut)
     eng.load_s = time.perf_counter() - t0
     return eng

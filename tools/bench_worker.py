@@ -118,7 +118,7 @@ def run_tiercache(a, ids):
     from tiercache import api  # imports no torch: the lean runtime runs without it
     before = rss()
     engine, tok = api.load(a.model, threads=a.threads, ram=a.ram,
-                           context=len(ids) + max(a.decode, 1) + 8)
+                           context=len(ids) + max(a.decode, 1) + 8, expert_cut=a.expert_cut)
     tokens, steps, last, r = [], [], None, None
     # the public streaming API; prompt as ids (no chat template), greedy
     for r in api.stream_generate(engine, tok, ids, max_tokens=max(a.decode, 1), temp=0.0):
@@ -145,6 +145,8 @@ def main():
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ram", type=int, default=None)
+    p.add_argument("--expert-cut", type=float, default=0.0,
+                   help="MoE: read ahead only experts the next router gives at least this")
     p.add_argument("--max-seconds", type=float, default=60.0)
     a = p.parse_args()
     ids = json.loads(open(a.prompt_ids).read())

@@ -44,12 +44,29 @@ class ExpertStats:
                 "hit_rate": hits / uses if uses else 0.0}
 
 
+@dataclass
+class ReadAheadStats:
+    """Experts, per layer: read ahead (`read`), of them routed (`used`) or let go (`unused`),
+    and routed experts neither held nor read ahead (`demand`: the layer waits for the read)."""
+    layers: int
+
+    def __post_init__(self):
+        z = [0] * self.layers
+        self.read, self.used, self.unused, self.demand = z[:], z[:], z[:], z[:]
+
+    def as_dict(self) -> dict:
+        return {"readahead_read": self.read[:], "readahead_used": self.used[:],
+                "readahead_unused": self.unused[:], "demand_stalls": self.demand[:]}
+
+
 class ExpertCache:
     """get / put / pin / evict over (layer, expert) keys, byte-accounted.
 
     budget_bytes: everything the cache may hold; pinned_bytes (freq+lru): the part of it kept
     for pinned experts, the rest is the LRU tail. `lru` has no pinned region of its own, but
-    `pin` still holds an expert for good (resident weights the owner never streams)."""
+    `pin` still holds an expert for good (resident weights the owner never streams).
+    `reserve` holds room for a read in flight, so that what is read ahead stays inside the
+    budget too; `release` gives it back just before that read's `put`."""
 
     def __init__(self, budget_bytes: int, layers: int, policy: str = "lru",
                  pinned_bytes: int = 0):
@@ -63,6 +80,7 @@ class ExpertCache:
         self.lru: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # least recent first
         self.want_pinned: set[Key] = set()  # pinned by frequency, not read yet
         self.by_freq: set[Key] = set()  # pinned by frequency (pin_hottest), not for good
+        self.reserved = 0  # bytes held for reads in flight (`reserve`)
 
     # -- bytes -----------------------------------------------------------------------------
     @property
@@ -121,12 +139,38 @@ class ExpertCache:
             self.want_pinned.discard(key)
             self.pinned[key] = (value, nbytes)
             return Admit(True)
+        admit = self._make_room(key, nbytes, in_use)
+        if admit.ok:
+            self.lru[key] = (value, nbytes)
+        else:
+            self.stats.refused += 1
+        return admit
+
+    def reserve(self, key: Key, nbytes: int, in_use: Iterable[Key] = ()) -> Admit:
+        """Room for `key`'s read before it is made (evicting as `put` does), held until
+        `release`: reads in flight count against the budget."""
+        admit = self._make_room(key, nbytes, in_use)
+        if admit.ok:
+            self.reserved += nbytes
+        return admit
+
+    def release(self, nbytes: int) -> None:
+        """Give back room `reserve` held (its read is done: `put` it now, or dropped)."""
+        self.reserved -= nbytes
+
+    def demote(self, key: Key) -> None:
+        """An LRU expert that will likely not be used soon (read ahead, then not routed):
+        first to go."""
+        if key in self.lru:
+            self.lru.move_to_end(key, last=False)
+
+    def _make_room(self, key: Key, nbytes: int, in_use: Iterable[Key]) -> Admit:
+        """Evict least recently used experts not in `in_use` until `nbytes` are free."""
         room = self.budget_bytes - max(self.pinned_budget, self.pinned_bytes)
         busy = set(in_use)
-        free = room - self.lru_bytes
+        free = room - self.lru_bytes - self.reserved
         evictable = sum(n for k, (_, n) in self.lru.items() if k not in busy)
         if nbytes > free + evictable:
-            self.stats.refused += 1
             return Admit(False, why=self._too_small(key, nbytes, room, free + evictable))
         evicted = []
         for k in list(self.lru):
@@ -136,7 +180,6 @@ class ExpertCache:
                 free += self.lru.pop(k)[1]
                 self.stats.evictions[k[0]] += 1
                 evicted.append(k)
-        self.lru[key] = (value, nbytes)
         return Admit(True, evicted)
 
     def pin(self, key: Key, value=None, nbytes: int = 0) -> Admit:
@@ -218,8 +261,8 @@ class ExpertCache:
     def _too_small(self, key: Key, nbytes: int, room: int, evictable: int) -> str:
         return (f"expert {key} needs {nbytes / MB:.2f} MiB; the LRU region holds "
                 f"{room / MB:.2f} MiB of a {self.budget_bytes / MB:.2f} MiB budget "
-                f"({self.pinned_bytes / MB:.2f} MiB pinned), {evictable / MB:.2f} MiB of it "
-                "free or evictable")
+                f"({self.pinned_bytes / MB:.2f} MiB pinned, {self.reserved / MB:.2f} MiB held "
+                f"for reads in flight), {evictable / MB:.2f} MiB of it free or evictable")
 
 
 # The policy rule is measured (tools/expert_trace.py on the synthetic Mixtral stores and the
@@ -249,3 +292,9 @@ def expert_cache(policy: str | None, budget_bytes: int, expert_bytes: int, layer
     for key, value in resident.items():
         cache.pin(key, value, expert_bytes)
     return cache
+
+
+def report(cache: ExpertCache, ahead: ReadAheadStats, cut: float) -> dict:
+    """stats()["experts"]: per layer hits, misses (hits + misses = routed uses), bytes read,
+    the resident set, and read-ahead used / unused / demand stalls."""
+    return {**cache.report(), **ahead.as_dict(), "readahead_cut": cut}

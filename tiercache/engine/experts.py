@@ -1,13 +1,9 @@
-"""MoE experts in the tiered engine: the read-ahead cut on the next router's probabilities,
-and the read-ahead counters per layer (the cache's policy rule: cache/experts.py)."""
+"""MoE experts in the tiered engine: the read-ahead cut on the next router's probabilities
+(the cache, its policy rule and the read-ahead counters: cache/experts.py)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from ..cache.experts import ExpertCache
 
 
 def top_probs(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,24 +25,3 @@ def block_bytes(block) -> int:
     parts = ([*block.row_q, *block.row_sz, block.down_q, block.down_sz] if block.int4
              else [*block.row_w, block.down_w])
     return sum(t.numel() * t.element_size() for t in parts)
-
-
-@dataclass
-class ReadAheadStats:
-    """Experts, per layer: read ahead (`read`), of them routed (`used`) or let go (`unused`),
-    and routed experts neither held nor read ahead (`demand`: the layer waits for the read)."""
-    layers: int
-
-    def __post_init__(self):
-        z = [0] * self.layers
-        self.read, self.used, self.unused, self.demand = z[:], z[:], z[:], z[:]
-
-    def as_dict(self) -> dict:
-        return {"readahead_read": self.read[:], "readahead_used": self.used[:],
-                "readahead_unused": self.unused[:], "demand_stalls": self.demand[:]}
-
-
-def report(cache: ExpertCache, ahead: ReadAheadStats, cut: float) -> dict:
-    """stats()["experts"]: per layer hits, misses (hits + misses = routed uses), bytes read,
-    the resident set, and read-ahead used / unused / demand stalls."""
-    return {**cache.report(), **ahead.as_dict(), "readahead_cut": cut}

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from ..cache.experts import expert_cache
+from ..cache.experts import ReadAheadStats, expert_cache, report as experts_report
 from ..cache.segmented import SegmentedCache
 from ..errors import BudgetError, StoreError
 from ..memory import return_large_frees
@@ -455,7 +455,7 @@ class ClusterFFN:
             return_large_frees(128 << 10)
         cache = expert_cache(self.expert_policy, b.experts, self._expert_bytes(),
                                          a.num_hidden_layers, a.num_experts_per_tok, resident)
-        return cache, moe_experts.ReadAheadStats(a.num_hidden_layers)
+        return cache, ReadAheadStats(a.num_hidden_layers)
 
     def _expert_bytes(self) -> int:
         """Bytes of one whole expert as stored (and as a kernel-ready block)."""
@@ -570,14 +570,14 @@ class ClusterFFN:
         self.cache.stats.__init__()
         if self.expert_cache is not None:
             self.expert_cache.reset_stats()
-            self.ahead = moe_experts.ReadAheadStats(self.args.num_hidden_layers)
+            self.ahead = ReadAheadStats(self.args.num_hidden_layers)
 
     def stats(self) -> dict:
         s = self.cache.stats
         return {"cache_hit_rate": s.hit_rate, "cache": vars(s).copy(),
                 "prefetched": self.prefetched, "prefetch_unused": self.prefetch_unused,
                 "read_ahead_hits": self.read_ahead_hits, "demand_reads": self.demand_reads,
-                **({"experts": moe_experts.report(self.expert_cache, self.ahead,
+                **({"experts": experts_report(self.expert_cache, self.ahead,
                                                   self.expert_cut)}
                    if self.expert_cache is not None else {})}
 
