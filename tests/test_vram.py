@@ -8,7 +8,7 @@ import torch
 
 from test_layout import _place
 from test_planner import v3_manifest
-from tiercache.engine import load_dense
+from tiercache.engine import load_dense, vram
 from tiercache.engine.layout import MB, VRAM_SLACK
 from tiercache.engine.tiered import TierConfig, load_tiered
 from tiercache.errors import TiercacheError
@@ -114,6 +114,31 @@ def test_layers_in_vram_match_dense(q4_llama, layers):
     diff = (got - want).abs() / want.std()
     assert diff.max() < 0.1, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_vram_decode_runs_the_static_step(q4_llama, layers):
+    """Decode through the VRAM layers' static step (vram.DecodeRun: captured as a CUDA graph
+    on a GPU, run eagerly on the CPU standing in), then the CPU's layers, or (all in VRAM)
+    with the head in it: logits near the dense reference's decode, the same greedy picks; and
+    after a turn is cut back, the positions past the kept prefix are masked, not read."""
+    def run(e, prompt, steps):
+        s = e.new_session()
+        e.prefill(s, prompt)
+        out = [e.decode(s, t) for t in steps]
+        s.reuse_prefix(prompt + steps[:3] + [9, 11])  # cut back to 11 positions, then on
+        out += [e.decode(s, t) for t in [9, 11, 13]]
+        return torch.stack(out), s
+    dense = load_dense(Store(q4_llama))
+    want, _ = run(dense, IDS[:8], IDS[8:24])
+    eng = _engine(q4_llama, _vram_for(q4_llama, layers))
+    assert eng.decode_run is not None and eng.decode_run.head == (layers == 4)
+    got, s = run(eng, IDS[:8], IDS[8:24])
+    diff = (got - want).abs() / want.std()  # float16 in VRAM
+    assert diff.max() < 0.1, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    assert [c.offset for c in s.caches] == [14] * 4 and len(s.tokens) == 14
+    assert isinstance(s.caches[0], vram.StaticKV) and (s.caches[0].graph is not None) == CUDA
 
 
 def test_vram_layers_beside_streamed_ones_read_nothing_per_token(q4_llama):

@@ -199,6 +199,10 @@ class TieredEngine(Engine):
         if b.vram_head:
             model.lm_head = vram.OnDeviceHead(self._read_tensor(self.head_name),
                                               self.vram_device)
+        n = len(b.vram_layers)  # (a prefix: layers 0 .. n-1)
+        self.decode_run = vram.DecodeRun(
+            model, n, b.vram_head and n == a.num_hidden_layers, self.vram_device,
+            self.context) if n and not a.is_moe else None  # (routing is not static)
 
     def _layer_weights(self, layer: int):
         """(HF name, float32 tensor) of one layer, its FFN (every expert) from its clusters."""
@@ -327,6 +331,31 @@ class TieredEngine(Engine):
         return out
 
     # -- engine API ---------------------------------------------------------------------------
+    def new_session(self):
+        """The VRAM layers' KV caches are allocated whole on the GPU (vram.StaticKV)."""
+        session = super().new_session()
+        for l in self.budget.vram_layers:
+            session.caches[l] = vram.StaticKV(self.args, self.context, self.vram_device)
+        return session
+
+    @torch.no_grad()
+    def forward_ids(self, session, ids: list[int]) -> torch.Tensor:
+        """Decode through the VRAM layers' static step (`vram.DecodeRun`: a CUDA graph on a
+        GPU), then the CPU's layers and the head; prompts through the model."""
+        run = self.decode_run
+        if run is None or len(ids) != 1:
+            return super().forward_ids(session, ids)
+        session.check(1)
+        m, pos = self.model, session.caches[0].offset
+        h = run(session.caches, m.model.embed_tokens(torch.tensor([ids])), pos)
+        if not run.head:
+            cos, sin = m.rope(pos, 1, "cpu")
+            for layer, cache in zip(m.model.layers[run.n:], session.caches[run.n:]):
+                h = layer(h, cos, sin, cache)
+            h = m.logits(h)
+        session.tokens.extend(ids)
+        return h[0, -1]
+
     @torch.no_grad()
     def prefill(self, session, ids: list[int]) -> torch.Tensor:
         """The prompt in chunks under a RAM budget: activations stay inside SLACK whatever
