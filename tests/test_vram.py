@@ -8,7 +8,8 @@ import torch
 
 from test_layout import _place
 from test_planner import v3_manifest
-from tiercache.engine import load_dense, vram
+from tiercache.engine import load_dense
+from tiercache.engine.vram import StaticKV
 from tiercache.engine.layout import MB, VRAM_SLACK
 from tiercache.engine.tiered import TierConfig, load_tiered
 from tiercache.errors import TiercacheError
@@ -138,7 +139,7 @@ def test_vram_decode_runs_the_static_step(q4_llama, layers):
     assert diff.max() < 0.1, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     assert [c.offset for c in s.caches] == [14] * 4 and len(s.tokens) == 14
-    assert isinstance(s.caches[0], vram.StaticKV) and (s.caches[0].graph is not None) == CUDA
+    assert isinstance(s.caches[0], StaticKV) and (s.caches[0].graph is not None) == CUDA
 
 
 def test_vram_layers_beside_streamed_ones_read_nothing_per_token(q4_llama):

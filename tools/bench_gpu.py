@@ -1,18 +1,21 @@
 """The VRAM tier on a GPU, side by side with HF transformers on the same weights (issue 13).
 
     python tools/bench_gpu.py --work /tmp/gpu-bench [--shape 1.1b] [--prompt 1000] [--decode 64]
+    python tools/bench_gpu.py --work /tmp/gpu-bench --shape moe     # issue 15: Mixtral, 1/4 VRAM
     python tools/bench_gpu.py --work /tmp/gpu-bench --shape tiny --device cpu   # a smoke run
 
-A random-weight Llama (1.1b: d 2048, 22 layers, F 5632, GQA 32/4, vocab 32000) is written
-once as float16 safetensors and converted to an f16 store. Each row runs in its own process
+A random-weight Llama (1.1b: d 2048, 22 layers, F 5632, GQA 32/4, vocab 32000), or Mixtral
+(moe: d 1024, 16 layers, 8 experts top-2 of F 3584, GQA 16/4), is written once as float16
+safetensors and converted to an f16 store. Each row runs in its own process
 (its GPU memory is its own) over the same prompt ids, greedy:
 
   hf-vram       transformers, eager attention, every weight in VRAM (float16)
   tc-vram       tiercache, --vram holding every weight (the VRAM tier's float16 layers)
-  hf-offload    transformers + accelerate device_map="auto", max_memory on the GPU = half the
-                weights (the rest offloaded to CPU RAM and copied in per use)
-  tc-half       tiercache, --vram = half the weights: the head and the first layers on the GPU,
-                the rest computed on the CPU from RAM
+  hf-offload    transformers + accelerate device_map="auto", max_memory on the GPU = --share
+                of the weights (half; a quarter for moe), the rest offloaded to CPU RAM and
+                copied in per use
+  tc-half       tiercache, --vram = the same share: the head and the first layers on the GPU,
+                the rest computed on the CPU from RAM (a Mixtral's routed experts only)
 
 Reported: prefill tok/s over the prompt, decode tok/s over --decode tokens, the GPU's peak
 allocated memory, and whether the greedy tokens equal hf-vram's (float16 on both sides: a
@@ -30,10 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # d, layers, F, heads, kv heads, vocab
-    "1.1b": (2048, 22, 5632, 32, 4, 32000),
-    "tiny": (256, 4, 512, 8, 2, 512),
+SHAPES = {  # d, layers, F, heads, kv heads, vocab, experts (0: a dense Llama)
+    "1.1b": (2048, 22, 5632, 32, 4, 32000, 0),
+    "moe": (1024, 16, 3584, 16, 4, 32000, 8),
+    "tiny": (256, 4, 512, 8, 2, 512, 0),
+    "tiny-moe": (256, 4, 512, 8, 2, 512, 4),
 }
+SHARE = {"moe": 0.25, "tiny-moe": 0.25}  # of the weights in VRAM for the offload rows; else 0.5
 ROWS = ("hf-vram", "tc-vram", "hf-offload", "tc-half")
 
 
@@ -41,16 +47,18 @@ def build(work: Path, shape: str) -> tuple[Path, Path, int]:
     """-> (HF dir, f16 store, weight bytes), made once under work."""
     import torch
     import transformers as T
-    d, layers, f, heads, kv, vocab = SHAPES[shape]
+    d, layers, f, heads, kv, vocab, experts = SHAPES[shape]
     hf, store = work / f"hf-{shape}", work / f"store-{shape}-f16"
     if not (hf / "config.json").exists():
         torch.manual_seed(0)
-        cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=f,
-                            num_hidden_layers=layers, num_attention_heads=heads,
-                            num_key_value_heads=kv, max_position_embeddings=4096,
-                            tie_word_embeddings=False, torch_dtype="float16")
+        common = dict(vocab_size=vocab, hidden_size=d, intermediate_size=f,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, max_position_embeddings=4096,
+                      tie_word_embeddings=False, torch_dtype="float16")
+        cfg = (T.MixtralConfig(**common, num_local_experts=experts, num_experts_per_tok=2)
+               if experts else T.LlamaConfig(**common))
         with torch.device("meta"):
-            model = T.LlamaForCausalLM(cfg)
+            model = T.AutoModelForCausalLM.from_config(cfg)
         model = model.to_empty(device="cpu").half()
         with torch.no_grad():
             for p in model.parameters():
@@ -176,8 +184,9 @@ def main():
     for row in a.rows:
         if a.device != "cuda" and row == "hf-offload":
             continue  # accelerate's offload needs a GPU to offload from
-        vram = {"hf-vram": 0, "tc-vram": 4 * weights + (1 << 30), "hf-offload": weights // 2,
-                "tc-half": weights // 2}[row]
+        share = int(weights * SHARE.get(a.shape, 0.5))
+        vram = {"hf-vram": 0, "tc-vram": 4 * weights + (1 << 30), "hf-offload": share,
+                "tc-half": share}[row]
         cmd = [sys.executable, __file__, "--work", str(a.work), "--row", row, "--hf", str(hf),
                "--store", str(store), "--vram", str(vram), "--ids", str(ids_file),
                "--decode", str(a.decode), "--device", a.device, "--threads", str(a.threads)]
@@ -214,7 +223,8 @@ def _mib(b) -> str:
 
 def markdown(res: dict) -> str:
     c = res["conditions"]
-    out = [f"## GPU: tiercache's VRAM tier vs HF transformers ({res['shape']} Llama shape, f16)",
+    kind = "Mixtral" if SHAPES[res["shape"]][6] else "Llama"
+    out = [f"## GPU: tiercache's VRAM tier vs HF transformers ({res['shape']} {kind} shape, f16)",
            "", f"Conditions ({c['date']}): GPU {c['gpu']}, CPU {c['cpu']} ({c['cpus']} CPUs, "
            f"{' '.join(c['cpu_flags'])}), {res['threads']} CPU threads, torch {c['torch']}; "
            f"random weights ({res['weight_bytes'] / 2**30:.2f} GiB), {res['prompt']}-token "

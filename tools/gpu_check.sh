@@ -3,6 +3,7 @@
 # VRAM-tier benchmark, results under $OUT (or ./gpu-out). Run from the repository root:
 #
 #   bash tools/gpu_check.sh [--quick]      # --quick: the GPU-marked tests and a tiny benchmark
+#   bash tools/gpu_check.sh --moe          # the Mixtral benchmark alone (issue 15's GPU target)
 #
 # Packages that machine lacks (lmdb, gguf; see DESIGN.md "GPU machine facts") travel as wheels
 # in .whl/ and are installed to /tmp/site first; the repository runs from its tree
@@ -31,6 +32,11 @@ for name in ("lmdb", "gguf", "onnxruntime", "onnx", "transformers", "accelerate"
         print("missing:", name, e)
 EOF
 } 2>&1 | tee "$OUT/machine.txt"
+if [ "${1:-}" = "--moe" ]; then
+  timeout 480 python3 tools/bench_gpu.py --work /tmp/gpu-bench --shape moe --out "$OUT/BENCH.md" \
+    2>&1 | tail -6 | tee "$OUT/bench-moe.txt"
+  exit 0
+fi
 if [ "${1:-}" = "--quick" ]; then
   python3 -m pytest -q -m gpu tests 2>&1 | tail -30 | tee "$OUT/tests.txt"
   timeout 300 python3 tools/bench_gpu.py --work /tmp/gpu-bench --shape tiny --prompt 64 \
