@@ -145,8 +145,8 @@ def main():
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ram", type=int, default=None)
-    p.add_argument("--expert-cut", type=float, default=0.0,
-                   help="MoE: read ahead only experts the next router gives at least this")
+    p.add_argument("--expert-cut", type=float, default=None,
+                   help="MoE read-ahead's cut (api.load's expert_cut; default: the engine's)")
     p.add_argument("--max-seconds", type=float, default=60.0)
     a = p.parse_args()
     ids = json.loads(open(a.prompt_ids).read())
