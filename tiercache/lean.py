@@ -33,7 +33,7 @@ from .engine import q4
 from .engine.session import Session
 from .cache.experts import ReadAheadStats, expert_cache, report
 from .errors import StoreError, TiercacheError
-from .memory import anon_bytes, return_large_frees, trim_heap
+from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP, has_zeros
 from .store.format import Store, cluster_key, tensor_key
 
@@ -44,7 +44,7 @@ MARGIN = 8 << 20  # what the count above misses (allocator slack, page cache in 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 STREAM_SLOTS = 32  # records read ahead of use, at most; a batch of the C call takes 8
 STREAM_READERS = 4  # reads in flight (Stream)
-READERS, RUN = 8, 4  # Records.clusters: runs of RUN adjacent records, READERS in flight
+READERS, RUN = 4, 4  # Records.clusters: runs of RUN adjacent records, READERS in flight
 GAP = 16 << 10  # records at most this far apart (LMDB's header pages) are read as one run
 ROUTER_DTYPES = ("f32", "f16", "q4")
 
@@ -121,8 +121,9 @@ def expert_bytes(store: Store) -> int:
 
 def expert_budget(store: Store, context: int, kv: str, ram: int) -> int | None:
     """Bytes of experts an MoE store holds within `ram`, the rest read whole when routed:
-    what is left beside the rest of the model and one expert in flight, if it holds one
-    token's routed set (top-k x layers: a smaller LRU only cycles); else None."""
+    what is left beside the rest of the model, one expert in flight and the readers' buffers,
+    if it holds one token's routed set (top-k x layers: a smaller LRU only cycles); else
+    None."""
     a, least = store.args, min_bytes(store, context, kv)
     one_token = a.num_hidden_layers * a.num_experts_per_tok * expert_bytes(store)
     return ram - least + one_token if ram >= least else None
@@ -130,12 +131,14 @@ def expert_budget(store: Store, context: int, kv: str, ram: int) -> int | None:
 
 def min_bytes(store: Store, context: int, kv: str) -> int:
     """The least this runtime runs `store` in: `need_bytes` with every dense FFN cluster
-    streamed (their ring instead of them), or (MoE) one token's routed experts per layer held
-    and one more in flight instead of all of them."""
+    streamed (their ring instead of them), or (MoE) one token's routed experts per layer held,
+    one more in flight and the readers' buffers (Records._scratch) instead of all of them."""
     a, layers, n = store.args, store.args.num_hidden_layers, store.n_clusters
     all_ffn = layers * a.n_experts * n * cluster_bytes(store)
     if a.is_moe:
-        held = (layers * a.num_experts_per_tok + 1) * expert_bytes(store)
+        runs = -(-n // RUN)  # an expert's records in runs, READERS of them at a time
+        readers = min(READERS, runs) * min(RUN, n) * sum(nb for _, _, nb in store.cluster_parts(0))
+        held = (layers * a.num_experts_per_tok + 1) * expert_bytes(store) + readers
     else:
         held = STREAM_SLOTS * sum(nb for _, _, nb in store.cluster_parts(0))
     return need_bytes(store, context, kv) - all_ffn + held
@@ -485,11 +488,8 @@ class Experts:
         self.wanted: set[tuple] = set()  # of them read ahead and not yet routed
         self.late: set[tuple] = set()  # read ahead, not routed, the read under way
         self.busy: list[tuple] = []  # the layer's routed experts, kept while it computes
+        self.spare: list[tuple] = []  # evicted experts' matrices, to read the next ones into
         if budget is not None:
-            # experts are read on the reader thread and freed on this one: in malloc's arenas
-            # they left holes that grew past the cap (synthetic Mixtral, --ram 650M: OOM);
-            # each mapped on its own, a freed one goes back to the OS
-            return_large_frees(128 << 10)
             self.cache = expert_cache(policy, budget, self.one, self.layers,
                                       a.num_experts_per_tok, {})
             for k in keys[:budget // self.one]:  # in layer order until full, as the LRU's
@@ -547,16 +547,28 @@ class Experts:
         if self.inflight.get(k) is v:
             del self.inflight[k]
             self.cache.release(self.one)
-            self.cache.put(k, got, self.one, in_use=self.busy)
+            self._spare(self.cache.put(k, got, self.one, in_use=self.busy))
         return got
 
     def _submit(self, k: tuple) -> Future | None:
-        """Queue k's read with its room reserved; None where the cache has no room for it
-        (then a routed one is read here, used and not kept)."""
-        if not self.cache.reserve(k, self.one, self.busy).ok:
+        """Queue k's read with its room reserved, into the buffers of an evicted expert where
+        there is one; None where the cache has no room for it (then a routed one is read
+        here, used and not kept)."""
+        admit = self.cache.reserve(k, self.one, self.busy)
+        if not admit.ok:
             return None
-        self.inflight[k] = v = self.reader.submit(self._read, *k)
+        self._spare(admit)
+        into = self.spare.pop() if self.spare else None
+        self.inflight[k] = v = self.reader.submit(self._read, *k, into)
+        v.into = into  # (back to the spares if the read is dropped)
         return v
+
+    def _spare(self, admit) -> None:
+        """Keep the buffers of the experts the cache evicted, for the next reads: they fill
+        the room the eviction made, so the budget holds them. (Freed instead, experts read
+        on one thread and freed on another left malloc's heaps with holes, ~140 MiB over 48
+        tokens with read-ahead: synthetic Mixtral at --ram 650M, OOM-killed.)"""
+        self.spare.extend(value[0] for value in admit.freed)
 
     def _settle(self, l: int, ids: list[int]) -> None:
         """Experts read ahead for layer l that it did not route: a read not started is
@@ -564,8 +576,10 @@ class Experts:
         in the cache, first to evict."""
         for k in [k for k in self.wanted if k[0] == l and k[1] not in ids]:
             self.wanted.discard(k)
-            if self.inflight[k].cancel():
+            v = self.inflight[k]
+            if v.cancel():
                 del self.inflight[k]
+                self.spare += [v.into] if v.into is not None else []
                 self.cache.release(self.one)
                 self.ahead.read[l] -= 1
             else:
@@ -576,8 +590,10 @@ class Experts:
             v = self.inflight.pop(k, None)  # (None: routed meanwhile, `value` put it)
             if v is not None:
                 self.cache.release(self.one)
-                if v.exception() is None:
-                    self.cache.put(k, v.result(), self.one, in_use=self.busy)
+                if v.exception() is None and k in self.cache:
+                    self.spare.append(v.result()[0])
+                elif v.exception() is None:
+                    self._spare(self.cache.put(k, v.result(), self.one, in_use=self.busy))
                     self.cache.demote(k)
 
     def _read_now(self, k: tuple) -> tuple:
@@ -586,8 +602,8 @@ class Experts:
         self.read_s += time.perf_counter() - t0
         return got
 
-    def _read(self, l: int, e: int) -> tuple:
-        ffn = _ffn(self.rd, l, e, self.rd.store.n_clusters)
+    def _read(self, l: int, e: int, into: tuple | None = None) -> tuple:
+        ffn = _ffn(self.rd, l, e, self.rd.store.n_clusters, into)
         return ffn, tuple(_mat(w, s) for w, s in ffn)
 
     @property
@@ -772,6 +788,7 @@ class Records:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead past a record:
         # those pages would stay cached (per-record DONTNEED left ~30 MB per 1B layer so)
         self.pool = None  # readers for `clusters`, made when first needed
+        self.local = threading.local()  # each reader's buffer (`_scratch`)
 
     def tensor(self, name: str) -> np.ndarray:
         """A tensor's record, in its own 64-byte aligned buffer."""
@@ -799,12 +816,22 @@ class Records:
         def run(part: list[int]) -> None:
             start = self.at[keys[part[0]]][0]
             end = sum(self.at[keys[part[-1]]])
-            buf = self.read_span(start, end - start, key=f"record {keys[part[0]]}")
+            buf = self.read_span(start, end - start, self._scratch(end - start),
+                                 f"record {keys[part[0]]}")
             for c in part:
                 off, n = self.at[keys[c]]
                 place(c, self.check(keys[c], buf[off - start:off - start + n]))
         for done in [self.pool.submit(run, part) for part in runs]:
             done.result()
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """This reader thread's buffer for a run, kept: a fresh one per run, freed on the
+        same thread, left ~1 MiB in each thread's malloc arena (8 MiB at 8 readers), enough
+        to push a run at --ram 650M past its cgroup cap (synthetic Mixtral)."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf.size < n:
+            buf = self.local.buf = np.empty(n, np.uint8)
+        return buf[:n]
 
     def read(self, key: str, out: np.ndarray, check: bool = True) -> np.ndarray:
         """Record `key` into out[:its length]; check: against the manifest's crc32."""
@@ -903,32 +930,40 @@ def _split_q4k(raw: np.ndarray, rows: int, cols: int):
             raw[half:half + rows * cols // GROUP * 4].view(np.uint16).reshape(cols // GROUP, rows, 2))
 
 
-def _ffn(rd: Records, l: int, expert: int, clusters: int):
+def _ffn(rd: Records, l: int, expert: int, clusters: int, into: tuple | None = None):
     """The layer's (or expert's) first `clusters` clusters joined into whole gate, up [F', d]
     and down [d, F'] q4k matrices: gate/up row blocks follow each other; down's blocks run
-    along its columns."""
-    store = rd.store
+    along its columns. A symmetric store's scales are kept alone (the kernel's symmetric
+    form: 10% fewer bytes), checked to have every zero 0. into: an evicted expert's matrices
+    to write over (same shapes: no allocation, no page faults, no heap left with holes)."""
+    store, sym = rd.store, _symmetric(rd.store)
     d, f = store.args.hidden_size, clusters * store.cluster_size
 
     def empty(packed: tuple, sz: tuple):
+        sz = sz[:2] if sym else sz
         return (_aligned(math.prod(packed)).reshape(packed),
                 _aligned(2 * math.prod(sz)).view(np.uint16).reshape(sz))
-    gate, up = (empty((f // 64, d, 32), (d // GROUP, f, 2)) for _ in range(2))
-    down = empty((d // 64, f, 32), (f // GROUP, d, 2))
+    gate, up, down = into or (empty((f // 64, d, 32), (d // GROUP, f, 2)),
+                              empty((f // 64, d, 32), (d // GROUP, f, 2)),
+                              empty((d // 64, f, 32), (f // GROUP, d, 2)))
 
     def place(c: int, raw: np.ndarray) -> None:
         lo, n = c * store.cluster_size, store.cluster_rows(c)
         for i, ((shape, off, nb), (w, s)) in enumerate(zip(store.cluster_parts(c),
                                                             (gate, up, down))):
             pk, sz = _split_q4k(raw[off:off + nb], *shape)
+            if sym:
+                if has_zeros(sz):
+                    raise StoreError(f"{store.path}: cluster {c} of layer {l} expert {expert} "
+                                     "has q4 zeros that are not 0; its manifest says none")
+                sz = sz[..., 0]
             if i < 2:  # gate, up: rows lo .. lo + n
                 w[lo // 64:(lo + n) // 64], s[:, lo:lo + n] = pk, sz
             else:      # down: columns lo .. lo + n
                 w[:, lo:lo + n], s[lo // GROUP:(lo + n) // GROUP] = pk, sz
 
     rd.clusters(l, expert, clusters, place)
-    return compact(*gate), compact(*up), compact(*down)
-
+    return gate, up, down
 
 def load(path, context: int = 2048, kv: str = "f16", threads: int = 1,
          resident: int | None = None, expert_budget: int | None = None,

@@ -25,6 +25,8 @@ class Admit:
     ok: bool
     evicted: list[Key] = field(default_factory=list)
     why: str = ""  # when not ok: what did not fit, in bytes
+    freed: list = field(default_factory=list)  # the evicted experts' values (their owner may
+                                               # reuse their buffers)
 
 
 @dataclass
@@ -172,15 +174,17 @@ class ExpertCache:
         evictable = sum(n for k, (_, n) in self.lru.items() if k not in busy)
         if nbytes > free + evictable:
             return Admit(False, why=self._too_small(key, nbytes, room, free + evictable))
-        evicted = []
+        evicted, freed = [], []
         for k in list(self.lru):
             if free >= nbytes:
                 break
             if k not in busy:
-                free += self.lru.pop(k)[1]
+                value, n = self.lru.pop(k)
+                free += n
                 self.stats.evictions[k[0]] += 1
                 evicted.append(k)
-        return Admit(True, evicted)
+                freed.append(value)
+        return Admit(True, evicted, freed=freed)
 
     def pin(self, key: Key, value=None, nbytes: int = 0) -> Admit:
         """Hold `key` for good. With a value: now (moved out of the LRU if there), refused with
