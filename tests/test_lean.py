@@ -153,17 +153,23 @@ def test_moe_stats_count_every_routed_use(lean_stores):
     assert e["resident"] == [[0, 1, 2, 3]] * 2
 
 
-@pytest.mark.parametrize("resident", [0, 2])
-def test_streamed_clusters_match_resident_ones(lean_stores, monkeypatch, resident):
+@pytest.mark.parametrize("resident, direct", [(0, True), (2, True), (0, False)])
+def test_streamed_clusters_match_resident_ones(lean_stores, monkeypatch, resident, direct):
     """FFN clusters read from the store each pass (prompt in chunks, then decode through the
     C layer's attention and the clusters 8 to a call) give the resident runtime's logits:
-    the same int8 groups, summed in another order."""
+    the same int8 groups, summed in another order; read past the page cache (O_DIRECT, where
+    the temporary directory's file system takes it) or through it."""
     monkeypatch.setattr(lean, "CHUNK", 7)
     ids = IDS * 2
     whole = lean.load(lean_stores["llama3"])
+    if not direct:
+        monkeypatch.delattr(lean.os, "O_DIRECT")
     part = lean.load(lean_stores["llama3"], resident=resident)
     n = part.store.n_clusters
     assert part.resident == resident and part.layers[0].streamed == n - resident
+    if direct and part.stream.rd.direct < 0:
+        pytest.skip("this file system takes no O_DIRECT reads")
+    assert (part.stream.rd.direct >= 0) == direct
     np.testing.assert_allclose(part.logits(part.new_session(), ids),
                                whole.logits(whole.new_session(), ids), rtol=0, atol=1e-3)
     want = list(generate_step(whole.new_session(), ids, make_sampler(), 8))
@@ -248,9 +254,13 @@ def test_moe_reads_ahead_inside_its_budget(lean_stores, monkeypatch):
     assert e["demand_stalls"] == e["misses"]
 
 
-def test_moe_read_of_a_corrupt_expert_is_refused(lean_stores, tmp_path):
-    """An expert read when routed is checked against its records' checksums, on the reader
-    thread: a flipped byte is a StoreError in the caller, not wrong logits."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_moe_read_of_a_corrupt_expert_is_refused(lean_stores, tmp_path, monkeypatch, direct):
+    """An expert read when routed (past the page cache, or through it) is checked against its
+    records' checksums, on the reader thread: a flipped byte is a StoreError in the caller,
+    not wrong logits."""
+    if not direct:
+        monkeypatch.delattr(lean.os, "O_DIRECT")
     import shutil
     from tiercache.store.format import cluster_key
     path = shutil.copytree(lean_stores["mixtral"], tmp_path / "m")

@@ -17,6 +17,7 @@ pass (`Stream`).
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import queue
@@ -46,6 +47,7 @@ STREAM_SLOTS = 32  # records read ahead of use, at most; a batch of the C call t
 STREAM_READERS = 4  # reads in flight (Stream)
 READERS, RUN = 4, 4  # Records.clusters: runs of RUN adjacent records, READERS in flight
 GAP = 16 << 10  # records at most this far apart (LMDB's header pages) are read as one run
+BLOCK = 4096  # O_DIRECT's unit of offsets, lengths and buffer addresses (Records.fetch)
 ROUTER_DTYPES = ("f32", "f16", "q4")
 
 
@@ -137,10 +139,11 @@ def min_bytes(store: Store, context: int, kv: str) -> int:
     all_ffn = layers * a.n_experts * n * cluster_bytes(store)
     if a.is_moe:
         runs = -(-n // RUN)  # an expert's records in runs, READERS of them at a time
-        readers = min(READERS, runs) * min(RUN, n) * sum(nb for _, _, nb in store.cluster_parts(0))
+        record = sum(nb for _, _, nb in store.cluster_parts(0))
+        readers = min(READERS, runs) * (min(RUN, n) * record + 2 * BLOCK)
         held = (layers * a.num_experts_per_tok + 1) * expert_bytes(store) + readers
     else:
-        held = STREAM_SLOTS * sum(nb for _, _, nb in store.cluster_parts(0))
+        held = STREAM_SLOTS * (sum(nb for _, _, nb in store.cluster_parts(0)) + 2 * BLOCK)
     return need_bytes(store, context, kv) - all_ffn + held
 
 
@@ -641,15 +644,16 @@ class Stream:
     STREAM_SLOTS records ahead, across passes too: the next token's first clusters arrive
     while this one finishes. Readers claim records in order and deliver them by index, so
     several reads are in flight (this disk: 1.2 GB/s with one reader of 256 KiB records, 1.6
-    with two, 2.0 with four). Each record is checked against its crc32 the first time it is
-    read, and its pages dropped from the page cache once read. A pass that stopped midway
+    with two, 2.0 with four), past the page cache where it can (Records.span). Each record
+    is checked against its crc32 the first time it is read. A pass that stopped midway
     (Ctrl-C in chat) leaves the ring out of step: the next pass's `begin` starts it again."""
 
     def __init__(self, store: Store, keys: list[str], parts: list):
         self.keys, self.parts = keys, parts  # parts: cluster_parts(c)
         self.rd = Records(store)
-        size = max(self.rd.at[k][1] for k in keys)
-        self.bufs = [_aligned(size) for _ in range(STREAM_SLOTS)]
+        size = max(self.rd.at[k][1] for k in keys) + 2 * BLOCK  # (room to read whole blocks)
+        self.bufs = [_aligned(size, BLOCK) for _ in range(STREAM_SLOTS)]
+        self.views = [None] * STREAM_SLOTS  # each slot's record, where the read put it
         self.checked: set[str] = set()
         self.bytes, self.wait_s, self.threads = 0, 0.0, []
         self.cv = threading.Condition()
@@ -683,7 +687,8 @@ class Stream:
                 i, self.claimed = self.claimed, self.claimed + 1
             key = self.keys[i % len(self.keys)]
             try:
-                self.rd.read(key, self.bufs[slot], check=key not in self.checked)
+                self.views[slot] = self.rd.fetch(key, self.bufs[slot],
+                                                 check=key not in self.checked)
                 self.checked.add(key)  # (read again each pass: checked once)
                 got = slot
             except (OSError, StoreError) as e:
@@ -708,7 +713,7 @@ class Stream:
         if isinstance(slot, Exception):
             self.broken = True  # the next pass starts the readers again
             raise slot
-        buf, self.taken = self.bufs[slot], i + 1
+        buf, self.taken = self.views[slot], i + 1
         try:
             yield tuple(_split_q4k(buf[off:off + nb], *shape) for shape, off, nb in self.parts)
         finally:
@@ -761,21 +766,23 @@ def _attend(q: np.ndarray, c: KV, pos: int) -> np.ndarray:
 
 
 # -- reading the store ---------------------------------------------------------------------------
-def _aligned(nbytes: int) -> np.ndarray:
+def _aligned(nbytes: int, align: int = 64) -> np.ndarray:
     """uint8 [nbytes] starting on a 64-byte boundary. numpy's own buffers start 16 bytes into
     a page, so each of the kernel's 64-byte loads would span two cache lines: decode on the
     1B shape ran ~12% slower so (measured)."""
-    buf = np.empty(nbytes + 64, np.uint8)
-    lo = -buf.ctypes.data % 64
+    buf = np.empty(nbytes + align, np.uint8)
+    lo = -buf.ctypes.data % align
     return buf[lo:lo + nbytes]
 
 
 class Records:
-    """Reads a store's records with pread straight into buffers that keep them (no mapping of
-    the file, no transient copy), each checked against the manifest's crc32, and drops each
-    one's page cache once read: a load under a cap that just holds the weights stays inside it
-    (through LMDB's mapping, the mapped pages and a copy per record added up to OOM kills at
-    800 MiB on the 1B shape)."""
+    """Reads a store's records with pread, each checked against the manifest's crc32: at load
+    straight into the buffers that keep them (no mapping of the file, no transient copy), each
+    one's page cache dropped once read (through LMDB's mapping, the mapped pages and a copy
+    per record added up to OOM kills at 800 MiB on the 1B shape); records read again and
+    again (streamed clusters, experts read when routed) past the page cache where the file
+    system allows (O_DIRECT: the disk writes them into our buffers, with no copy and no page
+    to charge to the cgroup, reclaim and drop: 0.11 against 0.42 CPU ms per MB read here)."""
 
     def __init__(self, store: Store):
         self.store, data = store, store.path / "lmdb" / "data.mdb"
@@ -787,6 +794,10 @@ class Records:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead past a record:
         # those pages would stay cached (per-record DONTNEED left ~30 MB per 1B layer so)
+        try:
+            self.direct = os.open(data, os.O_RDONLY | os.O_DIRECT)
+        except (OSError, AttributeError):  # (tmpfs; not Linux)
+            self.direct = -1
         self.pool = None  # readers for `clusters`, made when first needed
         self.local = threading.local()  # each reader's buffer (`_scratch`)
 
@@ -815,43 +826,64 @@ class Records:
 
         def run(part: list[int]) -> None:
             start = self.at[keys[part[0]]][0]
-            end = sum(self.at[keys[part[-1]]])
-            buf = self.read_span(start, end - start, self._scratch(end - start),
-                                 f"record {keys[part[0]]}")
+            n = sum(self.at[keys[part[-1]]]) - start
+            buf = self.span(start, n, self._scratch(n), f"record {keys[part[0]]}")
             for c in part:
-                off, n = self.at[keys[c]]
-                place(c, self.check(keys[c], buf[off - start:off - start + n]))
+                off, size = self.at[keys[c]]
+                place(c, self.check(keys[c], buf[off - start:off - start + size]))
         for done in [self.pool.submit(run, part) for part in runs]:
             done.result()
 
     def _scratch(self, n: int) -> np.ndarray:
-        """This reader thread's buffer for a run, kept: a fresh one per run, freed on the
-        same thread, left ~1 MiB in each thread's malloc arena (8 MiB at 8 readers), enough
-        to push a run at --ram 650M past its cgroup cap (synthetic Mixtral)."""
+        """This reader thread's buffer for a run (`span`'s room included), kept: a fresh one
+        per run, freed on the same thread, left ~1 MiB in each thread's malloc arena (8 MiB at
+        8 readers), enough to push a run at --ram 650M past its cgroup cap (synthetic
+        Mixtral)."""
         buf = getattr(self.local, "buf", None)
-        if buf is None or buf.size < n:
-            buf = self.local.buf = np.empty(n, np.uint8)
+        if buf is None or buf.size < n + 2 * BLOCK:
+            buf = self.local.buf = _aligned(n + 2 * BLOCK, BLOCK)
+        return buf
+
+    def fetch(self, key: str, buf: np.ndarray, check: bool = True) -> np.ndarray:
+        """Record `key` read into `buf` (`span`'s) -> its view there; check: its crc32."""
+        off, n = self.at[key]
+        raw = self.span(off, n, buf, f"record {key}")
+        return self.check(key, raw) if check else raw
+
+    def span(self, off: int, n: int, buf: np.ndarray, what: str) -> np.ndarray:
+        """Bytes [off, off + n) of the file into `buf` (BLOCK-aligned, n + 2 BLOCK long) ->
+        their view there: read past the page cache where the file system allows (whole
+        BLOCKs, the bytes at their offset within the first), else through it at buf's start
+        and their pages dropped."""
+        if self.direct >= 0:
+            a0, a1 = off // BLOCK * BLOCK, -(-(off + n) // BLOCK) * BLOCK
+            try:
+                self._pread(self.direct, buf[:a1 - a0], a0, what)
+                return buf[off - a0:off - a0 + n]
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct)  # it opened, but takes no direct reads
+                self.direct = -1
+        self._pread(self.fd, buf[:n], off, what)
+        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         return buf[:n]
 
     def read(self, key: str, out: np.ndarray, check: bool = True) -> np.ndarray:
-        """Record `key` into out[:its length]; check: against the manifest's crc32."""
+        """Record `key` into out[:its length] through the page cache (its pages dropped);
+        check: against the manifest's crc32."""
         off, n = self.at[key]
-        self.read_span(off, n, out, f"record {key}")
+        self._pread(self.fd, out[:n], off, f"record {key}")
+        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         return self.check(key, out[:n]) if check else out
 
-    def read_span(self, off: int, n: int, out: np.ndarray | None = None,
-                  key: str = "a span") -> np.ndarray:
-        """Bytes [off, off + n) of the file into `out` (a new buffer if None), their pages
-        dropped from the page cache once read."""
-        out = np.empty(n, np.uint8) if out is None else out
-        mv, got = memoryview(out)[:n], 0
-        while got < n:
-            step = os.preadv(self.fd, [mv[got:]], off + got)
+    def _pread(self, fd: int, out: np.ndarray, off: int, what: str) -> None:
+        mv, got = memoryview(out), 0
+        while got < len(mv):
+            step = os.preadv(fd, [mv[got:]], off + got)
             if step <= 0:
-                raise StoreError(f"{self.store.path}: {key} is cut short")
+                raise StoreError(f"{self.store.path}: {what} is cut short")
             got += step
-        os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
-        return out
 
     def check(self, key: str, raw: np.ndarray) -> np.ndarray:
         if [raw.size, zlib.crc32(raw)] != list(self.store.records[key]):
@@ -862,9 +894,10 @@ class Records:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
             self.pool = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "direct"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
 
 def _f32(rd: Records, name: str) -> np.ndarray:
