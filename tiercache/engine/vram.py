@@ -176,10 +176,11 @@ class DecodeRun:
         position and output (a warm-up first, on a side stream, as torch asks); None where
         the capture fails (the run stays eager)."""
         from types import SimpleNamespace
-        x = torch.zeros(1, 1, self.layers[0].input_layernorm.weight.shape[0], dtype=DTYPE,
-                        device=self.dev)
-        p = torch.full((1,), pos, dtype=torch.long, device=self.dev)  # the warm-up writes
-        # position `pos` of the KV buffers, which the first replay then writes again
+        with torch.inference_mode(False):  # written before each replay, in whatever mode
+            x = torch.zeros(1, 1, self.layers[0].input_layernorm.weight.shape[0],
+                            dtype=DTYPE, device=self.dev)
+            p = torch.full((1,), pos, dtype=torch.long, device=self.dev)  # the warm-up
+        # writes position `pos` of the KV buffers, which the first replay then writes again
         try:
             side = torch.cuda.Stream(self.dev)
             side.wait_stream(torch.cuda.current_stream(self.dev))
