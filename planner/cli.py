@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 
 from .profiles import DeviceProfile, list_presets, preset, resolve_device
-from .search import make_plan, sweep
 from .units import mb
 
 device_app = typer.Typer(help="Device profiles: presets and a probe of this machine.",
@@ -107,6 +106,7 @@ def plot_budget_curve(model, device, path: Path, ram_bytes: int, vram=None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     kw = {"vram": vram, "context": context, "active": active}
+    from .search import sweep  # (its cost model imports torch: not for `tiercache chat`)
     pts = [p for p in sweep(model, device, **kw) if p["decode_tok_s"]]
     pts += [p for p in sweep(model, device, budgets=[ram_bytes], **kw) if p["decode_tok_s"]]
     pts.sort(key=lambda p: p["ram_bytes"])
@@ -165,6 +165,7 @@ def plan(
                  "(default 0.5; 1.0 plans a dense run)")] = None,
 ) -> dict:
     """Plan how to run MODEL on a device within a RAM (and VRAM) budget."""
+    from .search import make_plan
     result = make_plan(model, device, ram=ram, vram=vram, min_tok_s=min_tok_s, context=context,
                        active=active)
     if out:

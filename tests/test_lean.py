@@ -340,6 +340,20 @@ def test_a_lean_run_never_imports_torch(lean_stores):
     assert json.loads(r.stdout.splitlines()[-1]) == ["LeanEngine", False, []]
 
 
+def test_the_cli_on_the_lean_runtime_never_imports_torch(lean_stores):
+    """`tiercache generate` (and chat, which loads the same way) runs the lean runtime with
+    torch out of the process: the CLI's planner commands import the planner, whose cost model
+    imports torch, only when they run (registering them at import put torch's ~142 MiB in
+    every chat)."""
+    code = ("import sys; from tiercache.cli import app; "
+            f"app(['generate', {str(lean_stores['tied'])!r}, '-p', 'hello', '-n', '4', "
+            "'--engine', 'lean'], standalone_mode=False); "
+            "print('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "torch loaded: False", r.stdout
+
+
 def test_samplers_in_numpy():
     logits = np.array([0.1, 3.0, 2.9, -1.0], np.float32)
     assert make_sampler()(logits) == 1 and make_sampler()(torch.from_numpy(logits)) == 1
