@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tiercache import profile
+from tiercache import evaluate
 from tiercache.engine import generate_step, load_dense, make_sampler
 from tiercache.engine.tiered import TierConfig, load_tiered
 from tiercache.errors import ContextError
@@ -64,6 +64,6 @@ def test_eval_in_pieces_equals_one_pass(stores, monkeypatch):
     ids = _ids(40, seed=3)
     logits = eng.logits(eng.new_session(), ids[:-1])
     want = math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
-    monkeypatch.setattr(profile, "EVAL_LOGIT_BYTES", 8 * eng.args.vocab_size * 7)  # 7 rows
-    got = profile.perplexity(eng, ids, chunk=len(ids))
+    monkeypatch.setattr(evaluate, "EVAL_LOGIT_BYTES", 8 * eng.args.vocab_size * 7)  # 7 rows
+    got = evaluate.perplexity(eng, ids, chunk=len(ids))
     assert abs(got - want) < 1e-4 * want, (got, want)

@@ -3,6 +3,7 @@ float32 reference on the same q4 store, on models built here whose shapes fit th
 blocks of 64; how `api.load` chooses it; and that a process running it never imports torch."""
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -341,12 +342,16 @@ def test_a_lean_run_never_imports_torch(lean_stores):
 
 
 def test_the_cli_on_the_lean_runtime_never_imports_torch(lean_stores):
-    """`tiercache generate` (and chat, which loads the same way) runs the lean runtime with
-    torch out of the process: the CLI's planner commands import the planner, whose cost model
-    imports torch, only when they run (registering them at import put torch's ~142 MiB in
-    every chat)."""
+    """`tiercache generate` (and chat, which loads the same way) and `eval` run the lean
+    runtime with torch out of the process: the CLI's planner commands import the planner,
+    whose cost model imports torch, only when they run (registering them at import put
+    torch's ~142 MiB in every chat), and perplexity is numpy's."""
+    text = Path(lean_stores["tied"]).parent / "eval.txt"
+    text.write_text("hello there, general kenobi. " * 4)
     code = ("import sys; from tiercache.cli import app; "
             f"app(['generate', {str(lean_stores['tied'])!r}, '-p', 'hello', '-n', '4', "
+            "'--engine', 'lean'], standalone_mode=False); "
+            f"app(['eval', {str(lean_stores['tied'])!r}, '--text', {str(text)!r}, '--json', "
             "'--engine', 'lean'], standalone_mode=False); "
             "print('torch loaded:', 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -255,7 +255,7 @@ def eval_(model: str = MODEL,
           json_out: bool = typer.Option(False, "--json", help="print a JSON report")):
     """Perplexity of MODEL on a text, in exactly the configuration being run."""
     from . import api
-    from .profile import perplexity
+    from .evaluate import perplexity  # (numpy: no torch on the lean runtime)
     _check_options(max_tokens=max_tokens, chunk=chunk, threads=threads)
     eng, tok = api.load(model, threads=threads, dtype=dtype, ram=ram, engine=engine,
                         context=chunk, kv=kv, sparse=sparse, backend=backend, plan=plan,

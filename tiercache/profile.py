@@ -18,7 +18,6 @@ engine reads ahead by), land in the profile.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from .engine import load_dense
 from .engine.predictor import Predictor, fit, predictor_key, score
 from .errors import TiercacheError
+from .evaluate import chunks, perplexity  # noqa: F401 (perplexity: profile's name too)
 from .models.llama import MLP
 from .store.format import Store, StoreWriter, tensor_key, threshold_key
 
@@ -97,31 +97,6 @@ def _wrap(engine) -> dict[tuple[int, int], _Masked]:
     return out
 
 
-def _chunks(ids: list[int], size: int):
-    return [ids[i:i + size] for i in range(0, len(ids) - 1, size) if len(ids[i:i + size]) > 1]
-
-
-EVAL_LOGIT_BYTES = 8 << 20
-
-
-@torch.inference_mode()
-def perplexity(engine, ids: list[int], chunk: int = 256, progress: bool = False) -> float:
-    """exp(mean NLL) of each chunk's next tokens, each chunk from an empty cache."""
-    nll, n = 0.0, 0
-    # logits [rows, V] and their log-softmax stay within EVAL_LOGIT_BYTES (a whole chunk's
-    # were 50 MB each on SmolLM2: past a RAM budget's working space, OOM-killed under a cap)
-    rows = max(1, EVAL_LOGIT_BYTES // (8 * engine.args.vocab_size))
-    for c in tqdm(_chunks(ids, chunk), desc="eval", unit="chunk", disable=not progress):
-        session = engine.new_session()
-        for lo in range(0, len(c) - 1, rows):
-            logits = torch.as_tensor(engine.logits(session, c[lo:min(lo + rows, len(c) - 1)]))
-            target = torch.tensor(c[lo + 1:lo + 1 + len(logits)])
-            nll += torch.nn.functional.cross_entropy(logits.float(), target,
-                                                     reduction="sum").item()
-        n += len(c) - 1
-    return math.exp(nll / n)
-
-
 def _set_quantile(wraps, q: float, quantiles: dict, scales: dict):
     """Each layer's t at quantile q of its scores; per-neuron thresholds t / s_i."""
     for k, w in wraps.items():
@@ -187,7 +162,7 @@ def profile_store(path, ids: list[int], budget: float = 0.05, chunk: int = 256,
         w.clusters = (orders[k], n, torch.zeros(-(-len(orders[k]) // n)))
     sample = fit[:1024]
     perplexity(engine, sample, chunk)  # cluster activity in the new order
-    prof["ffn"] = _layer_stats(store, wraps, orders, len(sample) - len(_chunks(sample, chunk)))
+    prof["ffn"] = _layer_stats(store, wraps, orders, len(sample) - len(chunks(sample, chunk)))
     predictors = {}
     if predictor:
         predictors = _fit_predictors(store, wraps, orders, prof, rank, recall, progress)
