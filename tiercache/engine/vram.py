@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import TiercacheError
+from ..models.kv import KVCache
 
 DTYPE = torch.float16  # what VRAM layers keep and compute in (a q4/q8 store is dequantized),
                        # on the CPU standing in too: tests check the dtype a GPU runs
@@ -74,37 +75,22 @@ def load_layer(layer: nn.Module, weights, prefix: str, sanitize) -> nn.Module:
     return layer
 
 
-class StaticKV:
+class StaticKV(KVCache):
     """A VRAM layer's KV cache: `context` positions allocated once on the device (what the
-    layout counted for it), in DTYPE, written in place. Prompts take views of it (the KV cache
-    protocol of models/kv.py); a decode graph (`DecodeRun`) is captured over its buffers and
-    writes position `offset` in them, so the buffers never move."""
+    layout counted for it), in DTYPE, written in place (models/kv.py's protocol, which never
+    grows it here). A decode graph (`DecodeRun`) is captured over its buffers and writes
+    position `offset` in them, so the buffers must never move."""
 
     def __init__(self, args, context: int, dev: torch.device):
-        shape = (1, args.num_key_value_heads, context, args.head_dim)
-        self.k = torch.zeros(shape, dtype=DTYPE, device=dev)
+        super().__init__(1, args.num_key_value_heads, args.head_dim, DTYPE, dev)
+        self.k = torch.zeros(1, args.num_key_value_heads, context, args.head_dim, dtype=DTYPE,
+                             device=dev)
         self.v = torch.zeros_like(self.k)
-        self.offset = 0
         self.graph = None  # the decode graph captured over these buffers (a run's first layer)
 
-    def update_and_fetch(self, k, v):
-        t = k.shape[2]
-        if self.offset + t > self.k.shape[2]:
-            raise TiercacheError(f"the VRAM KV cache holds {self.k.shape[2]} positions; "
-                                 f"{self.offset} + {t} asked")
-        self.k[:, :, self.offset:self.offset + t] = k
-        self.v[:, :, self.offset:self.offset + t] = v
-        self.offset += t
-        return self.k[:, :, :self.offset], self.v[:, :, :self.offset]
-
-    def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+    def _grow(self, need: int, device):
+        raise TiercacheError(f"the VRAM KV cache holds {self.k.shape[2]} positions; {need} "
+                             "asked")
 
 
 class DecodeRun:
