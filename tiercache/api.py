@@ -43,8 +43,8 @@ ENGINES = ("auto", "lean", "tiered", "dense")
 def load(model: str, threads: int | None = None, dtype: str | None = None, ram: int | str | None = None,
          engine: str = "auto", context: int = 2048, kv: str = "f16", io_threads: int = 2,
          sparse: bool | None = None, backend: str = "auto",
-         plan: str | None = None, experts: str | None = None,
-         expert_cut: float | None = None, vram: int | str | None = None) -> tuple[Engine, Tokenizer]:
+         plan: str | None = None, experts: str | None = None, expert_cut: float | None = None,
+         vram: int | str | None = None) -> tuple[Engine, Tokenizer]:
     """Load MODEL (store dir, HF dir, GGUF file or known name) -> (engine, tokenizer).
 
     engine="auto" runs the lean runtime (`tiercache.lean`: no torch in the process) where it
