@@ -2,6 +2,7 @@
 float32 reference on the same q4 store, on models built here whose shapes fit the kernel's row
 blocks of 64; how `api.load` chooses it; and that a process running it never imports torch."""
 import json
+import os
 import subprocess
 from pathlib import Path
 import sys
@@ -220,6 +221,28 @@ def test_moe_reads_the_experts_its_cache_does_not_hold(lean_stores, monkeypatch)
     assert isinstance(eng, lean.LeanEngine) and eng.experts.cache is not None
     with pytest.raises(BudgetError, match="one token's routed experts"):
         api.load(str(lean_stores["mixtral"]), engine="lean", ram=least - 1)
+
+
+def test_spans_read_past_the_page_cache_or_through_it(tmp_path):
+    """Records.span: the bytes asked for, at any offset, past the page cache in whole blocks
+    (up to a file end that is not on a block) or through it; a file cut short is an error."""
+    from types import SimpleNamespace
+    data = np.random.default_rng(0).integers(0, 256, 3 * lean.BLOCK + 1000, np.uint8)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data.tobytes())
+    rd = lean.Records.__new__(lean.Records)
+    rd.store, rd.pool = SimpleNamespace(path=tmp_path), None
+    rd.fd = os.open(path, os.O_RDONLY)
+    try:
+        rd.direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        rd.direct = -1
+    buf = lean._aligned(2 * lean.BLOCK + 4 * lean.BLOCK, lean.BLOCK)
+    for off, n in [(0, 10), (100, lean.BLOCK), (lean.BLOCK - 1, 2), (data.size - 300, 300)]:
+        np.testing.assert_array_equal(rd.span(off, n, buf, "a span"), data[off:off + n])
+    with pytest.raises(StoreError, match="a span is cut short"):
+        rd.span(data.size - 10, 20, buf, "a span")
+    rd.close()
 
 
 def test_moe_reads_ahead_inside_its_budget(lean_stores, monkeypatch):

@@ -857,8 +857,8 @@ class Records:
         and their pages dropped."""
         if self.direct >= 0:
             a0, a1 = off // BLOCK * BLOCK, -(-(off + n) // BLOCK) * BLOCK
-            try:
-                self._pread(self.direct, buf[:a1 - a0], a0, what)
+            try:  # (the last block may pass the file's end: the bytes asked for suffice)
+                self._pread(self.direct, buf[:a1 - a0], a0, what, need=off - a0 + n)
                 return buf[off - a0:off - a0 + n]
             except OSError as e:
                 if e.errno != errno.EINVAL:
@@ -877,9 +877,12 @@ class Records:
         os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         return self.check(key, out[:n]) if check else out
 
-    def _pread(self, fd: int, out: np.ndarray, off: int, what: str) -> None:
+    def _pread(self, fd: int, out: np.ndarray, off: int, what: str,
+               need: int | None = None) -> None:
+        """out's bytes from file offset `off`; at least `need` of them (None: all)."""
         mv, got = memoryview(out), 0
-        while got < len(mv):
+        need = len(mv) if need is None else need
+        while got < need:
             step = os.preadv(fd, [mv[got:]], off + got)
             if step <= 0:
                 raise StoreError(f"{self.store.path}: {what} is cut short")
