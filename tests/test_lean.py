@@ -339,6 +339,12 @@ def test_load_chooses_lean_where_it_runs_and_fits(lean_stores, stores, monkeypat
     with pytest.raises(BudgetError, match=r"needs \d+ MiB \(all but the FFN clusters, which "
                        r"stream, KV, runtime\), over --ram"):
         api.load(str(lean_stores["tied"]), engine="lean", ram=least - 1)
+    # where neither engine fits, auto says both, and the context the lean runtime would fit
+    small = lean.min_bytes(store, 1024, "f16")
+    assert small < least
+    with pytest.raises(BudgetError, match=r"too small for either engine: the lean runtime "
+                       r"needs \d+ MiB .*; --context 1024 would fit; the tiered engine: .*needs"):
+        api.load(str(lean_stores["tied"]), ram=small)
     assert not isinstance(api.load(str(lean_stores["tied"]), engine="tiered")[0],
                           lean.LeanEngine)
     f32 = stores("llama", "f32")

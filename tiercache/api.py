@@ -78,14 +78,30 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     tok = Tokenizer(path)  # before the engine, so its memory is inside the measured budget
     trim_heap()  # parsing tokenizer.json leaves ~27 MiB of freed blocks in malloc (SmolLM2's)
     ram_bytes = parse_size(ram) if ram is not None else None
+    lean_short = None  # why the lean runtime did not fit --ram, where that was why
     if engine in ("auto", "lean"):
         asked = dict(vram=vram, plan=plan, sparse=sparse, backend=None if backend == "auto"
                      else backend)
-        lean = _lean(path, engine == "lean", asked, ram_bytes, context, kv,
-                     threads or default_threads(), experts, expert_cut)
+        lean, lean_short = _lean(path, engine == "lean", asked, ram_bytes, context, kv,
+                                 threads or default_threads(), experts, expert_cut)
         if lean is not None:
             return lean, tok
+    try:
+        return _torch_engine(path, tok, threads, ram, engine, context, kv, io_threads, sparse,
+                             backend, plan, experts, expert_cut, vram)
+    except BudgetError as e:
+        if lean_short is None:
+            raise
+        # neither fits: say both, the lean runtime's (the smaller process) first
+        raise BudgetError(f"--ram {ram_bytes / 2**20:.0f} MiB is too small for either engine: "
+                          f"the lean runtime {lean_short}; the tiered engine: {e}") from None
+
+
+def _torch_engine(path, tok, threads, ram, engine, context, kv, io_threads, sparse, backend,
+                  plan, experts, expert_cut, vram) -> tuple[Engine, Tokenizer]:
+    """The tiered or dense engine (torch) for the store at `path`, as `load` asked."""
     import torch
+    from planner.units import parse_size
     from .engine import load_dense
     from .engine.tiered import TierConfig, config_from_plan, load_tiered
     torch.set_num_threads(threads or default_threads())
@@ -130,8 +146,9 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
 def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv: str,
           threads: int, experts: str | None = None,
           expert_cut: float | None = None):
-    """The lean runtime for the store at `path`, or None where the tiered engine is the one to
-    run it (asked_for: an error instead, with the reason)."""
+    """(the lean runtime for the store at `path`, None) or, where the tiered engine is the one
+    to run it, (None, why it did not fit --ram, or None where that was not why); asked_for:
+    an error instead, with the reason."""
     from . import lean
     from .engine import q4
     store = Store(path, readahead=False)
@@ -144,20 +161,25 @@ def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv:
     if why is None and resident is None and store.args.is_moe:  # experts read when routed
         budget = lean.expert_budget(store, context, kv, ram)
         resident = None if budget is None else store.n_clusters
+    short = None
     if why is None and resident is None:
         least = lean.min_bytes(store, context, kv)
         held = ("one token's routed experts" if store.args.is_moe
                 else "all but the FFN clusters, which stream")
-        why = (f"needs {least / 2**20:.0f} MiB ({held}, KV, runtime), over --ram "
-               f"{ram / 2**20:.0f} MiB")
+        fits = next((c for c in (context // 2, context // 4, context // 8) if c >= 128
+                     and lean.min_bytes(store, c, kv) <= ram), None)
+        short = why = (f"needs {least / 2**20:.0f} MiB ({held}, KV, runtime), over --ram "
+                       f"{ram / 2**20:.0f} MiB" + (f"; --context {fits} would fit" if fits
+                                                   else ""))
     if why is not None:
         store.close()
         if asked_for:
-            raise (BudgetError if "--ram" in why else TiercacheError)(
+            raise (BudgetError if short else TiercacheError)(
                 f"--engine lean: the lean runtime {why}")
-        return None
+        return None, short
     q4.share_threads(threads)
-    return lean.LeanEngine(store, context, kv, threads, resident, budget, experts, expert_cut)
+    return lean.LeanEngine(store, context, kv, threads, resident, budget, experts,
+                           expert_cut), None
 
 
 def _handed(backend: str, threads: int | None):
