@@ -160,7 +160,7 @@ def test_q4_lean_perplexity_matches_dense(q4_store, q4_dense):
     (as the tiered engine does below)."""
     from pathlib import Path
     from tiercache import lean
-    from tiercache.profile import perplexity
+    from tiercache.evaluate import perplexity
     store = Store(q4_store)
     if lean.why_not(store) is not None:
         pytest.skip(f"the lean runtime does not run here: {lean.why_not(store)}")
@@ -204,7 +204,7 @@ def test_q4_default_engine_perplexity_matches_dense(q4_store, q4_dense):
     model was not tuned on; 512 tokens in windows of 256)."""
     import gc
     from pathlib import Path
-    from tiercache.profile import perplexity
+    from tiercache.evaluate import perplexity
     gc.collect()
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     ids = Tokenizer(q4_store).encode(readme)[:512]

@@ -251,7 +251,8 @@ def test_refuses_budget_with_numbers(stores):
 
 
 def test_profile_reorders_and_sparsifies(hf_models, tmp_path):
-    from tiercache.profile import perplexity, profile_store
+    from tiercache.evaluate import perplexity
+    from tiercache.profile import profile_store
     from tiercache.store.convert import convert
     out = convert(hf_models["llama"][1], tmp_path / "s", progress=False)
     ids = torch.randint(0, 250, (600,), generator=torch.Generator().manual_seed(0)).tolist()

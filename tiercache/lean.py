@@ -588,16 +588,15 @@ class Experts:
             else:
                 self.ahead.unused[l] += 1
                 self.late.add(k)
-        for k in [k for k in self.late if k not in self.inflight or self.inflight[k].done()]:
+        for k in [k for k in self.late if self.inflight[k].done()]:  # (routed: not late)
             self.late.discard(k)
-            v = self.inflight.pop(k, None)  # (None: routed meanwhile, `value` put it)
-            if v is not None:
-                self.cache.release(self.one)
-                if v.exception() is None and k in self.cache:
-                    self.spare.append(v.result()[0])
-                elif v.exception() is None:
-                    self._spare(self.cache.put(k, v.result(), self.one, in_use=self.busy))
-                    self.cache.demote(k)
+            v = self.inflight.pop(k)
+            self.cache.release(self.one)
+            if v.exception() is None and k in self.cache:
+                self.spare.append(v.result()[0])
+            elif v.exception() is None:
+                self._spare(self.cache.put(k, v.result(), self.one, in_use=self.busy))
+                self.cache.demote(k)
 
     def _read_now(self, k: tuple) -> tuple:
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .engine import load_dense
 from .engine.predictor import Predictor, fit, predictor_key, score
 from .errors import TiercacheError
-from .evaluate import chunks, perplexity  # noqa: F401 (perplexity: profile's name too)
+from .evaluate import chunks, perplexity
 from .models.llama import MLP
 from .store.format import Store, StoreWriter, tensor_key, threshold_key
 
