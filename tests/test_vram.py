@@ -12,7 +12,7 @@ from tiercache.engine import load_dense
 from tiercache.engine.vram import StaticKV
 from tiercache.engine.layout import MB, VRAM_SLACK
 from tiercache.engine.tiered import TierConfig, load_tiered
-from tiercache.errors import TiercacheError
+from tiercache.errors import BudgetError, TiercacheError
 from tiercache.store.format import Store
 
 IDS = list(range(3, 40))
@@ -58,6 +58,33 @@ def test_vram_layers_do_not_stream():
     b = half.budget
     assert 0 < len(b.vram_layers) < 8 and b.vram_head
     assert {u.layer for u in half.units} == set(range(8)) - b.vram_layers  # no head slices
+
+
+def test_ram_counts_only_what_stays_on_the_cpu():
+    """VRAM is placed first: the RAM regions lose each VRAM layer's attention, clusters, gates
+    and KV cache (and an untied head in VRAM), so a --ram that is refused with every layer on
+    the CPU fits with some in VRAM; the hot order holds only the RAM layers' clusters."""
+    every = _vram_layout(64 << 30).vram
+    lines = []
+    for k in range(0, 10, 3):
+        lay = _vram_layout(VRAM_SLACK + every * k // 9 if k else 0)
+        b = lay.budget
+        ram = set(range(8)) - b.vram_layers
+        assert {key[0] for key in lay.hot_order} == ram and b.hot_slots == len(lay.hot_order)
+        assert set(lay.stream_attn) == ram
+        lines.append(b.lines())
+    for a, b in zip(lines, lines[1:]):
+        for k in ("attention", "kv", "gates", "fixed"):
+            assert b[k] <= a[k], (k, a, b)
+        assert b["hot"] < a["hot"] or b["hot"] == 0
+    assert lines[-1]["hot"] == lines[-1]["kv"] == lines[-1]["attention"] == 0
+    b = _vram_layout(0).budget  # everything resident on the CPU
+    ram = b.total - (b.attention + b.kv + b.gates + b.hot_slots * b.slot_bytes) // 3
+    with pytest.raises(BudgetError, match="too small"):
+        _place(v3_manifest(), ram=ram, hot_clusters=128, cold_clusters=0)
+    half = _place(v3_manifest(), vram=VRAM_SLACK + every * 2 // 3, ram=ram, hot_clusters=128,
+                  cold_clusters=0)
+    assert len(half.budget.vram_layers) >= 4 and half.budget.total <= ram
 
 
 @pytest.fixture(scope="module")

@@ -463,7 +463,8 @@ class ClusterFFN:
         return sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
 
     def _total_clusters(self) -> int:
-        return self.args.num_hidden_layers * self.args.n_experts * self.n_clusters
+        a, b = self.args, self.layout.budget  # the RAM layers' (the VRAM ones are not its)
+        return (a.num_hidden_layers - len(b.vram_layers)) * a.n_experts * self.n_clusters
 
     def _streamed_clusters(self, layer: int, expert: int) -> int:
         return self.n_clusters - len(self.hot.get((layer, expert), (None, ()))[1])

@@ -14,8 +14,9 @@ same function to predict what the engine will do.
 VRAM (a GPU's memory, `caps.vram`) is the first tier: the head, then whole layers in order
 (attention, FFN or every expert, and their KV cache) go there, as float16, and are computed on
 the GPU; the rest is placed in RAM and on flash as without one, and computed on the CPU next to
-its weights (a layer split, as llama.cpp's --n-gpu-layers, choosing by bytes). The RAM budget
-still counts what a VRAM layer would take in RAM: with a VRAM tier it is an upper bound.
+its weights (a layer split, as llama.cpp's --n-gpu-layers, choosing by bytes). VRAM is placed
+first: the RAM budget counts only what stays on the CPU (the RAM layers' weights, clusters, KV
+cache and gates; the head unless it is in VRAM, or when tied, as the embedding stays in RAM).
 """
 from __future__ import annotations
 
@@ -286,10 +287,13 @@ class _Placer:
         self.slots_cls = Int4Slots if self.int4 else Float32Slots
         self.head_name = facts.head_name
         self._select_mode()
+        self.vram_layers, self.vram_head, self.vram_used = self._vram_split()
+        self.ram_layers = [l for l in range(facts.args.num_hidden_layers)
+                           if l not in self.vram_layers]  # computed on the CPU
 
     def layout(self) -> Layout:
         budget = self._plan_budget(self.caps.runtime)
-        layers, head, vram = self._vram_split()
+        layers, head, vram = self.vram_layers, self.vram_head, self.vram_used
         if layers or head:  # there instead: nothing of theirs is packed for ORT in RAM
             budget = replace(budget, vram_layers=layers, vram_head=head,
                              nbits_layers=budget.nbits_layers - layers,
@@ -376,7 +380,9 @@ class _Placer:
         attn: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             if t["dtype"] == "q4k" and ".self_attn." in name:
-                attn.setdefault(int(name.split(".")[2]), []).append(name)
+                layer = int(name.split(".")[2])
+                if layer not in self.vram_layers:
+                    attn.setdefault(layer, []).append(name)
         return attn, self.tensors[self.head_name]["dtype"] == "q8r" and self.int8
 
     def _plan_budget(self, runtime: int) -> Budget:
@@ -386,11 +392,15 @@ class _Placer:
         token whichever weight it is, so the order only keeps the streaming path simple.
         Refuses (BudgetError, with the numbers) when even streaming does not fit."""
         a, cfg, ram = self.args, self.cfg, self.caps.ram
-        total = a.num_hidden_layers * a.n_experts * self.n_clusters
+        total = len(self.ram_layers) * a.n_experts * self.n_clusters
         slot, gates, kv = self._slot_bytes(), self._gate_bytes(), self._kv_bytes()
-        sizes = {n: _ram_bytes(t, self.int4) for n, t in self.tensors.items()}
+        in_vram = tuple(f"model.layers.{l}." for l in self.vram_layers)
+        sizes = {n: _ram_bytes(t, self.int4) for n, t in self.tensors.items()
+                 if not n.startswith(in_vram)}
         if a.tie_word_embeddings and self.int4:
             sizes.pop("lm_head.weight", None)  # the head is the embedding's bytes
+        if self.vram_head and not a.tie_word_embeddings:
+            sizes[self.head_name] = 0  # (a tied one stays in RAM: it is the embedding too)
         attn, head_ok = self._streamable()
         attn_bytes = {l: sum(sizes[n] for n in names) for l, names in attn.items()}
         head = sizes[self.head_name]
@@ -458,7 +468,7 @@ class _Placer:
         left = None if spare is None else spare - fixed     # before a run leaves its heap
         per_layer = a.n_experts * self.n_clusters * slot
         chosen, extra = [], fixed
-        for l in range(a.num_hidden_layers):
+        for l in self.ram_layers:
             cost = int((attn_bytes.get(l, 0) + per_layer) * NBITS_EXTRA)
             if left is not None and cost > left:
                 break
@@ -466,7 +476,8 @@ class _Placer:
             extra += cost
             left = None if left is None else left - cost
         cost = int(head * NBITS_EXTRA)
-        on_head = len(chosen) == a.num_hidden_layers and (left is None or cost <= left)
+        on_head = (len(chosen) == len(self.ram_layers) and not self.vram_head
+                   and (left is None or cost <= left))
         if not chosen:
             return {}
         return dict(prepacked=extra + (cost if on_head else 0), nbits_layers=frozenset(chosen),
@@ -534,7 +545,7 @@ class _Placer:
     def _gate_bytes(self) -> int:
         """What picks neurons: the pinned gates, or the predictors."""
         a = self.args
-        units = a.num_hidden_layers * a.n_experts
+        units = len(self.ram_layers) * a.n_experts
         per_neuron = 4 * a.intermediate_size if "criterion" in (self.profile or {}) else 0
         if self.mode == "predictor":
             one = record_bytes(self.d, a.intermediate_size, self.profile["predictor"]["rank"])
@@ -550,7 +561,11 @@ class _Placer:
         return self._kv_bytes_for(positions)
 
     def _kv_bytes_for(self, positions: int) -> int:
-        return kv_bytes(self.args, positions, self.cfg.kv)
+        """The RAM layers' KV cache (the VRAM layers' is in VRAM)."""
+        if not self.ram_layers:
+            return 0
+        return kv_bytes(replace(self.args, num_hidden_layers=len(self.ram_layers)), positions,
+                        self.cfg.kv)
 
     def _hotness_order(self) -> list[Key]:
         """All clusters in the order they are pinned. Dense (every cluster computed every
@@ -559,11 +574,11 @@ class _Placer:
         clusters instead left every layer with a pinned and a streamed part (30 small units,
         two blocks a layer), ~1.5x slower at the same bytes per token. Sparse or MoE: most
         frequently active first (profile order; else layer order)."""
-        a = self.args
+        a, ram = self.args, self.ram_layers  # the VRAM layers' clusters are not RAM's
         if self.mode == "dense" and not a.is_moe:
-            return [(l, 0, c) for l in spread_layers(a.num_hidden_layers)
+            return [(ram[i], 0, c) for i in spread_layers(len(ram))
                     for c in range(self.n_clusters)]
-        keys = [(l, e, c) for l in range(a.num_hidden_layers) for e in range(a.n_experts)
+        keys = [(l, e, c) for l in ram for e in range(a.n_experts)
                 for c in range(self.n_clusters)]
         if not self.profile:
             return keys
