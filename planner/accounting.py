@@ -50,10 +50,13 @@ def dense_mode(manifest: dict) -> bool:
 @dataclass(frozen=True)
 class Holding:
     """How the engine will hold one store (`layout.place` for the planner's configurations):
-    what it pins, each slot's size, its hot order."""
+    what it pins, each slot's size, its hot order; with `vram`, which layers (and whether the
+    head) the engine puts in VRAM first, the rest (what this class counts) on the CPU."""
     manifest: dict
     int4: bool  # FFN and attention on the int4 kernel (q4k stores, compute auto)
     int8: bool = False  # torch's int8 kernel here (a streamed q8r head)
+    vram: int = 0  # bytes for the VRAM tier (TierConfig.vram_bytes); 0: none
+    context: int = 2048  # the split counts each VRAM layer's KV cache for this context
 
     @cached_property
     def args(self) -> ModelArgs:
@@ -72,12 +75,22 @@ class Holding:
         return -(-self.args.intermediate_size // self.n)
 
     @property
-    def units(self) -> int:
-        return self.args.num_hidden_layers * self.args.n_experts
+    def total(self) -> int:
+        """FFN clusters on the CPU (the VRAM layers' are not the engine's regions')."""
+        return len(self.hot_order)
 
     @property
-    def total(self) -> int:
-        return self.units * self.n_clusters
+    def vram_layers(self) -> frozenset:
+        return self._placed.budget.vram_layers
+
+    @property
+    def vram_head(self) -> bool:
+        return self._placed.budget.vram_head
+
+    @property
+    def vram_bytes(self) -> int:
+        """What the VRAM tier holds: float16 weights and the VRAM layers' KV cache."""
+        return self._placed.vram
 
     @cached_property
     def dense(self) -> bool:
@@ -111,6 +124,8 @@ class Holding:
                                  prefetch_layers=max(1, prefetch_layers), context=context,
                                  pin_attention=pin_attention, pin_head=pin_head,
                                  compute="auto" if self.int4 else "f32", select="gate")
+        if self.vram and context != self.context:  # the VRAM split is this Holding's
+            raise ValueError(f"a Holding for context {self.context} asked for {context}")
         key = (runtime, context, cold, prefetch_layers, io_threads, ram, pin_attention, pin_head)
         if self.dense and ram is None and cold == 0 and hot is not None and 0 < hot < self.total:
             # below all of them the engine's regions differ only by the pinned slots: derive
@@ -119,7 +134,7 @@ class Holding:
                                pin_attention, pin_head)
             return dataclasses.replace(zero, hot_slots=hot)
         if (hot, key) not in self._memo:
-            caps = Capacities(runtime=runtime + FILE_RESERVE, ram=ram)
+            caps = Capacities(runtime=runtime + FILE_RESERVE, ram=ram, vram=self.vram)
             self._memo[(hot, key)] = place(self.facts, cfg, caps, self.kernels).budget
         return self._memo[(hot, key)]
 
@@ -141,8 +156,9 @@ class Holding:
         """The layout with every weight resident: what does not depend on the budget (hot
         order, what may stream). Plans model sparse decode with pinned gates
         (config_from_plan asks the engine so)."""
-        cfg = TierConfig(compute="auto" if self.int4 else "f32", select="gate")
-        return place(self.facts, cfg, Capacities(), self.kernels)
+        cfg = TierConfig(compute="auto" if self.int4 else "f32", select="gate",
+                         context=self.context)
+        return place(self.facts, cfg, Capacities(vram=self.vram), self.kernels)
 
     def regions(self, runtime: int, context: int, hot: int, cold: int,
                 prefetch_layers: int, io_threads: int = 2, pin_attention: int | None = None,
@@ -183,9 +199,10 @@ class Holding:
         """What may stream besides FFN clusters, as the engine decides it (`place`):
         ({layer: its attention's stored bytes}, the head's row bytes or 0, rows per head
         slice). Stored and held bytes are equal: q4k and q8r run as stored; a streamed head
-        reads its int8 rows, its row scales stay pinned."""
+        reads its int8 rows, its row scales stay pinned. VRAM layers and a head in VRAM are
+        read once, at load."""
         lay = self._placed
-        attn, head_ok = lay.stream_attn, lay.head_streamable
+        attn, head_ok = lay.stream_attn, lay.head_streamable and not self.vram_head
         t = self.manifest["tensors"]
         layers = {l: sum(quant.nbytes(t[n]["shape"], t[n]["dtype"]) for n in names)
                   for l, names in attn.items()}
@@ -234,14 +251,16 @@ def plan_budget(manifest: dict, cfg: TierConfig, runtime: int):
     loaded (MatMulNBits's prepacked copies not modelled). Raises BudgetError as the engine
     would."""
     hold = layout_of(manifest, cfg.compute)
-    return place(hold.facts, cfg, Capacities(runtime=runtime, ram=cfg.ram_bytes),
-                 hold.kernels).budget
+    caps = Capacities(runtime=runtime, ram=cfg.ram_bytes, vram=cfg.vram_bytes or 0)
+    return place(hold.facts, cfg, caps, hold.kernels).budget
 
 
-def layout_of(manifest: dict, compute: str = "auto") -> Holding:
-    """How the engine holds a store (or an estimate of one), with this machine's kernels."""
+def layout_of(manifest: dict, compute: str = "auto", vram: int = 0,
+              context: int = 2048) -> Holding:
+    """How the engine holds a store (or an estimate of one), with this machine's kernels;
+    `vram`: what the engine is given for its VRAM tier, its layers' KV sized for `context`."""
     from tiercache.engine.kernels import _HAVE_INT8
     a = ModelArgs.from_dict(manifest["config"])
     n = int(manifest["ffn"]["cluster_size"])
     fast = Int4Slots.supports(n, a.hidden_size, manifest["ffn"]["dtype"], a.intermediate_size)
-    return Holding(manifest, fast and compute != "f32", _HAVE_INT8)
+    return Holding(manifest, fast and compute != "f32", _HAVE_INT8, vram, context)

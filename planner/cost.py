@@ -16,6 +16,12 @@ hits almost nothing. Misses are read at the cluster's size with `io_threads` in 
 device's flash curve; the lookahead overlaps the reads it predicts with compute (a cluster active
 at the previous token is active again with probability pi, so recall = sum pi^2 / sum pi).
 
+VRAM (a GPU's memory, Config.vram): the engine's own split (`layout.place`: the head, then
+whole layers in order, float16, with their KV cache) is computed on the GPU at its matvec rate,
+as one CUDA graph replay for a dense model's layer prefix (vram.DecodeRun) or op by op for MoE,
+with the hidden state's trips between the devices; everything above then counts the CPU's
+layers only.
+
 Prefill: every layer whole; the non-hot part of each layer's FFN is read sequentially in
 `prefill_block` reads into one of two alternating buffers while the other computes.
 
@@ -47,6 +53,9 @@ OPS_PER_TOKEN = 12  # embedding, final norm, lm_head, sampling
 OPS_PER_CLUSTER = 4  # per active cluster: Python bookkeeping (cache lookup, slot index)
 CLUSTER_OBJ_BYTES = 128  # cache entry per cached cluster (slots live in preallocated pools)
 DECODE_POSITION = 256  # typical KV length a decode step attends over (capped by the context)
+# one replay of the VRAM layers' captured decode step (vram.DecodeRun): launch and
+# synchronisation, gpt-fast class (assumption; no GPU has measured it here yet)
+GRAPH_LAUNCH_S = 30e-6
 MIN_HEADROOM = 4 << 20  # page cache / allocator slack the budget keeps for buffered reads
 ENGINE_SLACK = SLACK  # the engine keeps this much for activations, logits, allocator slop
 # Dense-stream decode (tiercache/engine/tiered.py `_dense_ffn`), in op-equivalents of the
@@ -91,8 +100,7 @@ class Config:
     prefill_block: int = 1 << 20
     hold_fixed: str | None = None  # dtype the fixed region is held in; None: as stored (q4 int4)
     hold_ffn: str | None = None  # the engine has one compute format: equal to hold_fixed
-    place_fixed: str = "ram"  # "ram" or "vram"
-    place_hot: str = "ram"
+    vram: int = 0  # bytes given to the engine's VRAM tier (TierConfig.vram_bytes); 0: none
     decode_backend: str = "torch"
     prefill_backend: str = "torch"
     io_mode: str = "direct"  # "direct" (O_DIRECT, no page cache) or "buffered"
@@ -125,14 +133,15 @@ class Prediction:
 class Activity:
     """Per-cluster access probabilities of a model at one decode cluster size, sorted hot first."""
 
-    def __init__(self, sizes: ModelSizes, cluster: int):
+    def __init__(self, sizes: ModelSizes, cluster: int, skip: frozenset = frozenset()):
         self.cluster = cluster
         measured = sizes.cluster_active if cluster == sizes.cluster_size else None
         units = [(np.asarray(a) if measured else _cluster_pi(f, cluster)) * sizes.route_prob
-                 for f, a in zip(sizes.freq, measured or sizes.freq)]
+                 for i, (f, a) in enumerate(zip(sizes.freq, measured or sizes.freq))
+                 if i // sizes.experts not in skip]  # (layers in VRAM: not the CPU's)
         # P(every cluster of a layer active): then its slots are one run, gathered as a view
-        self.p_all = float(np.mean([np.prod(u) for u in units]))
-        self.pi = np.sort(np.concatenate(units))[::-1]  # frequency-pinned: the top ones go hot
+        self.p_all = float(np.mean([np.prod(u) for u in units])) if units else 1.0
+        self.pi = np.sort(np.concatenate(units or [np.zeros(0)]))[::-1]  # the top ones go hot
         self.n = len(self.pi)
         self._cum = np.concatenate([[0.0], np.cumsum(self.pi)])
         self._cum2 = np.concatenate([[0.0], np.cumsum(self.pi ** 2)])
@@ -209,30 +218,43 @@ class CostModel:
         self._tio: dict[tuple, float] = {}  # dense stream: read time per token by what streams
 
     def layout(self, c: Config | None = None, hold: str | None = None) -> Holding | None:
-        """The engine's own accounting for this model, where the tiered engine runs it (a store,
-        or an estimate of one, with its weights in RAM); None for placements it lacks (VRAM)."""
+        """The engine's own accounting for this model (a store, or an estimate of one), with
+        c's VRAM tier placed first; None without a manifest."""
+        vram, context = 0, 2048
         if c is not None:
-            if "vram" in (c.place_fixed, c.place_hot):
-                return None
-            hold = c.hold_ffn
+            hold, vram, context = c.hold_ffn, c.vram, c.context
         if self.m.manifest is None:
             return None
-        key = "f32" if hold == "f32" else "auto"
+        key = ("f32" if hold == "f32" else "auto", vram, context if vram else None)
         if key not in self._lay:
-            self._lay[key] = layout_of(self.m.manifest, key)
+            self._lay[key] = layout_of(self.m.manifest, key[0], vram, context)
         return self._lay[key]
 
-    def runtime_bytes(self) -> dict:
-        """Memory before the engine loads: python + torch, the tokenizer (anonymous), and
-        the file pages decoding uses beyond the engine's own reserve (FILE_EXTRA)."""
-        return {"runtime": self.dev.runtime_anon,
-                "tokenizer": self.m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN,
-                "file_pages": FILE_EXTRA}
+    def vram_split(self, c: Config) -> tuple[frozenset, bool]:
+        """(layers in VRAM, whether the head is) for c, as the engine places them."""
+        lay = self.layout(c) if c.vram else None
+        return (lay.vram_layers, lay.vram_head) if lay is not None else (frozenset(), False)
 
-    def activity(self, cluster: int) -> Activity:
-        if cluster not in self._act:
-            self._act[cluster] = Activity(self.m, cluster)
-        return self._act[cluster]
+    def runtime_bytes(self, gpu: bool = False) -> dict:
+        """Memory before the engine loads: python + torch, the tokenizer (anonymous), and
+        the file pages decoding uses beyond the engine's own reserve (FILE_EXTRA); with a
+        GPU in use, what its runtime (the CUDA context) adds to the process."""
+        out = {"runtime": self.dev.runtime_anon,
+               "tokenizer": self.m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN,
+               "file_pages": FILE_EXTRA}
+        if gpu:
+            out["gpu_runtime"] = self.dev.gpu_runtime_overhead_bytes
+        return out
+
+    def activity(self, cluster: int, gpu_layers: frozenset = frozenset()) -> Activity:
+        """FFN activity of the CPU's layers (all but `gpu_layers`) at a decode cluster size."""
+        key = (cluster, gpu_layers)
+        if key not in self._act:
+            self._act[key] = Activity(self.m, cluster, gpu_layers)
+        return self._act[key]
+
+    def act(self, c: Config) -> Activity:
+        return self.activity(c.decode_cluster, self.vram_split(c)[0])
 
     # -- bytes per cluster --------------------------------------------------------------------
     def record_bytes(self, cluster: int) -> float:
@@ -255,35 +277,26 @@ class CostModel:
     # -- memory -------------------------------------------------------------------------------
     def memory(self, c: Config, misses_per_layer: float = 1.0) -> dict:
         lay = self.layout(c)
-        if lay is not None:  # what the engine counts against --ram
-            r = lay.regions(sum(self.runtime_bytes().values()), c.context, c.hot_clusters,
+        if lay is not None:  # what the engine counts against --ram, and puts in VRAM
+            run = self.runtime_bytes(gpu=c.vram > 0)
+            r = lay.regions(sum(run.values()), c.context, c.hot_clusters,
                             c.cold_clusters, c.prefetch_layers, c.io_threads,
                             c.pin_attention, c.pin_head)
             fixed = r["fixed"] + r["attention"] + r["head"] + r["gates"]
-            return {"ram": {**self.runtime_bytes(), "file_reserve": FILE_RESERVE, "fixed": fixed,
+            return {"ram": {**run, "file_reserve": FILE_RESERVE, "fixed": fixed,
                             "hot": r["hot"], "cold": r["cold"], "kv": r["kv"],
                             "buffers": r["streaming"], "activations": r["slack"],
-                            "page_cache": self._page_cache(c)}, "vram": 0}
-        m, dev = self.m, self.dev
+                            "page_cache": self._page_cache(c)},
+                    "vram": lay.vram_bytes if c.vram else 0}
+        m, dev = self.m, self.dev  # no manifest: the tiered engine's shape, all on the CPU
         cb = self.cached_bytes(c.decode_cluster, c.hold_ffn)
-        fixed = m.fixed_bytes(c.hold_fixed)
-        kv = c.context * m.kv_bytes_per_token()
-        gpu = "vram" in (c.place_fixed, c.place_hot)
-        ram = {"runtime": dev.runtime_overhead_bytes
-               + (dev.gpu_runtime_overhead_bytes if gpu else 0),
+        ram = {"runtime": dev.runtime_overhead_bytes,
                "tokenizer": m.args.vocab_size * TOKENIZER_BYTES_PER_TOKEN,
-               "fixed": fixed if c.place_fixed == "ram" else 0,
-               "hot": c.hot_clusters * cb if c.place_hot == "ram" else 0,
-               "cold": c.cold_clusters * cb,
-               "kv": kv if c.place_fixed == "ram" else 0,
+               "fixed": m.fixed_bytes(c.hold_fixed), "hot": c.hot_clusters * cb,
+               "cold": c.cold_clusters * cb, "kv": c.context * m.kv_bytes_per_token(),
                "buffers": self._buffers(c, misses_per_layer),
-               "activations": self._activations(c)}
-        vram = (fixed + kv if c.place_fixed == "vram" else 0) \
-            + (c.hot_clusters * cb if c.place_hot == "vram" else 0)
-        if dev.unified_memory:
-            ram["gpu"], vram = vram, 0  # one pool: what the GPU holds is RAM too
-        ram["page_cache"] = self._page_cache(c)
-        return {"ram": ram, "vram": int(vram)}
+               "activations": self._activations(c), "page_cache": self._page_cache(c)}
+        return {"ram": ram, "vram": 0}
 
     def predict_memory_only(self, c: Config, misses_per_layer: float = 1.0) -> dict:
         mem = self.memory(c, misses_per_layer)
@@ -313,7 +326,7 @@ class CostModel:
     # -- decode -------------------------------------------------------------------------------
     def predict(self, c: Config, prefill: bool = True) -> Prediction:
         """Everything about `c`; prefill=False leaves prefill out (the search's inner loop)."""
-        act = self.activity(c.decode_cluster)
+        act = self.act(c)
         active = act.active_clusters()
         lay = self.layout(c)
         if lay is not None and lay.dense:  # every cluster every token: pinned or streamed
@@ -323,7 +336,7 @@ class CostModel:
         else:
             misses = act.cold_misses(c.hot_clusters, c.cold_clusters)
             t_dec, io_b, reads = self._decode_time(c, act, active, misses)
-        mem = self.memory(c, misses / max(1, self.m.layers))
+        mem = self.memory(c, misses / max(1, self._cpu_layers(c)))
         t_pre = self._prefill_time(c, act) if prefill else {"total": float("inf")}
         ram = mem["ram"]
         peak = int(sum(ram.values()))
@@ -344,9 +357,10 @@ class CostModel:
         m, dev = self.m, self.dev
         s = lay.streamed(hot, c.pin_attention, c.pin_head)
         dt = self.hold_dtype(c.hold_ffn)
-        dense = m.dense_bytes_per_token(c.hold_fixed)
+        dense = self._cpu_dense(c)
         disp = dev.dispatch("torch")
-        kv = m.layers * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
+        n = self._cpu_layers(c)
+        kv = n * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
             * m.args.head_dim * 4
         comp = {
             "fixed_matvec": sum(nb / dev.matvec("torch", d) for d, nb in dense.items()),
@@ -357,7 +371,8 @@ class CostModel:
             + (s["layers"] * OPS_STREAM_LAYER + s["attn_layers"] * OPS_STREAM_ATTN
                + s["head_slices"] * OPS_HEAD_SLICE) * disp,
             "attention_kv": kv / dev.memory_bw,
-            "dispatch": (OPS_DENSE_LAYER * m.layers + OPS_PER_TOKEN) * disp,
+            "dispatch": (OPS_DENSE_LAYER * n + OPS_PER_TOKEN) * disp,
+            **self._vram_decode(c),
         }
         inflight = min(max(1, c.io_threads), 1 + c.prefetch_layers)
         key = (hot, c.pin_attention, c.pin_head, inflight)
@@ -376,14 +391,14 @@ class CostModel:
                 float(s["bytes"]), float(s["reads"]))
 
     def _decode_time(self, c: Config, act: Activity, active: float, misses: float):
-        m, dev = self.m, self.dev
+        dev = self.dev
         rec = self.record_bytes(c.decode_cluster)
         # lookahead: last token's active clusters of the next layer, read while this one runs
         recall = act.recall(c.hot_clusters) if c.prefetch_layers else 0.0
         # of the clusters prefetched (used at the last token), a share 1 - recall goes unused
         wasted = misses * (1 - recall) if c.prefetch_layers else 0.0
         reads = misses + wasted
-        per_layer = reads / max(1, m.layers)
+        per_layer = reads / max(1, self._cpu_layers(c))
         inflight = min(c.io_threads, max(1.0, per_layer * (c.prefetch_layers + 1)))
         t_read = dev.read_time(reads * rec, rec, inflight)
         t_soft = reads * self.miss_cost(c)  # Python under the GIL: it does not overlap
@@ -412,35 +427,77 @@ class CostModel:
     def _decode_compute(self, c: Config, act: Activity, active: float) -> dict:
         m, dev = self.m, self.dev
         cpu = "torch"
-        fixed_be = c.decode_backend if c.place_fixed == "vram" else cpu
-        hot_be = c.decode_backend if c.place_hot == "vram" else cpu
         dt_ffn = self.hold_dtype(c.hold_ffn)
         slot = self.cached_bytes(c.decode_cluster, c.hold_ffn) - CLUSTER_OBJ_BYTES
-        hot_active = act.hot_hits(c.hot_clusters)
-        cold_active = active - hot_active
-        kv = m.layers * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
+        n = self._cpu_layers(c)
+        kv = n * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
             * m.args.head_dim * 4
-        dense = m.dense_bytes_per_token(c.hold_fixed)
+        dense = self._cpu_dense(c)
         return {
-            "fixed_matvec": sum(nb / dev.matvec(fixed_be, dt) for dt, nb in dense.items()),
+            "fixed_matvec": sum(nb / dev.matvec(cpu, dt) for dt, nb in dense.items()),
             # active clusters' slots are gathered into one matrix, then multiplied; the up
             # half is a view when a whole layer is active, the down half is always copied
-            "ffn_matvec": hot_active * slot / dev.matvec(hot_be, dt_ffn)
-            + cold_active * slot / dev.matvec(cpu, dt_ffn),
+            "ffn_matvec": active * slot / dev.matvec(cpu, dt_ffn),
             "gather": active * slot * (1 - act.p_all / 2) / dev.copy_bw,
             "cluster_ops": active * OPS_PER_CLUSTER * dev.dispatch(cpu),
             "attention_kv": kv / dev.memory_bw,
-            "dispatch": (OPS_PER_LAYER * m.layers + OPS_PER_TOKEN) * dev.dispatch(fixed_be)
-            + (2 * m.layers * dev.h2d_latency_s  # hidden state to the CPU and back
-               if "vram" in (c.place_fixed, c.place_hot) and not dev.unified_memory else 0.0),
+            "dispatch": (OPS_PER_LAYER * n + OPS_PER_TOKEN) * dev.dispatch(cpu),
+            **self._vram_decode(c),
         }
+
+    def _cpu_layers(self, c: Config) -> int:
+        return self.m.layers - len(self.vram_split(c)[0])
+
+    def _cpu_dense(self, c: Config) -> dict:
+        """{dtype: bytes} of fixed weights the CPU's decode step multiplies with
+        (dense_bytes_per_token less the VRAM layers' share and a head in VRAM)."""
+        m = self.m
+        layers, on_gpu = self.vram_split(c)
+        if not layers and not on_gpu:
+            return m.dense_bytes_per_token(c.hold_fixed)
+        keep = 1 - len(layers) / m.layers
+        head = m.parts["lm_head"] if m.parts["lm_head"].tensors else m.parts["embed"]
+        out: dict = {}
+        for part, share in ((m.parts["attn"], keep), (m.parts["router"], keep),
+                            (m.parts["other"], 1.0), (head, 0.0 if on_gpu else 1.0)):
+            for dt, nb in part.by_dtype(c.hold_fixed).items():
+                out[dt] = out.get(dt, 0) + nb * share
+        gdt = engine_dtype(m.ffn_dtype, c.hold_fixed, ffn=True)
+        out[gdt] = out.get(gdt, 0) + m.gate_bytes(c.hold_fixed) * keep
+        return out
+
+    def _vram_decode(self, c: Config) -> dict:
+        """Seconds a decode step spends on the VRAM tier: its float16 weights (a MoE layer's
+        routed experts) and KV at the GPU's matvec rate, then its launches: one graph replay
+        for a dense model's layers, each op for MoE's; and the hidden state's trips between
+        the devices (there and back, twice when the CPU's layers sit between the VRAM layers
+        and a head in VRAM)."""
+        layers, on_gpu = self.vram_split(c)
+        if not layers and not on_gpu:
+            return {}
+        m, dev = self.m, self.dev
+        be = next(iter(dev.backends("gpu")), "torch:cuda")
+        n = len(layers)
+        per_layer = ((m.parts["attn"].elements + m.parts["router"].elements) / m.layers
+                     + m.experts_per_tok * 3 * m.F * m.d)
+        head = m.parts["lm_head"] if m.parts["lm_head"].tensors else m.parts["embed"]
+        weights = 2 * (n * per_layer + (head.elements if on_gpu else 0))
+        kv = n * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
+            * m.args.head_dim * 2
+        graph = n and not m.args.is_moe
+        launches = (GRAPH_LAUNCH_S if graph else OPS_PER_LAYER * n * dev.dispatch(be)) \
+            + (0 if graph and n == m.layers else OPS_PER_TOKEN * dev.dispatch(be) * on_gpu)
+        trips = 2 * (1 + (0 < n < m.layers and on_gpu))
+        return {"gpu_matvec": weights / dev.matvec(be, "f16") + kv / dev.vram_bw,
+                "gpu_dispatch": launches + trips * dev.h2d_latency_s}
 
     # -- prefill ------------------------------------------------------------------------------
     def _prefill_time(self, c: Config, act: Activity) -> dict:
         m, dev, T = self.m, self.dev, c.prompt_tokens
         be = c.prefill_backend
         hot_share = min(1.0, c.hot_clusters / act.n) if act.n else 0.0
-        ffn_stream = m.ffn_bytes() * (1 - hot_share)  # hot clusters are pinned, not re-read
+        cpu = self._cpu_layers(c) / m.layers  # the VRAM layers' share is read at load
+        ffn_stream = m.ffn_bytes() * cpu * (1 - hot_share)  # hot clusters are not re-read
         lay = self.layout(c)
         if lay is not None and lay.dense:  # streamed attention and head rows: read once too
             s = lay.streamed(lay.total, c.pin_attention, c.pin_head)
@@ -454,6 +511,9 @@ class CostModel:
         total = sum(elems.values()) or 1.0
         t_mm = sum(fixed_flops * e / total / self._matmul(be, dt, T) for dt, e in elems.items()) \
             + ffn_flops / self._matmul(be, self.hold_dtype(c.hold_ffn), T)
+        if cpu < 1:  # the VRAM layers' share of the FLOPs on the GPU, in float16
+            gpu = next(iter(dev.backends("gpu")), "torch:cuda")
+            t_mm = cpu * t_mm + (1 - cpu) * (fixed_flops + ffn_flops) / self._matmul(gpu, "f16", T)
         rec = self.record_bytes(c.decode_cluster)
         t_io = dev.read_time(ffn_stream, c.prefill_block, c.io_threads) \
             + ffn_stream / rec * self.miss_cost(c)  # misses are prepared into slots, as in decode
@@ -492,8 +552,9 @@ def _head_params(m: ModelSizes) -> int:
 
 def _bottleneck(t: dict) -> str:
     io = t["io_exposed"] + t["io_overlapped"]
-    memory = t["fixed_matvec"] + t["ffn_matvec"] + t["attention_kv"] + t["gather"]
-    compute = t["dispatch"] + t["cluster_ops"]
+    memory = (t["fixed_matvec"] + t["ffn_matvec"] + t["attention_kv"] + t["gather"]
+              + t.get("gpu_matvec", 0.0))
+    compute = t["dispatch"] + t["cluster_ops"] + t.get("gpu_dispatch", 0.0)
     if io >= max(memory, compute):
         return "io"
     return "memory" if memory >= compute else "compute"

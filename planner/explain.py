@@ -10,6 +10,7 @@ def explain(plan: dict, best, budget) -> list[str]:
     mem = p["memory"]
     return [line for line in (
         _budget_line(plan, budget, mem),
+        _vram_line(plan, m),
         _activity_line(m),
         _ffn_line(e, p, best),
         _stream_line(e, p, best),
@@ -34,6 +35,19 @@ def _budget_line(plan, budget, mem) -> str:
                f"{mb(budget.vram):.0f} MB" if budget.vram else "") + ".")
 
 
+def _vram_line(plan, m) -> str:
+    p = plan["predicted"]
+    layers, head = p["vram_layers"], p["vram_head"]
+    if not (layers or head):
+        return ""
+    what = ", ".join(x for x in ("the head" if head else "",
+                                 f"layers 0-{layers[-1]}" if layers else "") if x)
+    rest = m.layers - len(layers)
+    return (f"VRAM tier: {what} in float16 ({mb(p['peak_vram_bytes']):.0f} MB with their KV "
+            f"cache), computed on the GPU; " + (f"the other {rest} layers on the CPU, as "
+                                               "below." if rest else "nothing on the CPU."))
+
+
 def _activity_line(m) -> str:
     if m.assumed_activity and m.mean_active() >= 1:
         return ("No activation profile used: planned as a dense run (every FFN neuron active, "
@@ -47,7 +61,7 @@ def _activity_line(m) -> str:
 
 
 def _ffn_line(e, p, best) -> str:
-    act = best.cost.activity(best.config.decode_cluster)
+    act = best.cost.act(best.config)
     share = act.hot_hits(e["hot_clusters"]) / max(act.active_clusters(), 1e-9)
     return (f"FFN: {e['hot_clusters']} of {act.n} clusters of {p['assumes']['decode_cluster_size']} "
             f"neurons pinned hot ({mb(e['hot_bytes']):.1f} MB, {share:.0%} of accesses), cold "
@@ -73,7 +87,7 @@ def _stream_line(e, p, best) -> str:
 
 def _binding_line(plan, best, budget) -> str:
     e = plan["engine"]
-    act = best.cost.activity(best.config.decode_cluster)
+    act = best.cost.act(best.config)
     if e["hot_clusters"] + e["cold_clusters"] >= act.n:
         return "RAM does not bind: every FFN cluster is resident; more RAM would not help."
     more = _faster_with_more(best, budget)

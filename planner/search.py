@@ -96,7 +96,7 @@ def search(cm: CostModel, budget: Budget, context: int, prompt_tokens: int, io_m
     stats = stats if stats is not None else {"evaluated": 0, "feasible": 0}
     budget = dataclasses.replace(budget, ram=budget.ram - RUNTIME_MARGIN)  # what plans fill
     best, ties = 0.0, []
-    for base in _bases(cm, context, prompt_tokens, io_mode):
+    for base in _bases(cm, context, prompt_tokens, io_mode, budget.vram):
         for c in _splits(cm, base, budget):
             for cand in _io_options(cm, c):
                 stats["evaluated"] += 1
@@ -142,20 +142,22 @@ def _fits(pred: Prediction, budget: Budget) -> bool:
         and pred.peak_vram_bytes <= budget.vram
 
 
-def _bases(cm: CostModel, context, prompt_tokens, io_mode):
+def _bases(cm: CostModel, context, prompt_tokens, io_mode, vram: int = 0):
+    """Every cluster size and held dtype, on the CPU alone and, where the device has a CUDA
+    GPU's own memory and the model a manifest to place, with the engine's VRAM tier given
+    `vram` (the engine's own split: the head, then whole layers)."""
     dev = cm.dev
-    places = [("ram", "ram")]
-    if dev.has_gpu:
-        places += [("vram", "ram"), ("vram", "vram")]
+    vrams = [0]
+    if vram > 0 and dev.has_gpu and not dev.unified_memory and cm.layout() is not None:
+        vrams.append(vram)
     gpu_be = next(iter(dev.backends("gpu")), None)
     for cluster in _cluster_sizes(cm):
         for hold in _holds(cm, cluster):
-            for pf, ph in places:
-                dec = gpu_be if "vram" in (pf, ph) else "torch"
+            for v in vrams:
                 yield Config(decode_cluster=cluster, hot_clusters=0, cold_clusters=0,
-                             hold_fixed=hold, hold_ffn=hold, place_fixed=pf, place_hot=ph,
-                             decode_backend=dec, prefill_backend=dec, io_mode=io_mode,
-                             context=context, prompt_tokens=prompt_tokens)
+                             hold_fixed=hold, hold_ffn=hold, vram=v,
+                             decode_backend=gpu_be if v else "torch", prefill_backend="torch",
+                             io_mode=io_mode, context=context, prompt_tokens=prompt_tokens)
 
 
 def _holds(cm: CostModel, cluster: int) -> list[str | None]:
@@ -199,15 +201,13 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
     if lay is not None and lay.dense:
         yield from _dense_splits(cm, lay, c, budget)
         return
-    act = cm.activity(c.decode_cluster)
+    act = cm.act(c)
     empty = _base_memory(cm, c)
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
     room_ram = budget.ram - empty["ram_total"]
-    room_vram = budget.vram - empty["vram"]
-    if room_ram < 0 or room_vram < 0:
+    if room_ram < 0 or empty["vram"] > budget.vram:
         return
-    room_hot = room_vram if c.place_hot == "vram" else room_ram
-    max_hot = min(act.n, int(room_hot // cb))
+    max_hot = min(act.n, int(room_ram // cb))
     if max_hot == act.n:  # everything can be pinned: nothing to split
         yield dataclasses.replace(c, hot_clusters=act.n, cold_clusters=0)
         return
@@ -217,7 +217,7 @@ def _splits(cm: CostModel, c: Config, budget: Budget):
     hots = sorted({round(act.n * i / HOT_GRID) for i in range(HOT_GRID + 1)}
                   | {max_hot, max(0, max_hot - per_layer)})
     for hot in (h for h in hots if h <= max_hot):
-        left = room_ram - (0 if c.place_hot == "vram" else hot * cb)
+        left = room_ram - hot * cb
         cold = max(0, min(act.n - hot, int(left // cb)))
         if cold >= per_layer:
             yield dataclasses.replace(c, hot_clusters=hot, cold_clusters=cold)
@@ -229,7 +229,7 @@ def _dense_splits(cm: CostModel, lay, c: Config, budget: Budget):
     the engine would (`_engine_pins`); the rest streams. Each choice fills what is left with
     clusters; a fixed grid of smaller counts keeps a larger budget from losing a config
     (pinning a cluster can split a read in two)."""
-    runtime = sum(cm.runtime_bytes().values())
+    runtime = sum(cm.runtime_bytes(gpu=c.vram > 0).values())
     ram = budget.ram
     for threads in _threads(cm.dev):
         for depth in (0, 1, 2):  # TierConfig.prefetch_layers: units read ahead
@@ -259,21 +259,21 @@ def _engine_pins(lay, ram: int, runtime: int, context: int, depth: int, threads:
         b = lay.budget(runtime, context, None, 0, depth, threads, ram=ram)
     except BudgetError:
         return None
-    attn, _, _ = lay.streamable
-    k = sum(1 for l in attn if l in b.attn_pinned)
-    return (None if k == len(attn) else k), b.head_pinned
+    attn, _, _ = lay.streamable  # (the CPU's layers: VRAM's come first and do not stream)
+    k = next((l for l in sorted(attn) if l not in b.attn_pinned), None)
+    return k, b.head_pinned
 
 
 def _base_memory(cm: CostModel, c: Config) -> dict:
     """Memory before any FFN cluster is cached, read buffers sized for every active cluster
     missing (an upper bound), without lookahead (its buffers are checked per config)."""
-    act = cm.activity(c.decode_cluster)
-    per_layer = act.active_clusters() / max(1, cm.m.layers)
+    act = cm.act(c)
+    per_layer = act.active_clusters() / max(1, cm.m.layers - len(cm.vram_split(c)[0]))
     return cm.predict_memory_only(dataclasses.replace(c, prefetch_layers=0), per_layer)
 
 
 def _prefill_options(cm: CostModel, c: Config, budget: Budget) -> list[Choice]:
-    backends = cm.dev.backends("gpu") if c.place_fixed == "vram" else cm.dev.backends("cpu")
+    backends = cm.dev.backends("cpu")  # the CPU's layers' (the VRAM tier computes its own)
     threads = _threads(cm.dev) if cm.predict(c, prefill=False).reads_per_token == 0 \
         else [c.io_threads]  # decode does not read: threads are prefill's to choose
     out = []
@@ -335,8 +335,6 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
     cluster pinned, if that is less)."""
     best = None
     for base in _bases(cm, context, prompt_tokens, io_mode):
-        if base.place_fixed != "ram" or base.place_hot != "ram":
-            continue
         lay = cm.layout(base)
         if lay is not None and lay.dense:  # nothing pinned that can stream, one unit in use
             attn, head_rows, _ = lay.streamable
@@ -348,7 +346,7 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
         else:
             mem = _base_memory(cm, base)
             cb = cm.cached_bytes(base.decode_cluster, base.hold_ffn)
-            n = cm.activity(base.decode_cluster).n
+            n = cm.act(base).n
             mem["ram"]["cold"] = min(n, -(-cm.m.F // base.decode_cluster)) * cb
             mem["ram_total"] = max(mem["ram_total"] + mem["ram"]["cold"], mem["need"])
         mem["ram_total"] += RUNTIME_MARGIN
@@ -417,15 +415,20 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     from .explain import explain
     c, p, cm = best.config, best.pred, best.cost
     m = cm.m
-    place = {"embeddings": c.place_fixed, "attention": c.place_fixed, "norms": c.place_fixed,
-             "ffn_gate": c.place_fixed if m.gate_pinned else "with_ffn_clusters",
-             "ffn_hot": c.place_hot, "ffn_cold_cache": "ram", "ffn_cold": "flash"}
+    layers, on_gpu = cm.vram_split(c)
+    place = {"embeddings": "ram", "attention": "ram", "norms": "ram",
+             "ffn_gate": "ram" if m.gate_pinned else "with_ffn_clusters",
+             "ffn_hot": "ram", "ffn_cold_cache": "ram", "ffn_cold": "flash"}
     if m.args.is_moe:
-        place["router"] = c.place_fixed
+        place["router"] = "ram"
     if c.pin_attention is not None:
-        place["attention"] = f"{c.place_fixed} (first {c.pin_attention} layers), flash (rest)"
+        place["attention"] = f"ram (layers below {c.pin_attention}), flash (rest)"
     if not c.pin_head:
         place["lm_head"] = "flash"
+    if layers or on_gpu:  # the engine's VRAM tier: computed there, the rest on the CPU
+        place["vram"] = {"layers": sorted(layers), "head": on_gpu}
+        if on_gpu:
+            place["lm_head"] = "vram"
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)
     engine = {
         "fixed_bytes": int(m.fixed_bytes(c.hold_fixed)), "hot_bytes": int(c.hot_clusters * cb),
@@ -450,6 +453,7 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "store_cluster_size": m.cluster_size, "context": c.context,
         "buffers_bytes": int(p.memory["buffers"] + p.memory["activations"]),
         "threads": dev.threads,
+        "vram_bytes": c.vram or None,  # TierConfig.vram_bytes: what the VRAM tier is given
     }
     peak = p.peak_memory_bytes
     if c.io_mode == "buffered":  # read pages stay in the page cache, which the cgroup counts
@@ -458,6 +462,7 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     predicted = {
         "peak_memory_bytes": peak, "anon_memory_bytes": p.peak_memory_bytes,
         "peak_vram_bytes": p.peak_vram_bytes,
+        "vram_layers": sorted(layers), "vram_head": on_gpu,
         "decode_tok_s": round(p.decode_tok_s, 3), "prefill_tok_s": round(p.prefill_tok_s, 3),
         "store_bytes_per_token": round(p.store_bytes_per_token, 1),
         "reads_per_token": round(p.reads_per_token, 2), "bottleneck": p.bottleneck,
@@ -523,6 +528,7 @@ _ENGINE_KEYS = {
     "pin_attention": ("an integer >= 0", lambda v: v is None or _int(v, 0)),
     "pin_head": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
     "gate_pinned": ("true or false", lambda v: isinstance(v, bool)),
+    "vram_bytes": ("an integer >= 1 or null", lambda v: v is None or _int(v, 1)),
 }
 
 

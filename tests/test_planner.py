@@ -618,14 +618,38 @@ def test_dense_runs_cache_whole_clusters_and_measured_activity_is_used(laptop):
     assert cost.CostModel(sizes, laptop).activity(128).active_clusters() > 8 * 8 * 0.25
 
 
-def test_gpu_preset_places_weights_in_vram():
+def test_gpu_plans_place_vram_as_the_engine_does():
+    """On a device with a CUDA GPU a plan gives the engine its VRAM tier (engine.vram_bytes,
+    which config_from_plan hands on), and predicts the engine's own split: the layers and head
+    `place` puts in VRAM, their bytes, and the RAM regions of what stays on the CPU. More VRAM
+    places more there and never predicts slower decode; the GPU beats the CPU-only plan."""
+    from planner.accounting import FILE_RESERVE, layout_of
+    from tiercache.engine.layout import Capacities, place
+    from tiercache.engine.tiered import config_from_plan
     big = profiled(tiny_manifest(d=1024, F=4096, layers=16, vocab=32000, cluster=32))
-    p = make_plan(big, "desktop-rtx4090-24gb", ram="2G")
-    cpu_only = make_plan(big, "laptop-8gb-nvme", ram="2G")
-    assert p["predicted"]["decode_tok_s"] > cpu_only["predicted"]["decode_tok_s"]
-    assert p["predicted"]["assumes"]["decode_backend"] == "torch:cuda"
-    assert p["predicted"]["assumes"]["placement"]["attention"] == "vram"
-    assert p["predicted"]["peak_vram_bytes"] > 0
+    cpu_only = make_plan(big, "desktop-rtx4090-24gb", ram="2G", vram=0)
+    assert cpu_only["engine"]["vram_bytes"] is None and not cpu_only["predicted"]["vram_layers"]
+    last = (0, cpu_only["predicted"]["decode_tok_s"])
+    for vram in ("300M", "600M", "2G"):
+        p = make_plan(big, "desktop-rtx4090-24gb", ram="2G", vram=vram)
+        e, pr = p["engine"], p["predicted"]
+        cfg = config_from_plan(p)
+        assert cfg.vram_bytes == e["vram_bytes"] == parse_size(vram)
+        assert pr["assumes"]["decode_backend"] == "torch:cuda"
+        runtime = sum(v for k, v in pr["memory"].items()
+                      if k in ("runtime", "tokenizer", "file_pages", "gpu_runtime"))
+        hold = layout_of(big, cfg.compute)
+        lay = place(hold.facts, cfg, Capacities(runtime=runtime + FILE_RESERVE, ram=cfg.ram_bytes,
+                                                vram=cfg.vram_bytes), hold.kernels)
+        b = lay.budget
+        assert sorted(b.vram_layers) == pr["vram_layers"] and b.vram_head == pr["vram_head"]
+        assert lay.vram == pr["peak_vram_bytes"] <= parse_size(vram)
+        assert b.total == pr["anon_memory_bytes"] - pr["memory"]["page_cache"]
+        assert len(b.vram_layers) > last[0] and pr["decode_tok_s"] >= last[1]
+        last = (len(b.vram_layers), pr["decode_tok_s"])
+        assert p["predicted"]["assumes"]["placement"]["vram"]["layers"] == pr["vram_layers"]
+    assert last[0] == 16 and pr["vram_head"]
+    assert any("VRAM tier" in line for line in p["explanation"])
 
 
 def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):

@@ -189,6 +189,29 @@ def test_vram_layers_beside_streamed_ones_read_nothing_per_token(q4_llama):
     assert per_token[1] < 0.75 * per_token[0], per_token
 
 
+def test_a_plan_gives_the_engine_its_vram_tier(q4_llama, tmp_path):
+    """A plan for a device with a CUDA GPU carries vram_bytes; the engine loading it places
+    the layers and head the plan predicted (the VRAM device stood in by the CPU here), and
+    a damaged vram_bytes is refused in one line."""
+    import json
+    from planner.search import load_plan, make_plan
+    from tiercache.engine.tiered import config_from_plan
+    vram = _vram_for(q4_llama, 2)
+    plan = make_plan(str(q4_llama), "desktop-rtx4090-24gb", ram="4G", vram=vram, context=128)
+    assert plan["engine"]["vram_bytes"] == vram
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    cfg = config_from_plan(load_plan(path))
+    cfg.vram_device, cfg.kv = _device(), "f32"
+    eng = load_tiered(Store(q4_llama), cfg)
+    assert sorted(eng.budget.vram_layers) == plan["predicted"]["vram_layers"] == [0, 1]
+    assert eng.budget.vram_head == plan["predicted"]["vram_head"]
+    assert eng.layout.vram == plan["predicted"]["peak_vram_bytes"]
+    path.write_text(json.dumps({**plan, "engine": {**plan["engine"], "vram_bytes": "8G"}}))
+    with pytest.raises(TiercacheError, match="engine.vram_bytes must be"):
+        load_plan(path)
+
+
 def test_moe_layers_in_vram_match_dense(stores):
     """The tiny Mixtral with its first layer in VRAM (every expert there), the other on the
     CPU's expert path: logits equal the dense reference (float32 store)."""

@@ -116,7 +116,8 @@ def _torch_engine(path, tok, threads, ram, engine, context, kv, io_threads, spar
         from planner.search import load_plan
         cfg = config_from_plan(load_plan(plan))
         cfg.experts, cfg.expert_cut = experts, expert_cut or 0.0
-        cfg.vram_bytes = vram_bytes
+        if vram_bytes is not None:  # --vram over the plan's
+            cfg.vram_bytes = vram_bytes
         ram = cfg.ram_bytes
     else:  # planned for this machine where it is probed; else the engine sizes itself
         own = TierConfig(ram_bytes=parse_size(ram) if ram is not None else None,

@@ -419,9 +419,7 @@ def _trim_malloc() -> None:
 def config_from_plan(plan: dict) -> TierConfig:
     """The engine settings a `tiercache plan` chose (planner/search.py writes them)."""
     e, limits = plan["engine"], plan.get("limits", {})
-    # limits.vram_bytes is the device profile's GPU share for the planner's own cost model;
-    # the engine's VRAM tier is asked for by --vram / vram= (api.load), not by a plan yet
-    return TierConfig(ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
+    return TierConfig(vram_bytes=e.get("vram_bytes"), ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
                       cold_clusters=e.get("cold_clusters"), io_threads=e.get("io_threads", 2),
                       prefetch=e.get("prefetch_layers", 1) > 0,
                       prefetch_layers=max(1, e.get("prefetch_layers", 2)),
