@@ -88,6 +88,11 @@ class Holding:
         return self._placed.budget.vram_head
 
     @property
+    def vram_experts(self) -> frozenset:
+        """FFN units (layer, expert) in VRAM (a dense VRAM layer's (l, 0))."""
+        return self._placed.budget.vram_experts
+
+    @property
     def vram_bytes(self) -> int:
         """What the VRAM tier holds: float16 weights and the VRAM layers' KV cache."""
         return self._placed.vram

@@ -16,11 +16,11 @@ hits almost nothing. Misses are read at the cluster's size with `io_threads` in 
 device's flash curve; the lookahead overlaps the reads it predicts with compute (a cluster active
 at the previous token is active again with probability pi, so recall = sum pi^2 / sum pi).
 
-VRAM (a GPU's memory, Config.vram): the engine's own split (`layout.place`: the head, then
-whole layers in order, float16, with their KV cache) is computed on the GPU at its matvec rate,
-as one CUDA graph replay for a dense model's layer prefix (vram.DecodeRun) or op by op for MoE,
-with the hidden state's trips between the devices; everything above then counts the CPU's
-layers only.
+VRAM (a GPU's memory, Config.vram): the engine's own split (`layout.place`: the head, then a
+dense model's whole layers, an MoE model's layer trunks and then whole experts; float16, with
+the KV cache) is computed on the GPU at its matvec rate, as one CUDA graph replay for a dense
+model's layer prefix (vram.DecodeRun) or op by op for MoE, with the hidden state's trips
+between the devices; everything above then counts the CPU's layers and FFN units only.
 
 Prefill: every layer whole; the non-hot part of each layer's FFN is read sequentially in
 `prefill_block` reads into one of two alternating buffers while the other computes.
@@ -138,7 +138,7 @@ class Activity:
         measured = sizes.cluster_active if cluster == sizes.cluster_size else None
         units = [(np.asarray(a) if measured else _cluster_pi(f, cluster)) * sizes.route_prob
                  for i, (f, a) in enumerate(zip(sizes.freq, measured or sizes.freq))
-                 if i // sizes.experts not in skip]  # (layers in VRAM: not the CPU's)
+                 if divmod(i, sizes.experts) not in skip]  # (FFN units in VRAM: not the CPU's)
         # P(every cluster of a layer active): then its slots are one run, gathered as a view
         self.p_all = float(np.mean([np.prod(u) for u in units])) if units else 1.0
         self.pi = np.sort(np.concatenate(units or [np.zeros(0)]))[::-1]  # the top ones go hot
@@ -230,10 +230,13 @@ class CostModel:
             self._lay[key] = layout_of(self.m.manifest, key[0], vram, context)
         return self._lay[key]
 
-    def vram_split(self, c: Config) -> tuple[frozenset, bool]:
-        """(layers in VRAM, whether the head is) for c, as the engine places them."""
+    def vram_split(self, c: Config) -> tuple[frozenset, bool, frozenset]:
+        """(layers in VRAM, whether the head is, FFN units (layer, expert) there) for c, as the
+        engine places them."""
         lay = self.layout(c) if c.vram else None
-        return (lay.vram_layers, lay.vram_head) if lay is not None else (frozenset(), False)
+        if lay is None:
+            return frozenset(), False, frozenset()
+        return lay.vram_layers, lay.vram_head, lay.vram_experts
 
     def runtime_bytes(self, gpu: bool = False) -> dict:
         """Memory before the engine loads: python + torch, the tokenizer (anonymous), and
@@ -246,15 +249,16 @@ class CostModel:
             out["gpu_runtime"] = self.dev.gpu_runtime_overhead_bytes
         return out
 
-    def activity(self, cluster: int, gpu_layers: frozenset = frozenset()) -> Activity:
-        """FFN activity of the CPU's layers (all but `gpu_layers`) at a decode cluster size."""
-        key = (cluster, gpu_layers)
+    def activity(self, cluster: int, gpu_units: frozenset = frozenset()) -> Activity:
+        """FFN activity of the CPU's FFN units (all but `gpu_units`, (layer, expert) pairs) at
+        a decode cluster size."""
+        key = (cluster, gpu_units)
         if key not in self._act:
-            self._act[key] = Activity(self.m, cluster, gpu_layers)
+            self._act[key] = Activity(self.m, cluster, gpu_units)
         return self._act[key]
 
     def act(self, c: Config) -> Activity:
-        return self.activity(c.decode_cluster, self.vram_split(c)[0])
+        return self.activity(c.decode_cluster, self.vram_split(c)[2])
 
     # -- bytes per cluster --------------------------------------------------------------------
     def record_bytes(self, cluster: int) -> float:
@@ -452,7 +456,7 @@ class CostModel:
         """{dtype: bytes} of fixed weights the CPU's decode step multiplies with
         (dense_bytes_per_token less the VRAM layers' share and a head in VRAM)."""
         m = self.m
-        layers, on_gpu = self.vram_split(c)
+        layers, on_gpu, units = self.vram_split(c)
         if not layers and not on_gpu:
             return m.dense_bytes_per_token(c.hold_fixed)
         keep = 1 - len(layers) / m.layers
@@ -463,31 +467,35 @@ class CostModel:
             for dt, nb in part.by_dtype(c.hold_fixed).items():
                 out[dt] = out.get(dt, 0) + nb * share
         gdt = engine_dtype(m.ffn_dtype, c.hold_fixed, ffn=True)
-        out[gdt] = out.get(gdt, 0) + m.gate_bytes(c.hold_fixed) * keep
+        out[gdt] = out.get(gdt, 0) + m.gate_bytes(c.hold_fixed) * (1 - len(units) / m.ffn_units)
         return out
 
     def _vram_decode(self, c: Config) -> dict:
-        """Seconds a decode step spends on the VRAM tier: its float16 weights (a MoE layer's
-        routed experts) and KV at the GPU's matvec rate, then its launches: one graph replay
-        for a dense model's layers, each op for MoE's; and the hidden state's trips between
-        the devices (there and back, twice when the CPU's layers sit between the VRAM layers
-        and a head in VRAM)."""
-        layers, on_gpu = self.vram_split(c)
+        """Seconds a decode step spends on the VRAM tier: its float16 weights (the trunks, and
+        the FFN units there as often as they are routed: k of E experts, evenly) and KV at the
+        GPU's matvec rate, then its launches: one graph replay for a dense model's layers,
+        each op for MoE's; and the hidden state's trips between the devices (there and back;
+        twice when the CPU's layers sit between the VRAM layers and a head in VRAM; for each
+        MoE layer with experts on the CPU)."""
+        layers, on_gpu, units = self.vram_split(c)
         if not layers and not on_gpu:
             return {}
         m, dev = self.m, self.dev
         be = next(iter(dev.backends("gpu")), "torch:cuda")
         n = len(layers)
-        per_layer = ((m.parts["attn"].elements + m.parts["router"].elements) / m.layers
-                     + m.experts_per_tok * 3 * m.F * m.d)
+        trunk = (m.parts["attn"].elements + m.parts["router"].elements) / m.layers
+        uses = len(units) * m.experts_per_tok / m.experts  # FFN units run per token there
         head = m.parts["lm_head"] if m.parts["lm_head"].tensors else m.parts["embed"]
-        weights = 2 * (n * per_layer + (head.elements if on_gpu else 0))
+        weights = 2 * (n * trunk + uses * 3 * m.F * m.d + (head.elements if on_gpu else 0))
         kv = n * 2 * min(DECODE_POSITION, c.context) * m.args.num_key_value_heads \
             * m.args.head_dim * 2
         graph = n and not m.args.is_moe
         launches = (GRAPH_LAUNCH_S if graph else OPS_PER_LAYER * n * dev.dispatch(be)) \
             + (0 if graph and n == m.layers else OPS_PER_TOKEN * dev.dispatch(be) * on_gpu)
         trips = 2 * (1 + (0 < n < m.layers and on_gpu))
+        if m.args.is_moe:  # a VRAM layer whose routed experts may be on the CPU
+            trips += 2 * sum(1 for l in layers
+                             if sum(1 for u in units if u[0] == l) < m.experts)
         return {"gpu_matvec": weights / dev.matvec(be, "f16") + kv / dev.vram_bw,
                 "gpu_dispatch": launches + trips * dev.h2d_latency_s}
 
@@ -496,8 +504,10 @@ class CostModel:
         m, dev, T = self.m, self.dev, c.prompt_tokens
         be = c.prefill_backend
         hot_share = min(1.0, c.hot_clusters / act.n) if act.n else 0.0
-        cpu = self._cpu_layers(c) / m.layers  # the VRAM layers' share is read at load
-        ffn_stream = m.ffn_bytes() * cpu * (1 - hot_share)  # hot clusters are not re-read
+        # VRAM's shares (read at load, computed there): its layers' trunks, its FFN units
+        cpu = self._cpu_layers(c) / m.layers
+        cpu_ffn = 1 - len(self.vram_split(c)[2]) / m.ffn_units
+        ffn_stream = m.ffn_bytes() * cpu_ffn * (1 - hot_share)  # hot clusters are not re-read
         lay = self.layout(c)
         if lay is not None and lay.dense:  # streamed attention and head rows: read once too
             s = lay.streamed(lay.total, c.pin_attention, c.pin_head)
@@ -509,11 +519,13 @@ class CostModel:
         dense = m.dense_bytes_per_token(c.hold_fixed)  # FLOPs split as the bytes are held
         elems = {dt: nb / _bytes_per_weight(dt) for dt, nb in dense.items()}
         total = sum(elems.values()) or 1.0
-        t_mm = sum(fixed_flops * e / total / self._matmul(be, dt, T) for dt, e in elems.items()) \
-            + ffn_flops / self._matmul(be, self.hold_dtype(c.hold_ffn), T)
-        if cpu < 1:  # the VRAM layers' share of the FLOPs on the GPU, in float16
+        t_fixed = sum(fixed_flops * e / total / self._matmul(be, dt, T) for dt, e in elems.items())
+        t_ffn = ffn_flops / self._matmul(be, self.hold_dtype(c.hold_ffn), T)
+        t_mm = cpu * t_fixed + cpu_ffn * t_ffn
+        if cpu < 1:  # the rest on the GPU, in float16
             gpu = next(iter(dev.backends("gpu")), "torch:cuda")
-            t_mm = cpu * t_mm + (1 - cpu) * (fixed_flops + ffn_flops) / self._matmul(gpu, "f16", T)
+            t_mm += ((1 - cpu) * fixed_flops + (1 - cpu_ffn) * ffn_flops) \
+                / self._matmul(gpu, "f16", T)
         rec = self.record_bytes(c.decode_cluster)
         t_io = dev.read_time(ffn_stream, c.prefill_block, c.io_threads) \
             + ffn_stream / rec * self.miss_cost(c)  # misses are prepared into slots, as in decode

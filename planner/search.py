@@ -415,7 +415,7 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     from .explain import explain
     c, p, cm = best.config, best.pred, best.cost
     m = cm.m
-    layers, on_gpu = cm.vram_split(c)
+    layers, on_gpu, units = cm.vram_split(c)
     place = {"embeddings": "ram", "attention": "ram", "norms": "ram",
              "ffn_gate": "ram" if m.gate_pinned else "with_ffn_clusters",
              "ffn_hot": "ram", "ffn_cold_cache": "ram", "ffn_cold": "flash"}
@@ -426,7 +426,8 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
     if not c.pin_head:
         place["lm_head"] = "flash"
     if layers or on_gpu:  # the engine's VRAM tier: computed there, the rest on the CPU
-        place["vram"] = {"layers": sorted(layers), "head": on_gpu}
+        place["vram"] = {"layers": sorted(layers), "head": on_gpu,
+                         "experts": len(units) if m.args.is_moe else 0}
         if on_gpu:
             place["lm_head"] = "vram"
     cb = cm.cached_bytes(c.decode_cluster, c.hold_ffn)

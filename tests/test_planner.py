@@ -652,6 +652,35 @@ def test_gpu_plans_place_vram_as_the_engine_does():
     assert any("VRAM tier" in line for line in p["explanation"])
 
 
+def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
+    """An MoE plan on a CUDA device: the engine's split (every trunk, then whole experts),
+    predicted equal to `place`; the CPU keeps the other experts' clusters only."""
+    from planner.accounting import FILE_RESERVE, layout_of
+    from tiercache.engine.layout import Capacities, place
+    from tiercache.engine.tiered import config_from_plan
+    m = tiny_manifest(d=1024, F=3584, layers=8, vocab=32000)
+    m["config"].update(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)
+    m["ffn"]["experts"] = 8
+    for i in range(8):
+        m["tensors"][f"model.layers.{i}.block_sparse_moe.gate.weight"] = {"shape": [8, 1024],
+                                                                          "dtype": "f16"}
+    cpu = make_plan(m, "desktop-rtx4090-24gb", ram="8G", vram=0, context=512)
+    p = make_plan(m, "desktop-rtx4090-24gb", ram="8G", vram="700M", context=512)
+    pr = p["predicted"]
+    assert pr["vram_layers"] == list(range(8)) and pr["vram_head"]
+    assert 0 < p["predicted"]["assumes"]["placement"]["vram"]["experts"] < 64
+    cfg = config_from_plan(p)
+    hold = layout_of(m, cfg.compute)
+    runtime = sum(v for k, v in pr["memory"].items()
+                  if k in ("runtime", "tokenizer", "file_pages", "gpu_runtime"))
+    lay = place(hold.facts, cfg, Capacities(runtime=runtime + FILE_RESERVE, ram=cfg.ram_bytes,
+                                            vram=cfg.vram_bytes), hold.kernels)
+    assert len(lay.budget.vram_experts) == pr["assumes"]["placement"]["vram"]["experts"]
+    assert lay.vram == pr["peak_vram_bytes"]
+    assert lay.budget.total == pr["anon_memory_bytes"] - pr["memory"]["page_cache"]
+    assert pr["decode_tok_s"] > cpu["predicted"]["decode_tok_s"]
+
+
 def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):
     m = tiny_manifest(d=256, F=512, layers=4, vocab=1024)
     m["config"].update(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)

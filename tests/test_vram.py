@@ -212,18 +212,81 @@ def test_a_plan_gives_the_engine_its_vram_tier(q4_llama, tmp_path):
         load_plan(path)
 
 
-def test_moe_layers_in_vram_match_dense(stores):
-    """The tiny Mixtral with its first layer in VRAM (every expert there), the other on the
-    CPU's expert path: logits equal the dense reference (float32 store)."""
+def _moe_vram(store, experts: int) -> int:
+    """VRAM for the head, every layer's trunk and `experts` whole experts."""
+    every = _engine(store, 64 << 30)
+    a = every.args
+    one = 2 * 3 * a.hidden_size * a.intermediate_size
+    return VRAM_SLACK + every.layout.vram - (len(every.budget.vram_experts) - experts) * one
+
+
+def test_moe_vram_takes_trunks_then_experts_hottest_first():
+    """An MoE model's VRAM: the head, every layer's trunk (attention, norms, router, KV), then
+    whole experts, by the profile's routing when it has one; RAM counts the rest only."""
+    from test_layout import INT4
+    from test_planner import tiny_manifest
+    from tiercache.engine.layout import Capacities, StoreFacts, TierConfig as Cfg, place
+    m = tiny_manifest(d=256, F=512, layers=4, vocab=1024)
+    m["config"].update(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)
+    m["ffn"]["experts"] = 8
+    for i in range(4):
+        m["tensors"][f"model.layers.{i}.block_sparse_moe.gate.weight"] = {"shape": [8, 256],
+                                                                          "dtype": "f16"}
+    def lay(vram, manifest=m):
+        return place(StoreFacts.from_manifest(manifest), Cfg(context=256),
+                     Capacities(vram=vram), INT4)
+    every = lay(64 << 30)
+    one = 2 * 3 * 256 * 512
+    assert every.budget.vram_layers == frozenset(range(4)) and len(every.budget.vram_experts) == 32
+    assert every.hot_order == () and every.budget.hot_slots == 0
+    trunks = every.vram - 32 * one
+    none = lay(VRAM_SLACK + trunks)
+    assert none.budget.vram_layers == frozenset(range(4)) and not none.budget.vram_experts
+    assert none.where(("attn", 2)) == "vram" and none.where((2, 5, 0)) != "vram"
+    five = lay(VRAM_SLACK + trunks + 5 * one)
+    assert sorted(five.budget.vram_experts) == [(0, e) for e in range(5)]  # no profile
+    assert {k[:2] for k in five.hot_order} == {(l, e) for l in range(4) for e in range(8)} \
+        - five.budget.vram_experts
+    assert five.where((0, 4, 1)) == "vram" and five.where((0, 5, 1)) != "vram"
+    assert five.budget.lines()["hot"] < none.budget.lines()["hot"]
+    c = m["ffn"].get("n_clusters") or 512 // m["ffn"]["cluster_size"]
+    hot = {(3, 1), (2, 6), (1, 0)}
+    prof = {"tokens": 10, "ffn": [[{"cluster_freq": [0.9 if (l, e) in hot else 0.1] * c,
+                                    "cluster_active": [1.0] * c, "threshold": 0.0}
+                                   for e in range(8)] for l in range(4)]}
+    assert lay(VRAM_SLACK + trunks + 3 * one, {**m, "profile": prof}).budget.vram_experts == hot
+    partial = lay(VRAM_SLACK + trunks // 2)  # not every trunk: no experts, layers in order
+    assert partial.budget.vram_layers == frozenset(range(len(partial.budget.vram_layers)))
+    assert 0 < len(partial.budget.vram_layers) < 4 and not partial.budget.vram_experts
+
+
+@pytest.mark.parametrize("experts", [0, 3, 8])
+def test_moe_trunks_and_experts_in_vram_match_dense(stores, experts):
+    """The tiny Mixtral (2 layers, 4 experts) with every trunk in VRAM and `experts` experts
+    there, the others on the CPU's expert path (vram.HybridMoE): logits equal the dense
+    reference (float32 store); the routed uses split between the devices as placed, and the
+    expert cache counts only the CPU's."""
     store = stores("mixtral", "f32")
     dense = load_dense(Store(store))
     want = dense.logits(dense.new_session(), IDS)
-    eng = _engine(store, _vram_for(store, 1))
-    assert eng.budget.vram_layers == frozenset({0})
+    eng = _engine(store, _moe_vram(store, experts))
+    b = eng.budget
+    assert b.vram_layers == frozenset({0, 1}) and len(b.vram_experts) == experts
+    eng.reset_stats()
     got = eng.logits(eng.new_session(), IDS)
     diff = (got - want).abs() / want.std()  # float16 in VRAM: measured max 0.003 x std
     assert diff.max() < 0.02, f"max {diff.max():.3g} mean {diff.mean():.3g} x std"
-    assert eng.stats()["experts"]["hits"][0] == 0  # layer 0's experts are not the cache's
+    v, e = eng.stats()["vram"], eng.stats()["experts"]
+    gpu, cpu = v["expert_uses"]
+    assert v["experts"] == experts and gpu + cpu == 2 * 2 * len(IDS)  # k x layers x tokens
+    assert (gpu == 0) == (experts == 0) and (cpu == 0) == (experts == 8)
+    assert (sum(e["hits"]) + sum(e["misses"]) == 0) == (experts == 8)
+    steps = []  # decode: one row at a time through the same split
+    for engine in (dense, eng):
+        s = engine.new_session()
+        engine.prefill(s, IDS[:8])
+        steps.append(torch.stack([engine.decode(s, t) for t in IDS[8:16]]))
+    assert ((steps[1] - steps[0]).abs() / steps[0].std()).max() < 0.02
 
 
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")

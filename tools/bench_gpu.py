@@ -15,7 +15,9 @@ safetensors and converted to an f16 store. Each row runs in its own process
                 of the weights (half; a quarter for moe), the rest offloaded to CPU RAM and
                 copied in per use
   tc-half       tiercache, --vram = the same share: the head and the first layers on the GPU,
-                the rest computed on the CPU from RAM (a Mixtral's routed experts only)
+                the rest computed on the CPU from RAM; a Mixtral's head and every layer's
+                trunk (attention, router, KV) on the GPU with the experts that fit, the others'
+                routed uses computed on the CPU (vram.HybridMoE)
 
 Reported: prefill tok/s over the prompt, decode tok/s over --decode tokens, the GPU's peak
 allocated memory, and whether the greedy tokens equal hf-vram's (float16 on both sides: a

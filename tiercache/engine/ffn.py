@@ -205,14 +205,14 @@ class ClusterFFN:
         pinned = sorted(self.layout.hot)  # key order: a layer's slots in one run
         for key in pinned:
             self.cache.pin(key)
-        a = self.args
+        a, there = self.args, self.layout.budget.vram_experts
         for l in range(a.num_hidden_layers):
-            if l in self.layout.budget.vram_layers:  # the engine reads those into VRAM
-                continue
             if l in self.tail_parts:
                 self._load_tail(l)
                 continue
             for e in range(a.n_experts):
+                if (l, e) in there:  # the engine reads those into VRAM
+                    continue
                 keys = [(l, e, c) for c in range(self.n_clusters)]
                 if not self.pinned_gate:
                     keys = [k for k in keys if k in self.cache.hot]
@@ -463,8 +463,8 @@ class ClusterFFN:
         return sum(records[cluster_key(0, 0, c).decode()][0] for c in range(self.n_clusters))
 
     def _total_clusters(self) -> int:
-        a, b = self.args, self.layout.budget  # the RAM layers' (the VRAM ones are not its)
-        return (a.num_hidden_layers - len(b.vram_layers)) * a.n_experts * self.n_clusters
+        a, b = self.args, self.layout.budget  # the CPU's (those in VRAM are not its)
+        return (a.num_hidden_layers * a.n_experts - len(b.vram_experts)) * self.n_clusters
 
     def _streamed_clusters(self, layer: int, expert: int) -> int:
         return self.n_clusters - len(self.hot.get((layer, expert), (None, ()))[1])

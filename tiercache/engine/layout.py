@@ -11,12 +11,17 @@ MatMulNBits holds the resident weights, with the RAM regions' bytes. A budget to
 BudgetError with the numbers. The tiered engine runs it before loading; the planner calls the
 same function to predict what the engine will do.
 
-VRAM (a GPU's memory, `caps.vram`) is the first tier: the head, then whole layers in order
-(attention, FFN or every expert, and their KV cache) go there, as float16, and are computed on
-the GPU; the rest is placed in RAM and on flash as without one, and computed on the CPU next to
-its weights (a layer split, as llama.cpp's --n-gpu-layers, choosing by bytes). VRAM is placed
-first: the RAM budget counts only what stays on the CPU (the RAM layers' weights, clusters, KV
-cache and gates; the head unless it is in VRAM, or when tied, as the embedding stays in RAM).
+VRAM (a GPU's memory, `caps.vram`) is the first tier, as float16, computed on the GPU; the
+rest is placed in RAM and on flash as without one, and computed on the CPU next to its weights.
+The head goes first. A dense model then takes whole layers in order (attention, FFN, their KV
+cache): a layer split, as llama.cpp's --n-gpu-layers, choosing by bytes. An MoE model takes
+every layer's trunk first (attention, norms, router, KV cache: used every token), then whole
+experts as units, hottest first (the profile's routing counts, else layer order): a layer's
+routed experts in VRAM compute there, the others on the CPU from its expert cache and the store
+(mixtral-offloading keeps attention on the GPU likewise; it copies experts over instead). VRAM
+is placed first: the RAM budget counts only what stays on the CPU (the RAM layers' weights, the
+FFN units not in VRAM with their clusters and gates, the RAM layers' KV cache; the head unless it
+is in VRAM, or when tied, as the embedding stays in RAM).
 """
 from __future__ import annotations
 
@@ -115,6 +120,8 @@ class Budget:
     experts: int = 0    # MoE: whole streamed experts kept in the expert cache
     vram_layers: frozenset = frozenset()   # layers in VRAM, computed on the GPU (not RAM
     vram_head: bool = False                # regions), and whether the head is
+    vram_experts: frozenset = frozenset()  # FFN units (layer, expert) in VRAM: a dense VRAM
+                                           # layer's (l, 0); MoE: those chosen (see above)
 
     def lines(self) -> dict:
         return {"runtime": self.runtime, "fixed": self.fixed, "attention": self.attention,
@@ -247,10 +254,11 @@ class Layout:
         b = self.budget
         if unit == "head":
             return "vram" if b.vram_head else "ram" if b.head_pinned else "flash"
-        if unit[1 if unit[0] == "attn" else 0] in b.vram_layers:
-            return "vram"
         if unit[0] == "attn":
-            return "ram" if unit[1] in b.attn_pinned else "flash"
+            return ("vram" if unit[1] in b.vram_layers else
+                    "ram" if unit[1] in b.attn_pinned else "flash")
+        if unit[:2] in b.vram_experts:
+            return "vram"
         if unit in self.hot:
             return "ram"
         return "cache" if b.cold_slots else "flash"
@@ -287,15 +295,19 @@ class _Placer:
         self.slots_cls = Int4Slots if self.int4 else Float32Slots
         self.head_name = facts.head_name
         self._select_mode()
-        self.vram_layers, self.vram_head, self.vram_used = self._vram_split()
+        self.vram_layers, self.vram_head, self.vram_experts, self.vram_used = self._vram_split()
         self.ram_layers = [l for l in range(facts.args.num_hidden_layers)
                            if l not in self.vram_layers]  # computed on the CPU
+        self.ram_units = [(l, e) for l in range(facts.args.num_hidden_layers)
+                          for e in range(facts.args.n_experts)
+                          if (l, e) not in self.vram_experts]  # FFN units on the CPU
 
     def layout(self) -> Layout:
         budget = self._plan_budget(self.caps.runtime)
         layers, head, vram = self.vram_layers, self.vram_head, self.vram_used
         if layers or head:  # there instead: nothing of theirs is packed for ORT in RAM
             budget = replace(budget, vram_layers=layers, vram_head=head,
+                             vram_experts=self.vram_experts,
                              nbits_layers=budget.nbits_layers - layers,
                              nbits_head=budget.nbits_head and not head)
         attn, head_ok = self._streamable()
@@ -308,34 +320,57 @@ class _Placer:
                       read_ahead=self.cfg.read_ahead, order=self._hotness_order, vram=vram)
 
     # -- the VRAM tier ------------------------------------------------------------------------
-    def _vram_split(self) -> tuple[frozenset, bool, int]:
-        """-> (layers in VRAM, whether the head is, bytes placed there): the head first (one
-        large matrix, used every token), then whole layers in order while they fit in
-        caps.vram less VRAM_SLACK. Weights are float16 there, with each layer's KV cache."""
+    def _vram_split(self) -> tuple[frozenset, bool, frozenset, int]:
+        """-> (layers in VRAM, whether the head is, FFN units (layer, expert) in VRAM, bytes
+        placed there), filling caps.vram less VRAM_SLACK: the head first (one large matrix,
+        used every token); then a dense model's whole layers in order, an MoE model's layer
+        trunks in order and, once every trunk is there, whole experts hottest first. Weights
+        are float16 there, with each VRAM layer's KV cache (f16)."""
         room = self.caps.vram - VRAM_SLACK
         if self.caps.vram <= 0 or room <= 0:
-            return frozenset(), False, 0
+            return frozenset(), False, frozenset(), 0
         a, used = self.args, 0
         head = 2 * math.prod(self.tensors[self.head_name]["shape"])
         on_head = head <= room
         if on_head:
             used = head
-        layers = []
+        expert = 2 * 3 * a.hidden_size * a.intermediate_size
+        layers, units = [], []
         for l in range(a.num_hidden_layers):
-            need = self._vram_layer_bytes(l)
+            need = self._vram_trunk_bytes(l) + (0 if a.is_moe else expert)
             if used + need > room:
                 break
             layers.append(l)
             used += need
-        return frozenset(layers), on_head, used
+            if not a.is_moe:
+                units.append((l, 0))
+        if a.is_moe and len(layers) == a.num_hidden_layers:
+            for unit in self._expert_order():
+                if used + expert > room:
+                    break
+                units.append(unit)
+                used += expert
+        return frozenset(layers), on_head, frozenset(units), used
 
-    def _vram_layer_bytes(self, layer: int) -> int:
-        """A layer in VRAM: its tensors and every expert's FFN in float16, its KV cache (f16)."""
+    def _vram_trunk_bytes(self, layer: int) -> int:
+        """A layer's own tensors (attention, norms, router) and KV cache, float16."""
         a, prefix = self.args, f"model.layers.{layer}."
         own = sum(math.prod(t["shape"]) for n, t in self.tensors.items() if n.startswith(prefix))
-        ffn = 3 * a.hidden_size * a.intermediate_size * a.n_experts
         kv = 2 * a.num_key_value_heads * a.head_dim * self.context
-        return 2 * (own + ffn + kv)
+        return 2 * (own + kv)
+
+    def _expert_order(self) -> list[tuple[int, int]]:
+        """Every expert, hottest first: by the profile's routing (its clusters' mean
+        frequency), else in layer order."""
+        a = self.args
+        units = [(l, e) for l in range(a.num_hidden_layers) for e in range(a.n_experts)]
+        rows = (self.profile or {}).get("ffn")
+        if not rows:
+            return units
+        def heat(u):
+            freq = rows[u[0]][u[1]].get("cluster_freq") or [0.0]
+            return -sum(freq) / len(freq)
+        return sorted(units, key=heat)
 
     # -- sparsity mode ------------------------------------------------------------------------
     def _select_mode(self) -> None:
@@ -392,7 +427,7 @@ class _Placer:
         token whichever weight it is, so the order only keeps the streaming path simple.
         Refuses (BudgetError, with the numbers) when even streaming does not fit."""
         a, cfg, ram = self.args, self.cfg, self.caps.ram
-        total = len(self.ram_layers) * a.n_experts * self.n_clusters
+        total = len(self.ram_units) * self.n_clusters
         slot, gates, kv = self._slot_bytes(), self._gate_bytes(), self._kv_bytes()
         in_vram = tuple(f"model.layers.{l}." for l in self.vram_layers)
         sizes = {n: _ram_bytes(t, self.int4) for n, t in self.tensors.items()
@@ -545,7 +580,7 @@ class _Placer:
     def _gate_bytes(self) -> int:
         """What picks neurons: the pinned gates, or the predictors."""
         a = self.args
-        units = len(self.ram_layers) * a.n_experts
+        units = len(self.ram_units)
         per_neuron = 4 * a.intermediate_size if "criterion" in (self.profile or {}) else 0
         if self.mode == "predictor":
             one = record_bytes(self.d, a.intermediate_size, self.profile["predictor"]["rank"])
@@ -578,8 +613,7 @@ class _Placer:
         if self.mode == "dense" and not a.is_moe:
             return [(ram[i], 0, c) for i in spread_layers(len(ram))
                     for c in range(self.n_clusters)]
-        keys = [(l, e, c) for l in ram for e in range(a.n_experts)
-                for c in range(self.n_clusters)]
+        keys = [(l, e, c) for l, e in self.ram_units for c in range(self.n_clusters)]
         if not self.profile:
             return keys
         freq = {(l, e, c): f for l, row in enumerate(self.profile["ffn"])

@@ -185,11 +185,18 @@ class TieredEngine(Engine):
     # -- the VRAM tier ----------------------------------------------------------------------
     def _vram_modules(self, model: Model) -> None:
         """The layers and the head the layout put in VRAM, read from the store once, as
-        vram.DTYPE on the VRAM device (vram.py)."""
+        vram.DTYPE on the VRAM device (vram.py); an MoE layer there with the experts placed
+        there, the others on the CPU's expert path (vram.HybridMoE)."""
         b, a = self.budget, self.args
         for l in sorted(b.vram_layers):
             with torch.device("meta"):
                 layer = DecoderLayer(a)
+            if a.is_moe:
+                there = frozenset(e for k, e in b.vram_experts if k == l)
+                cpu = {e: TieredMLP(self.clusters, l, e) for e in range(a.n_experts)
+                       if e not in there}
+                layer.block_sparse_moe = vram.HybridMoE(layer.block_sparse_moe, there, cpu,
+                                                        self.clusters, l)
             layer = materialize(layer)
             vram.load_layer(layer, self._layer_weights(l), f"model.layers.{l}.",
                             partial(sanitize, a))
@@ -205,12 +212,15 @@ class TieredEngine(Engine):
             self.context) if n and not a.is_moe else None  # (routing is not static)
 
     def _layer_weights(self, layer: int):
-        """(HF name, float32 tensor) of one layer, its FFN (every expert) from its clusters."""
+        """(HF name, float32 tensor) of a VRAM layer, its FFN (the experts in VRAM) from their
+        clusters."""
         a, prefix = self.args, f"model.layers.{layer}."
         for name in self.tensors:
             if name.startswith(prefix):
                 yield name, self._read_tensor(name)
         for e in range(a.n_experts):
+            if (layer, e) not in self.budget.vram_experts:
+                continue
             for part, w in zip(FFN_PARTS, self.store.ffn_weights(layer, e,
                                                                  read=self.reader.read_many)):
                 yield ffn_name(a, layer, e, part), w
@@ -378,6 +388,8 @@ class TieredEngine(Engine):
         """Start the counters `stats` reports afresh (e.g. after a prefill)."""
         self.tokens = 0
         self.clusters.reset_stats()
+        for blk in self._hybrid_blocks() if self.args.is_moe else ():
+            blk.uses = [0, 0]
         self.streamer.io_wait_s = 0.0
         self.reader.stats.__init__()
 
@@ -392,9 +404,25 @@ class TieredEngine(Engine):
                 "sparse": self.mode != "dense", "mode": self.mode,
                 "compute": "int4" if self.int4 else "f32",
                 "pinned_kernel": _pinned_kernel(self.budget, self.args.num_hidden_layers),
-                "vram": {"layers": sorted(self.budget.vram_layers),
-                         "head": self.budget.vram_head, "bytes": self.layout.vram,
-                         "device": self.vram_device and str(self.vram_device)}}
+                "vram": self._vram_stats()}
+
+    def _hybrid_blocks(self) -> list:
+        return [layer.layer.block_sparse_moe for layer in self.model.model.layers
+                if isinstance(getattr(layer, "layer", None), DecoderLayer)
+                and isinstance(layer.layer.block_sparse_moe, vram.HybridMoE)]
+
+    def _vram_stats(self) -> dict:
+        """What the VRAM tier holds; for MoE, its experts and the routed uses computed
+        there and on the CPU."""
+        b = self.budget
+        out = {"layers": sorted(b.vram_layers), "head": b.vram_head, "bytes": self.layout.vram,
+               "device": self.vram_device and str(self.vram_device)}
+        if self.args.is_moe:
+            blocks = self._hybrid_blocks()
+            out["experts"] = len(b.vram_experts)
+            out["expert_uses"] = [sum(blk.uses[0] for blk in blocks),
+                                  sum(blk.uses[1] for blk in blocks)]
+        return out
 
 
 def _layer_of(name: str) -> int:

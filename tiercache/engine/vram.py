@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import TiercacheError
 from ..models.kv import KVCache
+from ..models.llama import MoE
 
 DTYPE = torch.float16  # what VRAM layers keep and compute in (a q4/q8 store is dequantized),
                        # on the CPU standing in too: tests check the dtype a GPU runs
@@ -55,6 +56,44 @@ class OnDeviceHead(nn.Module):
     def forward(self, h):
         y = nn.functional.linear(h.to(self.device, self.dtype), self.weight)
         return y.to("cpu", torch.float32)
+
+
+class HybridMoE(MoE):
+    """An MoE block whose layer's trunk is in VRAM (layout.py: experts as VRAM units): the
+    router and the experts placed in VRAM compute on the device; a routed expert that is not
+    there computes on the CPU (`cpu[e]`: the tiered engine's expert path, its expert cache and
+    the store) on the block's input brought over once, its output sent back. `source.routed`
+    is told the CPU's routed experts first, so that their misses are read at once.
+    `uses`: routed (row, expert) uses computed [on the device, on the CPU]."""
+
+    def __init__(self, moe: MoE, on_device: frozenset, cpu: dict, source, layer: int):
+        nn.Module.__init__(self)
+        self.top_k, self.gate = moe.top_k, moe.gate
+        self.experts = nn.ModuleList(moe.experts[e] if e in on_device else cpu[e]
+                                     for e in range(len(moe.experts)))
+        self.on_device, self.source, self.layer = on_device, source, layer
+        self.uses = [0, 0]
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = self.route(x)
+        routed = idx.unique().tolist()
+        away = [e for e in routed if e not in self.on_device]
+        if away:
+            here = x.to("cpu", torch.float32)
+            tokens = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+            self.source.routed(self.layer, away, here, None, tokens)
+        out = torch.zeros_like(x)
+        for e in routed:
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if e in self.on_device:
+                y = self.experts[e](x[rows])
+            else:
+                y = self.experts[e](here[rows.cpu()]).to(x.device, x.dtype)
+            out.index_add_(0, rows, y * w[rows, slot, None])
+            self.uses[e not in self.on_device] += len(rows)
+        return out.view(shape)
 
 
 def load_layer(layer: nn.Module, weights, prefix: str, sanitize) -> nn.Module:
