@@ -289,6 +289,30 @@ def test_moe_trunks_and_experts_in_vram_match_dense(stores, experts):
     assert ((steps[1] - steps[0]).abs() / steps[0].std()).max() < 0.02
 
 
+@pytest.mark.parametrize("kind,dtype", [("llama", "f32"), ("llama", "f16"), ("llama", "q4"),
+                                        ("mixtral", "f32")])
+def test_half_in_vram_gives_the_dense_cpu_references_greedy_tokens(stores, kind, dtype):
+    """The head and about half the rest in VRAM (on CUDA where there is one, else the CPU
+    standing in),
+    the rest on the CPU's tiered path: the dense CPU engine's greedy tokens over 12 steps, and
+    prompt logits within 0.05 x their std (float16 in VRAM; measured <= 0.01 here)."""
+    from tiercache.engine import generate_step, make_sampler
+    store = stores(kind, dtype, 64)
+    ref = load_dense(Store(store))
+    every, head = _engine(store, 64 << 30).layout.vram, _head_bytes(store)
+    eng = _engine(store, VRAM_SLACK + head + (every - head) // 2)
+    b = eng.budget
+    assert b.vram_head and b.vram_layers and (b.vram_experts or kind == "llama")
+    assert len(b.vram_experts) < eng.args.num_hidden_layers * eng.args.n_experts
+    want = ref.logits(ref.new_session(), IDS)
+    got = eng.logits(eng.new_session(), IDS).float().cpu()
+    diff = ((got - want).abs() / want.std()).max()
+    assert diff < 0.05, f"max {diff:.3g} x std"
+    greedy = make_sampler()
+    tokens = list(generate_step(ref.new_session(), IDS[:8], greedy, 12))
+    assert list(generate_step(eng.new_session(), IDS[:8], greedy, 12)) == tokens
+
+
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
 def test_vram_without_a_gpu_is_refused_in_one_line(q4_llama):
     import subprocess
