@@ -378,6 +378,17 @@ def test_plans_fit_the_engines_own_budget(laptop):
         assert b.total + runtime == plan["predicted"]["peak_memory_bytes"] <= int(least + extra)
 
 
+def moe_manifest(d: int, F: int, layers: int, vocab: int, experts: int = 8) -> dict:
+    """tiny_manifest as a Mixtral: `experts` experts per layer, top-2, an f16 router each."""
+    m = tiny_manifest(d=d, F=F, layers=layers, vocab=vocab)
+    m["config"].update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=2)
+    m["ffn"]["experts"] = experts
+    for i in range(layers):
+        m["tensors"][f"model.layers.{i}.block_sparse_moe.gate.weight"] = {
+            "shape": [experts, d], "dtype": "f16"}
+    return m
+
+
 def v3_manifest(**kw) -> dict:
     """small_manifest as store format 3 writes a q4 model: FFN and attention in q4k (the int4
     kernel's layout), the head and embeddings in q8r (the int8 kernel's): both can stream."""
@@ -658,12 +669,7 @@ def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
     from planner.accounting import FILE_RESERVE, layout_of
     from tiercache.engine.layout import Capacities, place
     from tiercache.engine.tiered import config_from_plan
-    m = tiny_manifest(d=1024, F=3584, layers=8, vocab=32000)
-    m["config"].update(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)
-    m["ffn"]["experts"] = 8
-    for i in range(8):
-        m["tensors"][f"model.layers.{i}.block_sparse_moe.gate.weight"] = {"shape": [8, 1024],
-                                                                          "dtype": "f16"}
+    m = moe_manifest(d=1024, F=3584, layers=8, vocab=32000)
     cpu = make_plan(m, "desktop-rtx4090-24gb", ram="8G", vram=0, context=512)
     p = make_plan(m, "desktop-rtx4090-24gb", ram="8G", vram="700M", context=512)
     pr = p["predicted"]
@@ -682,12 +688,7 @@ def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
 
 
 def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):
-    m = tiny_manifest(d=256, F=512, layers=4, vocab=1024)
-    m["config"].update(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)
-    m["ffn"]["experts"] = 8
-    for i in range(4):
-        m["tensors"][f"model.layers.{i}.block_sparse_moe.gate.weight"] = {"shape": [8, 256],
-                                                                          "dtype": "f16"}
+    m = moe_manifest(d=256, F=512, layers=4, vocab=1024)
     p = make_plan(m, laptop, ram=int(least_ram(m, laptop) + 1e6), context=256)
     assert p["model"]["mean_active_fraction"] == pytest.approx(2 / 8)
     assert p["predicted"]["assumes"]["placement"]["router"] == "ram"

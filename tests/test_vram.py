@@ -224,14 +224,9 @@ def test_moe_vram_takes_trunks_then_experts_hottest_first():
     """An MoE model's VRAM: the head, every layer's trunk (attention, norms, router, KV), then
     whole experts, by the profile's routing when it has one; RAM counts the rest only."""
     from test_layout import INT4
-    from test_planner import tiny_manifest
+    from test_planner import moe_manifest
     from tiercache.engine.layout import Capacities, StoreFacts, TierConfig as Cfg, place
-    m = tiny_manifest(d=256, F=512, layers=4, vocab=1024)
-    m["config"].update(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2)
-    m["ffn"]["experts"] = 8
-    for i in range(4):
-        m["tensors"][f"model.layers.{i}.block_sparse_moe.gate.weight"] = {"shape": [8, 256],
-                                                                          "dtype": "f16"}
+    m = moe_manifest(d=256, F=512, layers=4, vocab=1024)
     def lay(vram, manifest=m):
         return place(StoreFacts.from_manifest(manifest), Cfg(context=256),
                      Capacities(vram=vram), INT4)
