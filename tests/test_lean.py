@@ -14,6 +14,7 @@ import transformers as T
 
 from conftest import save_random
 from tiercache import api, lean
+from tiercache.cache import kv as kv_steps
 from tiercache.engine import generate_step, load_dense, make_sampler
 from tiercache.errors import BudgetError, StoreError, TiercacheError
 from tiercache.store.convert import convert
@@ -116,7 +117,7 @@ def test_decode_matches_prefill_and_chunks(lean_stores, monkeypatch, kind):
     assert _spread(stepped, whole[8:]) < TOL
     assert np.argmax(stepped, -1).tolist() == np.argmax(whole[8:], -1).tolist()
     monkeypatch.setattr(lean, "CHUNK", 6)
-    monkeypatch.setattr(lean, "KV_STEP", 4)
+    monkeypatch.setattr(kv_steps, "STEP", 4)
     s = eng.new_session()
     np.testing.assert_allclose(eng.prefill(s, IDS), whole[-1], rtol=0, atol=1e-4)
     assert s.caches[0].offset == len(IDS) and s.caches[0].k.shape[1] == 20

@@ -33,13 +33,13 @@ from . import rope
 from .engine import q4
 from .engine.session import Session
 from .cache.experts import ReadAheadStats, expert_cache, report
+from .cache.kv import Growing, capacity
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP, has_zeros
 from .store.format import Store, cluster_key, tensor_key
 
 CHUNK = 256     # prompt positions per pass (need_bytes counts a chunk's activations)
-KV_STEP = 256   # the KV cache grows by this many positions
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
 MARGIN = 8 << 20  # what the count above misses (allocator slack, page cache in flight)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -152,7 +152,7 @@ def need_bytes(store: Store, context: int, kv: str) -> int:
     and the file pages of the code it keeps touching), the weights, the KV cache for `context`
     positions and a prompt chunk's activations."""
     a = store.args
-    positions = -(-min(context, a.max_position_embeddings) // KV_STEP) * KV_STEP
+    positions = capacity(min(context, a.max_position_embeddings))
     kv_cache = (2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * positions
                 * (2 if kv == "f16" else 4))
     rep, t = a.num_attention_heads // a.num_key_value_heads, min(CHUNK, context)
@@ -163,8 +163,8 @@ def need_bytes(store: Store, context: int, kv: str) -> int:
     return anon_bytes() + FILE_PAGES + MARGIN + weight_bytes(store) + kv_cache + work
 
 
-class KV:
-    """One layer's K and V, [Hkv, capacity, D] in f16 or f32, grown by KV_STEP positions:
+class KV(Growing):
+    """One layer's K and V, [Hkv, capacity, D] in f16 or f32, grown in steps (cache/kv.py):
     the layout `_q4.layer` writes at decode. Protocol: offset, trim, nbytes."""
 
     def __init__(self, n_kv: int, hd: int, dtype):
@@ -175,21 +175,13 @@ class KV:
     def reserve(self, need: int) -> None:
         if self.k is not None and need <= self.k.shape[1]:
             return
-        cap = -(-need // KV_STEP) * KV_STEP
+        cap = capacity(need)
         h, _, d = self.shape
         k, v = np.zeros((h, cap, d), self.dtype), np.zeros((h, cap, d), self.dtype)
         if self.k is not None:
             k[:, :self.offset], v[:, :self.offset] = self.k[:, :self.offset], self.v[:, :self.offset]
         self.k, self.v = k, v
 
-    def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.nbytes
 
 
 class Layer:

@@ -32,6 +32,7 @@ from typing import Callable
 
 from ..config import ModelArgs
 from ..errors import BudgetError, TiercacheError
+from ..cache.kv import capacity
 from ..models.kv import KVCache, kv_bytes
 from ..store import quant
 from ..store.format import cluster_key
@@ -592,7 +593,7 @@ class _Placer:
         return (one + per_neuron) * units
 
     def _kv_bytes(self) -> int:
-        positions = -(-self.context // KVCache.step) * KVCache.step  # it grows in steps
+        positions = capacity(self.context)  # it grows in steps
         return self._kv_bytes_for(positions)
 
     def _kv_bytes_for(self, positions: int) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..cache.kv import STEP, Growing, capacity
+
 DTYPES = {"f16": torch.float16, "f32": torch.float32}
 
 
@@ -38,7 +40,7 @@ class Scratch:
         """keys, values [B, Hkv, T, D] -> the same in `dtype`, valid until the next read."""
         b, h, t, d = keys.shape
         if self.k is None or self.k.shape[2] < t or self.k.dtype != dtype:
-            cap = -(-t // KVCache.step) * KVCache.step
+            cap = capacity(t)
             self.k = torch.empty(b, h, cap, d, dtype=dtype, device=keys.device)
             self.v = torch.empty_like(self.k)
         k, v = self.k[:, :, :t], self.v[:, :, :t]
@@ -47,8 +49,8 @@ class Scratch:
         return k, v
 
 
-class KVCache:
-    step = 256
+class KVCache(Growing):
+    step = STEP
 
     def __init__(self, batch: int, n_kv: int, head_dim: int, dtype=torch.float32, device=None,
                  scratch: Scratch | None = None):
@@ -72,7 +74,7 @@ class KVCache:
         return keys, values
 
     def _grow(self, need: int, device):
-        cap = -(-need // self.step) * self.step
+        cap = capacity(need)
         b, h, _, d = self.shape
         k = torch.zeros(b, h, cap, d, dtype=self.dtype, device=device)
         v = torch.zeros_like(k)
@@ -81,12 +83,4 @@ class KVCache:
             v[:, :, :self.offset] = self.v[:, :, :self.offset]
         self.k, self.v = k, v
 
-    def trim(self, n: int) -> int:
-        """Drop the last n positions (e.g. a rejected turn); returns how many were dropped."""
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
