@@ -56,15 +56,17 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     kv: the KV cache's dtype, f16 (default) or f32.
     backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
-    plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads.
+    plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads
+    (and its vram_bytes, unless vram is given).
     MoE stores (Mixtral family): experts (lru | freq+lru; None: by the budget) is the expert
     cache's policy; expert_cut turns on reading a layer's experts ahead (those its router gives
     at least this probability from the previous layer's input; None: the tiered engine reads
     the top-k, the lean runtime reads none: it measured slower, BENCHMARKS.md);
     `engine.stats()["experts"]` reports hits, misses, bytes read and read-ahead per layer.
-    vram: a CUDA GPU's bytes for weights (tiered engine): the head, then the first layers go
-    there as float16 and compute there, the rest stays in RAM and on flash (layout.py);
-    `engine.stats()["vram"]` says what went.
+    vram: a CUDA GPU's bytes for weights (tiered engine): the head, then the first layers (an
+    MoE's: every layer's attention and router, then whole experts) go there as float16 and
+    compute there, the rest stays in RAM and on flash (layout.py); `engine.stats()["vram"]`
+    says what went.
     """
     from .hub import resolve_model
     from planner.units import parse_size

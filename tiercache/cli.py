@@ -18,7 +18,8 @@ DTYPE = typer.Option(None, help="store dtype when MODEL needs converting (defaul
                                 "known models, f32 otherwise)")
 RAM = typer.Option(None, help="memory the process may use in all (RSS + page cache), e.g. 400M")
 VRAM = typer.Option(None, help="a CUDA GPU's memory for weights, e.g. 8G: the head and the "
-                               "first layers go there and compute there (tiered engine)")
+                               "first layers (MoE: every layer's attention, then whole "
+                               "experts) go there and compute there (tiered engine)")
 ENGINE = typer.Option("auto", help="auto (lean where it runs within --ram, else tiered) | "
                       "lean (numpy + the q4 kernel, no torch: q4 Llama and Mixtral stores) | "
                       "tiered (caches, sparsity, VRAM, backends) | dense (all in RAM, f32 "
