@@ -10,6 +10,7 @@ def explain(plan: dict, best, budget) -> list[str]:
     mem = p["memory"]
     return [line for line in (
         _budget_line(plan, budget, mem),
+        _engine_line(m),
         _vram_line(plan, m),
         _activity_line(m),
         _ffn_line(e, p, best),
@@ -33,6 +34,19 @@ def _budget_line(plan, budget, mem) -> str:
             f"{mb(mem['buffers'] + mem['activations'] + mem['page_cache']):.0f}"
             + (f"; VRAM {mb(plan['predicted']['peak_vram_bytes']):.0f} of "
                f"{mb(budget.vram):.0f} MB" if budget.vram else "") + ".")
+
+
+def _engine_line(m) -> str:
+    """Plans are the tiered engine's (`--plan` runs it); on a store the lean runtime takes,
+    `--ram` alone runs that instead, which the planner does not model."""
+    if m.kind != "store" or m.manifest is None:
+        return ""
+    from tiercache.lean import unsupported
+    if unsupported(m.args, m.manifest):
+        return ""
+    return ("Engine: these figures are the tiered engine's, which `--plan` runs; without a plan "
+            "this store runs on the lean runtime (numpy and the q4 kernel, no torch) wherever "
+            "it fits --ram, which the planner does not model.")
 
 
 def _vram_line(plan, m) -> str:

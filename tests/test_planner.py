@@ -757,3 +757,13 @@ def test_ram_alone_plans_for_this_machine_once_probed(tmp_path, monkeypatch, lap
     assert cfg is not None and cfg.ram_bytes == ram and cfg.context == 256
     assert cfg.hot_clusters == want["hot_clusters"] and cfg.io_threads == want["io_threads"]
     assert _planned(store, 1_000_000, 256, "f16") is None  # the planner refuses: the engine decides
+
+
+def test_plans_say_when_the_lean_runtime_runs_the_store_instead(laptop):
+    """A plan is the tiered engine's; for a store the lean runtime takes (q4k records, q8 head)
+    the explanation says that `--ram` alone runs that runtime, which the plan does not model."""
+    def says(m):
+        p = make_plan(m, laptop, ram="2G", context=256)
+        return any(line.startswith("Engine:") for line in p["explanation"])
+    assert says(v3_manifest())
+    assert not says(small_manifest())  # q4 records off the kernel's layout: the tiered engine

@@ -37,7 +37,7 @@ from .cache.kv import Growing, capacity
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP, has_zeros
-from .store.format import Store, cluster_key, tensor_key
+from .store.format import Store, cluster_key, ffn_dtype, tensor_key
 
 CHUNK = 256     # prompt positions per pass (need_bytes counts a chunk's activations)
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
@@ -53,8 +53,14 @@ ROUTER_DTYPES = ("f32", "f16", "q4")
 
 def why_not(store: Store) -> str | None:
     """None where this runtime runs `store`; else the reason, for the user who asked for it."""
-    a, m = store.args, store.manifest
-    t = m["tensors"]
+    return unsupported(store.args, store.manifest) or (
+        None if q4.path() in ("avx2", "vnni") and q4._ext().layer_ok()
+        else "no AVX2/FMA/F16C kernel path on this CPU")
+
+
+def unsupported(a, m: dict) -> str | None:
+    """What of a store (its ModelArgs and manifest) this runtime does not run, or None."""
+    t, ffn = m["tensors"], m["ffn"]
     head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
     attn = [f"model.layers.{l}.self_attn.{p}.weight" for l in range(a.num_hidden_layers)
             for p in ATTN]
@@ -65,16 +71,14 @@ def why_not(store: Store) -> str | None:
          "Mixtral)"),
         (all(r in ROUTER_DTYPES for r in routers), "a router stored as other than f32, f16 or q4"),
         (m.get("dtype") == "q4", f"a {m.get('dtype')} store (it runs q4 stores)"),
-        (store.ffn_dtype == "q4k" and all(t[n]["dtype"] == "q4k" for n in attn),
+        (ffn_dtype(a, m.get("dtype"), int(ffn["cluster_size"])) == "q4k" and all(t.get(n, {}).get("dtype") == "q4k" for n in attn),
          "q4 records outside the kernel's row blocks of 64 (it runs stores converted with "
          "--cluster-size 64 whose matrices have rows in multiples of 64)"),
         (t.get(head, {}).get("dtype") == "q8r", "a head that is not q8 rows"),
         (a.hidden_act == "silu" and not a.attention_bias and not a.mlp_bias,
          "biases or a non-SiLU activation"),
-        (a.head_dim % 8 == 0 and store.cluster_size % 64 == 0
+        (a.head_dim % 8 == 0 and int(ffn["cluster_size"]) % 64 == 0
          and a.intermediate_size % 64 == 0, "shapes off the kernel's row blocks of 64"),
-        (q4.path() in ("avx2", "vnni") and q4._ext().layer_ok(),
-         "no AVX2/FMA/F16C kernel path on this CPU"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
