@@ -30,6 +30,7 @@ Also `predict_mmap`: llama.cpp-style inference with every weight mmapped under a
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -335,7 +336,7 @@ class CostModel:
         lay = self.layout(c)
         if lay is not None and lay.dense:  # every cluster every token: pinned or streamed
             hot = min(lay.total, c.hot_clusters + c.cold_clusters)
-            misses = active * (1 - hot / lay.total)
+            misses = active * (1 - hot / lay.total) if lay.total else 0.0  # (all in VRAM)
             t_dec, io_b, reads = self._dense_decode_time(c, lay, hot)
         else:
             misses = act.cold_misses(c.hot_clusters, c.cold_clusters)
@@ -375,11 +376,11 @@ class CostModel:
             + (s["layers"] * OPS_STREAM_LAYER + s["attn_layers"] * OPS_STREAM_ATTN
                + s["head_slices"] * OPS_HEAD_SLICE) * disp,
             "attention_kv": kv / dev.memory_bw,
-            "dispatch": (OPS_DENSE_LAYER * n + OPS_PER_TOKEN) * disp,
+            "dispatch": (OPS_DENSE_LAYER * self._cpu_ffn_layers(c) + OPS_PER_TOKEN) * disp,
             **self._vram_decode(c),
         }
         inflight = min(max(1, c.io_threads), 1 + c.prefetch_layers)
-        key = (hot, c.pin_attention, c.pin_head, inflight)
+        key = (hot, c.pin_attention, c.pin_head, inflight, c.vram, c.vram and c.context)
         if key not in self._tio:
             self._tio[key] = sum(dev.read_time(r, r, inflight) for r in s["runs"])
         t_io = self._tio[key]
@@ -445,12 +446,24 @@ class CostModel:
             "gather": active * slot * (1 - act.p_all / 2) / dev.copy_bw,
             "cluster_ops": active * OPS_PER_CLUSTER * dev.dispatch(cpu),
             "attention_kv": kv / dev.memory_bw,
-            "dispatch": (OPS_PER_LAYER * n + OPS_PER_TOKEN) * dev.dispatch(cpu),
+            "dispatch": (OPS_PER_LAYER * self._cpu_ffn_layers(c) + OPS_PER_TOKEN)
+            * dev.dispatch(cpu),
             **self._vram_decode(c),
         }
 
     def _cpu_layers(self, c: Config) -> int:
+        """Layers whose trunk (attention, norms, router) computes on the CPU."""
         return self.m.layers - len(self.vram_split(c)[0])
+
+    def _cpu_ffn_layers(self, c: Config) -> int:
+        """Layers with an FFN unit on the CPU (an MoE layer in VRAM may have experts there):
+        each costs the CPU's per-layer work."""
+        return self.m.layers - self._whole_ffn_layers(c)
+
+    def _whole_ffn_layers(self, c: Config) -> int:
+        """Layers with every FFN unit in VRAM."""
+        per_layer = Counter(l for l, _ in self.vram_split(c)[2])
+        return sum(1 for k in per_layer.values() if k == self.m.experts)
 
     def _cpu_dense(self, c: Config) -> dict:
         """{dtype: bytes} of fixed weights the CPU's decode step multiplies with
@@ -494,8 +507,7 @@ class CostModel:
             + (0 if graph and n == m.layers else OPS_PER_TOKEN * dev.dispatch(be) * on_gpu)
         trips = 2 * (1 + (0 < n < m.layers and on_gpu))
         if m.args.is_moe:  # a VRAM layer whose routed experts may be on the CPU
-            trips += 2 * sum(1 for l in layers
-                             if sum(1 for u in units if u[0] == l) < m.experts)
+            trips += 2 * (n - self._whole_ffn_layers(c))
         return {"gpu_matvec": weights / dev.matvec(be, "f16") + kv / dev.vram_bw,
                 "gpu_dispatch": launches + trips * dev.h2d_latency_s}
 

@@ -670,8 +670,10 @@ def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
     from tiercache.engine.layout import Capacities, place
     from tiercache.engine.tiered import config_from_plan
     m = moe_manifest(d=1024, F=3584, layers=8, vocab=32000)
-    cpu = make_plan(m, "desktop-rtx4090-24gb", ram="8G", vram=0, context=512)
-    p = make_plan(m, "desktop-rtx4090-24gb", ram="8G", vram="700M", context=512)
+    # RAM that cannot hold every expert: the GPU's share saves reads (with RAM to spare,
+    # eager MoE layers on the GPU are predicted no faster than the CPU's)
+    cpu = make_plan(m, "desktop-rtx4090-24gb", ram="1G", vram=0, context=512)
+    p = make_plan(m, "desktop-rtx4090-24gb", ram="1G", vram="700M", context=512)
     pr = p["predicted"]
     assert pr["vram_layers"] == list(range(8)) and pr["vram_head"]
     assert 0 < p["predicted"]["assumes"]["placement"]["vram"]["experts"] < 64
@@ -685,6 +687,10 @@ def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
     assert lay.vram == pr["peak_vram_bytes"]
     assert lay.budget.total == pr["anon_memory_bytes"] - pr["memory"]["page_cache"]
     assert pr["decode_tok_s"] > cpu["predicted"]["decode_tok_s"]
+    whole = make_plan(m, "desktop-rtx4090-24gb", ram="1G", vram="2G", context=512)["predicted"]
+    assert whole["assumes"]["placement"]["vram"]["experts"] == 64
+    assert whole["store_bytes_per_token"] == 0 and whole["decode_ms"]["io_exposed"] == 0
+    assert whole["decode_tok_s"] > pr["decode_tok_s"]
 
 
 def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):
