@@ -145,7 +145,8 @@ def _fits(pred: Prediction, budget: Budget) -> bool:
 def _bases(cm: CostModel, context, prompt_tokens, io_mode, vram: int = 0):
     """Every cluster size and held dtype, on the CPU alone and, where the device has a CUDA
     GPU's own memory and the model a manifest to place, with the engine's VRAM tier given
-    `vram` (the engine's own split: the head, then whole layers)."""
+    `vram` (the engine's own split, `layout.place`: the head, then whole layers; an MoE's
+    layer trunks, then whole experts)."""
     dev = cm.dev
     vrams = [0]
     if vram > 0 and dev.has_gpu and not dev.unified_memory and cm.layout() is not None:

@@ -306,11 +306,9 @@ class _Placer:
     def layout(self) -> Layout:
         budget = self._plan_budget(self.caps.runtime)
         layers, head, vram = self.vram_layers, self.vram_head, self.vram_used
-        if layers or head:  # there instead: nothing of theirs is packed for ORT in RAM
+        if layers or head:  # (nothing of theirs is packed for ORT in RAM: `_nbits_split`)
             budget = replace(budget, vram_layers=layers, vram_head=head,
-                             vram_experts=self.vram_experts,
-                             nbits_layers=budget.nbits_layers - layers,
-                             nbits_head=budget.nbits_head and not head)
+                             vram_experts=self.vram_experts)
         attn, head_ok = self._streamable()
         return Layout(budget=budget, mode=self.mode, int4=self.int4,
                       nbits=bool(budget.nbits_layers), thresholds=self.thresholds,

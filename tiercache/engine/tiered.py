@@ -388,7 +388,7 @@ class TieredEngine(Engine):
         """Start the counters `stats` reports afresh (e.g. after a prefill)."""
         self.tokens = 0
         self.clusters.reset_stats()
-        for blk in self._hybrid_blocks() if self.args.is_moe else ():
+        for blk in self._hybrid_blocks():
             blk.uses = [0, 0]
         self.streamer.io_wait_s = 0.0
         self.reader.stats.__init__()
@@ -407,9 +407,7 @@ class TieredEngine(Engine):
                 "vram": self._vram_stats()}
 
     def _hybrid_blocks(self) -> list:
-        return [layer.layer.block_sparse_moe for layer in self.model.model.layers
-                if isinstance(getattr(layer, "layer", None), DecoderLayer)
-                and isinstance(layer.layer.block_sparse_moe, vram.HybridMoE)]
+        return [m for m in self.model.modules() if isinstance(m, vram.HybridMoE)]
 
     def _vram_stats(self) -> dict:
         """What the VRAM tier holds; for MoE, its experts and the routed uses computed
@@ -447,7 +445,7 @@ def _trim_malloc() -> None:
 def config_from_plan(plan: dict) -> TierConfig:
     """The engine settings a `tiercache plan` chose (planner/search.py writes them)."""
     e, limits = plan["engine"], plan.get("limits", {})
-    return TierConfig(vram_bytes=e.get("vram_bytes"), ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
+    return TierConfig(ram_bytes=limits.get("ram_bytes"), hot_clusters=e.get("hot_clusters"),
                       cold_clusters=e.get("cold_clusters"), io_threads=e.get("io_threads", 2),
                       prefetch=e.get("prefetch_layers", 1) > 0,
                       prefetch_layers=max(1, e.get("prefetch_layers", 2)),
@@ -455,7 +453,8 @@ def config_from_plan(plan: dict) -> TierConfig:
                       compute=e.get("compute", "auto"),
                       pin_attention=e.get("pin_attention"), pin_head=e.get("pin_head"),
                       sparse=None if e.get("gate_pinned", True) else False,
-                      select="gate")  # the planner models sparse decode with pinned gates
+                      select="gate",  # the planner models sparse decode with pinned gates
+                      vram_bytes=e.get("vram_bytes"))
 
 
 def load_tiered(store: Store, cfg: TierConfig | None = None, backends=None) -> TieredEngine:
