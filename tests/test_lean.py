@@ -398,3 +398,21 @@ def test_samplers_in_numpy():
     assert two == {1, 2}
     draws = [make_sampler(temp=1.0, seed=7)(logits) for _ in range(3)]
     assert len(set(draws)) == 1  # one seed, one draw
+
+
+def test_one_row_routing_picks_as_the_batch_routing_does():
+    """Layer.route1 (decode's one row, in Python floats) gives route's experts in its order,
+    ties to the lower id, and its weights."""
+    layer = lean.Layer.__new__(lean.Layer)
+    rng = np.random.default_rng(0)
+    layer.router, layer.top_k = rng.standard_normal((8, 64)).astype(np.float32), 2
+    rows = list(rng.standard_normal((50, 64)).astype(np.float32))
+    layer.router[5] = layer.router[2]  # experts 2 and 5 tie on every row
+    rows.append(np.linalg.lstsq(layer.router.astype(np.float64), np.eye(8)[2] * 9, rcond=None)[0]
+                .astype(np.float32))
+    for h in rows:
+        w, idx = layer.route(h[None])
+        w1, ids = layer.route1(h)
+        assert ids == idx[0].tolist()
+        np.testing.assert_allclose(w1, w[0], rtol=1e-5)
+    assert ids == [2, 5]
