@@ -10,7 +10,7 @@ def explain(plan: dict, best, budget) -> list[str]:
     mem = p["memory"]
     return [line for line in (
         _budget_line(plan, budget, mem),
-        _engine_line(m),
+        _engine_line(plan),
         _vram_line(plan, m),
         _activity_line(m),
         _ffn_line(e, p, best),
@@ -36,17 +36,28 @@ def _budget_line(plan, budget, mem) -> str:
                f"{mb(budget.vram):.0f} MB" if budget.vram else "") + ".")
 
 
-def _engine_line(m) -> str:
+def _engine_line(plan) -> str:
     """Plans are the tiered engine's (`--plan` runs it); on a store the lean runtime takes,
-    `--ram` alone runs that instead, which the planner does not model."""
-    if m.kind != "store" or m.manifest is None:
+    `--ram` alone runs that instead: what it does with the budget (planner/lean_fit.py)."""
+    fit = plan.get("lean")
+    if not fit:
         return ""
-    from tiercache.lean import unsupported
-    if unsupported(m.args, m.manifest):
-        return ""
-    return ("Engine: these figures are the tiered engine's, which `--plan` runs; without a plan "
-            "this store runs on the lean runtime (numpy and the q4 kernel, no torch) wherever "
-            "it fits --ram, which the planner does not model.")
+    ram = plan["limits"]["ram_bytes"]
+    if not fit["fits"]:
+        what = "which does not fit this budget"
+    elif "expert_bytes" in fit and fit["expert_bytes"] < fit["all_expert_bytes"]:
+        what = (f"which holds {mb(fit['expert_bytes']):.0f} of {mb(fit['all_expert_bytes']):.0f}"
+                " MB of experts here and reads the rest when routed")
+    elif fit.get("resident_clusters", fit["n_clusters"]) == fit["n_clusters"]:
+        what = "which holds every weight here"
+    else:
+        what = (f"which holds {fit['resident_clusters']} of {fit['n_clusters']} FFN clusters "
+                f"per layer here and streams {mb(fit['streamed_bytes_per_token']):.1f} MB a "
+                "token")
+    return (f"Engine: these figures are the tiered engine's, which `--plan` runs. Without a "
+            f"plan, `--ram {mb(ram):.0f}M` runs this store on the lean runtime (no torch; it "
+            f"needs at least {mb(fit['least_bytes']):.0f} MB), {what}; its speed is not "
+            "modelled.")
 
 
 def _vram_line(plan, m) -> str:

@@ -19,6 +19,7 @@ from tiercache.errors import BudgetError, TiercacheError
 
 from .cost import Config, CostModel, Prediction
 from .estimate import estimate_from_source, load_model, restate
+from .lean_fit import lean_fit
 from .profiles import DeviceProfile, resolve_device
 from .sizes import ModelSizes, default_freq
 from .units import mb, parse_size
@@ -68,7 +69,8 @@ def make_plan(manifest_or_estimate, device="this", ram=None, vram=None,
         if found and (best is None or _key(found) > _key(best)):
             best = found
     if best is None:
-        raise BudgetError(_refusal(models, dev, budget, context, prompt_tokens, io_mode))
+        raise BudgetError(_refusal(models, dev, budget, context, prompt_tokens, io_mode)
+                          + _lean_note(manifest, budget, context))
     if min_tok_s and best.pred.decode_tok_s < min_tok_s:
         raise BudgetError(_too_slow(best, dev, budget, min_tok_s, context, prompt_tokens, io_mode))
     return _plan_dict(best, dev, budget, manifest, min_tok_s, quality, stats)
@@ -356,6 +358,16 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
     return best
 
 
+def _lean_note(manifest: dict, budget: Budget, context: int) -> str:
+    """Where the tiered engine a plan describes does not fit but the lean runtime (what
+    `--ram` alone runs on this store) does, say so."""
+    fit = lean_fit(manifest, budget.ram, context)
+    if not fit or not fit["fits"]:
+        return ""
+    return (f"; without a plan, `--ram {mb(budget.ram):.0f}M` runs this store on the lean "
+            f"runtime, which needs {mb(fit['least_bytes']):.0f} MB")
+
+
 def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
     cm = CostModel(models[-1], dev)  # the smallest dtype considered
     need = minimum_memory(cm, context, prompt_tokens, io_mode)
@@ -486,6 +498,8 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         "limits": {"ram_bytes": budget.ram, "vram_bytes": budget.vram, "min_tok_s": min_tok_s,
                    "quality": quality, "context": c.context},
         "engine": engine, "predicted": predicted, "search": stats,
+        # what `--ram` alone runs on a store the lean runtime takes (planner/lean_fit.py)
+        "lean": lean_fit(manifest, budget.ram, c.context),
     }
     plan["explanation"] = explain(plan, best, budget)
     return plan

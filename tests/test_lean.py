@@ -416,3 +416,38 @@ def test_one_row_routing_picks_as_the_batch_routing_does():
         assert ids == idx[0].tolist()
         np.testing.assert_allclose(w1, w[0], rtol=1e-5)
     assert ids == [2, 5]
+
+
+def test_the_planner_counts_the_lean_runtime_with_its_own_functions(lean_stores):
+    """planner.lean_fit: what the lean runtime does within a budget, from the manifest alone
+    and the lean process's runtime: its own sizing functions' answers (streamed clusters,
+    experts held), monotone in the budget; none for a store it does not take. A plan whose
+    tiered engine does not fit says when the lean runtime does."""
+    from planner.lean_fit import lean_fit
+    from planner.search import make_plan
+    for kind in ("tied", "mixtral"):
+        store = Store(lean_stores[kind])
+        fit = lean_fit(store.manifest, None, 256)
+        least, need, run = fit["least_bytes"], fit["need_bytes"], fit["runtime_bytes"]
+        assert least == min(lean.min_bytes(store, 256, "f16", run), need)
+        assert fit["fits"] and not lean_fit(store.manifest, least - 1, 256)["fits"]
+        last = -1
+        for ram in sorted({least, (least + need) // 2, need, need + (1 << 20)}):
+            f = lean_fit(store.manifest, ram, 256)
+            if kind == "mixtral":
+                held = f["expert_bytes"]  # all where everything fits, else the budget
+                assert held == (f["all_expert_bytes"] if ram >= need
+                                else lean.expert_budget(store, 256, "f16", ram, run))
+            else:
+                held = f["resident_clusters"]
+                assert held == lean.resident_clusters(store, 256, "f16", ram, run)
+                record = store.records[lean.cluster_key(0, 0, 0).decode()][0]
+                assert f["streamed_bytes_per_token"] == (
+                    store.args.num_hidden_layers * (f["n_clusters"] - held) * record)
+            assert held >= last
+            last = held
+        assert last == (f["all_expert_bytes"] if kind == "mixtral" else f["n_clusters"])
+    assert lean_fit({**store.manifest, "dtype": "q8"}, None) is None
+    ram = lean_fit(Store(lean_stores["tied"]).manifest, None, 256)["least_bytes"] + (1 << 20)
+    with pytest.raises(BudgetError, match="runs this store on the lean runtime"):
+        make_plan(str(lean_stores["tied"]), "laptop-8gb-nvme", ram=ram, context=256)

@@ -773,3 +773,10 @@ def test_plans_say_when_the_lean_runtime_runs_the_store_instead(laptop):
         return any(line.startswith("Engine:") for line in p["explanation"])
     assert says(v3_manifest())
     assert not says(small_manifest())  # q4 records off the kernel's layout: the tiered engine
+    from planner.lean_fit import lean_fit
+    from tiercache import lean
+    fit = lean_fit(v3_manifest(), None, 256)
+    mid = lean_fit(v3_manifest(), (fit["least_bytes"] + fit["need_bytes"]) // 2, 256)
+    record = sum(nb for _, _, nb in lean.Shape(v3_manifest()).cluster_parts(0))  # as stored
+    assert 0 <= mid["resident_clusters"] < 16
+    assert mid["streamed_bytes_per_token"] == 8 * (16 - mid["resident_clusters"]) * record

@@ -166,11 +166,11 @@ def _lean(path, asked_for: bool, asked: dict, ram: int | None, context: int, kv:
         resident = None if budget is None else store.n_clusters
     short = None
     if why is None and resident is None:
-        least = lean.min_bytes(store, context, kv)
+        least = lean.least_bytes(store, context, kv)
         held = ("one token's routed experts" if store.args.is_moe
                 else "all but the FFN clusters, which stream")
         fits = next((c for c in (context // 2, context // 4, context // 8) if c >= 128
-                     and lean.min_bytes(store, c, kv) <= ram), None)
+                     and lean.least_bytes(store, c, kv) <= ram), None)
         short = why = (f"needs {least / 2**20:.0f} MiB ({held}, KV, runtime), over --ram "
                        f"{ram / 2**20:.0f} MiB" + (f"; --context {fits} would fit" if fits
                                                    else ""))

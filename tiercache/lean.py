@@ -37,7 +37,7 @@ from .cache.kv import Growing, capacity
 from .errors import StoreError, TiercacheError
 from .memory import anon_bytes, trim_heap
 from .store.dtypes import GROUP, has_zeros
-from .store.format import Store, cluster_key, ffn_dtype, tensor_key
+from .store.format import Shape, Store, cluster_key, ffn_dtype, tensor_key
 
 CHUNK = 256     # prompt positions per pass (need_bytes counts a chunk's activations)
 FILE_PAGES = 24 << 20  # file pages of the code a run keeps touching (22-23 MiB measured, 1B)
@@ -83,7 +83,7 @@ def unsupported(a, m: dict) -> str | None:
     return next((why for ok, why in checks if not ok), None)
 
 
-def weight_bytes(store: Store) -> int:
+def weight_bytes(store: Shape) -> int:
     """RAM the runtime holds for weights: the records as stored, less the q4k zeros where the
     store says they are all 0 (a GGUF's Q4_0: `compact` keeps the scales alone)."""
     total = sum(n for n, _ in store.records.values())
@@ -95,47 +95,56 @@ def weight_bytes(store: Store) -> int:
     return total - q4k // GROUP * 2
 
 
-def cluster_bytes(store: Store) -> int:
+def cluster_bytes(store: Shape) -> int:
     """RAM one resident FFN cluster (gate, up and down rows of one neuron bundle) takes."""
     a, n = store.args, store.cluster_size
     return 3 * n * a.hidden_size * (16 + (2 if _symmetric(store) else 4)) // GROUP
 
 
-def _symmetric(store: Store) -> bool:
+def _symmetric(store: Shape) -> bool:
     """Whether the store says every q4k zero is 0 (then held as scales alone: `compact`)."""
     return not (store.manifest.get("quantization") or {}).get("q4k_zeros", True)
 
 
-def resident_clusters(store: Store, context: int, kv: str, ram: int | None) -> int | None:
+def resident_clusters(store: Shape, context: int, kv: str, ram: int | None,
+                      runtime: int | None = None) -> int | None:
     """FFN clusters per layer held in RAM within `ram` (the rest stream from the store each
     pass, through a ring of STREAM_SLOTS records): all where they fit or no ram is given,
-    None where even the rest of the model does not fit. Dense models only (MoE: all or None)."""
+    None where even the rest of the model does not fit. Dense models only (MoE: all or None).
+    runtime: as `need_bytes`'s."""
     n = store.n_clusters
-    if ram is None or need_bytes(store, context, kv) <= ram:
+    if ram is None or need_bytes(store, context, kv, runtime) <= ram:
         return n
     if store.args.is_moe:
         return None
-    r = (ram - min_bytes(store, context, kv)) // (store.args.num_hidden_layers
-                                                  * cluster_bytes(store))
+    r = (ram - min_bytes(store, context, kv, runtime)) // (store.args.num_hidden_layers
+                                                           * cluster_bytes(store))
     return int(r) if r >= 0 else None
 
 
-def expert_bytes(store: Store) -> int:
+def expert_bytes(store: Shape) -> int:
     """RAM one whole expert (or a dense layer's FFN) takes."""
     return store.n_clusters * cluster_bytes(store)
 
 
-def expert_budget(store: Store, context: int, kv: str, ram: int) -> int | None:
+def expert_budget(store: Shape, context: int, kv: str, ram: int,
+                  runtime: int | None = None) -> int | None:
     """Bytes of experts an MoE store holds within `ram`, the rest read whole when routed:
     what is left beside the rest of the model, one expert in flight and the readers' buffers,
     if it holds one token's routed set (top-k x layers: a smaller LRU only cycles); else
-    None."""
-    a, least = store.args, min_bytes(store, context, kv)
+    None. runtime: as `need_bytes`'s."""
+    a, least = store.args, min_bytes(store, context, kv, runtime)
     one_token = a.num_hidden_layers * a.num_experts_per_tok * expert_bytes(store)
     return ram - least + one_token if ram >= least else None
 
 
-def min_bytes(store: Store, context: int, kv: str) -> int:
+def least_bytes(store: Shape, context: int, kv: str, runtime: int | None = None) -> int:
+    """The smallest budget this runtime runs `store` in: streaming (`min_bytes`), or wholly
+    resident where that is less (a small model's weights below the streaming buffers)."""
+    return min(min_bytes(store, context, kv, runtime), need_bytes(store, context, kv, runtime))
+
+
+def min_bytes(store: Shape, context: int, kv: str, runtime: int | None = None) -> int:
     """The least this runtime runs `store` in: `need_bytes` with every dense FFN cluster
     streamed (their ring instead of them), or (MoE) one token's routed experts per layer held,
     one more in flight and the readers' buffers (Records._scratch) instead of all of them."""
@@ -148,13 +157,14 @@ def min_bytes(store: Store, context: int, kv: str) -> int:
         held = (layers * a.num_experts_per_tok + 1) * expert_bytes(store) + readers
     else:
         held = STREAM_SLOTS * (sum(nb for _, _, nb in store.cluster_parts(0)) + 2 * BLOCK)
-    return need_bytes(store, context, kv) - all_ffn + held
+    return need_bytes(store, context, kv, runtime) - all_ffn + held
 
 
-def need_bytes(store: Store, context: int, kv: str) -> int:
-    """What running `store` wholly in RAM takes: this process as it stands (anonymous pages,
-    and the file pages of the code it keeps touching), the weights, the KV cache for `context`
-    positions and a prompt chunk's activations."""
+def need_bytes(store: Shape, context: int, kv: str, runtime: int | None = None) -> int:
+    """What running `store` wholly in RAM takes: the process before its weights (`runtime`
+    anonymous bytes; None: this process as it stands), the file pages of the code it keeps
+    touching, the weights, the KV cache for `context` positions and a prompt chunk's
+    activations. The planner passes a runtime to count another machine's process."""
     a = store.args
     positions = capacity(min(context, a.max_position_embeddings))
     kv_cache = (2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * positions
@@ -164,7 +174,8 @@ def need_bytes(store: Store, context: int, kv: str) -> int:
     # the output; attention's are fewer), its attention scores, the logits
     work = t * (9 * a.intermediate_size + 16 * a.hidden_size) + t * rep * positions * 5 \
         + 8 * a.vocab_size
-    return anon_bytes() + FILE_PAGES + MARGIN + weight_bytes(store) + kv_cache + work
+    run = anon_bytes() if runtime is None else runtime
+    return run + FILE_PAGES + MARGIN + weight_bytes(store) + kv_cache + work
 
 
 class KV(Growing):

@@ -73,20 +73,40 @@ def is_store(path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-class Store:
+class Shape:
+    """What a store's manifest says of its model and records, nothing opened: what memory
+    counts read (Store is one; the planner makes one of a manifest it holds)."""
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+        self.args = ModelArgs.from_dict(manifest["config"])
+        ffn = manifest["ffn"]
+        self.cluster_size, self.n_clusters = int(ffn["cluster_size"]), int(ffn["n_clusters"])
+        self.ffn_dtype = ffn["dtype"]
+        self.records = dict(manifest["records"])
+
+    def cluster_rows(self, cluster: int) -> int:
+        """Neurons in cluster `cluster` (the last one may be short)."""
+        f = self.args.intermediate_size
+        return min(self.cluster_size, f - cluster * self.cluster_size)
+
+    def cluster_parts(self, cluster: int):
+        """[(shape, byte offset, nbytes)] of gate, up and down inside a cluster record."""
+        n, d = self.cluster_rows(cluster), self.args.hidden_size
+        shapes = ((n, d), (n, d), (d, n))
+        sizes = [dtypes.nbytes(s, self.ffn_dtype) for s in shapes]
+        return [(s, sum(sizes[:i]), sizes[i]) for i, s in enumerate(shapes)]
+
+
+class Store(Shape):
     """Read side of a store. Every read is checked against the manifest's crc32."""
 
     def __init__(self, path, readahead: bool = True):
         self.path = Path(path)
         for note in integrity.sweep(self.path):
             warn(note)
-        self.manifest = _read_manifest(self.path)
         try:
-            self.args = ModelArgs.from_dict(self.manifest["config"])
-            ffn = self.manifest["ffn"]
-            self.cluster_size, self.n_clusters = int(ffn["cluster_size"]), int(ffn["n_clusters"])
-            self.ffn_dtype = ffn["dtype"]
-            self.records = dict(self.manifest["records"])
+            Shape.__init__(self, _read_manifest(self.path))
         except (KeyError, TypeError, ValueError) as e:
             why = f"{type(e).__name__}: {e}"
             raise StoreError(f"{self.path / MANIFEST}: malformed ({why})") from None
@@ -128,20 +148,8 @@ class Store:
         meta = self.manifest["tensors"][name]
         return quant.decode(self._get(tensor_key(name)), meta["shape"], meta["dtype"], out_dtype)
 
-    def cluster_rows(self, cluster: int) -> int:
-        """Neurons in cluster `cluster` (the last one may be short)."""
-        f = self.args.intermediate_size
-        return min(self.cluster_size, f - cluster * self.cluster_size)
-
     def cluster_bytes(self, layer: int, expert: int, cluster: int) -> bytes:
         return self._get(cluster_key(layer, expert, cluster))
-
-    def cluster_parts(self, cluster: int):
-        """[(shape, byte offset, nbytes)] of gate, up and down inside a cluster record."""
-        n, d = self.cluster_rows(cluster), self.args.hidden_size
-        shapes = ((n, d), (n, d), (d, n))
-        sizes = [dtypes.nbytes(s, self.ffn_dtype) for s in shapes]
-        return [(s, sum(sizes[:i]), sizes[i]) for i, s in enumerate(shapes)]
 
     def decode_cluster(self, buf, cluster: int, out_dtype=None):
         """-> (gate [n, d], up [n, d], down [d, n]) for one cluster record."""
