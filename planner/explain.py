@@ -54,10 +54,12 @@ def _engine_line(plan) -> str:
         what = (f"which holds {fit['resident_clusters']} of {fit['n_clusters']} FFN clusters "
                 f"per layer here and streams {mb(fit['streamed_bytes_per_token']):.1f} MB a "
                 "token")
+    speed = (f"; predicted {fit['decode_tok_s']:.1f} tok/s decode on one thread"
+             + (" (even routing: a lower bound)" if "expert_bytes" in fit
+                and fit["read_bytes_per_token"] else "") if "decode_tok_s" in fit else "")
     return (f"Engine: these figures are the tiered engine's, which `--plan` runs. Without a "
             f"plan, `--ram {mb(ram):.0f}M` runs this store on the lean runtime (no torch; it "
-            f"needs at least {mb(fit['least_bytes']):.0f} MB), {what}; its speed is not "
-            "modelled.")
+            f"needs at least {mb(fit['least_bytes']):.0f} MB), {what}{speed}.")
 
 
 def _vram_line(plan, m) -> str:

@@ -70,7 +70,7 @@ def make_plan(manifest_or_estimate, device="this", ram=None, vram=None,
             best = found
     if best is None:
         raise BudgetError(_refusal(models, dev, budget, context, prompt_tokens, io_mode)
-                          + _lean_note(manifest, budget, context))
+                          + _lean_note(manifest, dev, budget, context))
     if min_tok_s and best.pred.decode_tok_s < min_tok_s:
         raise BudgetError(_too_slow(best, dev, budget, min_tok_s, context, prompt_tokens, io_mode))
     return _plan_dict(best, dev, budget, manifest, min_tok_s, quality, stats)
@@ -358,14 +358,15 @@ def minimum_memory(cm: CostModel, context: int, prompt_tokens: int, io_mode: str
     return best
 
 
-def _lean_note(manifest: dict, budget: Budget, context: int) -> str:
+def _lean_note(manifest: dict, dev: DeviceProfile, budget: Budget, context: int) -> str:
     """Where the tiered engine a plan describes does not fit but the lean runtime (what
     `--ram` alone runs on this store) does, say so."""
-    fit = lean_fit(manifest, budget.ram, context)
+    fit = lean_fit(manifest, budget.ram, context, dev=dev)
     if not fit or not fit["fits"]:
         return ""
     return (f"; without a plan, `--ram {mb(budget.ram):.0f}M` runs this store on the lean "
-            f"runtime, which needs {mb(fit['least_bytes']):.0f} MB")
+            f"runtime, which needs {mb(fit['least_bytes']):.0f} MB (predicted "
+            f"{fit['decode_tok_s']:.1f} tok/s on one thread)")
 
 
 def _refusal(models, dev, budget, context, prompt_tokens, io_mode) -> str:
@@ -499,7 +500,7 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
                    "quality": quality, "context": c.context},
         "engine": engine, "predicted": predicted, "search": stats,
         # what `--ram` alone runs on a store the lean runtime takes (planner/lean_fit.py)
-        "lean": lean_fit(manifest, budget.ram, c.context),
+        "lean": lean_fit(manifest, budget.ram, c.context, dev=dev),
     }
     plan["explanation"] = explain(plan, best, budget)
     return plan

@@ -448,6 +448,24 @@ def test_the_planner_counts_the_lean_runtime_with_its_own_functions(lean_stores)
             last = held
         assert last == (f["all_expert_bytes"] if kind == "mixtral" else f["n_clusters"])
     assert lean_fit({**store.manifest, "dtype": "q8"}, None) is None
+    # speed with a device profile: the weights a token touches at the kernel's share of the
+    # RAM rate, or the reads where they take longer; never faster with less RAM
+    from planner.lean_fit import LEAN_KERNEL_SHARE, LEAN_LAYER_S
+    from planner.profiles import preset
+    dev = preset("laptop-8gb-nvme")
+    store = Store(lean_stores["tied"])
+    a, f = store.args, lean_fit(store.manifest, None, 256, dev=dev)
+    want = lean.weight_bytes(store) / (LEAN_KERNEL_SHARE * dev.memory_bw) \
+        + a.num_hidden_layers * LEAN_LAYER_S
+    assert f["decode_tok_s"] == pytest.approx(1 / want) and f["read_bytes_per_token"] == 0
+    for kind in ("tied", "mixtral"):
+        m = Store(lean_stores[kind]).manifest
+        every = lean_fit(m, None, 256)
+        rams = list(range(every["least_bytes"], every["need_bytes"], 1 << 18))
+        fits = [lean_fit(m, r, 256, dev=dev) for r in rams + [every["need_bytes"]]]
+        speeds = [x["decode_tok_s"] for x in fits]
+        assert speeds == sorted(speeds) and all(x["read_bytes_per_token"] >= 0 for x in fits)
+        assert fits[-1]["read_bytes_per_token"] == 0
     ram = lean_fit(Store(lean_stores["tied"]).manifest, None, 256)["least_bytes"] + (1 << 20)
     with pytest.raises(BudgetError, match="runs this store on the lean runtime"):
         make_plan(str(lean_stores["tied"]), "laptop-8gb-nvme", ram=ram, context=256)
