@@ -72,7 +72,7 @@ def format_plan(plan: dict) -> str:
              f"{mb(m['weight_bytes']):.0f} MB of weights"
              + (", estimate only" if m.get("estimate_only") else "")
              + f") on {plan['device']}, RAM budget {mb(plan['limits']['ram_bytes']):.0f} MB",
-             "", f"{'region':<14}{'MB':>9}  where / what"]
+             *_lean_lines(plan), "", f"{'region':<14}{'MB':>9}  where / what"]
     rows = [("runtime", mem["runtime"] + mem["tokenizer"], "python + torch + tokenizer"),
             ("fixed", mem["fixed"] or e["fixed_bytes"],
              f"{how['placement']['attention']}: embeddings, attention, norms"
@@ -97,6 +97,20 @@ def format_plan(plan: dict) -> str:
               f"{e['prefill_cluster_bytes'] // 1024} KiB reads)  backend {how['prefill_backend']}",
               "", *[f"- {line}" for line in plan["explanation"]]]
     return "\n".join(lines)
+
+
+def _lean_lines(plan: dict) -> list[str]:
+    """On a store the lean runtime takes (what `--ram` alone runs), its figures first: the
+    table below is the tiered engine's, which `--plan` runs."""
+    fit = plan.get("lean")
+    if not fit or not fit.get("fits"):
+        return []
+    speed = f"{fit['decode_tok_s']:.1f} tok/s decode (one thread)" if "decode_tok_s" in fit \
+        else "speed not modelled"
+    return ["", f"without --plan: the lean runtime, {speed}, "
+                f"{mb(fit['read_bytes_per_token'] if 'read_bytes_per_token' in fit else 0):.1f}"
+                f" MB/token from the store, needs at least {mb(fit['least_bytes']):.0f} MB; "
+                "the table below is the tiered engine's (--plan)"]
 
 
 def plot_budget_curve(model, device, path: Path, ram_bytes: int, vram=None,

@@ -770,7 +770,9 @@ def test_plans_say_when_the_lean_runtime_runs_the_store_instead(laptop):
     the explanation says that `--ram` alone runs that runtime, which the plan does not model."""
     def says(m):
         p = make_plan(m, laptop, ram="2G", context=256)
-        return any(line.startswith("Engine:") for line in p["explanation"])
+        table = "without --plan: the lean runtime" in format_plan(p)
+        assert table == any(line.startswith("Engine:") for line in p["explanation"])
+        return table
     assert says(v3_manifest())
     assert not says(small_manifest())  # q4 records off the kernel's layout: the tiered engine
     from planner.lean_fit import lean_fit
