@@ -118,21 +118,26 @@ class Holding:
     # -- the engine's own budget ----------------------------------------------------------------
     def budget(self, runtime: int, context: int, hot: int | None = None, cold: int = 0,
                prefetch_layers: int = 2, io_threads: int = 2, ram: int | None = None,
-               pin_attention: int | None = None, pin_head: bool | None = None):
+               pin_attention: int | None = None, pin_head: bool | None = None,
+               experts: int = 0):
         """The engine's Budget (`layout.place`) for a plan of `hot` + `cold` clusters,
-        the first `pin_attention` layers' attention and (pin_head) the head pinned, or, with hot
-        None, for `--ram ram` alone; raises BudgetError as the engine would.
+        the first `pin_attention` layers' attention and (pin_head) the head pinned, and (MoE)
+        `experts` bytes of whole experts in its expert cache, or, with hot None, for
+        `--ram ram` alone; raises BudgetError as the engine would.
         `runtime`: the process's anonymous memory before any weight (the engine measures it)."""
         cfg = TierConfig(ram_bytes=ram, hot_clusters=hot,
                                  cold_clusters=None if hot is None else cold,
                                  io_threads=io_threads, prefetch=prefetch_layers > 0,
                                  prefetch_layers=max(1, prefetch_layers), context=context,
                                  pin_attention=pin_attention, pin_head=pin_head,
-                                 compute="auto" if self.int4 else "f32", select="gate")
+                                 compute="auto" if self.int4 else "f32", select="gate",
+                                 expert_cache_bytes=experts or None)
         if self.vram and context != self.context:  # the VRAM split is this Holding's
             raise ValueError(f"a Holding for context {self.context} asked for {context}")
-        key = (runtime, context, cold, prefetch_layers, io_threads, ram, pin_attention, pin_head)
-        if self.dense and ram is None and cold == 0 and hot is not None and 0 < hot < self.total:
+        key = (runtime, context, cold, prefetch_layers, io_threads, ram, pin_attention, pin_head,
+               experts)
+        if (self.dense and ram is None and cold == 0 and hot is not None and 0 < hot < self.total
+                and not experts):
             # below all of them the engine's regions differ only by the pinned slots: derive
             # them from its count for none (tests check this against the engine's own)
             zero = self.budget(runtime, context, 0, 0, prefetch_layers, io_threads, None,
@@ -167,10 +172,16 @@ class Holding:
 
     def regions(self, runtime: int, context: int, hot: int, cold: int,
                 prefetch_layers: int, io_threads: int = 2, pin_attention: int | None = None,
-                pin_head: bool | None = None) -> dict:
+                pin_head: bool | None = None, experts: int = 0) -> dict:
         """What the engine counts against --ram for a plan (its Budget's lines)."""
         return dict(self.budget(runtime, context, hot, cold, prefetch_layers, io_threads,
-                                pin_attention=pin_attention, pin_head=pin_head).lines())
+                                pin_attention=pin_attention, pin_head=pin_head,
+                                experts=experts).lines())
+
+    @property
+    def expert_bytes(self) -> int:
+        """One whole expert's records, as stored (what a miss of the expert cache reads)."""
+        return self.n_clusters * self.record
 
     def max_hot(self, ram: int, runtime: int, context: int, prefetch_layers: int,
                 io_threads: int = 2, pin_attention: int | None = None,

@@ -102,6 +102,8 @@ class Config:
     hold_fixed: str | None = None  # dtype the fixed region is held in; None: as stored (q4 int4)
     hold_ffn: str | None = None  # the engine has one compute format: equal to hold_fixed
     vram: int = 0  # bytes given to the engine's VRAM tier (TierConfig.vram_bytes); 0: none
+    expert_cache: int = 0  # MoE: whole experts' bytes the engine's expert cache holds
+                           # (TierConfig.expert_cache_bytes); the rest are read when routed
     decode_backend: str = "torch"
     prefill_backend: str = "torch"
     io_mode: str = "direct"  # "direct" (O_DIRECT, no page cache) or "buffered"
@@ -286,10 +288,11 @@ class CostModel:
             run = self.runtime_bytes(gpu=c.vram > 0)
             r = lay.regions(sum(run.values()), c.context, c.hot_clusters,
                             c.cold_clusters, c.prefetch_layers, c.io_threads,
-                            c.pin_attention, c.pin_head)
+                            c.pin_attention, c.pin_head, c.expert_cache)
             fixed = r["fixed"] + r["attention"] + r["head"] + r["gates"]
             return {"ram": {**run, "file_reserve": FILE_RESERVE, "fixed": fixed,
-                            "hot": r["hot"], "cold": r["cold"], "kv": r["kv"],
+                            # (an MoE's expert cache is its cold region: an LRU of experts)
+                            "hot": r["hot"], "cold": r["cold"] + r["experts"], "kv": r["kv"],
                             "buffers": r["streaming"], "activations": r["slack"],
                             "page_cache": self._page_cache(c)},
                     "vram": lay.vram_bytes if c.vram else 0}
@@ -337,6 +340,9 @@ class CostModel:
         if lay is not None and lay.dense:  # every cluster every token: pinned or streamed
             hot = min(lay.total, c.hot_clusters + c.cold_clusters)
             misses = active * (1 - hot / lay.total) if lay.total else 0.0  # (all in VRAM)
+            if self.m.args.is_moe:  # experts read when routed, as a share of the clusters
+                uses = self._expert_uses(c)
+                misses = active * self._expert_misses(c, lay) / uses if uses else 0.0
             t_dec, io_b, reads = self._dense_decode_time(c, lay, hot)
         else:
             misses = act.cold_misses(c.hot_clusters, c.cold_clusters)
@@ -360,7 +366,12 @@ class CostModel:
         read each token, 1 + prefetch_layers units' jobs in flight on the I/O threads, copied
         out of the read buffer (one copy); each unit costs a job and a wait besides."""
         m, dev = self.m, self.dev
-        s = lay.streamed(hot, c.pin_attention, c.pin_head)
+        # an MoE's experts are read whole when routed and missed (its clusters are not
+        # pinned in order): what streams beside them is attention and the head's slices
+        moe = m.args.is_moe
+        s = lay.streamed(lay.total if moe else hot, c.pin_attention, c.pin_head)
+        missed = self._expert_misses(c, lay) if moe else 0.0
+        expert_read = missed * lay.expert_bytes
         dt = self.hold_dtype(c.hold_ffn)
         dense = self._cpu_dense(c)
         disp = dev.dispatch("torch")
@@ -371,9 +382,9 @@ class CostModel:
             "fixed_matvec": sum(nb / dev.matvec("torch", d) for d, nb in dense.items()),
             "ffn_matvec": lay.total * m.experts_per_tok / m.experts * lay.slot
             / dev.matvec("torch", dt),
-            "gather": s["bytes"] / dev.copy_bw,
+            "gather": (s["bytes"] + expert_read) / dev.copy_bw,
             "cluster_ops": s["units"] * disp * (0 if c.prefetch_layers else OPS_STREAM_WAIT)
-            + (s["layers"] * OPS_STREAM_LAYER + s["attn_layers"] * OPS_STREAM_ATTN
+            + ((s["layers"] + missed) * OPS_STREAM_LAYER + s["attn_layers"] * OPS_STREAM_ATTN
                + s["head_slices"] * OPS_HEAD_SLICE) * disp,
             "attention_kv": kv / dev.memory_bw,
             "dispatch": (OPS_DENSE_LAYER * self._cpu_ffn_layers(c) + OPS_PER_TOKEN) * disp,
@@ -386,6 +397,7 @@ class CostModel:
         t_io = self._tio[key]
         if s["head_slices"] and m.args.tie_word_embeddings:  # the token's embedding row
             t_io += dev.read_time(PAGE, PAGE, 1)
+        t_io += dev.read_time(expert_read, lay.record, max(1, c.io_threads))
         busy = sum(comp.values())
         # reads run ahead on I/O threads: how much of them compute hides depends on how far
         share = IO_OVERLAP.get((min(c.prefetch_layers, 2), min(max(1, c.io_threads), 2)), 0.0)
@@ -393,7 +405,24 @@ class CostModel:
         exposed = t_io - overlap
         total = busy + exposed
         return ({**comp, "io_overlapped": overlap, "io_exposed": exposed, "total": total},
-                float(s["bytes"]), float(s["reads"]))
+                float(s["bytes"] + expert_read), float(s["reads"] + missed * lay.n_clusters))
+
+    def _expert_uses(self, c: Config) -> float:
+        """Routed uses a token makes of the CPU's experts (k of E in each layer)."""
+        m = self.m
+        return (m.layers * m.experts - len(self.vram_split(c)[2])) * m.experts_per_tok / m.experts
+
+    def _expert_misses(self, c: Config, lay: Holding) -> float:
+        """MoE: experts a token reads, the engine's expert cache holding c.expert_cache bytes
+        of whole experts (an LRU), routing even: each of the CPU's experts used with
+        probability k / E per token. Real routing repeats experts more (a lower bound on the
+        hits: BENCHMARKS.md, the lean runtime in plans)."""
+        m = self.m
+        if c.hot_clusters >= lay.total:
+            return 0.0
+        units = m.layers * m.experts - len(self.vram_split(c)[2])
+        use = np.full(units, m.experts_per_tok / m.experts)
+        return _lru_misses(use, int(c.expert_cache // lay.expert_bytes))
 
     def _decode_time(self, c: Config, act: Activity, active: float, misses: float):
         dev = self.dev

@@ -669,14 +669,15 @@ def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
     from planner.accounting import FILE_RESERVE, layout_of
     from tiercache.engine.layout import Capacities, place
     from tiercache.engine.tiered import config_from_plan
-    m = moe_manifest(d=1024, F=3584, layers=8, vocab=32000)
-    # RAM that cannot hold every expert: the GPU's share saves reads (with RAM to spare,
-    # eager MoE layers on the GPU are predicted no faster than the CPU's)
-    cpu = make_plan(m, "desktop-rtx4090-24gb", ram="1G", vram=0, context=512)
-    p = make_plan(m, "desktop-rtx4090-24gb", ram="1G", vram="700M", context=512)
+    m = moe_manifest(d=1024, F=3584, layers=16, vocab=32000)  # 793 MB of q4 experts
+    # RAM that cannot hold every expert: the GPU's share saves reads (with RAM to spare, or
+    # little VRAM, eager MoE layers on the GPU and the CUDA runtime's RAM cost more)
+    dev = "laptop-16gb-rtx4060-8gb"
+    cpu = make_plan(m, dev, ram="1200M", vram=0, context=512)
+    p = make_plan(m, dev, ram="1200M", vram="1500M", context=512)
     pr = p["predicted"]
-    assert pr["vram_layers"] == list(range(8)) and pr["vram_head"]
-    assert 0 < p["predicted"]["assumes"]["placement"]["vram"]["experts"] < 64
+    assert pr["vram_layers"] == list(range(16)) and pr["vram_head"]
+    assert 0 < p["predicted"]["assumes"]["placement"]["vram"]["experts"] < 128
     cfg = config_from_plan(p)
     hold = layout_of(m, cfg.compute)
     runtime = sum(v for k, v in pr["memory"].items()
@@ -686,11 +687,44 @@ def test_moe_gpu_plans_place_trunks_then_experts_as_the_engine_does():
     assert len(lay.budget.vram_experts) == pr["assumes"]["placement"]["vram"]["experts"]
     assert lay.vram == pr["peak_vram_bytes"]
     assert lay.budget.total == pr["anon_memory_bytes"] - pr["memory"]["page_cache"]
+    assert lay.budget.experts == p["engine"]["expert_cache_bytes"] > 0  # the CPU's LRU
     assert pr["decode_tok_s"] > cpu["predicted"]["decode_tok_s"]
-    whole = make_plan(m, "desktop-rtx4090-24gb", ram="1G", vram="2G", context=512)["predicted"]
-    assert whole["assumes"]["placement"]["vram"]["experts"] == 64
+    assert pr["store_bytes_per_token"] < cpu["predicted"]["store_bytes_per_token"]
+    whole = make_plan(m, dev, ram="1200M", vram="4G", context=512)["predicted"]
+    assert whole["assumes"]["placement"]["vram"]["experts"] == 128
     assert whole["store_bytes_per_token"] == 0 and whole["decode_ms"]["io_exposed"] == 0
     assert whole["decode_tok_s"] > pr["decode_tok_s"]
+
+
+def test_moe_plans_give_the_engine_an_expert_cache(laptop):
+    """Below every expert, an MoE plan is the engine's own split: attention and the head,
+    then an expert cache of whole experts (not clusters pinned in layer order, which left
+    every routed expert's other clusters to read); config_from_plan hands it on and the
+    engine's regions for it are what the plan counts. Reads per token are the cache's misses
+    under even routing: fewer with more RAM, none where every expert fits."""
+    from planner.accounting import FILE_RESERVE, layout_of
+    from tiercache.engine.layout import Capacities, place
+    from tiercache.engine.tiered import config_from_plan
+    m = moe_manifest(d=1024, F=3584, layers=8, vocab=32000)
+    last = None
+    for ram in ("850M", "950M", "1100M", "2G"):
+        p = make_plan(m, laptop, ram=ram, context=512)
+        e, pr = p["engine"], p["predicted"]
+        cfg = config_from_plan(p)
+        assert cfg.expert_cache_bytes == e["expert_cache_bytes"]
+        runtime = sum(v for k, v in pr["memory"].items()
+                      if k in ("runtime", "tokenizer", "file_pages"))
+        hold = layout_of(m, cfg.compute)
+        b = place(hold.facts, cfg, Capacities(runtime=runtime + FILE_RESERVE,
+                                              ram=cfg.ram_bytes), hold.kernels).budget
+        assert b.total == pr["anon_memory_bytes"] - pr["memory"]["page_cache"]
+        if e["hot_clusters"] == 0:
+            assert b.experts == e["expert_cache_bytes"] > 0
+        reads = pr["store_bytes_per_token"]
+        if last is not None:
+            assert reads <= last[0] and pr["decode_tok_s"] >= last[1]
+        last = (reads, pr["decode_tok_s"])
+    assert last[0] == 0
 
 
 def test_moe_routes_experts_and_buffered_reads_count_page_cache(laptop):

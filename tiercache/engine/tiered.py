@@ -454,7 +454,8 @@ def config_from_plan(plan: dict) -> TierConfig:
                       pin_attention=e.get("pin_attention"), pin_head=e.get("pin_head"),
                       sparse=None if e.get("gate_pinned", True) else False,
                       select="gate",  # the planner models sparse decode with pinned gates
-                      vram_bytes=e.get("vram_bytes"))
+                      vram_bytes=e.get("vram_bytes"),
+                      expert_cache_bytes=e.get("expert_cache_bytes"))
 
 
 def load_tiered(store: Store, cfg: TierConfig | None = None, backends=None) -> TieredEngine:
