@@ -189,15 +189,20 @@ def predict(rows: list, m: dict, w_gguf: int, fp_llama: int, free_llama: dict) -
     """The planner's predictions for each row (device 'this', probed once and cached): the
     tiercache decode tok/s it plans at the cap, llama.cpp's from the mmap thrash model."""
     from planner.cost import predict_mmap
+    from planner.lean_fit import lean_fit
     from planner.profiles import resolve_device
     from planner.search import make_plan
     from tiercache.errors import TiercacheError
+    from tiercache.store.format import Store
     dev = resolve_device("this")
     context = len(json.loads(Path(m["prompt"]).read_text())) + 64 + 8  # as bench_worker's
+    manifest = Store(m["store"]).manifest
     for row in rows:
+        cap = row["tiercache"]["cap"]
+        fit = lean_fit(manifest, cap, context, dev=dev)  # what --ram alone runs, where it fits
         try:
-            tc = make_plan(str(m["store"]), dev, ram=row["tiercache"]["cap"],
-                           context=context)["predicted"]["decode_tok_s"]
+            tc = fit["decode_tok_s"] if fit and fit["fits"] else make_plan(
+                str(m["store"]), dev, ram=cap, context=context)["predicted"]["decode_tok_s"]
         except TiercacheError:
             tc = None  # the planner refuses: nothing fits
         ll = predict_mmap(w_gguf, dev, row["llama"]["cap"], fp_llama,
@@ -237,7 +242,8 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
         f"{fp['tiercache'] / MB:.0f} MiB (working set of a tiny model with the same tokenizer).", "",
         "Predicted (planner, device 'this'): llama.cpp from `planner.cost.predict_mmap` (page "
         "faults for the weights the cap leaves out of the page cache), tiercache from "
-        "`tiercache plan` at the cap; '-' where the planner refuses.", "",
+        "`tiercache plan` at the cap (the lean runtime's figure where it runs the store, "
+        "which is what --ram alone runs); '-' where the planner refuses.", "",
         "| r | llama.cpp cap | llama.cpp decode tok/s | predicted | tiercache cap | tiercache decode tok/s | predicted | speed-up | tiercache hit rate | store MB/token |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["rows"]:
