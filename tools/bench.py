@@ -180,9 +180,18 @@ def footprint_main(a):
               "working_set": {"llama": ws_llama, "tiercache_tiny": ws_tc},
               "uncapped": {"llama": free_llama, "tiercache": free_tc}, "rows": rows,
               "perplexity": ppl, "seconds": time.time() - t0, "read_bps": a.read_bps,
-              "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+              "machine": machine(), "cpu_flags": cpu_flags(), "read_ahead_kb": _read_ahead_kb(),
+              "date": time.strftime("%Y-%m-%d %H:%M")}
     (work / "bench.json").write_text(json.dumps(result, indent=1))
     write_report(result, a.out, a.plot)
+
+
+def _read_ahead_kb() -> int | None:
+    """The disk's read-ahead as the run had it (the footprint view leaves it as it finds it)."""
+    try:
+        return int(Path("/sys/block/vda/queue/read_ahead_kb").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def predict(rows: list, m: dict, w_gguf: int, fp_llama: int, free_llama: dict) -> None:
@@ -231,8 +240,10 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
         TITLE, "",
         "Not the headline: each engine gets its own footprint plus r x its weights, which gives "
         "the engine with the larger runtime more memory. The headline is the same-cap tables.", "",
-        f"Conditions: {res.get('machine', 'this machine')}, {res['threads']} thread(s), "
-        f"{res.get('date', '')}; greedy, "
+        f"Conditions: {res.get('machine', 'this machine')}"
+        + (f" (flags: {res['cpu_flags']})" if res.get("cpu_flags") else "")
+        + (f", disk read_ahead_kb {res['read_ahead_kb']}" if res.get("read_ahead_kb") else "")
+        + f", {res['threads']} thread(s), {res.get('date', '')}; greedy, "
         "128-token prompt from dev-eval.txt, up to 64 decoded tokens; each run in a fresh "
         "cgroup-v1 memory group (RSS + page cache capped), page cache dropped before each run"
         + (f", reads throttled to {res['read_bps'] / 1e6:.0f} MB/s" if res["read_bps"] else "") + ".",
@@ -264,7 +275,7 @@ def write_report(res: dict, out: Path, plot: Path) -> None:
               f"{ppl['dense_f32']:.3f}; tiercache q4 {ppl['tiercache_q4_dense']:.3f}; tiercache q4 + "
               f"profiled sparsity (the benchmarked configuration) {ppl['tiercache_q4_sparse']:.3f} "
               f"({ppl['tiercache_q4_sparse'] / ppl['dense_f32'] - 1:+.1%} vs dense f32).", ""]
-    write_section(out, TITLE, "\n".join(lines) + f"\n![decode tok/s vs r]({plot.relative_to(ROOT)})\n")
+    write_section(out, TITLE, "\n".join(lines) + f"\n![decode tok/s vs r]({plot.resolve().relative_to(ROOT)})\n")
     _plot(res, plot)
     print("\n".join(lines))
 
