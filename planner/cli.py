@@ -101,16 +101,20 @@ def format_plan(plan: dict) -> str:
 
 def _lean_lines(plan: dict) -> list[str]:
     """On a store the lean runtime takes (what `--ram` alone runs), its figures first: the
-    table below is the tiered engine's, which `--plan` runs."""
+    table below is the tiered engine's (what `--plan` runs unless plan["runs"] is lean)."""
     fit = plan.get("lean")
     if not fit or not fit.get("fits"):
         return []
     speed = f"{fit['decode_tok_s']:.1f} tok/s decode (one thread)" if "decode_tok_s" in fit \
         else "speed not modelled"
-    return ["", f"without --plan: the lean runtime, {speed}, "
-                f"{mb(fit['read_bytes_per_token'] if 'read_bytes_per_token' in fit else 0):.1f}"
-                f" MB/token from the store, needs at least {mb(fit['least_bytes']):.0f} MB; "
-                "the table below is the tiered engine's (--plan)"]
+    reads = mb(fit.get("read_bytes_per_token", 0))
+    if plan.get("runs") == "lean":
+        return ["", f"runs on the lean runtime (--plan and --ram alone): {speed}, {reads:.1f} "
+                    f"MB/token from the store, needs at least {mb(fit['least_bytes']):.0f} MB; "
+                    "the table below is the tiered engine's, predicted slower"]
+    return ["", f"without --plan: the lean runtime, {speed}, {reads:.1f} MB/token from the "
+                f"store, needs at least {mb(fit['least_bytes']):.0f} MB; the table below is "
+                "the tiered engine's (--plan)"]
 
 
 def plot_budget_curve(model, device, path: Path, ram_bytes: int, vram=None,

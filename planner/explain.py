@@ -57,6 +57,11 @@ def _engine_line(plan) -> str:
     speed = (f"; predicted {fit['decode_tok_s']:.1f} tok/s decode on one thread"
              + (" (even routing: a lower bound)" if "expert_bytes" in fit
                 and fit["read_bytes_per_token"] else "") if "decode_tok_s" in fit else "")
+    if plan.get("runs") == "lean":
+        return (f"Engine: `--plan` (and `--ram {mb(ram):.0f}M` alone) runs this store on the "
+                f"lean runtime (no torch; it needs at least {mb(fit['least_bytes']):.0f} MB), "
+                f"{what}{speed}; the regions and figures here are the tiered engine's, "
+                "predicted slower.")
     return (f"Engine: these figures are the tiered engine's, which `--plan` runs. Without a "
             f"plan, `--ram {mb(ram):.0f}M` runs this store on the lean runtime (no torch; it "
             f"needs at least {mb(fit['least_bytes']):.0f} MB), {what}{speed}.")

@@ -519,6 +519,11 @@ def _plan_dict(best: Choice, dev, budget, manifest, min_tok_s, quality, stats) -
         # what `--ram` alone runs on a store the lean runtime takes (planner/lean_fit.py)
         "lean": lean_fit(manifest, budget.ram, c.context, dev=dev),
     }
+    # the engine `--plan` runs: the lean runtime where it fits and is predicted no slower
+    # (it sizes itself within limits.ram_bytes, as planned), else the tiered engine's regions
+    lean = plan["lean"]
+    plan["runs"] = ("lean" if lean and lean["fits"]
+                    and lean.get("decode_tok_s", 0.0) >= p.decode_tok_s else "tiered")
     plan["explanation"] = explain(plan, best, budget)
     return plan
 

@@ -469,3 +469,24 @@ def test_the_planner_counts_the_lean_runtime_with_its_own_functions(lean_stores)
     ram = lean_fit(Store(lean_stores["tied"]).manifest, None, 256)["least_bytes"] + (1 << 20)
     with pytest.raises(BudgetError, match="runs this store on the lean runtime"):
         make_plan(str(lean_stores["tied"]), "laptop-8gb-nvme", ram=ram, context=256)
+
+
+def test_a_plan_that_runs_on_the_lean_runtime_gives_it_the_plans_budget(lean_stores, tmp_path):
+    """A plan whose lean figure beats the tiered engine's says it runs on the lean runtime,
+    and `--plan` loads that runtime within the plan's RAM and context; a plan of the tiered
+    engine (here: asked for by --engine tiered) still loads the tiered engine's regions."""
+    import json
+    from planner.search import make_plan
+    path = lean_stores["tied"]
+    plan = make_plan(str(path), "laptop-8gb-nvme", ram="1G", context=256)
+    assert plan["runs"] == "lean" and plan["lean"]["fits"]
+    assert plan["lean"]["decode_tok_s"] >= plan["predicted"]["decode_tok_s"]
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps(plan))
+    eng, _ = api.load(str(path), plan=str(f))
+    assert isinstance(eng, lean.LeanEngine) and eng.context == 256
+    tiered, _ = api.load(str(path), plan=str(f), engine="tiered")
+    assert not isinstance(tiered, lean.LeanEngine)
+    every = tiered.args.num_hidden_layers * tiered.n_clusters
+    assert tiered.budget.hot_slots == min(plan["engine"]["hot_clusters"], every)
+    assert tiered.cfg.context == plan["engine"]["context"] == 256

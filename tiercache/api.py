@@ -57,7 +57,8 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     backend picks prefill's backend (auto|torch|torch:cuda|ort[:PROVIDER]); decode is torch.
     Under a RAM budget `auto` stays on torch: an ONNX Runtime graph holds its own weights.
     plan: a `tiercache plan --out` file, whose engine settings replace ram/context/io_threads
-    (and its vram_bytes, unless vram is given).
+    (and its vram_bytes, unless vram is given); a plan that runs on the lean runtime
+    (plan["runs"]) gives it the plan's RAM budget and context.
     MoE stores (Mixtral family): experts (lru | freq+lru; None: by the budget) is the expert
     cache's policy; expert_cut turns on reading a layer's experts ahead (those its router gives
     at least this probability from the previous layer's input; None: the tiered engine reads
@@ -82,9 +83,16 @@ def load(model: str, threads: int | None = None, dtype: str | None = None, ram: 
     ram_bytes = parse_size(ram) if ram is not None else None
     lean_short = None  # why the lean runtime did not fit --ram, where that was why
     if engine in ("auto", "lean"):
-        asked = dict(vram=vram, plan=plan, sparse=sparse, backend=None if backend == "auto"
-                     else backend)
-        lean, lean_short = _lean(path, engine == "lean", asked, ram_bytes, context, kv,
+        lean_ram, lean_context, lean_plan = ram_bytes, context, plan
+        if plan is not None and vram is None:
+            from planner.search import load_plan
+            planned = load_plan(plan)
+            if planned.get("runs") == "lean":  # the plan's engine, sized as planned
+                lean_ram, lean_plan = planned["limits"]["ram_bytes"], None
+                lean_context = planned["engine"].get("context", context)
+        asked = dict(vram=vram, plan=lean_plan, sparse=sparse,
+                     backend=None if backend == "auto" else backend)
+        lean, lean_short = _lean(path, engine == "lean", asked, lean_ram, lean_context, kv,
                                  threads or default_threads(), experts, expert_cut)
         if lean is not None:
             return lean, tok
