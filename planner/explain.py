@@ -37,8 +37,9 @@ def _budget_line(plan, budget, mem) -> str:
 
 
 def _engine_line(plan) -> str:
-    """Plans are the tiered engine's (`--plan` runs it); on a store the lean runtime takes,
-    `--ram` alone runs that instead: what it does with the budget (planner/lean_fit.py)."""
+    """A plan's regions are the tiered engine's; on a store the lean runtime takes, `--ram`
+    alone runs that instead, and `--plan` too where plan["runs"] says so: what it does with
+    the budget (planner/lean_fit.py)."""
     fit = plan.get("lean")
     if not fit:
         return ""

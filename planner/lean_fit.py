@@ -1,7 +1,8 @@
 """What the lean runtime does with a RAM budget, counted by its own functions.
 
 On the stores it takes (q4 Llama and Mixtral, `tiercache.lean.unsupported`) `--ram` alone runs
-the lean runtime, not the tiered engine a plan describes (`--plan` runs that). Its sizing is a
+the lean runtime, not the tiered engine whose regions a plan gives (and `--plan` runs it too
+where the plan predicts it no slower: plan["runs"], planner/search.py). Its sizing is a
 pure function of the store's manifest and the process's memory before weights
 (`tiercache.lean.need_bytes` and the rest, given `runtime`), so the planner calls the same
 functions with the lean process's runtime: numpy and tiercache.lean imported, no torch
@@ -62,7 +63,8 @@ def lean_fit(manifest: dict, ram: int | None, context: int = 2048, kv: str = "f1
         held = every if ram is None or out["need_bytes"] <= ram else (
             lean.expert_budget(shape, context, kv, ram, run) or 0)
         out.update(expert_bytes=min(held, every), all_expert_bytes=every)
-        touched = lean.weight_bytes(shape) - every + a.num_hidden_layers * a.num_experts_per_tok * one
+        routed = a.num_hidden_layers * a.num_experts_per_tok * one  # a token's experts
+        touched = lean.weight_bytes(shape) - every + routed
         # even routing: each layer's experts used with probability k / E per token
         use = np.full(a.num_hidden_layers * a.n_experts, a.num_experts_per_tok / a.n_experts)
         reads = _lru_misses(use, int(out["expert_bytes"] // one)) * one
