@@ -174,6 +174,13 @@ def _cluster_pi(freq: np.ndarray, cluster: int) -> np.ndarray:
     return 1.0 - np.exp(np.add.reduceat(logq, starts))
 
 
+def even_expert_misses(experts: int, use: float, capacity: int) -> float:
+    """Experts read per token by an LRU of `capacity` whole experts over `experts` of them,
+    each routed with probability `use` per token (even routing: a lower bound on the hits of
+    real routing, which repeats experts)."""
+    return _lru_misses(np.full(experts, use), capacity)
+
+
 def _lru_misses(tail: np.ndarray, capacity: int, bins: int = 256) -> float:
     """Expected misses per token of an LRU of `capacity` clusters over clusters with access
     probabilities `tail` (sorted); clusters of similar probability are taken together."""
@@ -421,8 +428,8 @@ class CostModel:
         if c.hot_clusters >= lay.total:
             return 0.0
         units = m.layers * m.experts - len(self.vram_split(c)[2])
-        use = np.full(units, m.experts_per_tok / m.experts)
-        return _lru_misses(use, int(c.expert_cache // lay.expert_bytes))
+        return even_expert_misses(units, m.experts_per_tok / m.experts,
+                                  int(c.expert_cache // lay.expert_bytes))
 
     def _decode_time(self, c: Config, act: Activity, active: float, misses: float):
         dev = self.dev

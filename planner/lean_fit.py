@@ -17,13 +17,11 @@ Mixtral at 650 MiB: 53-62 tok/s measured, hit rate 0.92, where even routing pred
 """
 from __future__ import annotations
 
-import numpy as np
-
 from tiercache import lean
 from tiercache.store.format import Shape, tensor_key
 
 from .accounting import TOKENIZER_BYTES_PER_TOKEN
-from .cost import _lru_misses
+from .cost import even_expert_misses
 from .profiles import DeviceProfile
 
 # anonymous memory of a process that has imported tiercache.api and tiercache.lean (numpy, no
@@ -65,9 +63,9 @@ def lean_fit(manifest: dict, ram: int | None, context: int = 2048, kv: str = "f1
         out.update(expert_bytes=min(held, every), all_expert_bytes=every)
         routed = a.num_hidden_layers * a.num_experts_per_tok * one  # a token's experts
         touched = lean.weight_bytes(shape) - every + routed
-        # even routing: each layer's experts used with probability k / E per token
-        use = np.full(a.num_hidden_layers * a.n_experts, a.num_experts_per_tok / a.n_experts)
-        reads = _lru_misses(use, int(out["expert_bytes"] // one)) * one
+        reads = one * even_expert_misses(a.num_hidden_layers * a.n_experts,
+                                         a.num_experts_per_tok / a.n_experts,
+                                         int(out["expert_bytes"] // one))
         run_bytes = min(lean.RUN, shape.n_clusters) * record
         readers = lean.READERS
     else:

@@ -454,7 +454,7 @@ class ClusterFFN:
             # anonymous memory 567-595 MiB, OOM-killed at that cgroup cap); mapped: 513 flat
             return_large_frees(128 << 10)
         cache = expert_cache(self.expert_policy, b.experts, self._expert_bytes(),
-                                         a.num_hidden_layers, a.num_experts_per_tok, resident)
+                             a.num_hidden_layers, a.num_experts_per_tok, resident)
         return cache, ReadAheadStats(a.num_hidden_layers)
 
     def _expert_bytes(self) -> int:
@@ -578,8 +578,7 @@ class ClusterFFN:
         return {"cache_hit_rate": s.hit_rate, "cache": vars(s).copy(),
                 "prefetched": self.prefetched, "prefetch_unused": self.prefetch_unused,
                 "read_ahead_hits": self.read_ahead_hits, "demand_reads": self.demand_reads,
-                **({"experts": experts_report(self.expert_cache, self.ahead,
-                                                  self.expert_cut)}
+                **({"experts": experts_report(self.expert_cache, self.ahead, self.expert_cut)}
                    if self.expert_cache is not None else {})}
 
 
